@@ -1,0 +1,87 @@
+//! The one library error type. Every variant says where (file, field, tensor) and what was expected.
+
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong in the library, with enough context to fix the input.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: field `{field}`: {reason}", .path.display())]
+    Config {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("{}: {reason}", .path.display())]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("{}: tensor `{name}` is missing (expected shape {expected:?})", .path.display())]
+    MissingTensor {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+    },
+    #[error("{}: tensor `{name}` has shape {got:?}, expected {expected:?}", .path.display())]
+    TensorShape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("{}: tensor `{name}` has dtype {got}, expected one of bf16, f16, f32", .path.display())]
+    TensorDtype {
+        path: PathBuf,
+        name: String,
+        got: String,
+    },
+    #[error("tensor `{name}` is stored in both {} and {}; a checkpoint must hold each tensor once", .first.display(), .second.display())]
+    DuplicateTensor {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("{}: {reason}", .path.display())]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("prompt has {n_tokens} tokens but the context holds {max} (max_position_embeddings)")]
+    PromptTooLong { n_tokens: usize, max: usize },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// A config error on `field` of the file at `path`.
+    pub fn config(path: &Path, field: &str, reason: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A malformed safetensors file or index.
+    pub fn safetensors(path: &Path, reason: impl Into<String>) -> Self {
+        Error::Safetensors {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! latent: runs DeepSeek-V2-family models (DeepSeek-V2, V2-Lite, V3) from their published
+//! Hugging Face checkpoints, with a latent-only KV cache.
+//!
+//! ```text
+//! config.json ─► Config ─┐
+//! *.safetensors ─► Weights (mmap, dtype, names) ─► Model
+//!                                                   │  embed → [MLA → FFN|MoE] × L → norm → lm_head
+//! tokenizer.json ─► Tokenizer ─► token ids ─────────┤
+//!                                                   ▼
+//!                         LatentCache (c_kv ‖ k_rope per layer)
+//!                                                   ▼
+//!                  Sampler (temperature, top-k/p, penalty, seed) ─► tokens ─► text
+//! ```
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod weights;
+
+pub use cache::LatentCache;
+pub use config::Config;
+pub use error::{Error, Result};
+pub use model::{AttentionPath, LogitRows, Model};

@@ -1,0 +1,114 @@
+//! The small building blocks: `Linear`, `RmsNorm`, SwiGLU `Mlp`, and a softmax over the last dim.
+//!
+//! Norms and softmax compute in f32 whatever the compute dtype, as the reference does
+//! (`DeepseekV2RMSNorm.forward`, `eager_attention_forward` in transformers 5.23).
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::Result;
+use crate::weights::Weights;
+
+/// `y = x Wᵀ (+ b)`, with `W` stored `(out, in)` as in the checkpoint.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `name` with shape `(out, in)`, and its bias `bias_name` if given.
+    pub fn load(w: &Weights, name: &str, out: usize, inp: usize, bias_name: Option<&str>) -> Result<Linear> {
+        let weight = w.get(name, &[out, inp])?;
+        let bias = match bias_name {
+            Some(b) => Some(w.get(b, &[out])?),
+            None => None,
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Wraps an existing `(out, in)` weight.
+    pub fn from_weight(weight: Tensor) -> Linear {
+        Linear { weight, bias: None }
+    }
+
+    /// `x: (T, in)` -> `(T, out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// The `(out, in)` weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Number of parameters (weight and bias).
+    pub fn n_params(&self) -> usize {
+        self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+    }
+}
+
+/// Root-mean-square norm: `w * x / sqrt(mean(x²) + eps)`, normalised in f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads the `(dim,)` weight `name`.
+    pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: w.get(name, &[dim])?, eps })
+    }
+
+    /// Normalises over the last dim; returns the input's dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`; dense layers, experts and shared experts.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// Loads `{prefix-fn}(gate_proj|up_proj|down_proj)` with the given sizes.
+    pub fn load(w: &Weights, name: impl Fn(&str) -> String, hidden: usize, inter: usize) -> Result<Mlp> {
+        Ok(Mlp {
+            gate_proj: Linear::load(w, &name("gate_proj"), inter, hidden, None)?,
+            up_proj: Linear::load(w, &name("up_proj"), inter, hidden, None)?,
+            down_proj: Linear::load(w, &name("down_proj"), hidden, inter, None)?,
+        })
+    }
+
+    /// `x: (T, hidden)` -> `(T, hidden)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?; // (T, inter)
+        let up = self.up_proj.forward(x)?; // (T, inter)
+        self.down_proj.forward(&(gate * up)?)
+    }
+
+    /// Number of parameters.
+    pub fn n_params(&self) -> usize {
+        self.gate_proj.n_params() + self.up_proj.n_params() + self.down_proj.n_params()
+    }
+}
+
+/// Softmax over the last dim, computed in f32; returns f32.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}

@@ -1,0 +1,162 @@
+//! Multi-head Latent Attention (DeepSeek-V2, section 2.1).
+//!
+//! Symbols: H = heads, d_c = kv_lora_rank, d_r = qk_rope_head_dim, d_n = qk_nope_head_dim,
+//! d_v = v_head_dim, T = new tokens, S = cached + new tokens.
+//!
+//! - Queries: `q = W_UQ norm(W_DQ h)` (or `q_proj h` without `q_lora_rank`), split per head into
+//!   `q_nope (d_n)` and `q_rope (d_r)`; RoPE rotates `q_rope`.
+//! - Keys/values: `[c_kv_raw ‖ k_rope] = W_DKV h`; `c_kv = kv_a_layernorm(c_kv_raw)`; RoPE rotates
+//!   the single shared `k_rope`. Only `c_kv ‖ k_rope` is cached ([`LatentCache`]).
+//! - `kv_b_proj` holds `W_UK (H, d_n, d_c)` and `W_UV (H, d_v, d_c)`, kept split.
+//! - Expanded (prefill, training): `k_nope = W_UK c_kv`, `v = W_UV c_kv` per head, then
+//!   `softmax(scale (q_nope·k_nope + q_rope·k_rope)) v`.
+//! - Absorbed (decode): `q_lat = W_UKᵀ q_nope (d_c)`; `score = q_lat·c_kv + q_rope·k_rope`;
+//!   `out = W_UV (Σ p c_kv)`. That is MQA over the latent cache; K and V are never materialised.
+//!
+//! `scale = (d_n + d_r)^-1/2 · mscale²` under YaRN. The latent norms use eps 1e-6 whatever
+//! `rms_norm_eps` says (transformers 5.23 `DeepseekV2Attention`, DeepSeek's own code alike).
+
+use candle_core::{DType, Tensor};
+
+use crate::cache::LatentCache;
+use crate::config::Config;
+use crate::error::Result;
+use crate::model::layers::{softmax_last_dim, Linear, RmsNorm};
+use crate::model::rope::{Angles, Rope};
+use crate::weights::{names::LayerNames, Weights};
+
+/// Which MLA algorithm a forward pass runs. Both give the same numbers (tests/decode.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// Expand K/V per head: compute-bound prefill and training.
+    Expanded,
+    /// Absorb W_UK and W_UV: memory-bound decode over the latent cache.
+    Absorbed,
+}
+
+/// The latent norms' epsilon, fixed by the reference.
+const LATENT_NORM_EPS: f64 = 1e-6;
+
+#[derive(Debug, Clone)]
+enum QProj {
+    Full(Linear),
+    LowRank { a: Linear, norm: RmsNorm, b: Linear },
+}
+
+/// One layer's attention weights.
+#[derive(Debug, Clone)]
+pub struct Mla {
+    q: QProj,
+    kv_a: Linear,    // (d_c + d_r, hidden)
+    kv_norm: RmsNorm, // (d_c)
+    w_uk: Tensor,    // (H, d_n, d_c)
+    w_uv: Tensor,    // (H, d_v, d_c)
+    o_proj: Linear,  // (hidden, H d_v)
+    n_heads: usize,
+    d_n: usize,
+    d_r: usize,
+    d_v: usize,
+    d_c: usize,
+    scale: f64,
+}
+
+impl Mla {
+    /// Loads `self_attn.*` of one layer, checking every shape against `cfg`.
+    pub fn load(w: &Weights, cfg: &Config, names: &LayerNames) -> Result<Mla> {
+        let (h, hidden) = (cfg.num_attention_heads, cfg.hidden_size);
+        let (d_n, d_r, d_v, d_c) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let bias = |proj: &str| cfg.attention_bias.then(|| names.attn_bias(proj));
+        let q = match cfg.q_lora_rank {
+            Some(r) => QProj::LowRank {
+                a: Linear::load(w, &names.attn("q_a_proj"), r, hidden, bias("q_a_proj").as_deref())?,
+                norm: RmsNorm::load(w, &names.attn_norm("q_a_layernorm"), r, LATENT_NORM_EPS)?,
+                b: Linear::load(w, &names.attn("q_b_proj"), h * (d_n + d_r), r, None)?,
+            },
+            None => QProj::Full(Linear::load(w, &names.attn("q_proj"), h * (d_n + d_r), hidden, None)?),
+        };
+        let kv_a_name = names.attn("kv_a_proj_with_mqa");
+        let kv_a = Linear::load(w, &kv_a_name, d_c + d_r, hidden, bias("kv_a_proj_with_mqa").as_deref())?;
+        let kv_norm = RmsNorm::load(w, &names.attn_norm("kv_a_layernorm"), d_c, LATENT_NORM_EPS)?;
+        let kv_b = w.get(&names.attn("kv_b_proj"), &[h * (d_n + d_v), d_c])?.reshape((h, d_n + d_v, d_c))?;
+        let w_uk = kv_b.narrow(1, 0, d_n)?.contiguous()?;
+        let w_uv = kv_b.narrow(1, d_n, d_v)?.contiguous()?;
+        drop(kv_b);
+        let o_proj = Linear::load(w, &names.attn("o_proj"), hidden, h * d_v, bias("o_proj").as_deref())?;
+        Ok(Mla { q, kv_a, kv_norm, w_uk, w_uv, o_proj, n_heads: h, d_n, d_r, d_v, d_c, scale: cfg.softmax_scale() })
+    }
+
+    /// Number of parameters (as stored in the checkpoint).
+    pub fn n_params(&self) -> usize {
+        let q = match &self.q {
+            QProj::Full(l) => l.n_params(),
+            QProj::LowRank { a, b, .. } => a.n_params() + b.n_params() + b.weight().dim(1).unwrap_or(0),
+        };
+        q + self.kv_a.n_params() + self.d_c + self.w_uk.elem_count() + self.w_uv.elem_count() + self.o_proj.n_params()
+    }
+
+    /// `x: (T, hidden)` at positions `cache.len()..`; appends this layer's latents to `cache`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut LatentCache,
+        rope: &Rope,
+        angles: &Angles,
+        path: AttentionPath,
+    ) -> Result<Tensor> {
+        let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
+        let t = x.dim(0)?;
+        let q = match &self.q {
+            QProj::Full(proj) => proj.forward(x)?,
+            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        }; // (T, H (d_n + d_r))
+        let q = q.reshape((t, h, d_n + d_r))?.transpose(0, 1)?; // (H, T, d_n + d_r)
+        let q_nope = q.narrow(2, 0, d_n)?.contiguous()?; // (H, T, d_n)
+        let q_rope = rope.apply(&q.narrow(2, d_n, d_r)?.contiguous()?, angles)?; // (H, T, d_r)
+
+        let kv = self.kv_a.forward(x)?; // (T, d_c + d_r)
+        let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?; // (T, d_c)
+        let k_rope = rope.apply(&kv.narrow(1, d_c, d_r)?.contiguous()?, angles)?; // (T, d_r)
+        let (c_kv, k_rope) = cache.append(layer, &c_kv, &k_rope)?; // (S, d_c), (S, d_r)
+        let s = c_kv.dim(0)?;
+
+        // Shared by both paths: the positional part of the scores, q_rope·k_rope.
+        let position = q_rope.reshape((h * t, d_r))?.matmul(&k_rope.t()?)?.reshape((h, t, s))?; // (H, T, S)
+        let out = match path {
+            AttentionPath::Expanded => {
+                let k_nope = c_kv.matmul(&self.w_uk.reshape((h * d_n, d_c))?.t()?)?; // (S, H d_n)
+                let k_nope = k_nope.reshape((s, h, d_n))?.transpose(0, 1)?.contiguous()?; // (H, S, d_n)
+                let v = c_kv.matmul(&self.w_uv.reshape((h * d_v, d_c))?.t()?)?; // (S, H d_v)
+                let v = v.reshape((s, h, d_v))?.transpose(0, 1)?.contiguous()?; // (H, S, d_v)
+                let content = q_nope.matmul(&k_nope.t()?)?; // (H, T, S)
+                let probs = self.probs(&content, &position, t, s, x.dtype())?;
+                probs.matmul(&v)? // (H, T, d_v)
+            }
+            AttentionPath::Absorbed => {
+                let q_lat = q_nope.matmul(&self.w_uk)?; // (H, T, d_c)
+                let content = q_lat.reshape((h * t, d_c))?.matmul(&c_kv.t()?)?.reshape((h, t, s))?; // (H, T, S)
+                let probs = self.probs(&content, &position, t, s, x.dtype())?;
+                let o_lat = probs.reshape((h * t, s))?.matmul(&c_kv)?.reshape((h, t, d_c))?; // (H, T, d_c)
+                o_lat.matmul(&self.w_uv.t()?)? // (H, T, d_v)
+            }
+        };
+        let out = out.transpose(0, 1)?.reshape((t, h * d_v))?; // (T, H d_v)
+        self.o_proj.forward(&out)
+    }
+
+    /// `softmax(scale (content + position) + causal mask)`, in f32, returned in `dtype`.
+    fn probs(&self, content: &Tensor, position: &Tensor, t: usize, s: usize, dtype: DType) -> Result<Tensor> {
+        let scores = ((content + position)? * self.scale)?;
+        let scores = if t > 1 { scores.to_dtype(DType::F32)?.broadcast_add(&causal_mask(t, s, content.device())?)? } else { scores };
+        Ok(softmax_last_dim(&scores)?.to_dtype(dtype)?)
+    }
+}
+
+/// `(T, S)`: 0 where query `i` (at position `S - T + i`) may see key `j`, -inf after it.
+fn causal_mask(t: usize, s: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let past = s - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, s), device)?)
+}

@@ -1,0 +1,196 @@
+//! DeepSeekMoE: `n_shared_experts` always-on experts (one fused SwiGLU) plus `k` of
+//! `n_routed_experts` fine-grained routed experts chosen per token by one router.
+//!
+//! Router (`route_token`), for every DeepSeek mode:
+//! 1. `s = softmax(logits)` (V2) or `sigmoid(logits)` (V3); logits are `h·W_gate` in f32.
+//! 2. `choice = s + e_score_correction_bias` (V3 only; the bias picks experts, never weighs them).
+//! 3. Groups (devices): `greedy` allows all; `group_limited_greedy` keeps the `topk_group` groups
+//!    with the best single `choice`; `noaux_tc` ranks groups by the sum of their two best.
+//! 4. Top-k of `choice` inside the allowed groups; weights are `s` of the chosen experts.
+//! 5. Weights: DeepSeek-V3 normalises (if `norm_topk_prob`) and then multiplies by
+//!    `routed_scaling_factor`; DeepSeek-V2's code normalises *or* scales. transformers 5.23's
+//!    `deepseek_v2` always scales and ignores `norm_topk_prob`; latent follows DeepSeek's code
+//!    (`RouterSpec::scale_after_norm`), and the two agree when `norm_topk_prob` is false, as in
+//!    every published V2 checkpoint. tests/routing.rs pins the difference.
+
+use candle_core::{DType, Tensor};
+
+use crate::config::{Config, ModelType, MoeConfig, ScoringFunc, TopkMethod};
+use crate::error::Result;
+use crate::model::layers::Mlp;
+use crate::weights::{names::LayerNames, Weights};
+
+/// Everything `route_token` needs to know about the router.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterSpec {
+    pub scoring_func: ScoringFunc,
+    pub topk_method: TopkMethod,
+    pub n_routed_experts: usize,
+    pub k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f32,
+    /// V3 scales after normalising; V2 scales only when it does not normalise.
+    pub scale_after_norm: bool,
+}
+
+impl RouterSpec {
+    /// The router of `cfg`'s MoE layers.
+    pub fn new(moe: &MoeConfig, model_type: ModelType) -> RouterSpec {
+        RouterSpec {
+            scoring_func: moe.scoring_func,
+            topk_method: moe.topk_method,
+            n_routed_experts: moe.n_routed_experts,
+            k: moe.num_experts_per_tok,
+            n_group: moe.n_group,
+            topk_group: moe.topk_group,
+            norm_topk_prob: moe.norm_topk_prob,
+            routed_scaling_factor: moe.routed_scaling_factor as f32,
+            scale_after_norm: model_type == ModelType::DeepseekV3,
+        }
+    }
+}
+
+/// One chosen expert and its weight in the token's output.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Routed {
+    pub expert: usize,
+    pub weight: f32,
+}
+
+/// Chooses `spec.k` experts for one token, best first. `bias` (V3) affects which, never their weights.
+pub fn route_token(logits: &[f32], spec: &RouterSpec, bias: Option<&[f32]>) -> Vec<Routed> {
+    let scores: Vec<f32> = match spec.scoring_func {
+        ScoringFunc::Softmax => softmax(logits),
+        ScoringFunc::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+    };
+    let mut choice = scores.clone();
+    if let Some(bias) = bias {
+        choice.iter_mut().zip(bias).for_each(|(c, b)| *c += b);
+    }
+    let per_group = spec.n_routed_experts / spec.n_group;
+    let allowed_groups: Vec<bool> = match spec.topk_method {
+        TopkMethod::Greedy => vec![true; spec.n_group],
+        TopkMethod::GroupLimitedGreedy | TopkMethod::NoauxTc => {
+            let group_scores: Vec<f32> = choice
+                .chunks(per_group)
+                .map(|g| match spec.topk_method {
+                    TopkMethod::GroupLimitedGreedy => g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                    _ => top_indices(g, 2).iter().map(|&i| g[i]).sum(),
+                })
+                .collect();
+            let mut allowed = vec![false; spec.n_group];
+            top_indices(&group_scores, spec.topk_group).into_iter().for_each(|g| allowed[g] = true);
+            allowed
+        }
+    };
+    let masked: Vec<f32> = choice
+        .iter()
+        .enumerate()
+        .map(|(e, &c)| if allowed_groups[e / per_group] { c } else { f32::NEG_INFINITY })
+        .collect();
+    let mut routed: Vec<Routed> =
+        top_indices(&masked, spec.k).into_iter().map(|e| Routed { expert: e, weight: scores[e] }).collect();
+    let normalise = spec.norm_topk_prob && spec.k > 1;
+    if normalise {
+        let sum: f32 = routed.iter().map(|r| r.weight).sum::<f32>() + 1e-20;
+        routed.iter_mut().for_each(|r| r.weight /= sum);
+    }
+    if spec.scale_after_norm || !normalise {
+        routed.iter_mut().for_each(|r| r.weight *= spec.routed_scaling_factor);
+    }
+    routed
+}
+
+/// Indices of the `k` largest values, largest first; ties go to the lower index.
+fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+fn softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+/// One MoE layer: router, routed experts, shared experts.
+#[derive(Debug, Clone)]
+pub struct Moe {
+    gate: Tensor,          // (E, hidden), f32
+    bias: Option<Vec<f32>>, // (E), V3
+    experts: Vec<Mlp>,
+    shared: Option<Mlp>,
+    spec: RouterSpec,
+}
+
+impl Moe {
+    /// Loads `mlp.*` of an MoE layer.
+    pub fn load(w: &Weights, cfg: &Config, moe: &MoeConfig, names: &LayerNames) -> Result<Moe> {
+        let (hidden, inter, n) = (cfg.hidden_size, moe.moe_intermediate_size, moe.n_routed_experts);
+        let gate = w.get_as(&names.gate(), &[n, hidden], DType::F32)?;
+        let bias = if w.contains(&names.gate_bias()) {
+            Some(w.get_as(&names.gate_bias(), &[n], DType::F32)?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let experts = (0..n)
+            .map(|e| Mlp::load(w, |p| names.expert(e, p), hidden, inter))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = match moe.n_shared_experts {
+            0 => None,
+            s => Some(Mlp::load(w, |p| names.shared_expert(p), hidden, inter * s)?),
+        };
+        Ok(Moe { gate, bias, experts, shared, spec: RouterSpec::new(moe, cfg.model_type) })
+    }
+
+    /// The router settings.
+    pub fn spec(&self) -> &RouterSpec {
+        &self.spec
+    }
+
+    /// Parameters of (all routed experts, one routed expert, shared experts + router).
+    pub fn n_params(&self) -> (usize, usize, usize) {
+        let one = self.experts.first().map_or(0, Mlp::n_params);
+        let shared = self.shared.as_ref().map_or(0, Mlp::n_params) + self.gate.elem_count();
+        (one * self.experts.len(), one, shared)
+    }
+
+    /// Routing decisions for every row of `x: (T, hidden)`.
+    pub fn route(&self, x: &Tensor) -> Result<Vec<Vec<Routed>>> {
+        let logits = x.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?.to_vec2::<f32>()?; // (T, E)
+        Ok(logits.iter().map(|row| route_token(row, &self.spec, self.bias.as_deref())).collect())
+    }
+
+    /// `x: (T, hidden)` -> `(T, hidden)`: each expert runs once on the tokens routed to it.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let routes = self.route(x)?;
+        let mut tokens: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
+        for (t, chosen) in routes.iter().enumerate() {
+            for r in chosen {
+                tokens[r.expert].0.push(t as u32);
+                tokens[r.expert].1.push(r.weight);
+            }
+        }
+        let mut out = x.zeros_like()?;
+        for (expert, (rows, weights)) in self.experts.iter().zip(tokens) {
+            if rows.is_empty() {
+                continue;
+            }
+            let n = rows.len();
+            let idx = Tensor::from_vec(rows, n, x.device())?;
+            let y = expert.forward(&x.index_select(&idx, 0)?)?; // (n, hidden)
+            let weights = Tensor::from_vec(weights, (n, 1), x.device())?;
+            let y = y.to_dtype(DType::F32)?.broadcast_mul(&weights)?.to_dtype(x.dtype())?;
+            out = out.index_add(&idx, &y, 0)?;
+        }
+        match &self.shared {
+            Some(shared) => Ok((out + shared.forward(x)?)?),
+            None => Ok(out),
+        }
+    }
+}

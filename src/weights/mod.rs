@@ -1,0 +1,262 @@
+//! Safetensors checkpoints, single-file or sharded (`model.safetensors.index.json`), memory-mapped.
+//!
+//! Every shard's header is read and validated up front (offsets, sizes, overlaps: the `safetensors`
+//! crate checks them against the file length, so no length field sizes an allocation). A tensor
+//! name found in two shards is an error, never last-one-wins. `get` checks the shape before
+//! copying the bytes once, straight from the mapping into a tensor of the compute dtype.
+
+pub mod names;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// One mapped shard and where its tensor data starts.
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+struct Entry {
+    shard: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    begin: usize,
+    end: usize,
+}
+
+/// All tensors of a checkpoint, mapped but not yet copied.
+pub struct Weights {
+    shards: Vec<Shard>,
+    entries: HashMap<String, Entry>,
+    device: Device,
+    dtype: DType,
+    used: Mutex<BTreeSet<String>>,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    weight_map: HashMap<String, String>,
+}
+
+/// The file that holds the single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+impl Weights {
+    /// Maps the checkpoint in `dir`; tensors are produced in `dtype` (the checkpoint's when `None`).
+    pub fn open(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Weights> {
+        let index_path = dir.join(INDEX_FILE);
+        let single = dir.join(SINGLE_FILE);
+        let (files, index) = if index_path.exists() {
+            let (files, map) = read_index(&index_path, dir)?;
+            (files, Some((index_path, map)))
+        } else if single.exists() {
+            (vec![single], None)
+        } else {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no {SINGLE_FILE} or {INDEX_FILE} in this folder"),
+                ),
+            ));
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut entries: HashMap<String, Entry> = HashMap::new();
+        for (i, path) in files.into_iter().enumerate() {
+            let (shard, tensors) = map_shard(&path)?;
+            for (name, mut entry) in tensors {
+                entry.shard = i;
+                if let Some(prev) = entries.get(&name) {
+                    return Err(Error::DuplicateTensor {
+                        name,
+                        first: shards.get(prev.shard).map(|s: &Shard| s.path.clone()).unwrap_or_default(),
+                        second: shard.path.clone(),
+                    });
+                }
+                entries.insert(name, entry);
+            }
+            shards.push(shard);
+        }
+        if let Some((index_path, map)) = index {
+            check_index_agrees(&index_path, &map, &entries, &shards)?;
+        }
+        let dtype = match dtype {
+            Some(d) => d,
+            None => checkpoint_dtype(&entries),
+        };
+        Ok(Weights { shards, entries, device: device.clone(), dtype, used: Mutex::new(BTreeSet::new()) })
+    }
+
+    /// The compute dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether the checkpoint has a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The tensor `name`, checked to have `shape`, in the compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    /// The tensor `name`, checked to have `shape`, converted to `dtype`.
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let Some(entry) = self.entries.get(name) else {
+            return Err(Error::MissingTensor {
+                path: self.shards.first().map(|s| s.path.clone()).unwrap_or_default(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+            });
+        };
+        let shard = &self.shards[entry.shard];
+        if entry.shape != shape {
+            return Err(Error::TensorShape {
+                path: shard.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: entry.shape.clone(),
+            });
+        }
+        let stored = match entry.dtype {
+            Dtype::BF16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+            Dtype::F32 => DType::F32,
+            other => {
+                return Err(Error::TensorDtype {
+                    path: shard.path.clone(),
+                    name: name.to_string(),
+                    got: format!("{other:?}"),
+                })
+            }
+        };
+        let bytes = &shard.mmap[shard.data_start + entry.begin..shard.data_start + entry.end];
+        let tensor = Tensor::from_raw_buffer(bytes, stored, shape, &self.device)?.to_dtype(dtype)?;
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+        Ok(tensor)
+    }
+
+    /// Names of tensors never read by `get`, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> = self.entries.keys().filter(|n| !used.contains(*n)).cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Total bytes of tensor data stored in the checkpoint.
+    pub fn stored_bytes(&self) -> usize {
+        self.entries.values().map(|e| e.end - e.begin).sum()
+    }
+
+    /// The files that hold the tensors.
+    pub fn files(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+}
+
+fn read_index(index_path: &Path, dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    let index: Index = serde_path_to_error::deserialize(de)
+        .map_err(|e| Error::config(index_path, &e.path().to_string(), e.inner().to_string()))?;
+    let mut files: Vec<String> = index.weight_map.values().cloned().collect();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(Error::config(index_path, "weight_map", "names no tensors"));
+    }
+    let mut paths = Vec::with_capacity(files.len());
+    for file in &files {
+        let rel = Path::new(file);
+        let inside = rel.components().all(|c| matches!(c, Component::Normal(_)));
+        if !inside {
+            return Err(Error::config(
+                index_path,
+                "weight_map",
+                format!("shard `{file}` is not a plain file name inside the model folder"),
+            ));
+        }
+        let path = dir.join(rel);
+        if !path.is_file() {
+            return Err(Error::config(index_path, "weight_map", format!("shard `{file}` does not exist in {}", dir.display())));
+        }
+        paths.push(path);
+    }
+    Ok((paths, index.weight_map))
+}
+
+fn map_shard(path: &Path) -> Result<(Shard, Vec<(String, Entry)>)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the mapping is read-only; a checkpoint changed on disk while loaded is outside our contract.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+        .map_err(|e| Error::safetensors(path, format!("not a valid safetensors file: {e}")))?;
+    let tensors = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let (begin, end) = info.data_offsets;
+            let entry = Entry { shard: 0, dtype: info.dtype, shape: info.shape.clone(), begin, end };
+            (name, entry)
+        })
+        .collect();
+    Ok((Shard { path: path.to_path_buf(), mmap, data_start: 8 + header_len }, tensors))
+}
+
+fn check_index_agrees(
+    index_path: &Path,
+    map: &HashMap<String, String>,
+    entries: &HashMap<String, Entry>,
+    shards: &[Shard],
+) -> Result<()> {
+    for (name, file) in map {
+        let found = entries.get(name).map(|e| &shards[e.shard].path);
+        let agrees = found.is_some_and(|p| p.file_name() == Path::new(file).file_name());
+        if !agrees {
+            let where_ = found.map(|p| p.display().to_string()).unwrap_or_else(|| "no shard".into());
+            return Err(Error::config(
+                index_path,
+                &format!("weight_map.{name}"),
+                format!("says the tensor is in `{file}`, but it is in {where_}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The most common float dtype among the stored tensors (bf16 for published checkpoints).
+fn checkpoint_dtype(entries: &HashMap<String, Entry>) -> DType {
+    let mut counts = [0usize; 3];
+    for e in entries.values() {
+        match e.dtype {
+            Dtype::BF16 => counts[0] += e.end - e.begin,
+            Dtype::F16 => counts[1] += e.end - e.begin,
+            Dtype::F32 => counts[2] += e.end - e.begin,
+            _ => {}
+        }
+    }
+    let best = (0..3).max_by_key(|&i| counts[i]).unwrap_or(2);
+    [DType::BF16, DType::F16, DType::F32][best]
+}

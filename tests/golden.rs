@@ -1,0 +1,52 @@
+//! Parity with transformers (versions pinned in each fixture's meta.json).
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{assert_close, Fixture, Tol, MODELS};
+use latent::{AttentionPath, LogitRows, Model};
+
+#[test]
+fn every_fixture_matches_transformers_layer_by_layer() {
+    for name in MODELS {
+        let fx = Fixture::load(name);
+        assert_eq!(fx.meta.transformers, "5.23.0", "{name}: fixtures are pinned to transformers 5.23.0");
+        let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
+        assert_eq!(model.dtype(), DType::F32);
+        let mut cache = model.new_cache().unwrap();
+        let (logits, trace) = model.forward_traced(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Expanded).unwrap();
+        for (i, hidden) in trace.iter().enumerate() {
+            assert_close(&format!("{name} layers.{i}.out"), hidden, fx.reference(&format!("layers.{i}.out")), Tol::F32);
+        }
+        assert_close(&format!("{name} logits"), &logits, fx.reference("logits"), Tol::F32);
+    }
+}
+
+#[test]
+fn absorbed_path_gives_the_same_logits_as_expanded_on_a_whole_prompt() {
+    for name in MODELS {
+        let fx = Fixture::load(name);
+        let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
+        let mut cache = model.new_cache().unwrap();
+        let logits = model.forward(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Absorbed, LogitRows::All).unwrap();
+        assert_close(&format!("{name} absorbed logits"), &logits, fx.reference("logits"), Tol::F32);
+    }
+}
+
+#[test]
+fn step_by_step_absorbed_decoding_matches_full_sequence_logits() {
+    for name in MODELS {
+        let fx = Fixture::load(name);
+        let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
+        let tokens = &fx.meta.prompt_tokens;
+        let mut cache = model.new_cache().unwrap();
+        // Prefill the first 4 tokens expanded, then decode the rest one at a time, absorbed.
+        let mut rows = vec![model.forward(&tokens[..4], &mut cache, AttentionPath::Expanded, LogitRows::All).unwrap()];
+        for &t in &tokens[4..] {
+            rows.push(model.forward(&[t], &mut cache, AttentionPath::Absorbed, LogitRows::Last).unwrap());
+        }
+        assert_eq!(cache.len(), tokens.len());
+        let stepped = candle_core::Tensor::cat(&rows, 0).unwrap();
+        assert_close(&format!("{name} decoded logits"), &stepped, fx.reference("logits"), Tol::F32);
+    }
+}

