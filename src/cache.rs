@@ -61,7 +61,12 @@ impl LatentCache {
 
     /// Forgets every token, keeping the buffers.
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.len = 0);
+        self.truncate(0);
+    }
+
+    /// Keeps only the first `len` tokens (a no-op if fewer are cached).
+    pub fn truncate(&mut self, len: usize) {
+        self.layers.iter_mut().for_each(|l| l.len = l.len.min(len));
     }
 
     /// Appends `c_kv: (T, d_c)` and `k_rope: (T, d_r)` to `layer`; returns all rows `(S, d_c)`, `(S, d_r)`.

@@ -146,6 +146,9 @@ struct RawConfig {
     rope_interleave: Option<bool>,
     #[serde(default = "default_init")]
     initializer_range: f64,
+    hidden_act: Option<String>,
+    #[serde(default)]
+    mlp_bias: bool,
 }
 
 fn default_eps() -> f64 {
@@ -225,6 +228,12 @@ impl Config {
             }
             Error::config(path, &field, reason)
         })?;
+        if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(Error::config(path, "hidden_act", format!("`{act}` is not supported, expected `silu` (SwiGLU)")));
+        }
+        if raw.mlp_bias {
+            return Err(Error::config(path, "mlp_bias", "true is not supported: DeepSeek's MLPs have no bias"));
+        }
         let rope = resolve_rope(&raw, path)?;
         let moe = resolve_moe(&raw, path)?;
         let config = Config {

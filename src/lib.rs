@@ -22,3 +22,11 @@ pub use cache::LatentCache;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use model::{AttentionPath, LogitRows, Model};
+pub mod generate;
+pub mod inspect;
+pub mod perplexity;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::Tokenizer;

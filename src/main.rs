@@ -1,1 +1,310 @@
-fn main() {}
+//! The `latent` command line: generate, chat, perplexity, inspect.
+
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use latent::generate::{generate, ChatSession, Generation, Request, StopReason};
+use latent::inspect::{bytes, Report};
+use latent::perplexity::perplexity;
+use latent::weights::Weights;
+use latent::{Config, Model, SamplingParams, Tokenizer};
+
+/// The model used when `--model` is not given: a tiny random-weight DeepSeek-V2 test checkpoint.
+const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-v2");
+
+#[derive(Parser)]
+#[command(name = "latent", version, about = "Run DeepSeek-V2-family models (DeepSeek-V2, V2-Lite, V3) with a latent KV cache")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt, streaming text to stdout (the prompt comes from --prompt or stdin).
+    Generate(GenerateArgs),
+    /// Talk with the model in the terminal, through its chat template.
+    Chat(ChatArgs),
+    /// Perplexity of a text file.
+    Perplexity(PerplexityArgs),
+    /// Summarise a checkpoint: config, parameters, KV-cache bytes per token next to MHA and GQA.
+    Inspect(ModelArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DtypeArg> for DType {
+    fn from(d: DtypeArg) -> DType {
+        match d {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Folder with config.json, *.safetensors and tokenizer.json (default: a tiny built-in test model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute dtype (default: the checkpoint's).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Penalty for tokens among the last --repeat-last-n (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Random seed (default: from the clock, printed to stderr); the same seed gives the same text.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt (default: read from stdin).
+    #[arg(long)]
+    prompt: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A system message opening the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text to score.
+    #[arg(long)]
+    file: PathBuf,
+    /// Window length in tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Print one JSON object: {"tokens":…, "nll":…, "ppl":…}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => run_generate(args),
+        Command::Chat(args) => run_chat(args),
+        Command::Perplexity(args) => run_perplexity(args),
+        Command::Inspect(args) => run_inspect(args),
+    }
+}
+
+fn model_dir(args: &ModelArgs) -> PathBuf {
+    match &args.model {
+        Some(dir) => dir.clone(),
+        None => {
+            eprintln!("latent: no --model given, using the tiny random-weight test model in {DEFAULT_MODEL}");
+            PathBuf::from(DEFAULT_MODEL)
+        }
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
+    let dir = model_dir(args);
+    let start = Instant::now();
+    let (model, report) = Model::load(&dir, args.dtype.map(DType::from), &Device::Cpu)
+        .with_context(|| format!("loading the model in {}", dir.display()))?;
+    let tokenizer = Tokenizer::load(&dir, Some(model.config())).with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
+    eprintln!(
+        "latent: loaded {} ({}, {:?}) in {:.2} s",
+        dir.display(),
+        bytes(report.stored_bytes),
+        model.dtype(),
+        start.elapsed().as_secs_f64()
+    );
+    if !report.skipped_mtp.is_empty() {
+        eprintln!("latent: skipped {} multi-token-prediction tensors (not used for generation yet)", report.skipped_mtp.len());
+    }
+    if !report.unused.is_empty() {
+        let shown: Vec<&str> = report.unused.iter().take(5).map(String::as_str).collect();
+        eprintln!("latent: warning: {} tensors in the checkpoint are not used: {}", report.unused.len(), shown.join(", "));
+    }
+    Ok((model, tokenizer))
+}
+
+fn request(args: &SamplingArgs) -> Result<Request> {
+    let seed = args.seed.unwrap_or_else(|| {
+        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        eprintln!("latent: --seed {seed}");
+        seed
+    });
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repeat_penalty: args.repeat_penalty,
+        repeat_last_n: args.repeat_last_n,
+        seed,
+    }
+    .validate()?;
+    Ok(Request { max_tokens: args.max_tokens, sampling, stop: args.stop.clone() })
+}
+
+fn print_piece(piece: &str) {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout (e.g. `| head`) must not panic; the generation simply goes unseen.
+    let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+}
+
+fn report_speed(g: &Generation) {
+    let reason = match &g.stop {
+        StopReason::Eos => "end of sequence".to_string(),
+        StopReason::MaxTokens => "--max-tokens".to_string(),
+        StopReason::StopString(s) => format!("stop string {s:?}"),
+        StopReason::ContextFull => "context full".to_string(),
+    };
+    eprintln!(
+        "\nlatent: prompt {} tokens in {:.3} s ({:.1} tokens/s); generated {} tokens in {:.3} s ({:.1} tokens/s); stopped by {reason}",
+        g.n_prompt,
+        g.prompt_secs,
+        g.prompt_tok_s(),
+        g.tokens.len(),
+        g.decode_secs,
+        g.decode_tok_s()
+    );
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let prompt = match args.prompt {
+        Some(p) => p,
+        None => {
+            if std::io::stdin().is_terminal() {
+                bail!("give the prompt with --prompt TEXT or on stdin (e.g. echo TEXT | latent generate)");
+            }
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).context("reading the prompt from stdin")?;
+            text
+        }
+    };
+    let request = request(&args.sampling)?;
+    let (model, tokenizer) = load(&args.model)?;
+    let ids = tokenizer.encode(&prompt)?;
+    let mut cache = model.new_cache()?;
+    let generation = generate(&model, &tokenizer, &mut cache, &ids, &request, print_piece)?;
+    report_speed(&generation);
+    Ok(())
+}
+
+fn run_chat(args: ChatArgs) -> Result<()> {
+    let request = request(&args.sampling)?;
+    let (model, tokenizer) = load(&args.model)?;
+    let mut session = ChatSession::new(&model, &tokenizer, args.system.as_deref())?;
+    eprintln!("latent: chat; an empty line or end of input quits");
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading from stdin")?;
+        if line.trim().is_empty() {
+            break;
+        }
+        let generation = session.reply(line.trim(), &request, print_piece)?;
+        println!();
+        eprintln!(
+            "[{} tokens, {:.1} tokens/s, {} cached]",
+            generation.tokens.len(),
+            generation.decode_tok_s(),
+            session.cached_tokens()
+        );
+    }
+    Ok(())
+}
+
+fn run_perplexity(args: PerplexityArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let (model, tokenizer) = load(&args.model)?;
+    let tokens = tokenizer.encode(&text)?;
+    let context = args.context.unwrap_or(model.config().max_position_embeddings);
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} windows  {per_sec}  ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let result = perplexity(&model, &tokens, context, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!("tokens {}  nll {:.6} nats  perplexity {:.4}", result.tokens, result.nll, result.ppl);
+    }
+    Ok(())
+}
+
+fn run_inspect(args: ModelArgs) -> Result<()> {
+    let dir = model_dir(&args);
+    let config_path = dir.join("config.json");
+    let config = Config::from_file(&config_path)?;
+    let weights = Weights::open(&dir, args.dtype.map(DType::from), &Device::Cpu)?;
+    let dtype = weights.dtype();
+    let report = Report {
+        config: &config,
+        source: display(&dir),
+        weight_bytes: weights.stored_bytes(),
+        n_files: weights.files().len(),
+        dtype_bytes: dtype.size_in_bytes(),
+        dtype_name: format!("{dtype:?}"),
+    };
+    println!("{report}");
+    Ok(())
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -39,16 +39,6 @@ impl Linear {
             None => y,
         })
     }
-
-    /// The `(out, in)` weight.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    /// Number of parameters (weight and bias).
-    pub fn n_params(&self) -> usize {
-        self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
-    }
 }
 
 /// Root-mean-square norm: `w * x / sqrt(mean(x²) + eps)`, normalised in f32.
@@ -97,11 +87,6 @@ impl Mlp {
         let gate = self.gate_proj.forward(x)?.silu()?; // (T, inter)
         let up = self.up_proj.forward(x)?; // (T, inter)
         self.down_proj.forward(&(gate * up)?)
-    }
-
-    /// Number of parameters.
-    pub fn n_params(&self) -> usize {
-        self.gate_proj.n_params() + self.up_proj.n_params() + self.down_proj.n_params()
     }
 }
 

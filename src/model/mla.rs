@@ -85,15 +85,6 @@ impl Mla {
         Ok(Mla { q, kv_a, kv_norm, w_uk, w_uv, o_proj, n_heads: h, d_n, d_r, d_v, d_c, scale: cfg.softmax_scale() })
     }
 
-    /// Number of parameters (as stored in the checkpoint).
-    pub fn n_params(&self) -> usize {
-        let q = match &self.q {
-            QProj::Full(l) => l.n_params(),
-            QProj::LowRank { a, b, .. } => a.n_params() + b.n_params() + b.weight().dim(1).unwrap_or(0),
-        };
-        q + self.kv_a.n_params() + self.d_c + self.w_uk.elem_count() + self.w_uv.elem_count() + self.o_proj.n_params()
-    }
-
     /// `x: (T, hidden)` at positions `cache.len()..`; appends this layer's latents to `cache`.
     pub fn forward(
         &self,

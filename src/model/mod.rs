@@ -186,38 +186,6 @@ impl Model {
         }
         Ok(())
     }
-
-    /// Parameter counts: everything loaded, and what one token touches (shared + k routed experts).
-    pub fn param_counts(&self) -> ParamCounts {
-        let embed = self.embed_tokens.elem_count();
-        let head = if self.config.tie_word_embeddings { 0 } else { self.lm_head.n_params() };
-        let mut total = embed + head + self.config.hidden_size;
-        let mut active = total;
-        for layer in &self.layers {
-            let common = layer.attn.n_params() + 2 * self.config.hidden_size;
-            let (all, active_ffn) = match &layer.ffn {
-                Ffn::Dense(mlp) => (mlp.n_params(), mlp.n_params()),
-                Ffn::Moe(moe) => {
-                    let (routed, one, shared) = moe.n_params();
-                    (routed + shared, one * moe.spec().k + shared)
-                }
-            };
-            total += common + all;
-            active += common + active_ffn;
-        }
-        ParamCounts { total, active, embedding: embed + head }
-    }
-}
-
-/// Parameter counts of a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ParamCounts {
-    /// Every parameter.
-    pub total: usize,
-    /// Parameters one token runs through (embedding and head included).
-    pub active: usize,
-    /// Input embedding plus (untied) output head.
-    pub embedding: usize,
 }
 
 fn load_layer(w: &Weights, cfg: &Config, i: usize) -> Result<DecoderLayer> {

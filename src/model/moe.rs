@@ -153,13 +153,6 @@ impl Moe {
         &self.spec
     }
 
-    /// Parameters of (all routed experts, one routed expert, shared experts + router).
-    pub fn n_params(&self) -> (usize, usize, usize) {
-        let one = self.experts.first().map_or(0, Mlp::n_params);
-        let shared = self.shared.as_ref().map_or(0, Mlp::n_params) + self.gate.elem_count();
-        (one * self.experts.len(), one, shared)
-    }
-
     /// Routing decisions for every row of `x: (T, hidden)`.
     pub fn route(&self, x: &Tensor) -> Result<Vec<Vec<Routed>>> {
         let logits = x.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?.to_vec2::<f32>()?; // (T, E)

@@ -1,0 +1,190 @@
+//! What a checkpoint is, computed from its config: parameter counts (total and per token) and the
+//! KV-cache bytes per token of MLA next to MHA and GQA of the same head size, as in the
+//! DeepSeek-V2 paper's table 1 (`2 n_h d_h l` for MHA, `2 n_g d_h l` for GQA, `(d_c + d_r) l`
+//! for MLA, with `d_h = qk_nope_head_dim`).
+
+use std::fmt;
+
+use crate::config::{Config, TopkMethod};
+
+/// Parameter counts of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamCounts {
+    /// Every parameter of the main model (V3's MTP module excluded).
+    pub total: usize,
+    /// What one token runs through: all but the routed experts it does not choose.
+    pub active: usize,
+    /// Input embedding plus an untied output head.
+    pub embedding: usize,
+}
+
+/// Counts the parameters `cfg` implies (router correction bias included for `noaux_tc`).
+pub fn param_counts(cfg: &Config) -> ParamCounts {
+    let (h, v, heads) = (cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads);
+    let (d_n, d_r, d_v, d_c) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+    let bias = usize::from(cfg.attention_bias);
+    let q = match cfg.q_lora_rank {
+        Some(r) => h * r + bias * r + r + r * heads * (d_n + d_r),
+        None => h * heads * (d_n + d_r),
+    };
+    let attn = q + h * (d_c + d_r) + bias * (d_c + d_r) + d_c + d_c * heads * (d_n + d_v) + heads * d_v * h + bias * h;
+    let embedding = v * h + if cfg.tie_word_embeddings { 0 } else { v * h };
+    let (mut total, mut active) = (embedding + h, embedding + h);
+    for i in 0..cfg.num_hidden_layers {
+        let common = attn + 2 * h;
+        let (all, used) = match &cfg.moe {
+            Some(m) if cfg.is_moe_layer(i) => {
+                let expert = 3 * h * m.moe_intermediate_size;
+                let router = m.n_routed_experts * h + if m.topk_method == TopkMethod::NoauxTc { m.n_routed_experts } else { 0 };
+                let shared = expert * m.n_shared_experts + router;
+                (expert * m.n_routed_experts + shared, expert * m.num_experts_per_tok + shared)
+            }
+            _ => (3 * h * cfg.intermediate_size, 3 * h * cfg.intermediate_size),
+        };
+        total += common + all;
+        active += common + used;
+    }
+    ParamCounts { total, active, embedding }
+}
+
+/// KV-cache values per token (all layers) of MLA and the attentions it is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvFootprint {
+    /// MLA's latent cache: `(d_c + d_r) l`.
+    pub mla: usize,
+    /// Multi-head attention with `n_h` heads of `d_h`: `2 n_h d_h l`.
+    pub mha: usize,
+    /// Grouped-query attention with `gqa_groups` KV heads of `d_h`: `2 n_g d_h l`.
+    pub gqa: usize,
+    pub gqa_groups: usize,
+    /// Per-head K and V as MLA's expanded form would cache them: `n_h (d_n + d_r + d_v) l`.
+    pub expanded: usize,
+}
+
+/// The KV footprint of `cfg`, with GQA at 8 KV heads (fewer if the model has fewer heads).
+pub fn kv_footprint(cfg: &Config) -> KvFootprint {
+    let (l, heads, d_h) = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.qk_nope_head_dim);
+    let gqa_groups = heads.min(8);
+    KvFootprint {
+        mla: cfg.latent_dim() * l,
+        mha: 2 * heads * d_h * l,
+        gqa: 2 * gqa_groups * d_h * l,
+        gqa_groups,
+        expanded: heads * (cfg.qk_head_dim() + cfg.v_head_dim) * l,
+    }
+}
+
+/// The `latent inspect` report.
+pub struct Report<'a> {
+    pub config: &'a Config,
+    pub source: String,
+    pub weight_bytes: usize,
+    pub n_files: usize,
+    pub dtype_bytes: usize,
+    pub dtype_name: String,
+}
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.config;
+        let n_moe = (0..c.num_hidden_layers).filter(|&i| c.is_moe_layer(i)).count();
+        writeln!(f, "model       {:?} from {}", c.model_type, self.source)?;
+        writeln!(
+            f,
+            "layers      {} ({} dense + {} MoE), hidden {}, heads {}, vocab {}, context {}",
+            c.num_hidden_layers,
+            c.num_hidden_layers - n_moe,
+            n_moe,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.vocab_size,
+            c.max_position_embeddings
+        )?;
+        let q = c.q_lora_rank.map_or("none (q_proj)".to_string(), |r| r.to_string());
+        writeln!(
+            f,
+            "attention   MLA: q_lora_rank {q}, kv_lora_rank {}, qk_nope {} + qk_rope {}, v {}; softmax scale {:.5}",
+            c.kv_lora_rank,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.softmax_scale()
+        )?;
+        match &c.rope.yarn {
+            Some(y) => writeln!(
+                f,
+                "rope        theta {}, YaRN factor {} from {} positions, beta {}/{}, mscale {}, mscale_all_dim {}",
+                c.rope.rope_theta,
+                y.factor,
+                y.original_max_position_embeddings,
+                y.beta_fast,
+                y.beta_slow,
+                y.mscale.map_or("-".into(), |m| m.to_string()),
+                y.mscale_all_dim.map_or("-".into(), |m| m.to_string())
+            )?,
+            None => writeln!(f, "rope        theta {}", c.rope.rope_theta)?,
+        }
+        if let Some(m) = &c.moe {
+            writeln!(
+                f,
+                "moe         {} routed (top-{}, {:?} {:?}, {} groups, top {}) + {} shared, intermediate {}, scaling {}, norm_topk_prob {}",
+                m.n_routed_experts,
+                m.num_experts_per_tok,
+                m.scoring_func,
+                m.topk_method,
+                m.n_group,
+                m.topk_group,
+                m.n_shared_experts,
+                m.moe_intermediate_size,
+                m.routed_scaling_factor,
+                m.norm_topk_prob
+            )?;
+        }
+        let p = param_counts(c);
+        writeln!(
+            f,
+            "parameters  total {}, active per token {} ({:.1}%), of which embedding + head {}",
+            human(p.total),
+            human(p.active),
+            100.0 * p.active as f64 / p.total as f64,
+            human(p.embedding)
+        )?;
+        writeln!(f, "weights     {} in {} file(s)", bytes(self.weight_bytes), self.n_files)?;
+        let kv = kv_footprint(c);
+        let b = self.dtype_bytes;
+        writeln!(f, "kv cache per token ({}, all {} layers):", self.dtype_name, c.num_hidden_layers)?;
+        let rows = [
+            ("MLA latent  (d_c + d_r) l", kv.mla),
+            ("MHA         2 n_h d_h l", kv.mha),
+            (&*format!("GQA         2 n_g d_h l, n_g = {}", kv.gqa_groups), kv.gqa),
+            ("expanded    n_h (d_n + d_r + d_v) l", kv.expanded),
+        ];
+        for (name, values) in rows {
+            let ratio = values as f64 / kv.mla as f64;
+            writeln!(f, "  {name:<38} {values:>9} values {:>11}  {ratio:>6.2}x MLA", bytes(values * b))?;
+        }
+        write!(f, "  MLA saves {:.1}% of the MHA cache", 100.0 * (1.0 - kv.mla as f64 / kv.mha as f64))
+    }
+}
+
+/// `1.23 B`, `45.6 M`, `789 K`.
+pub fn human(n: usize) -> String {
+    let x = n as f64;
+    match n {
+        _ if x >= 1e9 => format!("{:.2} B", x / 1e9),
+        _ if x >= 1e6 => format!("{:.2} M", x / 1e6),
+        _ if x >= 1e3 => format!("{:.1} K", x / 1e3),
+        _ => n.to_string(),
+    }
+}
+
+/// Bytes in binary units.
+pub fn bytes(n: usize) -> String {
+    let x = n as f64;
+    match n {
+        _ if x >= (1u64 << 30) as f64 => format!("{:.2} GiB", x / (1u64 << 30) as f64),
+        _ if x >= (1u64 << 20) as f64 => format!("{:.2} MiB", x / (1u64 << 20) as f64),
+        _ if x >= 1024.0 => format!("{:.1} KiB", x / 1024.0),
+        _ => format!("{n} B"),
+    }
+}

@@ -1,0 +1,243 @@
+//! `tokenizer.json` through the `tokenizers` crate, `tokenizer_config.json` for BOS/EOS,
+//! `add_bos_token` and the chat template (rendered with minijinja), and [`TextStream`], an
+//! incremental detokeniser that never emits half a UTF-8 character.
+
+use std::fs;
+use std::path::Path;
+
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// One chat message, as chat templates expect it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    /// A message from `role` ("system", "user", "assistant").
+    pub fn new(role: &str, content: &str) -> Message {
+        Message { role: role.into(), content: content.into() }
+    }
+}
+
+/// A special token given as a string or as `{"content": ...}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SpecialToken {
+    Text(String),
+    Added { content: String },
+}
+
+impl SpecialToken {
+    fn content(&self) -> &str {
+        match self {
+            SpecialToken::Text(s) => s,
+            SpecialToken::Added { content } => content,
+        }
+    }
+}
+
+/// A named template in the list form of `chat_template`.
+#[derive(Debug, Clone, Deserialize)]
+struct NamedTemplate {
+    name: String,
+    template: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum ChatTemplate {
+    One(String),
+    Named(Vec<NamedTemplate>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct TokenizerConfig {
+    bos_token: Option<SpecialToken>,
+    eos_token: Option<SpecialToken>,
+    add_bos_token: Option<bool>,
+    chat_template: Option<ChatTemplate>,
+}
+
+/// A model's tokenizer with its special tokens and chat template.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<(String, u32)>,
+    eos_text: Option<String>,
+    eos_ids: Vec<u32>,
+    add_bos: bool,
+    chat_template: Option<String>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` (and `tokenizer_config.json` if present) from `dir`.
+    /// `config` adds its `bos_token_id`/`eos_token_id` where the tokenizer config names none.
+    pub fn load(dir: &Path, config: Option<&Config>) -> Result<Tokenizer> {
+        let path = dir.join("tokenizer.json");
+        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        Tokenizer::from_parts(&bytes, &path, &dir.join("tokenizer_config.json"), config)
+    }
+
+    /// Builds a tokenizer from `tokenizer.json` bytes; `json_path` names them in errors, and
+    /// `config_path` is read if it exists.
+    pub fn from_parts(json: &[u8], json_path: &Path, config_path: &Path, config: Option<&Config>) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| Error::Tokenizer {
+            path: json_path.to_path_buf(),
+            reason: format!("not a valid tokenizer.json: {e}"),
+        })?;
+        let tcfg = read_tokenizer_config(config_path)?;
+        let id_of = |tok: &SpecialToken, field: &str| -> Result<(String, u32)> {
+            let text = tok.content().to_string();
+            match inner.token_to_id(&text) {
+                Some(id) => Ok((text, id)),
+                None => Err(Error::config(config_path, field, format!("token `{text}` is not in {}", json_path.display()))),
+            }
+        };
+        let bos = match &tcfg.bos_token {
+            Some(t) => Some(id_of(t, "bos_token")?),
+            None => config.and_then(|c| c.bos_token_id).and_then(|id| inner.id_to_token(id).map(|t| (t, id))),
+        };
+        let mut eos_ids = config.map(|c| c.eos_token_id.clone()).unwrap_or_default();
+        let mut eos_text = None;
+        if let Some(t) = &tcfg.eos_token {
+            let (text, id) = id_of(t, "eos_token")?;
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+            eos_text = Some(text);
+        }
+        if eos_text.is_none() {
+            eos_text = eos_ids.first().and_then(|&id| inner.id_to_token(id));
+        }
+        let chat_template = match tcfg.chat_template {
+            None => None,
+            Some(ChatTemplate::One(t)) => Some(t),
+            Some(ChatTemplate::Named(list)) => list.into_iter().find(|t| t.name == "default").map(|t| t.template),
+        };
+        Ok(Tokenizer { inner, bos, eos_text, eos_ids, add_bos: tcfg.add_bos_token.unwrap_or(false), chat_template })
+    }
+
+    /// Token ids of `text` as a model input: BOS first when `add_bos_token` says so.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if let (true, Some((_, bos))) = (self.add_bos, &self.bos) {
+            ids.push(*bos);
+        }
+        ids.extend(self.encode_plain(text)?);
+        Ok(ids)
+    }
+
+    /// Token ids of `text` alone: no BOS, no post-processing (special tokens in the text still match).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`; special tokens are dropped when `skip_special` is set.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::InvalidArgument(format!("cannot decode token ids: {e}")))
+    }
+
+    /// The BOS id, if the tokenizer has one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos.as_ref().map(|b| b.1)
+    }
+
+    /// Whether `encode` puts BOS first.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
+    }
+
+    /// Every id that ends generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Whether the tokenizer config has a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders the chat template over `messages`, ending with the assistant's turn if asked.
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::Template("tokenizer_config.json has no `chat_template`".into()))?;
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        let bos = self.bos.as_ref().map(|b| b.0.as_str()).unwrap_or("");
+        let eos = self.eos_text.as_deref().unwrap_or("");
+        tmpl.render(context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => bos, eos_token => eos })
+            .map_err(|e| Error::Template(e.to_string()))
+    }
+}
+
+fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig> {
+    if !path.exists() {
+        return Ok(TokenizerConfig::default());
+    }
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| Error::config(path, &e.path().to_string(), e.inner().to_string()))
+}
+
+/// Turns a stream of token ids into text pieces, holding back bytes of a character that is not
+/// complete yet (a byte-level token can end inside a multi-byte UTF-8 character).
+#[derive(Debug, Clone, Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl TextStream {
+    /// An empty stream.
+    pub fn new() -> TextStream {
+        TextStream::default()
+    }
+
+    /// Adds `id`; returns the new text once it forms whole characters.
+    pub fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
+        if full.ends_with('\u{FFFD}') || full.len() <= prefix.len() || !full.is_char_boundary(prefix.len()) {
+            return Ok(None);
+        }
+        let piece = full[prefix.len()..].to_string();
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(Some(piece))
+    }
+
+    /// Whatever is still held back at the end of the stream (broken bytes decode as U+FFFD).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).filter(|s| !s.is_empty()).map(str::to_string))
+    }
+}
+
