@@ -5,12 +5,8 @@ use std::path::{Path, PathBuf};
 /// Everything that can go wrong in the library, with enough context to fix the input.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", .path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{}: {err}", .path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{}: field `{field}`: {reason}", .path.display())]
     Config {
         path: PathBuf,
@@ -62,10 +58,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        Error::Io { path: path.to_path_buf(), err: source }
     }
 
     /// A config error on `field` of the file at `path`.

@@ -12,9 +12,10 @@ use crate::config::{Config, TopkMethod};
 pub struct ParamCounts {
     /// Every parameter of the main model (V3's MTP module excluded).
     pub total: usize,
-    /// What one token runs through: all but the routed experts it does not choose.
+    /// What one token computes with: all but the routed experts it does not choose and the input
+    /// embedding (a row lookup). This is how the DeepSeek papers count "activated" parameters.
     pub active: usize,
-    /// Input embedding plus an untied output head.
+    /// The input embedding table.
     pub embedding: usize,
 }
 
@@ -28,8 +29,9 @@ pub fn param_counts(cfg: &Config) -> ParamCounts {
         None => h * heads * (d_n + d_r),
     };
     let attn = q + h * (d_c + d_r) + bias * (d_c + d_r) + d_c + d_c * heads * (d_n + d_v) + heads * d_v * h + bias * h;
-    let embedding = v * h + if cfg.tie_word_embeddings { 0 } else { v * h };
-    let (mut total, mut active) = (embedding + h, embedding + h);
+    let embedding = v * h;
+    let head = if cfg.tie_word_embeddings { 0 } else { v * h };
+    let (mut total, mut active) = (embedding + head + h, head + h);
     for i in 0..cfg.num_hidden_layers {
         let common = attn + 2 * h;
         let (all, used) = match &cfg.moe {
@@ -78,8 +80,8 @@ pub fn kv_footprint(cfg: &Config) -> KvFootprint {
 pub struct Report<'a> {
     pub config: &'a Config,
     pub source: String,
-    pub weight_bytes: usize,
-    pub n_files: usize,
+    /// Bytes and number of files of the safetensors, if the folder has them.
+    pub weights: Option<(usize, usize)>,
     pub dtype_bytes: usize,
     pub dtype_name: String,
 }
@@ -143,13 +145,16 @@ impl fmt::Display for Report<'_> {
         let p = param_counts(c);
         writeln!(
             f,
-            "parameters  total {}, active per token {} ({:.1}%), of which embedding + head {}",
+            "parameters  total {}, active per token {} ({:.1}%; the input embedding, {}, is a lookup)",
             human(p.total),
             human(p.active),
             100.0 * p.active as f64 / p.total as f64,
             human(p.embedding)
         )?;
-        writeln!(f, "weights     {} in {} file(s)", bytes(self.weight_bytes), self.n_files)?;
+        match self.weights {
+            Some((size, files)) => writeln!(f, "weights     {} in {files} file(s)", bytes(size))?,
+            None => writeln!(f, "weights     none in this folder (config only)")?,
+        }
         let kv = kv_footprint(c);
         let b = self.dtype_bytes;
         writeln!(f, "kv cache per token ({}, all {} layers):", self.dtype_name, c.num_hidden_layers)?;

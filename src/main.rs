@@ -291,13 +291,16 @@ fn run_inspect(args: ModelArgs) -> Result<()> {
     let dir = model_dir(&args);
     let config_path = dir.join("config.json");
     let config = Config::from_file(&config_path)?;
-    let weights = Weights::open(&dir, args.dtype.map(DType::from), &Device::Cpu)?;
-    let dtype = weights.dtype();
+    let (weights, dtype) = if Weights::present(&dir) {
+        let w = Weights::open(&dir, args.dtype.map(DType::from), &Device::Cpu)?;
+        (Some((w.stored_bytes(), w.files().len())), w.dtype())
+    } else {
+        (None, args.dtype.map_or(DType::BF16, DType::from))
+    };
     let report = Report {
         config: &config,
         source: display(&dir),
-        weight_bytes: weights.stored_bytes(),
-        n_files: weights.files().len(),
+        weights,
         dtype_bytes: dtype.size_in_bytes(),
         dtype_name: format!("{dtype:?}"),
     };

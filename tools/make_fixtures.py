@@ -115,6 +115,31 @@ def make_tokenizer(out_dir):
     return tok
 
 
+def make_chat_reference(tok_dir):
+    """The chat template as transformers renders it (jinja2), for conversations with and without a system turn."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    conversations = [
+        [{"role": "user", "content": "Hello!"}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is MLA?"},
+            {"role": "assistant", "content": "Latent attention."},
+            {"role": "user", "content": "深度求索 🙂"},
+        ],
+    ]
+    cases = []
+    for messages in conversations:
+        for add_generation_prompt in (True, False):
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            cases.append({"messages": messages, "add_generation_prompt": add_generation_prompt, "text": text, "ids": list(ids)})
+    with open(os.path.join(tok_dir, "chat.json"), "w") as f:
+        json.dump(cases, f, indent=1, ensure_ascii=False)
+
+
 def randomise(model, seed, bias_std):
     """Wider than the default init so that routing decisions are far from ties and differ by method."""
     g = torch.Generator().manual_seed(seed)
@@ -339,6 +364,7 @@ def main():
     tok_dir = os.path.join(ROOT, "tokenizer")
     os.makedirs(tok_dir, exist_ok=True)
     tok = make_tokenizer(tok_dir)
+    make_chat_reference(tok_dir)
     text = corpus()[:1200]
     with open(os.path.join(ROOT, "ppl.txt"), "w") as f:
         f.write(text)

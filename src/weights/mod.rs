@@ -56,6 +56,11 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 impl Weights {
+    /// Whether `dir` holds a single-file or sharded safetensors checkpoint.
+    pub fn present(dir: &Path) -> bool {
+        dir.join(INDEX_FILE).exists() || dir.join(SINGLE_FILE).exists()
+    }
+
     /// Maps the checkpoint in `dir`; tensors are produced in `dtype` (the checkpoint's when `None`).
     pub fn open(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Weights> {
         let index_path = dir.join(INDEX_FILE);

@@ -1,0 +1,68 @@
+//! Parameter counts and KV-cache footprints.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::Device;
+use common::{fixtures_dir, MODELS};
+use latent::inspect::{kv_footprint, param_counts};
+use latent::weights::{names, Weights};
+use latent::Config;
+
+fn published(name: &str) -> Config {
+    Config::from_file(&fixtures_dir().join("configs").join(name)).unwrap()
+}
+
+#[test]
+fn parameter_counts_from_the_config_equal_the_checkpoint_tensors() {
+    for name in MODELS {
+        let dir = fixtures_dir().join(name);
+        let config = Config::from_file(&dir.join("config.json")).unwrap();
+        let weights = Weights::open(&dir, None, &Device::Cpu).unwrap();
+        let stored: usize = weights
+            .names()
+            .into_iter()
+            .filter(|n| !names::is_layer_at_or_past(n, config.num_hidden_layers))
+            .map(|n| weights.shape(n).unwrap().iter().product::<usize>())
+            .sum();
+        assert_eq!(param_counts(&config).total, stored, "{name}");
+    }
+}
+
+#[test]
+fn published_shapes_give_the_papers_parameter_counts() {
+    // DeepSeek-V2 paper: 236B total, 21B activated; V2-Lite 15.7B and 2.4B; V3 paper: 671B and 37B.
+    for (file, total, active) in [("deepseek-v2.json", 236.0, 21.0), ("deepseek-v2-lite.json", 15.7, 2.4), ("deepseek-v3.json", 671.0, 37.0)] {
+        let p = param_counts(&published(file));
+        let (t, a) = (p.total as f64 / 1e9, p.active as f64 / 1e9);
+        assert!((t - total).abs() / total < 0.01, "{file}: total {t:.2} B, paper {total} B");
+        assert!((a - active).abs() / active < 0.05, "{file}: active {a:.2} B, paper {active} B");
+    }
+}
+
+#[test]
+fn deepseek_v2_caches_576_values_per_layer_against_32768_for_mha() {
+    let config = published("deepseek-v2.json");
+    let kv = kv_footprint(&config);
+    assert_eq!(kv.mla, 576 * 60);
+    assert_eq!(kv.mha, 32768 * 60);
+    let saving = 1.0 - kv.mla as f64 / kv.mha as f64;
+    assert!(saving > 0.98, "{saving}");
+    // The latent cache itself: 576 values x 60 layers x 2 bytes in bf16.
+    let cache = latent::LatentCache::new(&config, candle_core::DType::BF16, &Device::Cpu).unwrap();
+    assert_eq!(cache.bytes_per_token(), 576 * 60 * 2);
+}
+
+#[test]
+fn yarn_changes_the_softmax_scale_by_mscale_squared() {
+    let config = published("deepseek-v2.json");
+    let m = 0.1 * 0.707 * 40f64.ln() + 1.0;
+    assert!((config.softmax_scale() - m * m / 192f64.sqrt()).abs() < 1e-12);
+    let plain: Config = Config::from_json(
+        &std::fs::read_to_string(fixtures_dir().join("tiny-v2-lite/config.json")).unwrap(),
+        Path::new("config.json"),
+    )
+    .unwrap();
+    assert!((plain.softmax_scale() - 1.0 / 24f64.sqrt()).abs() < 1e-12);
+}

