@@ -368,15 +368,15 @@ impl MoeConfig {
             return Err(Error::config(path, "topk_group", format!("must be in 1..={g} (n_group), got {t}")));
         }
         let per_group = n / self.n_group;
+        if self.topk_method == TopkMethod::NoauxTc && per_group < 2 {
+            return Err(Error::config(path, "n_group", "noaux_tc scores groups by their two best experts: each group needs at least 2"));
+        }
         if k > self.topk_group * per_group {
             return Err(Error::config(
                 path,
                 "num_experts_per_tok",
                 format!("{k} experts cannot be chosen from topk_group ({}) groups of {per_group}", self.topk_group),
             ));
-        }
-        if self.topk_method == TopkMethod::NoauxTc && per_group < 2 {
-            return Err(Error::config(path, "n_group", "noaux_tc scores groups by their two best experts: each group needs at least 2"));
         }
         if !(self.routed_scaling_factor.is_finite()) {
             return Err(Error::config(path, "routed_scaling_factor", "must be finite"));

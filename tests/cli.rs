@@ -1,0 +1,102 @@
+//! The `latent` binary end to end on the fixtures.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::fixtures_dir;
+
+fn latent(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_latent"))
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(text) = stdin {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn fixture(name: &str) -> String {
+    fixtures_dir().join(name).display().to_string()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn generate_with_a_seed_repeats_itself_and_reports_speed() {
+    let args = ["generate", "--model", &fixture("tiny-v3"), "--prompt", "Beautiful is", "--max-tokens", "16", "--seed", "5"];
+    let (a, b) = (latent(&args, None), latent(&args, None));
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert!(!a.stdout.is_empty());
+    assert_eq!(a.stdout, b.stdout);
+    let err = text(&a.stderr);
+    assert!(err.contains("tokens/s") && err.contains("generated 16 tokens"), "{err}");
+}
+
+#[test]
+fn generate_reads_the_prompt_from_stdin_and_defaults_to_the_built_in_model() {
+    let out = latent(&["generate", "--max-tokens", "4", "--temperature", "0"], Some("Simple is better"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no --model given"));
+    let same = latent(&["generate", "--model", &fixture("tiny-v2"), "--max-tokens", "4", "--temperature", "0", "--prompt", "Simple is better"], None);
+    assert_eq!(out.stdout, same.stdout);
+}
+
+#[test]
+fn perplexity_json_has_tokens_nll_and_ppl() {
+    let file = fixtures_dir().join("ppl.txt").display().to_string();
+    let out = latent(&["perplexity", "--model", &fixture("tiny-v2-lite"), "--file", &file, "--context", "16", "--json"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(v["tokens"], 681);
+    assert!((v["ppl"].as_f64().unwrap() - v["nll"].as_f64().unwrap().exp()).abs() < 1e-9);
+}
+
+#[test]
+fn chat_answers_each_line_in_turn() {
+    let out = latent(&["chat", "--model", &fixture("tiny-v2"), "--max-tokens", "3", "--seed", "1"], Some("Hello!\nMore?\n"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr).matches("tokens/s").count(), 2);
+}
+
+#[test]
+fn inspect_compares_the_latent_cache_with_mha_and_gqa() {
+    let out = latent(&["inspect", "--model", &fixture("tiny-v3")], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    for needle in ["DeepseekV3", "MLA latent", "MHA", "GQA", "active per token", "NoauxTc"] {
+        assert!(s.contains(needle), "{needle} missing from:\n{s}");
+    }
+}
+
+#[test]
+fn bad_arguments_fail_with_a_message_not_a_panic() {
+    for (args, needle) in [
+        (vec!["generate", "--model", "/no/such/model", "--prompt", "x"], "/no/such/model/config.json"),
+        (vec!["generate", "--prompt", "x", "--temperature", "-1"], "`temperature`"),
+        (vec!["generate", "--prompt", "x", "--top-p", "0"], "`top_p`"),
+        (vec!["perplexity", "--file", "/no/such/file.txt"], "/no/such/file.txt"),
+        (vec!["perplexity", "--file", "Cargo.toml", "--context", "1"], "--context"),
+    ] {
+        let out = latent(&args, None);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_refused() {
+    let long = "Errors should never pass silently. ".repeat(40);
+    let out = latent(&["generate", "--prompt", &long], None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("max_position_embeddings") && err.contains("256"), "{err}");
+}
