@@ -229,7 +229,11 @@ impl Config {
             Error::config(path, &field, reason)
         })?;
         if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
-            return Err(Error::config(path, "hidden_act", format!("`{act}` is not supported, expected `silu` (SwiGLU)")));
+            return Err(Error::config(
+                path,
+                "hidden_act",
+                format!("`{act}` is not supported, expected `silu` (SwiGLU)"),
+            ));
         }
         if raw.mlp_bias {
             return Err(Error::config(path, "mlp_bias", "true is not supported: DeepSeek's MLPs have no bias"));
@@ -284,11 +288,15 @@ impl Config {
         if self.q_lora_rank == Some(0) {
             return Err(Error::config(path, "q_lora_rank", "must be > 0 or null, got 0"));
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             let got = self.qk_rope_head_dim;
-            return Err(Error::config(path, "qk_rope_head_dim", format!("must be even (RoPE rotates pairs), got {got}")));
+            return Err(Error::config(
+                path,
+                "qk_rope_head_dim",
+                format!("must be even (RoPE rotates pairs), got {got}"),
+            ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             let got = self.rms_norm_eps;
             return Err(Error::config(path, "rms_norm_eps", format!("must be > 0, got {got}")));
         }
@@ -306,7 +314,7 @@ impl Config {
 
     /// Whether decoder layer `i` uses DeepSeekMoE (else a dense SwiGLU).
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.moe.as_ref().is_some_and(|m| i >= m.first_k_dense_replace && i % m.moe_layer_freq == 0)
+        self.moe.as_ref().is_some_and(|m| i >= m.first_k_dense_replace && i.is_multiple_of(m.moe_layer_freq))
     }
 
     /// Query/key head size: `qk_nope_head_dim + qk_rope_head_dim`.
@@ -359,9 +367,13 @@ impl MoeConfig {
                 format!("must be in 1..={n} (n_routed_experts), got {k}"),
             ));
         }
-        if self.n_group == 0 || n % self.n_group != 0 {
+        if self.n_group == 0 || !n.is_multiple_of(self.n_group) {
             let g = self.n_group;
-            return Err(Error::config(path, "n_group", format!("n_routed_experts ({n}) must be divisible by n_group ({g})")));
+            return Err(Error::config(
+                path,
+                "n_group",
+                format!("n_routed_experts ({n}) must be divisible by n_group ({g})"),
+            ));
         }
         if self.topk_group == 0 || self.topk_group > self.n_group {
             let (t, g) = (self.topk_group, self.n_group);
@@ -369,7 +381,11 @@ impl MoeConfig {
         }
         let per_group = n / self.n_group;
         if self.topk_method == TopkMethod::NoauxTc && per_group < 2 {
-            return Err(Error::config(path, "n_group", "noaux_tc scores groups by their two best experts: each group needs at least 2"));
+            return Err(Error::config(
+                path,
+                "n_group",
+                "noaux_tc scores groups by their two best experts: each group needs at least 2",
+            ));
         }
         if k > self.topk_group * per_group {
             return Err(Error::config(
@@ -424,7 +440,7 @@ fn resolve_rope(raw: &RawConfig, path: &Path) -> Result<RopeConfig> {
     };
     let rope_theta = spec.and_then(|s| s.rope_theta).or(raw.rope_theta).unwrap_or(10000.0);
     let rope_interleave = raw.rope_interleave.unwrap_or(true);
-    if !(rope_theta > 1.0) {
+    if rope_theta.is_nan() || rope_theta <= 1.0 {
         return Err(Error::config(path, "rope_theta", format!("must be > 1, got {rope_theta}")));
     }
     let Some(spec) = spec else {
@@ -446,10 +462,8 @@ fn resolve_rope(raw: &RawConfig, path: &Path) -> Result<RopeConfig> {
 }
 
 fn resolve_yarn(raw: &RawConfig, spec: &RawRope, field: &str, path: &Path) -> Result<Yarn> {
-    let factor = spec
-        .factor
-        .ok_or_else(|| Error::config(path, &format!("{field}.factor"), "is required for YaRN"))?;
-    if !(factor >= 1.0) {
+    let factor = spec.factor.ok_or_else(|| Error::config(path, &format!("{field}.factor"), "is required for YaRN"))?;
+    if factor.is_nan() || factor < 1.0 {
         return Err(Error::config(path, &format!("{field}.factor"), format!("must be >= 1, got {factor}")));
     }
     if spec.attention_factor.is_some() {
@@ -460,7 +474,11 @@ fn resolve_yarn(raw: &RawConfig, spec: &RawRope, field: &str, path: &Path) -> Re
         ));
     }
     if spec.truncate == Some(false) {
-        return Err(Error::config(path, &format!("{field}.truncate"), "only the truncated YaRN ramp (true) is supported"));
+        return Err(Error::config(
+            path,
+            &format!("{field}.truncate"),
+            "only the truncated YaRN ramp (true) is supported",
+        ));
     }
     let original = spec.original_max_position_embeddings.unwrap_or(raw.max_position_embeddings);
     if original == 0 {

@@ -8,38 +8,17 @@ pub enum Error {
     #[error("{}: {err}", .path.display())]
     Io { path: PathBuf, err: std::io::Error },
     #[error("{}: field `{field}`: {reason}", .path.display())]
-    Config {
-        path: PathBuf,
-        field: String,
-        reason: String,
-    },
+    Config { path: PathBuf, field: String, reason: String },
     #[error("{}: {reason}", .path.display())]
     Safetensors { path: PathBuf, reason: String },
     #[error("{}: tensor `{name}` is missing (expected shape {expected:?})", .path.display())]
-    MissingTensor {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-    },
+    MissingTensor { path: PathBuf, name: String, expected: Vec<usize> },
     #[error("{}: tensor `{name}` has shape {got:?}, expected {expected:?}", .path.display())]
-    TensorShape {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
+    TensorShape { path: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
     #[error("{}: tensor `{name}` has dtype {got}, expected one of bf16, f16, f32", .path.display())]
-    TensorDtype {
-        path: PathBuf,
-        name: String,
-        got: String,
-    },
+    TensorDtype { path: PathBuf, name: String, got: String },
     #[error("tensor `{name}` is stored in both {} and {}; a checkpoint must hold each tensor once", .first.display(), .second.display())]
-    DuplicateTensor {
-        name: String,
-        first: PathBuf,
-        second: PathBuf,
-    },
+    DuplicateTensor { name: String, first: PathBuf, second: PathBuf },
     #[error("{}: {reason}", .path.display())]
     Tokenizer { path: PathBuf, reason: String },
     #[error("chat template: {0}")]
@@ -63,18 +42,11 @@ impl Error {
 
     /// A config error on `field` of the file at `path`.
     pub fn config(path: &Path, field: &str, reason: impl Into<String>) -> Self {
-        Error::Config {
-            path: path.to_path_buf(),
-            field: field.to_string(),
-            reason: reason.into(),
-        }
+        Error::Config { path: path.to_path_buf(), field: field.to_string(), reason: reason.into() }
     }
 
     /// A malformed safetensors file or index.
     pub fn safetensors(path: &Path, reason: impl Into<String>) -> Self {
-        Error::Safetensors {
-            path: path.to_path_buf(),
-            reason: reason.into(),
-        }
+        Error::Safetensors { path: path.to_path_buf(), reason: reason.into() }
     }
 }

@@ -237,7 +237,10 @@ mod tests {
 
     #[test]
     fn a_stop_string_split_across_pieces_is_never_printed() {
-        assert_eq!(run(&["\nUser:"], &["Hello", " there\nUs", "er: more"]), ("Hello there".into(), Some("\nUser:".into())));
+        assert_eq!(
+            run(&["\nUser:"], &["Hello", " there\nUs", "er: more"]),
+            ("Hello there".into(), Some("\nUser:".into()))
+        );
     }
 
     #[test]

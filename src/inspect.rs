@@ -37,7 +37,8 @@ pub fn param_counts(cfg: &Config) -> ParamCounts {
         let (all, used) = match &cfg.moe {
             Some(m) if cfg.is_moe_layer(i) => {
                 let expert = 3 * h * m.moe_intermediate_size;
-                let router = m.n_routed_experts * h + if m.topk_method == TopkMethod::NoauxTc { m.n_routed_experts } else { 0 };
+                let router =
+                    m.n_routed_experts * h + if m.topk_method == TopkMethod::NoauxTc { m.n_routed_experts } else { 0 };
                 let shared = expert * m.n_shared_experts + router;
                 (expert * m.n_routed_experts + shared, expert * m.num_experts_per_tok + shared)
             }

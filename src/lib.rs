@@ -24,6 +24,7 @@ pub use error::{Error, Result};
 pub use model::{AttentionPath, LogitRows, Model};
 pub mod generate;
 pub mod inspect;
+pub mod kernels;
 pub mod perplexity;
 pub mod sampling;
 pub mod tokenizer;

@@ -19,7 +19,11 @@ use latent::{Config, Model, SamplingParams, Tokenizer};
 const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-v2");
 
 #[derive(Parser)]
-#[command(name = "latent", version, about = "Run DeepSeek-V2-family models (DeepSeek-V2, V2-Lite, V3) with a latent KV cache")]
+#[command(
+    name = "latent",
+    version,
+    about = "Run DeepSeek-V2-family models (DeepSeek-V2, V2-Lite, V3) with a latent KV cache"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -159,7 +163,8 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
     let start = Instant::now();
     let (model, report) = Model::load(&dir, args.dtype.map(DType::from), &Device::Cpu)
         .with_context(|| format!("loading the model in {}", dir.display()))?;
-    let tokenizer = Tokenizer::load(&dir, Some(model.config())).with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
+    let tokenizer = Tokenizer::load(&dir, Some(model.config()))
+        .with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
     eprintln!(
         "latent: loaded {} ({}, {:?}) in {:.2} s",
         dir.display(),
@@ -168,11 +173,18 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
         start.elapsed().as_secs_f64()
     );
     if !report.skipped_mtp.is_empty() {
-        eprintln!("latent: skipped {} multi-token-prediction tensors (not used for generation yet)", report.skipped_mtp.len());
+        eprintln!(
+            "latent: skipped {} multi-token-prediction tensors (not used for generation yet)",
+            report.skipped_mtp.len()
+        );
     }
     if !report.unused.is_empty() {
         let shown: Vec<&str> = report.unused.iter().take(5).map(String::as_str).collect();
-        eprintln!("latent: warning: {} tensors in the checkpoint are not used: {}", report.unused.len(), shown.join(", "));
+        eprintln!(
+            "latent: warning: {} tensors in the checkpoint are not used: {}",
+            report.unused.len(),
+            shown.join(", ")
+        );
     }
     Ok((model, tokenizer))
 }
@@ -272,7 +284,8 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let tokens = tokenizer.encode(&text)?;
     let context = args.context.unwrap_or(model.config().max_position_embeddings);
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} windows  {per_sec}  ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{bar:40} {pos}/{len} windows  {per_sec}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let result = perplexity(&model, &tokens, context, |done, total| {
         bar.set_length(total as u64);

@@ -16,7 +16,12 @@ pub struct Perplexity {
 }
 
 /// Scores `tokens` window by window; `progress(done, total)` is called after each window.
-pub fn perplexity(model: &Model, tokens: &[u32], context: usize, mut progress: impl FnMut(usize, usize)) -> Result<Perplexity> {
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    context: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Perplexity> {
     let max = model.config().max_position_embeddings;
     if context < 2 || context > max {
         return Err(Error::InvalidArgument(format!(
@@ -25,7 +30,10 @@ pub fn perplexity(model: &Model, tokens: &[u32], context: usize, mut progress: i
     }
     let windows: Vec<&[u32]> = tokens.chunks(context).filter(|w| w.len() >= 2).collect();
     if windows.is_empty() {
-        return Err(Error::InvalidArgument(format!("the text has {} tokens; perplexity needs at least 2", tokens.len())));
+        return Err(Error::InvalidArgument(format!(
+            "the text has {} tokens; perplexity needs at least 2",
+            tokens.len()
+        )));
     }
     let mut cache = model.new_cache()?;
     let (mut nll, mut count) = (0f64, 0usize);

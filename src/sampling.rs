@@ -204,7 +204,9 @@ mod tests {
     fn same_seed_gives_the_same_tokens_and_another_seed_does_not() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, top_k: 0, top_p: 1.0, temperature: 1.0, ..Default::default() }).unwrap();
+            let mut s =
+                Sampler::new(SamplingParams { seed, top_k: 0, top_p: 1.0, temperature: 1.0, ..Default::default() })
+                    .unwrap();
             (0..64).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -213,7 +215,8 @@ mod tests {
 
     #[test]
     fn repeat_penalty_turns_a_repeated_best_token_into_the_runner_up() {
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, repeat_penalty: 2.0, ..Default::default() }).unwrap();
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 0.0, repeat_penalty: 2.0, ..Default::default() }).unwrap();
         assert_eq!(s.sample(&[1.5, 1.0, -3.0], &[0]), 1);
         assert_eq!(s.sample(&[1.5, 1.0, -3.0], &[2]), 0);
     }

@@ -95,7 +95,9 @@ impl Tokenizer {
             let text = tok.content().to_string();
             match inner.token_to_id(&text) {
                 Some(id) => Ok((text, id)),
-                None => Err(Error::config(config_path, field, format!("token `{text}` is not in {}", json_path.display()))),
+                None => {
+                    Err(Error::config(config_path, field, format!("token `{text}` is not in {}", json_path.display())))
+                }
             }
         };
         let bos = match &tcfg.bos_token {
@@ -240,4 +242,3 @@ impl TextStream {
         Ok(full.get(prefix.len()..).filter(|s| !s.is_empty()).map(str::to_string))
     }
 }
-

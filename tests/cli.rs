@@ -31,7 +31,8 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn generate_with_a_seed_repeats_itself_and_reports_speed() {
-    let args = ["generate", "--model", &fixture("tiny-v3"), "--prompt", "Beautiful is", "--max-tokens", "16", "--seed", "5"];
+    let args =
+        ["generate", "--model", &fixture("tiny-v3"), "--prompt", "Beautiful is", "--max-tokens", "16", "--seed", "5"];
     let (a, b) = (latent(&args, None), latent(&args, None));
     assert!(a.status.success(), "{}", text(&a.stderr));
     assert!(!a.stdout.is_empty());
@@ -45,14 +46,30 @@ fn generate_reads_the_prompt_from_stdin_and_defaults_to_the_built_in_model() {
     let out = latent(&["generate", "--max-tokens", "4", "--temperature", "0"], Some("Simple is better"));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("no --model given"));
-    let same = latent(&["generate", "--model", &fixture("tiny-v2"), "--max-tokens", "4", "--temperature", "0", "--prompt", "Simple is better"], None);
+    let same = latent(
+        &[
+            "generate",
+            "--model",
+            &fixture("tiny-v2"),
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--prompt",
+            "Simple is better",
+        ],
+        None,
+    );
     assert_eq!(out.stdout, same.stdout);
 }
 
 #[test]
 fn perplexity_json_has_tokens_nll_and_ppl() {
     let file = fixtures_dir().join("ppl.txt").display().to_string();
-    let out = latent(&["perplexity", "--model", &fixture("tiny-v2-lite"), "--file", &file, "--context", "16", "--json"], None);
+    let out = latent(
+        &["perplexity", "--model", &fixture("tiny-v2-lite"), "--file", &file, "--context", "16", "--json"],
+        None,
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert_eq!(v["tokens"], 681);
@@ -61,7 +78,8 @@ fn perplexity_json_has_tokens_nll_and_ppl() {
 
 #[test]
 fn chat_answers_each_line_in_turn() {
-    let out = latent(&["chat", "--model", &fixture("tiny-v2"), "--max-tokens", "3", "--seed", "1"], Some("Hello!\nMore?\n"));
+    let out =
+        latent(&["chat", "--model", &fixture("tiny-v2"), "--max-tokens", "3", "--seed", "1"], Some("Hello!\nMore?\n"));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr).matches("tokens/s").count(), 2);
 }

@@ -56,7 +56,10 @@ fn a_missing_required_field_is_named() {
 
 #[test]
 fn inconsistent_moe_sizes_are_refused_with_the_field_and_value() {
-    assert_mentions(&config_err("tiny-v2", "num_experts_per_tok", json!(9)), &["num_experts_per_tok", "9", "n_routed_experts"]);
+    assert_mentions(
+        &config_err("tiny-v2", "num_experts_per_tok", json!(9)),
+        &["num_experts_per_tok", "9", "n_routed_experts"],
+    );
     assert_mentions(&config_err("tiny-v2", "topk_group", json!(5)), &["topk_group", "5", "n_group"]);
     assert_mentions(&config_err("tiny-v2", "n_group", json!(3)), &["n_group", "divisible", "8", "3"]);
     assert_mentions(&config_err("tiny-v3", "n_group", json!(8)), &["n_group", "noaux_tc"]);
@@ -79,7 +82,10 @@ fn sizes_that_disagree_with_the_tensors_name_the_tensor_and_both_shapes() {
     let dir = copy_fixture("tiny-v2");
     set_config_value(dir.path(), "kv_lora_rank", json!(24));
     let err = load_err(dir.path());
-    assert_mentions(&err, &["model.safetensors", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "[32, 64]", "[40, 64]"]);
+    assert_mentions(
+        &err,
+        &["model.safetensors", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "[32, 64]", "[40, 64]"],
+    );
 }
 
 fn rewrite_tensors(path: &Path, edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) {
@@ -177,7 +183,10 @@ fn the_same_tensor_in_two_shards_is_an_error_not_last_one_wins() {
     rewrite_tensors(&dir.path().join("model-00002-of-00005.safetensors"), |t| {
         t.insert(stolen.0.clone(), stolen.1.clone());
     });
-    assert_mentions(&load_err(dir.path()), &[&stolen.0, "model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors", "once"]);
+    assert_mentions(
+        &load_err(dir.path()),
+        &[&stolen.0, "model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors", "once"],
+    );
 }
 
 fn rewrite_index(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
@@ -245,7 +254,8 @@ fn a_broken_tokenizer_names_its_file_and_a_missing_special_token_its_field() {
 fn token_ids_outside_the_vocabulary_are_refused() {
     let (model, _) = Model::load(&common::fixtures_dir().join("tiny-v2"), None, &Device::Cpu).unwrap();
     let mut cache = model.new_cache().unwrap();
-    let err = model.forward(&[3, 320], &mut cache, latent::AttentionPath::Expanded, LogitRows::Last).unwrap_err().to_string();
+    let err =
+        model.forward(&[3, 320], &mut cache, latent::AttentionPath::Expanded, LogitRows::Last).unwrap_err().to_string();
     assert_mentions(&err, &["320", "vocab_size"]);
     assert!(cache.is_empty(), "a refused forward must not touch the cache");
 }

@@ -71,7 +71,8 @@ fn a_stop_string_ends_generation_and_is_not_part_of_the_text() {
     let mut cache = model.new_cache().unwrap();
     let mut streamed = String::new();
     let request = Request { stop: vec![cut.clone()], ..greedy(20) };
-    let g = generate(&model, &tokenizer, &mut cache, &fx.meta.prompt_tokens, &request, |t| streamed.push_str(t)).unwrap();
+    let g =
+        generate(&model, &tokenizer, &mut cache, &fx.meta.prompt_tokens, &request, |t| streamed.push_str(t)).unwrap();
     assert_eq!(g.stop, StopReason::StopString(cut));
     assert_eq!(g.text, full.text[..at]);
     assert_eq!(streamed, g.text);
@@ -113,7 +114,12 @@ fn chat_turns_reuse_the_cached_conversation_and_match_a_fresh_run() {
     let first_len = tokenizer.encode_plain(&first_turn).unwrap().len();
     let prompt = tokenizer.apply_chat_template(chat.messages().split_last().unwrap().1, true).unwrap();
     let ids = tokenizer.encode_plain(&prompt).unwrap();
-    assert!(second.n_prompt <= ids.len() - first_len, "second turn ran {} of {} prompt tokens", second.n_prompt, ids.len());
+    assert!(
+        second.n_prompt <= ids.len() - first_len,
+        "second turn ran {} of {} prompt tokens",
+        second.n_prompt,
+        ids.len()
+    );
     // And it generated what a run from scratch generates.
     let mut cache = model.new_cache().unwrap();
     let fresh = generate(&model, &tokenizer, &mut cache, &ids, &greedy(6), |_| {}).unwrap();

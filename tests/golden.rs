@@ -14,7 +14,8 @@ fn every_fixture_matches_transformers_layer_by_layer() {
         let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
         assert_eq!(model.dtype(), DType::F32);
         let mut cache = model.new_cache().unwrap();
-        let (logits, trace) = model.forward_traced(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Expanded).unwrap();
+        let (logits, trace) =
+            model.forward_traced(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Expanded).unwrap();
         for (i, hidden) in trace.iter().enumerate() {
             assert_close(&format!("{name} layers.{i}.out"), hidden, fx.reference(&format!("layers.{i}.out")), Tol::F32);
         }
@@ -28,7 +29,8 @@ fn absorbed_path_gives_the_same_logits_as_expanded_on_a_whole_prompt() {
         let fx = Fixture::load(name);
         let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
         let mut cache = model.new_cache().unwrap();
-        let logits = model.forward(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Absorbed, LogitRows::All).unwrap();
+        let logits =
+            model.forward(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Absorbed, LogitRows::All).unwrap();
         assert_close(&format!("{name} absorbed logits"), &logits, fx.reference("logits"), Tol::F32);
     }
 }

@@ -33,7 +33,9 @@ fn parameter_counts_from_the_config_equal_the_checkpoint_tensors() {
 #[test]
 fn published_shapes_give_the_papers_parameter_counts() {
     // DeepSeek-V2 paper: 236B total, 21B activated; V2-Lite 15.7B and 2.4B; V3 paper: 671B and 37B.
-    for (file, total, active) in [("deepseek-v2.json", 236.0, 21.0), ("deepseek-v2-lite.json", 15.7, 2.4), ("deepseek-v3.json", 671.0, 37.0)] {
+    for (file, total, active) in
+        [("deepseek-v2.json", 236.0, 21.0), ("deepseek-v2-lite.json", 15.7, 2.4), ("deepseek-v3.json", 671.0, 37.0)]
+    {
         let p = param_counts(&published(file));
         let (t, a) = (p.total as f64 / 1e9, p.active as f64 / 1e9);
         assert!((t - total).abs() / total < 0.01, "{file}: total {t:.2} B, paper {total} B");

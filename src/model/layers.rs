@@ -3,9 +3,10 @@
 //! Norms and softmax compute in f32 whatever the compute dtype, as the reference does
 //! (`DeepseekV2RMSNorm.forward`, `eager_attention_forward` in transformers 5.23).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{CpuStorage, DType, Storage, Tensor, D};
 
 use crate::error::Result;
+use crate::kernels::matvec::{matvec, MAX_ROWS};
 use crate::weights::Weights;
 
 /// `y = x Wᵀ (+ b)`, with `W` stored `(out, in)` as in the checkpoint.
@@ -26,14 +27,35 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
+    /// `x Wᵀ` by the matvec kernel, if `x` has few rows and `W` is contiguous bf16 or f32 on the CPU.
+    fn matvec(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (t, n_in) = x.dims2()?;
+        let (n_out, _) = self.weight.dims2()?;
+        if t > MAX_ROWS {
+            return Ok(None);
+        }
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let (storage, layout) = self.weight.storage_and_layout();
+        let y = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::BF16(w)), Some((a, b))) => matvec(&xs, &w[a..b], t, n_in, n_out),
+            (Storage::Cpu(CpuStorage::F32(w)), Some((a, b))) => matvec(&xs, &w[a..b], t, n_in, n_out),
+            _ => return Ok(None),
+        };
+        drop(storage);
+        Ok(Some(Tensor::from_vec(y, (t, n_out), x.device())?.to_dtype(x.dtype())?))
+    }
+
     /// Wraps an existing `(out, in)` weight.
     pub fn from_weight(weight: Tensor) -> Linear {
         Linear { weight, bias: None }
     }
 
-    /// `x: (T, in)` -> `(T, out)`.
+    /// `x: (T, in)` -> `(T, out)`. A few rows (decode) go through [`matvec`], more through GEMM.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match self.matvec(x)? {
+            Some(y) => y,
+            None => x.matmul(&self.weight.t()?)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -47,11 +47,11 @@ enum QProj {
 #[derive(Debug, Clone)]
 pub struct Mla {
     q: QProj,
-    kv_a: Linear,    // (d_c + d_r, hidden)
+    kv_a: Linear,     // (d_c + d_r, hidden)
     kv_norm: RmsNorm, // (d_c)
-    w_uk: Tensor,    // (H, d_n, d_c)
-    w_uv: Tensor,    // (H, d_v, d_c)
-    o_proj: Linear,  // (hidden, H d_v)
+    w_uk: Tensor,     // (H, d_n, d_c)
+    w_uv: Tensor,     // (H, d_v, d_c)
+    o_proj: Linear,   // (hidden, H d_v)
     n_heads: usize,
     d_n: usize,
     d_r: usize,
@@ -138,7 +138,11 @@ impl Mla {
     /// `softmax(scale (content + position) + causal mask)`, in f32, returned in `dtype`.
     fn probs(&self, content: &Tensor, position: &Tensor, t: usize, s: usize, dtype: DType) -> Result<Tensor> {
         let scores = ((content + position)? * self.scale)?;
-        let scores = if t > 1 { scores.to_dtype(DType::F32)?.broadcast_add(&causal_mask(t, s, content.device())?)? } else { scores };
+        let scores = if t > 1 {
+            scores.to_dtype(DType::F32)?.broadcast_add(&causal_mask(t, s, content.device())?)?
+        } else {
+            scores
+        };
         Ok(softmax_last_dim(&scores)?.to_dtype(dtype)?)
     }
 }
@@ -146,8 +150,7 @@ impl Mla {
 /// `(T, S)`: 0 where query `i` (at position `S - T + i`) may see key `j`, -inf after it.
 fn causal_mask(t: usize, s: usize, device: &candle_core::Device) -> Result<Tensor> {
     let past = s - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (t, s), device)?)
 }

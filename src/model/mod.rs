@@ -88,9 +88,7 @@ impl Model {
     pub fn from_weights(config: Config, w: &Weights) -> Result<Model> {
         let (hidden, vocab) = (config.hidden_size, config.vocab_size);
         let embed_tokens = w.get(names::EMBED_TOKENS, &[vocab, hidden])?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| load_layer(w, &config, i))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..config.num_hidden_layers).map(|i| load_layer(w, &config, i)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(w, names::FINAL_NORM, hidden, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
             Linear::from_weight(embed_tokens.clone())
@@ -122,7 +120,13 @@ impl Model {
     }
 
     /// Runs `tokens` after what `cache` holds, appends their latents, returns f32 logits `(rows, V)`.
-    pub fn forward(&self, tokens: &[u32], cache: &mut LatentCache, path: AttentionPath, rows: LogitRows) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut LatentCache,
+        path: AttentionPath,
+        rows: LogitRows,
+    ) -> Result<Tensor> {
         let hidden = self.hidden_states(tokens, cache, path, None)?;
         let hidden = match rows {
             LogitRows::All => hidden,
@@ -132,7 +136,12 @@ impl Model {
     }
 
     /// Like `forward` with every row, also returning each decoder layer's output `(T, hidden)`.
-    pub fn forward_traced(&self, tokens: &[u32], cache: &mut LatentCache, path: AttentionPath) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward_traced(
+        &self,
+        tokens: &[u32],
+        cache: &mut LatentCache,
+        path: AttentionPath,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut trace = Vec::with_capacity(self.layers.len());
         let hidden = self.hidden_states(tokens, cache, path, Some(&mut trace))?;
         Ok((self.logits(&hidden)?, trace))

@@ -121,7 +121,7 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 /// One MoE layer: router, routed experts, shared experts.
 #[derive(Debug, Clone)]
 pub struct Moe {
-    gate: Tensor,          // (E, hidden), f32
+    gate: Tensor,           // (E, hidden), f32
     bias: Option<Vec<f32>>, // (E), V3
     experts: Vec<Mlp>,
     shared: Option<Mlp>,
@@ -138,9 +138,8 @@ impl Moe {
         } else {
             None
         };
-        let experts = (0..n)
-            .map(|e| Mlp::load(w, |p| names.expert(e, p), hidden, inter))
-            .collect::<Result<Vec<_>>>()?;
+        let experts =
+            (0..n).map(|e| Mlp::load(w, |p| names.expert(e, p), hidden, inter)).collect::<Result<Vec<_>>>()?;
         let shared = match moe.n_shared_experts {
             0 => None,
             s => Some(Mlp::load(w, |p| names.shared_expert(p), hidden, inter * s)?),

@@ -78,7 +78,8 @@ impl Rope {
             pairs.pop();
             pairs.extend([half, 2]);
             let x = x.reshape(pairs)?; // (.., T, d/2, 2)
-            let (x0, x1) = (x.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?, x.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?);
+            let (x0, x1) =
+                (x.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?, x.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?);
             let (r0, r1) = rotate_pair(&x0, &x1, angles)?;
             Tensor::stack(&[r0, r1], D::Minus1)?.reshape(dims)?
         } else {

@@ -13,7 +13,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
@@ -168,8 +168,19 @@ impl Weights {
                 })
             }
         };
-        let bytes = &shard.mmap[shard.data_start + entry.begin..shard.data_start + entry.end];
-        let tensor = Tensor::from_raw_buffer(bytes, stored, shape, &self.device)?.to_dtype(dtype)?;
+        let (start, len) = (shard.data_start + entry.begin, entry.end - entry.begin);
+        let bytes = &shard.mmap[start..start + len];
+        let tensor = match stored {
+            DType::BF16 => Tensor::from_vec(copy_elements::<half::bf16>(bytes), shape, &self.device)?,
+            DType::F16 => Tensor::from_vec(copy_elements::<half::f16>(bytes), shape, &self.device)?,
+            _ => Tensor::from_vec(copy_elements::<f32>(bytes), shape, &self.device)?,
+        };
+        // SAFETY: the mapping is read-only and file-backed; DONTNEED only drops this range's pages
+        // from our address space (a later read faults them in again from the file), and `bytes`,
+        // the only borrow of the range, is not used after this point. This keeps the peak resident
+        // memory at one copy of the weights instead of the copy plus the mapped file.
+        let _ = unsafe { shard.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, len) };
+        let tensor = tensor.to_dtype(dtype)?;
         self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
         Ok(tensor)
     }
@@ -191,6 +202,43 @@ impl Weights {
     pub fn files(&self) -> Vec<&Path> {
         self.shards.iter().map(|s| s.path.as_path()).collect()
     }
+}
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("safetensors stores little-endian values; latent copies them as they are");
+
+/// Copies `bytes` (little-endian elements of `T`, a plain float type) into a new vector, asking
+/// the OS for huge pages first: a multi-GB checkpoint then costs thousands of page faults, not millions.
+fn copy_elements<T: Copy>(bytes: &[u8]) -> Vec<T> {
+    let size = std::mem::size_of::<T>();
+    let n = bytes.len() / size;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    advise_huge_pages(v.as_mut_ptr().cast::<u8>(), n * size);
+    // SAFETY: `v` has capacity for `n` elements, i.e. `n * size` bytes, and `bytes` has at least as
+    // many; the regions cannot overlap (one is a fresh allocation). T is bf16, f16 or f32, for
+    // which every bit pattern is a valid value, so the copied bytes initialise all `n` elements.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), n * size);
+        v.set_len(n);
+    }
+    v
+}
+
+/// MADV_HUGEPAGE on the 2 MiB-aligned part of a fresh allocation (a hint; failures are ignored).
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (ptr as usize).div_ceil(HUGE) * HUGE;
+        let end = (ptr as usize + len) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: [start, end) lies inside the allocation at `ptr`; MADV_HUGEPAGE changes only
+            // how its (still untouched) pages are backed, never their contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
 }
 
 fn read_index(index_path: &Path, dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
@@ -217,7 +265,11 @@ fn read_index(index_path: &Path, dir: &Path) -> Result<(Vec<PathBuf>, HashMap<St
         }
         let path = dir.join(rel);
         if !path.is_file() {
-            return Err(Error::config(index_path, "weight_map", format!("shard `{file}` does not exist in {}", dir.display())));
+            return Err(Error::config(
+                index_path,
+                "weight_map",
+                format!("shard `{file}` does not exist in {}", dir.display()),
+            ));
         }
         paths.push(path);
     }

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Writes a DeepSeek-V2-Lite-shaped checkpoint with random bf16 weights, for load and speed checks.
+
+Exact V2-Lite dimensions (hidden 2048, 16 heads, kv_lora_rank 512, no q_lora, 64 routed experts top-6 +
+2 shared, vocab 102400, YaRN to 163840 positions) with fewer layers so that it fits this machine.
+Tensors use the published names and are written in ~2 GB shards with a model.safetensors.index.json.
+The tokenizer is the small BPE of tests/fixtures/tokenizer (the real V2 tokenizer is not on PyPI):
+its ids are a subset of the model's vocabulary.
+
+  python3 tools/make_v2_lite_shaped.py OUT_DIR [--layers 6] [--seed 0]
+"""
+
+import argparse
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
+
+
+def tensor_shapes(c):
+    h, heads = c["hidden_size"], c["num_attention_heads"]
+    dn, dr, dv, dc = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+    yield "model.embed_tokens.weight", (c["vocab_size"], h)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        yield f"{p}.input_layernorm.weight", (h,)
+        yield f"{p}.post_attention_layernorm.weight", (h,)
+        yield f"{p}.self_attn.q_proj.weight", (heads * (dn + dr), h)
+        yield f"{p}.self_attn.kv_a_proj_with_mqa.weight", (dc + dr, h)
+        yield f"{p}.self_attn.kv_a_layernorm.weight", (dc,)
+        yield f"{p}.self_attn.kv_b_proj.weight", (heads * (dn + dv), dc)
+        yield f"{p}.self_attn.o_proj.weight", (h, heads * dv)
+        if i < c["first_k_dense_replace"]:
+            inter = c["intermediate_size"]
+            for name, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
+                yield f"{p}.mlp.{name}.weight", shape
+            continue
+        mi = c["moe_intermediate_size"]
+        yield f"{p}.mlp.gate.weight", (c["n_routed_experts"], h)
+        for e in range(c["n_routed_experts"]):
+            for name, shape in (("gate_proj", (mi, h)), ("up_proj", (mi, h)), ("down_proj", (h, mi))):
+                yield f"{p}.mlp.experts.{e}.{name}.weight", shape
+        si = mi * c["n_shared_experts"]
+        for name, shape in (("gate_proj", (si, h)), ("up_proj", (si, h)), ("down_proj", (h, si))):
+            yield f"{p}.mlp.shared_experts.{name}.weight", shape
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (c["vocab_size"], h)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-gb", type=float, default=2.0)
+    args = ap.parse_args()
+
+    with open(os.path.join(FIXTURES, "configs", "deepseek-v2-lite.json")) as f:
+        config = json.load(f)
+    config["num_hidden_layers"] = args.layers
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(FIXTURES, "tokenizer", name), args.out)
+
+    g = torch.Generator().manual_seed(args.seed)
+    shapes = list(tensor_shapes(config))
+    limit = int(args.shard_gb * 2**30)
+    # Plan the shards first (names say "-of-N"), then write each one as soon as it is full.
+    plan, size = [[]], 0
+    for name, shape in shapes:
+        nbytes = 2 * torch.Size(shape).numel()
+        if size + nbytes > limit and plan[-1]:
+            plan.append([])
+            size = 0
+        plan[-1].append((name, shape))
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, group in enumerate(plan):
+        file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        shard = {}
+        for name, shape in group:
+            std, mean = (0.1, 1.0) if name.endswith("norm.weight") else (0.02, 0.0)
+            shard[name] = (mean + std * torch.randn(shape, generator=g)).to(torch.bfloat16)
+            weight_map[name] = file
+            total += shard[name].numel() * 2
+        save_file(shard, os.path.join(args.out, file), metadata={"format": "pt"})
+        print(f"wrote {file}: {len(shard)} tensors", flush=True)
+    with open(os.path.join(args.out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    print(f"{args.out}: {len(shapes)} tensors, {total / 1e9:.2f} GB in {len(plan)} shards")
+
+
+if __name__ == "__main__":
+    main()
