@@ -1,7 +1,7 @@
 //! The `latent` command line: generate, chat, perplexity, inspect.
 
 use std::io::{BufRead, IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -312,15 +312,11 @@ fn run_inspect(args: ModelArgs) -> Result<()> {
     };
     let report = Report {
         config: &config,
-        source: display(&dir),
+        source: dir.display().to_string(),
         weights,
         dtype_bytes: dtype.size_in_bytes(),
         dtype_name: format!("{dtype:?}"),
     };
     println!("{report}");
     Ok(())
-}
-
-fn display(p: &Path) -> String {
-    p.display().to_string()
 }

@@ -259,3 +259,18 @@ fn token_ids_outside_the_vocabulary_are_refused() {
     assert_mentions(&err, &["320", "vocab_size"]);
     assert!(cache.is_empty(), "a refused forward must not touch the cache");
 }
+
+#[test]
+fn a_tensor_missing_from_a_sharded_checkpoint_names_the_index() {
+    let dir = copy_fixture("tiny-v2-lite");
+    let name = "model.layers.0.self_attn.o_proj.weight";
+    let mut shard = String::new();
+    rewrite_index(dir.path(), |index| {
+        let map = index["weight_map"].as_object_mut().unwrap();
+        shard = map.remove(name).unwrap().as_str().unwrap().to_string();
+    });
+    rewrite_tensors(&dir.path().join(&shard), |t| {
+        t.remove(name);
+    });
+    assert_mentions(&load_err(dir.path()), &["model.safetensors.index.json", name, "missing", "[64, 64]"]);
+}

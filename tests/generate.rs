@@ -3,11 +3,11 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{assert_close, Fixture, Tol, MODELS};
+use common::{assert_close, load_model, Fixture, Tol, MODELS};
 use latent::generate::{generate, ChatSession, Request, StopReason};
 use latent::perplexity::perplexity;
 use latent::tokenizer::Message;
-use latent::{AttentionPath, LogitRows, Model, SamplingParams, Tokenizer};
+use latent::{AttentionPath, LogitRows, Model, SamplingParams};
 
 fn greedy(max_tokens: usize) -> Request {
     Request { max_tokens, sampling: SamplingParams { temperature: 0.0, ..Default::default() }, stop: vec![] }
@@ -16,9 +16,7 @@ fn greedy(max_tokens: usize) -> Request {
 #[test]
 fn greedy_continuations_of_20_tokens_are_those_of_transformers() {
     for name in MODELS {
-        let fx = Fixture::load(name);
-        let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
-        let tokenizer = Tokenizer::load(&fx.dir, Some(model.config())).unwrap();
+        let (fx, model, tokenizer) = load_model(name);
         let mut cache = model.new_cache().unwrap();
         // The fixture tokenizer's EOS is id 1; a random model rarely picks it, and the reference didn't.
         assert!(!fx.meta.greedy_tokens.contains(&1));
@@ -33,9 +31,7 @@ fn greedy_continuations_of_20_tokens_are_those_of_transformers() {
 #[test]
 fn perplexity_matches_transformers_to_1e_5_relative() {
     for name in MODELS {
-        let fx = Fixture::load(name);
-        let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
-        let tokenizer = Tokenizer::load(&fx.dir, Some(model.config())).unwrap();
+        let (fx, model, tokenizer) = load_model(name);
         let text = std::fs::read_to_string(fx.dir.join(&fx.meta.perplexity.file)).unwrap();
         let tokens = tokenizer.encode(&text).unwrap();
         assert_eq!(tokens[0], 0, "{name}: the tokenizer config adds BOS");
@@ -61,9 +57,7 @@ fn bf16_compute_stays_close_to_the_f32_reference() {
 
 #[test]
 fn a_stop_string_ends_generation_and_is_not_part_of_the_text() {
-    let fx = Fixture::load("tiny-v2-lite");
-    let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
-    let tokenizer = Tokenizer::load(&fx.dir, Some(model.config())).unwrap();
+    let (fx, model, tokenizer) = load_model("tiny-v2-lite");
     let mut cache = model.new_cache().unwrap();
     let full = generate(&model, &tokenizer, &mut cache, &fx.meta.prompt_tokens, &greedy(20), |_| {}).unwrap();
     let cut: String = full.text.chars().skip(3).take(2).collect();
@@ -80,9 +74,7 @@ fn a_stop_string_ends_generation_and_is_not_part_of_the_text() {
 
 #[test]
 fn a_prompt_longer_than_the_context_is_refused_with_both_lengths() {
-    let fx = Fixture::load("tiny-v2");
-    let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
-    let tokenizer = Tokenizer::load(&fx.dir, Some(model.config())).unwrap();
+    let (_, model, tokenizer) = load_model("tiny-v2");
     let mut cache = model.new_cache().unwrap();
     let err = generate(&model, &tokenizer, &mut cache, &vec![5; 300], &greedy(4), |_| {}).unwrap_err().to_string();
     assert!(err.contains("300") && err.contains("256") && err.contains("max_position_embeddings"), "{err}");
@@ -90,9 +82,7 @@ fn a_prompt_longer_than_the_context_is_refused_with_both_lengths() {
 
 #[test]
 fn generation_stops_when_the_context_is_full() {
-    let fx = Fixture::load("tiny-v2");
-    let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
-    let tokenizer = Tokenizer::load(&fx.dir, Some(model.config())).unwrap();
+    let (_, model, tokenizer) = load_model("tiny-v2");
     let mut cache = model.new_cache().unwrap();
     let prompt = vec![5u32; 250];
     let g = generate(&model, &tokenizer, &mut cache, &prompt, &greedy(100), |_| {}).unwrap();
@@ -102,9 +92,7 @@ fn generation_stops_when_the_context_is_full() {
 
 #[test]
 fn chat_turns_reuse_the_cached_conversation_and_match_a_fresh_run() {
-    let fx = Fixture::load("tiny-v3");
-    let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
-    let tokenizer = Tokenizer::load(&fx.dir, Some(model.config())).unwrap();
+    let (_, model, tokenizer) = load_model("tiny-v3");
     let mut chat = ChatSession::new(&model, &tokenizer, Some("Be brief.")).unwrap();
     chat.reply("Hello!", &greedy(6), |_| {}).unwrap();
     let second = chat.reply("And then?", &greedy(6), |_| {}).unwrap();
@@ -129,9 +117,7 @@ fn chat_turns_reuse_the_cached_conversation_and_match_a_fresh_run() {
 
 #[test]
 fn the_same_seed_gives_the_same_sampled_text() {
-    let fx = Fixture::load("tiny-v2");
-    let (model, _) = Model::load(&fx.dir, None, &Device::Cpu).unwrap();
-    let tokenizer = Tokenizer::load(&fx.dir, Some(model.config())).unwrap();
+    let (fx, model, tokenizer) = load_model("tiny-v2");
     let run = |seed| {
         let sampling = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed, ..Default::default() };
         let mut cache = model.new_cache().unwrap();

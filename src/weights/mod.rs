@@ -38,6 +38,8 @@ struct Entry {
 
 /// All tensors of a checkpoint, mapped but not yet copied.
 pub struct Weights {
+    /// The index of a sharded checkpoint, or its single file: what errors about absent tensors name.
+    source: PathBuf,
     shards: Vec<Shard>,
     entries: HashMap<String, Entry>,
     device: Device,
@@ -65,6 +67,7 @@ impl Weights {
     pub fn open(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Weights> {
         let index_path = dir.join(INDEX_FILE);
         let single = dir.join(SINGLE_FILE);
+        let source = if index_path.exists() { index_path.clone() } else { single.clone() };
         let (files, index) = if index_path.exists() {
             let (files, map) = read_index(&index_path, dir)?;
             (files, Some((index_path, map)))
@@ -103,7 +106,7 @@ impl Weights {
             Some(d) => d,
             None => checkpoint_dtype(&entries),
         };
-        Ok(Weights { shards, entries, device: device.clone(), dtype, used: Mutex::new(BTreeSet::new()) })
+        Ok(Weights { source, shards, entries, device: device.clone(), dtype, used: Mutex::new(BTreeSet::new()) })
     }
 
     /// The compute dtype tensors are converted to.
@@ -142,7 +145,7 @@ impl Weights {
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let Some(entry) = self.entries.get(name) else {
             return Err(Error::MissingTensor {
-                path: self.shards.first().map(|s| s.path.clone()).unwrap_or_default(),
+                path: self.source.clone(),
                 name: name.to_string(),
                 expected: shape.to_vec(),
             });

@@ -86,6 +86,14 @@ impl Fixture {
     }
 }
 
+/// A fixture with its model and tokenizer loaded in f32.
+pub fn load_model(name: &str) -> (Fixture, latent::Model, latent::Tokenizer) {
+    let fx = Fixture::load(name);
+    let (model, _) = latent::Model::load(&fx.dir, None, &Device::Cpu).unwrap();
+    let tokenizer = latent::Tokenizer::load(&fx.dir, Some(model.config())).unwrap();
+    (fx, model, tokenizer)
+}
+
 /// A copy of a fixture folder in a temporary directory, to break on purpose.
 pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
