@@ -161,8 +161,16 @@ fn model_dir(args: &ModelArgs) -> PathBuf {
 fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
     let dir = model_dir(args);
     let start = Instant::now();
-    let (model, report) = Model::load(&dir, args.dtype.map(DType::from), &Device::Cpu)
-        .with_context(|| format!("loading the model in {}", dir.display()))?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers  {per_sec}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let loaded = Model::load_with_progress(&dir, args.dtype.map(DType::from), &Device::Cpu, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    let (model, report) = loaded.with_context(|| format!("loading the model in {}", dir.display()))?;
     let tokenizer = Tokenizer::load(&dir, Some(model.config()))
         .with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
     eprintln!(

@@ -87,11 +87,13 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(&logits);
         }
+        let best_first = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
         let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        if p.top_k > 0 {
+        if p.top_k > 0 && p.top_k < order.len() {
+            order.select_nth_unstable_by(p.top_k - 1, best_first); // the k best, in any order
             order.truncate(p.top_k);
         }
+        order.sort_unstable_by(best_first);
         let max = logits[order[0]];
         let mut probs: Vec<f64> = order.iter().map(|&i| (((logits[i] - max) / p.temperature) as f64).exp()).collect();
         let total: f64 = probs.iter().sum();

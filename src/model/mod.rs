@@ -75,20 +75,35 @@ pub struct Model {
 impl Model {
     /// Loads `config.json` and the safetensors in `dir`, computing in `dtype` (the checkpoint's if `None`).
     pub fn load(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<(Model, LoadReport)> {
+        Model::load_with_progress(dir, dtype, device, |_, _| {})
+    }
+
+    /// Like `load`, calling `progress(layers_done, n_layers)` as decoder layers are read.
+    pub fn load_with_progress(
+        dir: &Path,
+        dtype: Option<DType>,
+        device: &Device,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<(Model, LoadReport)> {
         let config = Config::from_file(&dir.join("config.json"))?;
         let weights = Weights::open(dir, dtype, device)?;
-        let model = Model::from_weights(config, &weights)?;
+        let model = Model::from_weights(config, &weights, progress)?;
         let n_layers = model.config.num_hidden_layers;
         let (skipped_mtp, unused) =
             weights.unused().into_iter().partition(|name| names::is_layer_at_or_past(name, n_layers));
         Ok((model, LoadReport { skipped_mtp, unused, stored_bytes: weights.stored_bytes() }))
     }
 
-    /// Builds the model from already mapped weights, checking every tensor's shape against `config`.
-    pub fn from_weights(config: Config, w: &Weights) -> Result<Model> {
-        let (hidden, vocab) = (config.hidden_size, config.vocab_size);
+    /// Builds the model from already mapped weights, checking every tensor's shape against `config`;
+    /// `progress(layers_done, n_layers)` follows the decoder layers.
+    pub fn from_weights(config: Config, w: &Weights, mut progress: impl FnMut(usize, usize)) -> Result<Model> {
+        let (hidden, vocab, n_layers) = (config.hidden_size, config.vocab_size, config.num_hidden_layers);
         let embed_tokens = w.get(names::EMBED_TOKENS, &[vocab, hidden])?;
-        let layers = (0..config.num_hidden_layers).map(|i| load_layer(w, &config, i)).collect::<Result<Vec<_>>>()?;
+        let mut layers = Vec::new();
+        for i in 0..n_layers {
+            layers.push(load_layer(w, &config, i)?);
+            progress(i + 1, n_layers);
+        }
         let norm = RmsNorm::load(w, names::FINAL_NORM, hidden, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
             Linear::from_weight(embed_tokens.clone())
