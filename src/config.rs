@@ -164,6 +164,11 @@ fn default_init() -> f64 {
     0.02
 }
 
+/// The largest width, rank, head, layer or expert count accepted (2^20).
+pub const MAX_SIZE: usize = 1 << 20;
+/// The largest vocabulary or context accepted (2^32).
+pub const MAX_LENGTH: usize = 1 << 32;
+
 /// A DeepSeek-V2-family model configuration, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -283,6 +288,33 @@ impl Config {
         for (field, value) in positive {
             if value == 0 {
                 return Err(Error::config(path, field, "must be > 0, got 0"));
+            }
+        }
+        // Bounds far above any DeepSeek model, so that no size arithmetic on them can overflow.
+        let sizes = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("q_lora_rank", self.q_lora_rank.unwrap_or(1)),
+            ("qk_nope_head_dim", self.qk_nope_head_dim),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+            ("moe_intermediate_size", self.moe.as_ref().map_or(1, |m| m.moe_intermediate_size)),
+            ("n_routed_experts", self.moe.as_ref().map_or(1, |m| m.n_routed_experts)),
+            ("n_shared_experts", self.moe.as_ref().map_or(1, |m| m.n_shared_experts)),
+        ];
+        for (field, value) in sizes {
+            if value > MAX_SIZE {
+                return Err(Error::config(path, field, format!("{value} is implausibly large (at most {MAX_SIZE})")));
+            }
+        }
+        for (field, value) in
+            [("vocab_size", self.vocab_size), ("max_position_embeddings", self.max_position_embeddings)]
+        {
+            if value > MAX_LENGTH {
+                return Err(Error::config(path, field, format!("{value} is implausibly large (at most {MAX_LENGTH})")));
             }
         }
         if self.q_lora_rank == Some(0) {

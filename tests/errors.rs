@@ -67,6 +67,10 @@ fn inconsistent_moe_sizes_are_refused_with_the_field_and_value() {
     assert_mentions(&config_err("tiny-v2", "eos_token_id", json!(999)), &["eos_token_id", "999", "vocab_size"]);
     assert_mentions(&config_err("tiny-v2", "hidden_act", json!("gelu")), &["hidden_act", "gelu", "silu"]);
     assert_mentions(&config_err("tiny-v2", "num_hidden_layers", json!(-1)), &["num_hidden_layers", "-1"]);
+    assert_mentions(
+        &config_err("tiny-v2", "num_attention_heads", json!(1u64 << 40)),
+        &["num_attention_heads", "implausibly large"],
+    );
 }
 
 #[test]

@@ -55,3 +55,37 @@ fn step_by_step_absorbed_decoding_matches_full_sequence_logits() {
         assert_close(&format!("{name} decoded logits"), &stepped, fx.reference("logits"), Tol::F32);
     }
 }
+
+#[test]
+fn a_wrong_router_would_show_in_the_logits() {
+    // The fixtures' weights are wide enough that routing by another method, or without V3's
+    // correction bias, changes the output: the parity tests above would catch a router mistake.
+    for (name, field, value) in [
+        ("tiny-v2", "topk_method", serde_json::json!("greedy")),
+        ("tiny-v3", "scoring_func", serde_json::json!("softmax")),
+        ("tiny-v3", "norm_topk_prob", serde_json::json!(false)),
+    ] {
+        let dir = common::copy_fixture(name);
+        common::set_config_value(dir.path(), field, value);
+        let fx = Fixture::load(name);
+        let (model, _) = Model::load(dir.path(), None, &Device::Cpu).unwrap();
+        let mut cache = model.new_cache().unwrap();
+        let logits =
+            model.forward(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Expanded, LogitRows::All).unwrap();
+        let diff =
+            (logits - fx.reference("logits")).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff > 1e-2, "{name} with {field} changed: logits moved only {diff}");
+    }
+    // And without the correction bias, V3 picks other experts.
+    let dir = common::copy_fixture("tiny-v3");
+    let path = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    tensors.retain(|name, _| !name.ends_with("e_score_correction_bias"));
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let fx = Fixture::load("tiny-v3");
+    let (model, _) = Model::load(dir.path(), None, &Device::Cpu).unwrap();
+    let mut cache = model.new_cache().unwrap();
+    let logits = model.forward(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Expanded, LogitRows::All).unwrap();
+    let diff = (logits - fx.reference("logits")).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff > 1e-2, "tiny-v3 without its bias: logits moved only {diff}");
+}
