@@ -274,51 +274,29 @@ impl Config {
 
     /// Cross-field rules; the error names the first field that breaks one.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("kv_lora_rank", self.kv_lora_rank),
-            ("qk_rope_head_dim", self.qk_rope_head_dim),
-            ("v_head_dim", self.v_head_dim),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(Error::config(path, field, "must be > 0, got 0"));
-            }
-        }
-        // Bounds far above any DeepSeek model, so that no size arithmetic on them can overflow.
+        // (field, value, smallest, largest): the upper bounds are far above any DeepSeek model, so
+        // that no size arithmetic on them can overflow.
+        let moe = |f: fn(&MoeConfig) -> usize| self.moe.as_ref().map_or(1, f);
         let sizes = [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("kv_lora_rank", self.kv_lora_rank),
-            ("q_lora_rank", self.q_lora_rank.unwrap_or(1)),
-            ("qk_nope_head_dim", self.qk_nope_head_dim),
-            ("qk_rope_head_dim", self.qk_rope_head_dim),
-            ("v_head_dim", self.v_head_dim),
-            ("moe_intermediate_size", self.moe.as_ref().map_or(1, |m| m.moe_intermediate_size)),
-            ("n_routed_experts", self.moe.as_ref().map_or(1, |m| m.n_routed_experts)),
-            ("n_shared_experts", self.moe.as_ref().map_or(1, |m| m.n_shared_experts)),
+            ("vocab_size", self.vocab_size, 1, MAX_LENGTH),
+            ("max_position_embeddings", self.max_position_embeddings, 1, MAX_LENGTH),
+            ("hidden_size", self.hidden_size, 1, MAX_SIZE),
+            ("intermediate_size", self.intermediate_size, 1, MAX_SIZE),
+            ("num_hidden_layers", self.num_hidden_layers, 1, MAX_SIZE),
+            ("num_attention_heads", self.num_attention_heads, 1, MAX_SIZE),
+            ("kv_lora_rank", self.kv_lora_rank, 1, MAX_SIZE),
+            ("q_lora_rank", self.q_lora_rank.unwrap_or(1), 1, MAX_SIZE),
+            ("qk_nope_head_dim", self.qk_nope_head_dim, 0, MAX_SIZE),
+            ("qk_rope_head_dim", self.qk_rope_head_dim, 1, MAX_SIZE),
+            ("v_head_dim", self.v_head_dim, 1, MAX_SIZE),
+            ("moe_intermediate_size", moe(|m| m.moe_intermediate_size), 1, MAX_SIZE),
+            ("n_routed_experts", moe(|m| m.n_routed_experts), 1, MAX_SIZE),
+            ("n_shared_experts", moe(|m| m.n_shared_experts), 0, MAX_SIZE),
         ];
-        for (field, value) in sizes {
-            if value > MAX_SIZE {
-                return Err(Error::config(path, field, format!("{value} is implausibly large (at most {MAX_SIZE})")));
+        for (field, value, smallest, largest) in sizes {
+            if value < smallest || value > largest {
+                return Err(Error::config(path, field, format!("must be in {smallest}..={largest}, got {value}")));
             }
-        }
-        for (field, value) in
-            [("vocab_size", self.vocab_size), ("max_position_embeddings", self.max_position_embeddings)]
-        {
-            if value > MAX_LENGTH {
-                return Err(Error::config(path, field, format!("{value} is implausibly large (at most {MAX_LENGTH})")));
-            }
-        }
-        if self.q_lora_rank == Some(0) {
-            return Err(Error::config(path, "q_lora_rank", "must be > 0 or null, got 0"));
         }
         if !self.qk_rope_head_dim.is_multiple_of(2) {
             let got = self.qk_rope_head_dim;
@@ -382,12 +360,6 @@ fn check_token_id(path: &Path, field: &str, id: u32, vocab_size: usize) -> Resul
 impl MoeConfig {
     fn validate(&self, path: &Path) -> Result<()> {
         let n = self.n_routed_experts;
-        if n == 0 {
-            return Err(Error::config(path, "n_routed_experts", "must be > 0 or null, got 0"));
-        }
-        if self.moe_intermediate_size == 0 {
-            return Err(Error::config(path, "moe_intermediate_size", "must be > 0, got 0"));
-        }
         if self.moe_layer_freq == 0 {
             return Err(Error::config(path, "moe_layer_freq", "must be > 0, got 0"));
         }
