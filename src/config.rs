@@ -62,6 +62,14 @@ pub struct RopeConfig {
     pub rope_interleave: bool,
 }
 
+/// `quantization_config` as DeepSeek-V3 publishes it.
+#[derive(Debug, Clone, Deserialize)]
+struct RawQuantization {
+    quant_method: String,
+    fmt: Option<String>,
+    weight_block_size: Option<Vec<usize>>,
+}
+
 /// `eos_token_id` is a single id or a list of them.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
@@ -149,6 +157,7 @@ struct RawConfig {
     hidden_act: Option<String>,
     #[serde(default)]
     mlp_bias: bool,
+    quantization_config: Option<RawQuantization>,
 }
 
 fn default_eps() -> f64 {
@@ -195,6 +204,8 @@ pub struct Config {
     pub num_nextn_predict_layers: usize,
     pub rope: RopeConfig,
     pub initializer_range: f64,
+    /// `quantization_config.weight_block_size` of an FP8 (e4m3) checkpoint: rows x columns per scale.
+    pub fp8_block: Option<[usize; 2]>,
 }
 
 /// DeepSeekMoE settings; present when the config has `n_routed_experts`.
@@ -244,6 +255,7 @@ impl Config {
             return Err(Error::config(path, "mlp_bias", "true is not supported: DeepSeek's MLPs have no bias"));
         }
         let rope = resolve_rope(&raw, path)?;
+        let fp8_block = raw.quantization_config.as_ref().map(|q| resolve_fp8(q, path)).transpose()?;
         let moe = resolve_moe(&raw, path)?;
         let config = Config {
             model_type: raw.model_type,
@@ -267,6 +279,7 @@ impl Config {
             num_nextn_predict_layers: raw.num_nextn_predict_layers,
             rope,
             initializer_range: raw.initializer_range,
+            fp8_block,
         };
         config.validate(path)?;
         Ok(config)
@@ -496,6 +509,31 @@ fn resolve_yarn(raw: &RawConfig, spec: &RawRope, field: &str, path: &Path) -> Re
         mscale: spec.mscale,
         mscale_all_dim: spec.mscale_all_dim,
     })
+}
+
+fn resolve_fp8(q: &RawQuantization, path: &Path) -> Result<[usize; 2]> {
+    if q.quant_method != "fp8" {
+        return Err(Error::config(
+            path,
+            "quantization_config.quant_method",
+            format!("`{}` is not supported, expected `fp8` (DeepSeek-V3 block FP8)", q.quant_method),
+        ));
+    }
+    if let Some(fmt) = q.fmt.as_deref().filter(|f| *f != "e4m3") {
+        return Err(Error::config(
+            path,
+            "quantization_config.fmt",
+            format!("`{fmt}` is not supported, expected `e4m3`"),
+        ));
+    }
+    match q.weight_block_size.as_deref().unwrap_or(&[128, 128]) {
+        &[rows, cols] if rows > 0 && cols > 0 && rows <= MAX_SIZE && cols <= MAX_SIZE => Ok([rows, cols]),
+        other => Err(Error::config(
+            path,
+            "quantization_config.weight_block_size",
+            format!("expected two positive sizes like [128, 128], got {other:?}"),
+        )),
+    }
 }
 
 /// YaRN's attention temperature: `0.1 * mscale * ln(scale) + 1` for scale > 1, else 1.

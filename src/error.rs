@@ -15,7 +15,7 @@ pub enum Error {
     MissingTensor { path: PathBuf, name: String, expected: Vec<usize> },
     #[error("{}: tensor `{name}` has shape {got:?}, expected {expected:?}", .path.display())]
     TensorShape { path: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
-    #[error("{}: tensor `{name}` has dtype {got}, expected one of bf16, f16, f32", .path.display())]
+    #[error("{}: tensor `{name}` has dtype {got}, expected one of bf16, f16, f32, or FP8 e4m3 with block scales", .path.display())]
     TensorDtype { path: PathBuf, name: String, got: String },
     #[error("tensor `{name}` is stored in both {} and {}; a checkpoint must hold each tensor once", .first.display(), .second.display())]
     DuplicateTensor { name: String, first: PathBuf, second: PathBuf },

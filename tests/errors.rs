@@ -278,3 +278,33 @@ fn a_tensor_missing_from_a_sharded_checkpoint_names_the_index() {
     });
     assert_mentions(&load_err(dir.path()), &["model.safetensors.index.json", name, "missing", "[64, 64]"]);
 }
+
+#[test]
+fn fp8_problems_name_the_field_or_the_missing_scale() {
+    assert_mentions(
+        &config_err("tiny-v3-fp8", "quantization_config", json!({"quant_method": "awq"})),
+        &["quantization_config.quant_method", "awq", "fp8"],
+    );
+    assert_mentions(
+        &config_err(
+            "tiny-v3-fp8",
+            "quantization_config",
+            json!({"quant_method": "fp8", "weight_block_size": [0, 128]}),
+        ),
+        &["quantization_config.weight_block_size", "[0, 128]"],
+    );
+
+    let dir = copy_fixture("tiny-v3-fp8");
+    let name = "model.layers.1.self_attn.o_proj.weight";
+    rewrite_tensors(&dir.path().join("model.safetensors"), |t| {
+        t.remove(&format!("{name}_scale_inv"));
+    });
+    assert_mentions(&load_err(dir.path()), &[&format!("{name}_scale_inv"), "missing"]);
+
+    let dir = copy_fixture("tiny-v3-fp8");
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("quantization_config");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    assert_mentions(&load_err(dir.path()), &["F8_E4M3", "quantization_config"]);
+}

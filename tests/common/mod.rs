@@ -56,7 +56,7 @@ pub struct Meta {
     pub transformers: String,
     pub prompt_tokens: Vec<u32>,
     pub greedy_tokens: Vec<u32>,
-    pub perplexity: Perplexity,
+    pub perplexity: Option<Perplexity>,
 }
 
 /// A fixture folder and what transformers computed for it.
