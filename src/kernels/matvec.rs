@@ -2,9 +2,12 @@
 //! or f32 `(out, in)`, as the checkpoint has them. Each weight row is read once and converted to
 //! f32 on the fly, for every row of `x` at the same time; output rows are split over threads.
 //! This is the memory-bound case, where a general GEMM that packs (and converts) the whole weight
-//! first costs several times the bytes that must be read.
+//! first costs several times the bytes that must be read. The loop is compiled three times (AVX-512,
+//! AVX2 + FMA, portable) and the widest the CPU supports is chosen at run time.
 
 use half::bf16;
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 /// Most rows of `x` the kernel takes at once; callers fall back to GEMM above it.
@@ -36,13 +39,12 @@ const ROWS_PER_TASK: usize = 32;
 pub fn matvec<W: Widen>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
     assert!(t <= MAX_ROWS && x.len() == t * n_in && w.len() == n_out * n_in, "matvec: shapes disagree");
     // Transposed result (out, t): each task owns a contiguous run of output rows.
+    let simd = Simd::detect();
     let mut y_t = vec![0f32; n_out * t];
     y_t.par_chunks_mut(ROWS_PER_TASK * t).enumerate().for_each(|(task, out)| {
         let first = task * ROWS_PER_TASK;
-        for (r, y_row) in out.chunks_mut(t).enumerate() {
-            let row = &w[(first + r) * n_in..(first + r + 1) * n_in];
-            dot_rows(x, row, t, n_in, y_row);
-        }
+        let rows = &w[first * n_in..(first + out.len() / t) * n_in];
+        simd.dot_block(x, rows, t, n_in, out);
     });
     let mut y = vec![0f32; t * n_out];
     for (o, ys) in y_t.chunks(t).enumerate() {
@@ -51,6 +53,75 @@ pub fn matvec<W: Widen>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize)
         }
     }
     y
+}
+
+/// The widest vector instructions this CPU has, chosen once per call at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Simd {
+    /// The best variant the running CPU supports (detected once).
+    pub fn detect() -> Simd {
+        static BEST: OnceLock<Simd> = OnceLock::new();
+        *BEST.get_or_init(|| *Simd::available().last().unwrap_or(&Simd::Portable))
+    }
+
+    /// Every variant this CPU can run, narrowest first (the tests check each against the reference).
+    pub fn available() -> Vec<Simd> {
+        let mut variants = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |features: &[bool]| features.iter().all(|&f| f);
+            if has(&[is_x86_feature_detected!("avx2"), is_x86_feature_detected!("fma")]) {
+                variants.push(Simd::Avx2);
+            }
+            let avx512 = [
+                is_x86_feature_detected!("avx512f"),
+                is_x86_feature_detected!("avx512bw"),
+                is_x86_feature_detected!("avx512vl"),
+                is_x86_feature_detected!("fma"),
+            ];
+            if has(&avx512) {
+                variants.push(Simd::Avx512);
+            }
+        }
+        variants
+    }
+
+    /// `out (rows, t) = rows (rows, in) · x (t, in)ᵀ`, the same loop compiled for this variant.
+    fn dot_block<W: Widen>(self, x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
+        match self {
+            // SAFETY: `detect` and `available` only return these variants when the CPU has their features.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => unsafe { dot_block_avx512(x, rows, t, n_in, out) },
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { dot_block_avx2(x, rows, t, n_in, out) },
+            _ => dot_block(x, rows, t, n_in, out),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn dot_block_avx512<W: Widen>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
+    dot_block(x, rows, t, n_in, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_block_avx2<W: Widen>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
+    dot_block(x, rows, t, n_in, out)
+}
+
+#[inline(always)]
+fn dot_block<W: Widen>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
+    for (row, y_row) in rows.chunks_exact(n_in).zip(out.chunks_mut(t)) {
+        dot_rows(x, row, t, n_in, y_row);
+    }
 }
 
 /// `y[ti] = x[ti] · row` for every row `ti` of `x`, reading `row` once.
@@ -113,10 +184,17 @@ mod tests {
             let x = random(t * n_in, 1);
             let w32 = random(n_out * n_in, 2);
             let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
-            for (got, want) in [
+            let mut cases = vec![
                 (matvec(&x, &w32, t, n_in, n_out), matvec_reference(&x, &w32, t, n_in, n_out)),
                 (matvec(&x, &wb, t, n_in, n_out), matvec_reference(&x, &wb, t, n_in, n_out)),
-            ] {
+            ];
+            for simd in Simd::available() {
+                let mut out = vec![0f32; n_out * t];
+                simd.dot_block(&x, &wb, t, n_in, &mut out);
+                let transposed: Vec<f32> = (0..t * n_out).map(|k| out[(k % n_out) * t + k / n_out]).collect();
+                cases.push((transposed, matvec_reference(&x, &wb, t, n_in, n_out)));
+            }
+            for (got, want) in cases {
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert!((a - b).abs() <= 1e-5 + 1e-5 * b.abs(), "t {t} in {n_in} out {n_out}: [{i}] {a} vs {b}");
                 }
