@@ -292,7 +292,7 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let tokens = tokenizer.encode(&text)?;
     let context = args.context.unwrap_or(model.config().max_position_embeddings);
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} windows  {per_sec}  ETA {eta}")
+        ProgressStyle::with_template("{bar:40} {pos}/{len} tokens  {per_sec}  ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let result = perplexity(&model, &tokens, context, |done, total| {

@@ -15,7 +15,7 @@ pub struct Perplexity {
     pub ppl: f64,
 }
 
-/// Scores `tokens` window by window; `progress(done, total)` is called after each window.
+/// Scores `tokens` window by window; `progress(tokens_done, total)` follows the work.
 pub fn perplexity(
     model: &Model,
     tokens: &[u32],
@@ -35,17 +35,24 @@ pub fn perplexity(
             tokens.len()
         )));
     }
+    let total: usize = windows.iter().map(|w| w.len()).sum();
     let mut cache = model.new_cache()?;
-    let (mut nll, mut count) = (0f64, 0usize);
-    for (i, window) in windows.iter().enumerate() {
+    let (mut nll, mut count, mut done) = (0f64, 0usize, 0usize);
+    for window in windows {
         cache.clear();
-        let logits = model.forward(window, &mut cache, AttentionPath::Expanded, LogitRows::All)?;
-        let rows = logits.to_vec2::<f32>()?;
-        for (row, &target) in rows.iter().zip(&window[1..]) {
-            nll -= log_softmax_at(row, target as usize);
-            count += 1;
+        // Chunk by chunk, so that neither attention scores nor logits grow with the window.
+        for (c, chunk) in window.chunks(model.prefill_chunk()).enumerate() {
+            let start = c * model.prefill_chunk();
+            let logits = model.forward(chunk, &mut cache, AttentionPath::Expanded, LogitRows::All)?;
+            for (i, row) in logits.to_vec2::<f32>()?.iter().enumerate() {
+                if let Some(&target) = window.get(start + i + 1) {
+                    nll -= log_softmax_at(row, target as usize);
+                    count += 1;
+                }
+            }
+            done += chunk.len();
+            progress(done, total);
         }
-        progress(i + 1, windows.len());
     }
     let nll = nll / count as f64;
     Ok(Perplexity { tokens: count, nll, ppl: nll.exp() })

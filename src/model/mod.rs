@@ -70,7 +70,11 @@ pub struct Model {
     rope: Rope,
     dtype: DType,
     device: Device,
+    prefill_chunk: usize,
 }
+
+/// Tokens run per step of a long prefill: attention scores then take `H x chunk x S` values, not `H x T x S`.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 impl Model {
     /// Loads `config.json` and the safetensors in `dir`, computing in `dtype` (the checkpoint's if `None`).
@@ -111,7 +115,17 @@ impl Model {
             Linear::load(w, names::LM_HEAD, vocab, hidden, None)?
         };
         let rope = Rope::new(&config.rope, config.qk_rope_head_dim);
-        Ok(Model { config, embed_tokens, layers, norm, lm_head, rope, dtype: w.dtype(), device: w.device().clone() })
+        Ok(Model {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            dtype: w.dtype(),
+            device: w.device().clone(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+        })
     }
 
     /// The validated configuration.
@@ -135,6 +149,7 @@ impl Model {
     }
 
     /// Runs `tokens` after what `cache` holds, appends their latents, returns f32 logits `(rows, V)`.
+    /// More than `prefill_chunk` tokens are run chunk by chunk; the result is the same.
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -142,12 +157,30 @@ impl Model {
         path: AttentionPath,
         rows: LogitRows,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states(tokens, cache, path, None)?;
-        let hidden = match rows {
-            LogitRows::All => hidden,
-            LogitRows::Last => hidden.narrow(0, tokens.len() - 1, 1)?,
-        };
-        self.logits(&hidden)
+        self.check_tokens(tokens, cache.len())?;
+        let chunks: Vec<&[u32]> = tokens.chunks(self.prefill_chunk).collect();
+        let mut logits = Vec::with_capacity(chunks.len());
+        for (i, chunk) in chunks.iter().enumerate() {
+            let hidden = self.hidden_states(chunk, cache, path, None)?;
+            match rows {
+                LogitRows::All => logits.push(self.logits(&hidden)?),
+                LogitRows::Last if i + 1 == chunks.len() => {
+                    logits.push(self.logits(&hidden.narrow(0, chunk.len() - 1, 1)?)?)
+                }
+                LogitRows::Last => {}
+            }
+        }
+        Ok(Tensor::cat(&logits, 0)?)
+    }
+
+    /// Tokens a long `forward` runs per step (bounds the attention scores' memory).
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// Sets the prefill chunk (at least 1 token).
+    pub fn set_prefill_chunk(&mut self, tokens: usize) {
+        self.prefill_chunk = tokens.max(1);
     }
 
     /// Like `forward` with every row, also returning each decoder layer's output `(T, hidden)`.
