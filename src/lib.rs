@@ -12,6 +12,7 @@
 //!                  Sampler (temperature, top-k/p, penalty, seed) ─► tokens ─► text
 //! ```
 
+pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod error;

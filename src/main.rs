@@ -9,8 +9,9 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use latent::bench::{self, BenchConfig};
 use latent::generate::{generate, ChatSession, Generation, Request, StopReason};
-use latent::inspect::{bytes, Report};
+use latent::inspect::{bytes as bytes_str, Report};
 use latent::perplexity::perplexity;
 use latent::weights::Weights;
 use latent::{Config, Model, SamplingParams, Tokenizer};
@@ -25,6 +26,9 @@ const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures
     about = "Run DeepSeek-V2-family models (DeepSeek-V2, V2-Lite, V3) with a latent KV cache"
 )]
 struct Cli {
+    /// Worker threads (default: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +43,29 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Summarise a checkpoint: config, parameters, KV-cache bytes per token next to MHA and GQA.
     Inspect(ModelArgs),
+    /// Measure prefill and decode speed, memory, and the share of the decode roofline reached.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Cache depths at which decode is timed, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,4096,16384")]
+    depths: Vec<usize>,
+    /// Tokens decoded per timed run.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Runs per figure; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,11 +167,20 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle's GEMM reads RAYON_NUM_THREADS; latent's kernels use the global rayon pool.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
+    }
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Chat(args) => run_chat(args),
         Command::Perplexity(args) => run_perplexity(args),
         Command::Inspect(args) => run_inspect(args),
+        Command::Bench(args) => run_bench(args),
     }
 }
 
@@ -176,7 +212,7 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
     eprintln!(
         "latent: loaded {} ({}, {:?}) in {:.2} s",
         dir.display(),
-        bytes(report.stored_bytes),
+        bytes_str(report.stored_bytes),
         model.dtype(),
         start.elapsed().as_secs_f64()
     );
@@ -305,6 +341,39 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     } else {
         println!("tokens {}  nll {:.6} nats  perplexity {:.4}", result.tokens, result.nll, result.ppl);
     }
+    Ok(())
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let (model, _) = load(&args.model)?;
+    let config = BenchConfig {
+        prompt_len: args.prompt_len,
+        depths: args.depths,
+        decode_tokens: args.decode_tokens,
+        repeats: args.repeats,
+    };
+    let report = bench::run(&model, &config)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!("prefill     {:.1} tokens/s ({} tokens)", report.prefill_tok_s, config.prompt_len);
+    for (depth, tok_s) in &report.decode_tok_s {
+        let bytes = report.decode_bytes_per_token[depth];
+        let share = report.roofline_share[depth];
+        println!(
+            "decode @{depth:<6} {tok_s:.1} tokens/s, {} read per token, {:.0}% of the roofline",
+            bytes_str(bytes),
+            100.0 * share
+        );
+    }
+    println!("bandwidth   {:.1} GB/s measured ({} threads)", report.memory_bandwidth_gb_s, report.threads);
+    println!(
+        "memory      peak RSS {}, weights {}, KV cache {} per token",
+        bytes_str(report.peak_rss_bytes as usize),
+        bytes_str(report.weight_bytes),
+        bytes_str(report.kv_bytes_per_token)
+    );
     Ok(())
 }
 

@@ -118,3 +118,44 @@ fn a_prompt_longer_than_the_context_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("max_position_embeddings") && err.contains("256"), "{err}");
 }
+
+#[test]
+fn bench_json_reports_speeds_by_depth_memory_and_the_roofline() {
+    let args = [
+        "bench",
+        "--model",
+        &fixture("tiny-v2"),
+        "--depths",
+        "0,16",
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+    ];
+    let out = latent(&args, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert!(v["prefill_tok_s"].as_f64().unwrap() > 0.0);
+    for depth in ["0", "16"] {
+        assert!(v["decode_tok_s"][depth].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["roofline_share"][depth].as_f64().unwrap() > 0.0, "{v}");
+    }
+    // 3 layers x (32 + 8) latent values x 4 bytes; the weights are the fixture's f32 parameters.
+    assert_eq!(v["kv_bytes_per_token"], 480);
+    assert_eq!(v["weight_bytes"].as_u64().unwrap(), 4 * 245_424);
+    let deeper =
+        v["decode_bytes_per_token"]["16"].as_u64().unwrap() - v["decode_bytes_per_token"]["0"].as_u64().unwrap();
+    assert_eq!(deeper, 16 * 480);
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(v["memory_bandwidth_gb_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_refuses_depths_beyond_the_context() {
+    let out = latent(&["bench", "--model", &fixture("tiny-v2"), "--depths", "1000", "--repeats", "1"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("context (256)"), "{}", text(&out.stderr));
+}

@@ -1,0 +1,198 @@
+//! `latent bench`: prefill and decode speed, memory, and how close decode comes to the memory
+//! roofline (the bytes one decoded token must read, divided by the bandwidth this machine shows).
+//!
+//! Decode at depth `d` runs over a latent cache of `d` rows filled with random latents: attention
+//! costs the same whatever the values, and a 16K-token prefill is not needed to time it. Every
+//! figure is the median of `repeats` runs.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::inspect::param_counts;
+use crate::model::{AttentionPath, LogitRows, Model};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Prompt length of the prefill measurement.
+    pub prompt_len: usize,
+    /// Cache depths at which decode is timed.
+    pub depths: Vec<usize>,
+    /// Tokens decoded per timed run.
+    pub decode_tokens: usize,
+    /// Runs per figure (the median is kept).
+    pub repeats: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig { prompt_len: 512, depths: vec![0, 4096, 16384], decode_tokens: 32, repeats: 3 }
+    }
+}
+
+/// The figures `latent bench` prints (and writes as JSON with `--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub prefill_tok_s: f64,
+    /// Decode tokens/s keyed by cache depth (JSON keys are the depths as strings).
+    pub decode_tok_s: BTreeMap<usize, f64>,
+    pub peak_rss_bytes: u64,
+    /// Bytes of the weights as computed with (in the compute dtype).
+    pub weight_bytes: usize,
+    pub kv_bytes_per_token: usize,
+    /// Bytes one decoded token must read at each depth: active weights, one embedding row, the cache.
+    pub decode_bytes_per_token: BTreeMap<usize, usize>,
+    /// Read bandwidth measured here, with the threads the model uses.
+    pub memory_bandwidth_gb_s: f64,
+    /// Achieved decode tokens/s over the roofline `bandwidth / bytes per token`, by depth.
+    pub roofline_share: BTreeMap<usize, f64>,
+    pub threads: usize,
+}
+
+/// Runs every measurement of `config` on `model`.
+pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
+    let cfg = model.config();
+    let max = cfg.max_position_embeddings;
+    let deepest = config.depths.iter().max().copied().unwrap_or(0);
+    if config.prompt_len == 0 || config.prompt_len > max || deepest + config.decode_tokens > max {
+        return Err(Error::InvalidArgument(format!(
+            "the prompt ({}) and the deepest decode ({deepest} + {}) must fit the context ({max})",
+            config.prompt_len, config.decode_tokens
+        )));
+    }
+    let repeats = config.repeats.max(1);
+    let prompt = random_tokens(config.prompt_len, cfg.vocab_size, 0x5eed);
+    let prefill = median((0..repeats).map(|_| time_prefill(model, &prompt)).collect::<Result<Vec<_>>>()?);
+
+    let dtype_bytes = model.dtype().size_in_bytes();
+    let counts = param_counts(cfg);
+    let weight_bytes = (counts.total) * dtype_bytes;
+    let cache = model.new_cache()?;
+    let kv_bytes_per_token = cache.bytes_per_token();
+    let active_bytes = (counts.active + cfg.hidden_size) * dtype_bytes;
+    let bandwidth = memory_bandwidth_gb_s();
+
+    let (mut decode, mut bytes, mut share) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    for &depth in &config.depths {
+        let runs = (0..repeats).map(|_| time_decode(model, depth, config.decode_tokens)).collect::<Result<Vec<_>>>()?;
+        let tok_s = median(runs);
+        let per_token = active_bytes + (depth + config.decode_tokens / 2) * kv_bytes_per_token;
+        let roofline = bandwidth * 1e9 / per_token as f64;
+        decode.insert(depth, tok_s);
+        bytes.insert(depth, per_token);
+        share.insert(depth, tok_s / roofline);
+    }
+    Ok(BenchReport {
+        prefill_tok_s: prefill,
+        decode_tok_s: decode,
+        peak_rss_bytes: peak_rss_bytes(),
+        weight_bytes,
+        kv_bytes_per_token,
+        decode_bytes_per_token: bytes,
+        memory_bandwidth_gb_s: bandwidth,
+        roofline_share: share,
+        threads: rayon::current_num_threads(),
+    })
+}
+
+fn time_prefill(model: &Model, prompt: &[u32]) -> Result<f64> {
+    let mut cache = model.new_cache()?;
+    let start = Instant::now();
+    model.forward(prompt, &mut cache, AttentionPath::Expanded, LogitRows::Last)?;
+    Ok(prompt.len() as f64 / start.elapsed().as_secs_f64())
+}
+
+fn time_decode(model: &Model, depth: usize, n_tokens: usize) -> Result<f64> {
+    let cfg = model.config();
+    let mut cache = model.new_cache()?;
+    if depth > 0 {
+        let (d_c, d_r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
+        let c_kv = Tensor::randn(0f32, 1.0, (depth, d_c), model.device())?.to_dtype(model.dtype())?;
+        let k_rope = Tensor::randn(0f32, 1.0, (depth, d_r), model.device())?.to_dtype(model.dtype())?;
+        for layer in 0..cfg.num_hidden_layers {
+            cache.append(layer, &c_kv, &k_rope)?;
+        }
+    }
+    let tokens = random_tokens(n_tokens, cfg.vocab_size, depth as u64 + 1);
+    let start = Instant::now();
+    for &t in &tokens {
+        model.forward(&[t], &mut cache, AttentionPath::Absorbed, LogitRows::Last)?;
+    }
+    Ok(n_tokens as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Median of `values` (the mean of the middle two for an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Median read bandwidth over a 512 MiB buffer, split over the rayon threads, in GB/s.
+pub fn memory_bandwidth_gb_s() -> f64 {
+    let n = (512usize << 20) / 4;
+    let buffer: Vec<f32> = (0..n).map(|i| (i % 1024) as f32).collect();
+    let runs = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            let sum: f32 = buffer.par_chunks(1 << 18).map(sum_lanes).sum();
+            std::hint::black_box(sum);
+            (n * 4) as f64 / start.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    median(runs)
+}
+
+/// A sum over 16 independent lanes: the loop vectorises and is limited by memory, not by adds.
+fn sum_lanes(values: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for c in values.chunks_exact(16) {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum()
+}
+
+/// The process's peak resident memory (VmHWM), or 0 where /proc is not available.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+}
