@@ -1,50 +1,35 @@
-//! `y = x Wᵀ` for a few rows of `x` (decode: one token per sequence) over weights stored as bf16
-//! or f32 `(out, in)`, as the checkpoint has them. Each weight row is read once and converted to
-//! f32 on the fly, for every row of `x` at the same time; output rows are split over threads.
-//! This is the memory-bound case, where a general GEMM that packs (and converts) the whole weight
-//! first costs several times the bytes that must be read. The loop is compiled three times (AVX-512,
-//! AVX2 + FMA, portable) and the widest the CPU supports is chosen at run time.
-
-use half::bf16;
-use std::sync::OnceLock;
+//! Products with few rows over stored (bf16 or f32) matrices, reading each stored row once:
+//!
+//! - [`matvec`]: `y = x Wᵀ` for `t` rows of `x` (decode through a `(out, in)` weight; attention
+//!   scores `q · c_kv[s]` over the latent cache).
+//! - [`weighted_rows`]: `y = P R`, the `p`-weighted sum of the rows of `R` for each row of `P`
+//!   (attention's `Σ_s p_s c_kv[s]`).
+//!
+//! Each is the memory-bound case, where a general GEMM that packs (and converts) the whole
+//! stored matrix first costs several times the bytes that must be read.
 
 use rayon::prelude::*;
 
-/// Most rows of `x` the kernel takes at once; callers fall back to GEMM above it.
-pub const MAX_ROWS: usize = 8;
+use super::{dispatch, mul_add, Simd, Widen};
 
-/// A weight element the kernel can widen to f32.
-pub trait Widen: Copy + Send + Sync {
-    fn widen(self) -> f32;
-}
-
-impl Widen for bf16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-}
-
-impl Widen for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-}
-
+/// Rows of `x` that share one pass over a stored row (accumulators stay in registers).
+const BLOCK: usize = 8;
 const LANES: usize = 16;
 const ROWS_PER_TASK: usize = 32;
 
-/// `y (t, out) = x (t, in) · w (out, in)ᵀ` with `t <= MAX_ROWS`, f32 accumulation.
+/// Most rows of `x` for which `Linear` prefers `matvec` to GEMM.
+pub const MAX_ROWS: usize = 8;
+
+/// `y (t, out) = x (t, in) · w (out, in)ᵀ`, f32 accumulation, split over threads by output rows.
 pub fn matvec<W: Widen>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
-    assert!(t <= MAX_ROWS && x.len() == t * n_in && w.len() == n_out * n_in, "matvec: shapes disagree");
-    // Transposed result (out, t): each task owns a contiguous run of output rows.
+    assert!(x.len() == t * n_in && w.len() == n_out * n_in, "matvec: shapes disagree");
     let simd = Simd::detect();
+    // Transposed result (out, t): each task owns a contiguous run of output rows.
     let mut y_t = vec![0f32; n_out * t];
     y_t.par_chunks_mut(ROWS_PER_TASK * t).enumerate().for_each(|(task, out)| {
         let first = task * ROWS_PER_TASK;
         let rows = &w[first * n_in..(first + out.len() / t) * n_in];
-        simd.dot_block(x, rows, t, n_in, out);
+        dot_block(simd, x, rows, t, n_in, out);
     });
     let mut y = vec![0f32; t * n_out];
     for (o, ys) in y_t.chunks(t).enumerate() {
@@ -55,79 +40,26 @@ pub fn matvec<W: Widen>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize)
     y
 }
 
-/// The widest vector instructions this CPU has, chosen once per call at run time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Simd {
-    Avx512,
-    Avx2,
-    Portable,
-}
-
-impl Simd {
-    /// The best variant the running CPU supports (detected once).
-    pub fn detect() -> Simd {
-        static BEST: OnceLock<Simd> = OnceLock::new();
-        *BEST.get_or_init(|| *Simd::available().last().unwrap_or(&Simd::Portable))
-    }
-
-    /// Every variant this CPU can run, narrowest first (the tests check each against the reference).
-    pub fn available() -> Vec<Simd> {
-        let mut variants = vec![Simd::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            let has = |features: &[bool]| features.iter().all(|&f| f);
-            if has(&[is_x86_feature_detected!("avx2"), is_x86_feature_detected!("fma")]) {
-                variants.push(Simd::Avx2);
-            }
-            let avx512 = [
-                is_x86_feature_detected!("avx512f"),
-                is_x86_feature_detected!("avx512bw"),
-                is_x86_feature_detected!("avx512vl"),
-                is_x86_feature_detected!("fma"),
-            ];
-            if has(&avx512) {
-                variants.push(Simd::Avx512);
-            }
-        }
-        variants
-    }
-
-    /// `out (rows, t) = rows (rows, in) · x (t, in)ᵀ`, the same loop compiled for this variant.
-    fn dot_block<W: Widen>(self, x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
-        match self {
-            // SAFETY: `detect` and `available` only return these variants when the CPU has their features.
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => unsafe { dot_block_avx512(x, rows, t, n_in, out) },
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { dot_block_avx2(x, rows, t, n_in, out) },
-            _ => dot_block(x, rows, t, n_in, out),
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-unsafe fn dot_block_avx512<W: Widen>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
-    dot_block(x, rows, t, n_in, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_block_avx2<W: Widen>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
-    dot_block(x, rows, t, n_in, out)
-}
+dispatch!(
+    /// `out (rows, t) = rows · x (t, in)ᵀ` for a run of stored rows.
+    dot_block => dot_block_body(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32])
+);
 
 #[inline(always)]
-fn dot_block<W: Widen>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
+fn dot_block_body<W: Widen, const FUSED: bool>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
     for (row, y_row) in rows.chunks_exact(n_in).zip(out.chunks_mut(t)) {
-        dot_rows(x, row, t, n_in, y_row);
+        for (b, y_block) in y_row.chunks_mut(BLOCK).enumerate() {
+            let x_block = &x[b * BLOCK * n_in..(b * BLOCK + y_block.len()) * n_in];
+            dot_rows::<W, FUSED>(x_block, row, n_in, y_block);
+        }
     }
 }
 
-/// `y[ti] = x[ti] · row` for every row `ti` of `x`, reading `row` once.
+/// `y[i] = x[i] · row` for the (at most `BLOCK`) rows of `x`, reading `row` once.
 #[inline(always)]
-fn dot_rows<W: Widen>(x: &[f32], row: &[W], t: usize, n_in: usize, y: &mut [f32]) {
-    let mut acc = [[0f32; LANES]; MAX_ROWS];
+fn dot_rows<W: Widen, const FUSED: bool>(x: &[f32], row: &[W], n_in: usize, y: &mut [f32]) {
+    let t = y.len();
+    let mut acc = [[0f32; LANES]; BLOCK];
     let full = n_in / LANES * LANES;
     for (c, chunk) in row[..full].chunks_exact(LANES).enumerate() {
         let mut wide = [0f32; LANES];
@@ -137,7 +69,7 @@ fn dot_rows<W: Widen>(x: &[f32], row: &[W], t: usize, n_in: usize, y: &mut [f32]
         for (ti, a) in acc.iter_mut().enumerate().take(t) {
             let xs = &x[ti * n_in + c * LANES..ti * n_in + (c + 1) * LANES];
             for l in 0..LANES {
-                a[l] += wide[l] * xs[l];
+                a[l] = mul_add::<FUSED>(wide[l], xs[l], a[l]);
             }
         }
     }
@@ -147,6 +79,59 @@ fn dot_rows<W: Widen>(x: &[f32], row: &[W], t: usize, n_in: usize, y: &mut [f32]
             sum += row[i].widen() * x[ti * n_in + i];
         }
         *out = sum;
+    }
+}
+
+/// `y (t, d) = p (t, n) · rows (n, d)`: for each row of `p`, the `p`-weighted sum of the stored
+/// rows. Threads take runs of stored rows and their partial sums are added at the end.
+pub fn weighted_rows<W: Widen>(p: &[f32], rows: &[W], t: usize, n: usize, d: usize) -> Vec<f32> {
+    assert!(p.len() == t * n && rows.len() == n * d, "weighted_rows: shapes disagree");
+    let simd = Simd::detect();
+    let per_task = (n / rayon::current_num_threads().max(1)).clamp(64, 4096);
+    rows.par_chunks(per_task * d)
+        .enumerate()
+        .map(|(task, run)| {
+            let mut partial = vec![0f32; t * d];
+            axpy_block(simd, p, run, Run { first: task * per_task, t, n, d }, &mut partial);
+            partial
+        })
+        .reduce(
+            || vec![0f32; t * d],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
+/// Where a run of stored rows sits: its first row, and the sizes of `p (t, n)` and the rows `(n, d)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Run {
+    first: usize,
+    t: usize,
+    n: usize,
+    d: usize,
+}
+
+dispatch!(
+    /// Adds `p[i][first + r] * run[r]` to `out[i]` for every row `r` of the run.
+    axpy_block => axpy_block_body(p: &[f32], run: &[W], shape: Run, out: &mut [f32])
+);
+
+#[inline(always)]
+fn axpy_block_body<W: Widen, const FUSED: bool>(p: &[f32], run: &[W], shape: Run, out: &mut [f32]) {
+    let Run { first, t, n, d } = shape;
+    let mut wide = vec![0f32; d];
+    for (r, row) in run.chunks_exact(d).enumerate() {
+        for (w, s) in wide.iter_mut().zip(row) {
+            *w = s.widen();
+        }
+        for ti in 0..t {
+            let weight = p[ti * n + first + r];
+            for (o, w) in out[ti * d..(ti + 1) * d].iter_mut().zip(&wide) {
+                *o = mul_add::<FUSED>(weight, *w, *o);
+            }
+        }
     }
 }
 
@@ -162,11 +147,24 @@ pub fn matvec_reference<W: Widen>(x: &[f32], w: &[W], t: usize, n_in: usize, n_o
     y
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Plain loops with f64 accumulation: the definition `weighted_rows` must match.
+pub fn weighted_rows_reference<W: Widen>(p: &[f32], rows: &[W], t: usize, n: usize, d: usize) -> Vec<f32> {
+    let mut y = vec![0f32; t * d];
+    for ti in 0..t {
+        for j in 0..d {
+            let sum: f64 = (0..n).map(|r| p[ti * n + r] as f64 * rows[r * d + j].widen() as f64).sum();
+            y[ti * d + j] = sum as f32;
+        }
+    }
+    y
+}
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use half::bf16;
+
+    pub(crate) fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -176,28 +174,45 @@ mod tests {
             .collect()
     }
 
+    pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!((a - b).abs() <= 1e-5 + 1e-5 * b.abs(), "{what}: [{i}] {a} vs {b}");
+        }
+    }
+
+    const SHAPES: [(usize, usize, usize); 8] =
+        [(1, 1, 1), (1, 15, 3), (1, 16, 33), (2, 17, 64), (3, 100, 65), (8, 2048, 70), (9, 64, 40), (16, 513, 31)];
+
     #[test]
-    fn matvec_matches_its_reference_on_ragged_shapes() {
-        for (t, n_in, n_out) in
-            [(1, 1, 1), (1, 15, 3), (1, 16, 33), (2, 17, 64), (3, 100, 65), (8, 2048, 70), (5, 513, 1)]
-        {
+    fn matvec_matches_its_reference_on_ragged_shapes_in_every_variant() {
+        for (t, n_in, n_out) in SHAPES {
             let x = random(t * n_in, 1);
             let w32 = random(n_out * n_in, 2);
             let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
-            let mut cases = vec![
-                (matvec(&x, &w32, t, n_in, n_out), matvec_reference(&x, &w32, t, n_in, n_out)),
-                (matvec(&x, &wb, t, n_in, n_out), matvec_reference(&x, &wb, t, n_in, n_out)),
-            ];
+            let what = format!("matvec t {t} in {n_in} out {n_out}");
+            assert_close(&what, &matvec(&x, &w32, t, n_in, n_out), &matvec_reference(&x, &w32, t, n_in, n_out));
+            assert_close(&what, &matvec(&x, &wb, t, n_in, n_out), &matvec_reference(&x, &wb, t, n_in, n_out));
             for simd in Simd::available() {
                 let mut out = vec![0f32; n_out * t];
-                simd.dot_block(&x, &wb, t, n_in, &mut out);
-                let transposed: Vec<f32> = (0..t * n_out).map(|k| out[(k % n_out) * t + k / n_out]).collect();
-                cases.push((transposed, matvec_reference(&x, &wb, t, n_in, n_out)));
+                dot_block(simd, &x, &wb, t, n_in, &mut out);
+                let y: Vec<f32> = (0..t * n_out).map(|k| out[(k % n_out) * t + k / n_out]).collect();
+                assert_close(&format!("{what} {simd:?}"), &y, &matvec_reference(&x, &wb, t, n_in, n_out));
             }
-            for (got, want) in cases {
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 1e-5 + 1e-5 * b.abs(), "t {t} in {n_in} out {n_out}: [{i}] {a} vs {b}");
-                }
+        }
+    }
+
+    #[test]
+    fn weighted_rows_matches_its_reference_on_ragged_shapes_in_every_variant() {
+        for (t, n, d) in SHAPES {
+            let p = random(t * n, 3);
+            let rows: Vec<bf16> = random(n * d, 4).iter().map(|&v| bf16::from_f32(v)).collect();
+            let want = weighted_rows_reference(&p, &rows, t, n, d);
+            assert_close(&format!("weighted_rows t {t} n {n} d {d}"), &weighted_rows(&p, &rows, t, n, d), &want);
+            for simd in Simd::available() {
+                let mut out = vec![0f32; t * d];
+                axpy_block(simd, &p, &rows, Run { first: 0, t, n, d }, &mut out);
+                assert_close(&format!("axpy t {t} n {n} d {d} {simd:?}"), &out, &want);
             }
         }
     }

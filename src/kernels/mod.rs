@@ -1,3 +1,108 @@
 //! Hot loops written by hand, each next to a plain reference twin and a test that they agree.
+//!
+//! Each loop is written once, generic over the weight element ([`Widen`]) and over whether
+//! multiply-adds fuse, and compiled three times: AVX-512, AVX2 + FMA, and portable. [`Simd::detect`]
+//! picks the widest the running CPU supports.
 
 pub mod matvec;
+pub mod mla_decode;
+
+use std::sync::OnceLock;
+
+use half::bf16;
+
+/// A stored element the kernels widen to f32.
+pub trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Widen for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+/// `a * b + c`, fused where the variant has FMA (elsewhere `mul_add` would be a slow library call).
+#[inline(always)]
+pub(crate) fn mul_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// The instruction-set variants the kernels are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Simd {
+    /// The best variant the running CPU supports (detected once).
+    pub fn detect() -> Simd {
+        static BEST: OnceLock<Simd> = OnceLock::new();
+        *BEST.get_or_init(|| *Simd::available().last().unwrap_or(&Simd::Portable))
+    }
+
+    /// Every variant this CPU can run, narrowest first (the tests check each against the reference).
+    pub fn available() -> Vec<Simd> {
+        let mut variants = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |features: &[bool]| features.iter().all(|&f| f);
+            if has(&[is_x86_feature_detected!("avx2"), is_x86_feature_detected!("fma")]) {
+                variants.push(Simd::Avx2);
+            }
+            let avx512 = [
+                is_x86_feature_detected!("avx512f"),
+                is_x86_feature_detected!("avx512bw"),
+                is_x86_feature_detected!("avx512vl"),
+                is_x86_feature_detected!("fma"),
+            ];
+            if has(&avx512) {
+                variants.push(Simd::Avx512);
+            }
+        }
+        variants
+    }
+}
+
+/// Defines `$name`, which runs the generic `$body::<W, FUSED>` compiled for the given variant.
+macro_rules! dispatch {
+    ($(#[$doc:meta])* $name:ident => $body:ident($($arg:ident: $ty:ty),*)) => {
+        $(#[$doc])*
+        pub(crate) fn $name<W: $crate::kernels::Widen>(simd: $crate::kernels::Simd, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+            unsafe fn avx512<W: $crate::kernels::Widen>($($arg: $ty),*) {
+                $body::<W, true>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<W: $crate::kernels::Widen>($($arg: $ty),*) {
+                $body::<W, true>($($arg),*)
+            }
+            match simd {
+                // SAFETY: `Simd::detect` and `Simd::available` only return a variant whose
+                // features the running CPU has.
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::Simd::Avx512 => unsafe { avx512::<W>($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::Simd::Avx2 => unsafe { avx2::<W>($($arg),*) },
+                _ => $body::<W, false>($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use dispatch;

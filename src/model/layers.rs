@@ -9,6 +9,23 @@ use crate::error::Result;
 use crate::kernels::matvec::{matvec, MAX_ROWS};
 use crate::weights::Weights;
 
+/// A contiguous CPU tensor's elements, for the hand-written kernels.
+pub(crate) enum Stored<'a> {
+    Bf16(&'a [half::bf16]),
+    F32(&'a [f32]),
+}
+
+/// Runs `f` on `t`'s elements if it is a contiguous bf16 or f32 CPU tensor.
+pub(crate) fn with_stored<R>(t: &Tensor, f: impl FnOnce(Stored<'_>) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::BF16(v)) => Some(f(Stored::Bf16(&v[start..end]))),
+        Storage::Cpu(CpuStorage::F32(v)) => Some(f(Stored::F32(&v[start..end]))),
+        _ => None,
+    }
+}
+
 /// `y = x Wᵀ (+ b)`, with `W` stored `(out, in)` as in the checkpoint.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -35,14 +52,14 @@ impl Linear {
             return Ok(None);
         }
         let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let (storage, layout) = self.weight.storage_and_layout();
-        let y = match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::BF16(w)), Some((a, b))) => matvec(&xs, &w[a..b], t, n_in, n_out),
-            (Storage::Cpu(CpuStorage::F32(w)), Some((a, b))) => matvec(&xs, &w[a..b], t, n_in, n_out),
-            _ => return Ok(None),
-        };
-        drop(storage);
-        Ok(Some(Tensor::from_vec(y, (t, n_out), x.device())?.to_dtype(x.dtype())?))
+        let y = with_stored(&self.weight, |w| match w {
+            Stored::Bf16(w) => matvec(&xs, w, t, n_in, n_out),
+            Stored::F32(w) => matvec(&xs, w, t, n_in, n_out),
+        });
+        match y {
+            Some(y) => Ok(Some(Tensor::from_vec(y, (t, n_out), x.device())?.to_dtype(x.dtype())?)),
+            None => Ok(None),
+        }
     }
 
     /// Wraps an existing `(out, in)` weight.

@@ -21,7 +21,8 @@ use candle_core::{DType, Tensor};
 use crate::cache::LatentCache;
 use crate::config::Config;
 use crate::error::Result;
-use crate::model::layers::{softmax_last_dim, Linear, RmsNorm};
+use crate::kernels::mla_decode::{mla_decode, MlaShape};
+use crate::model::layers::{softmax_last_dim, with_stored, Linear, RmsNorm, Stored};
 use crate::model::rope::{Angles, Rope};
 use crate::weights::{names::LayerNames, Weights};
 
@@ -123,6 +124,11 @@ impl Mla {
                 let probs = self.probs(&content, &position, t, s, x.dtype())?;
                 probs.matmul(&v)? // (H, T, d_v)
             }
+            AttentionPath::Absorbed if t == 1 && self.decode_kernel_fits(&c_kv, &k_rope) => {
+                let q_lat = q_nope.matmul(&self.w_uk)?; // (H, 1, d_c)
+                let o_lat = self.absorbed_step(&q_lat, &q_rope, &c_kv, &k_rope)?; // (H, 1, d_c)
+                o_lat.matmul(&self.w_uv.t()?)? // (H, 1, d_v)
+            }
             AttentionPath::Absorbed => {
                 let q_lat = q_nope.matmul(&self.w_uk)?; // (H, T, d_c)
                 let content = q_lat.reshape((h * t, d_c))?.matmul(&c_kv.t()?)?.reshape((h, t, s))?; // (H, T, S)
@@ -133,6 +139,36 @@ impl Mla {
         };
         let out = out.transpose(0, 1)?.reshape((t, h * d_v))?; // (T, H d_v)
         self.o_proj.forward(&out)
+    }
+
+    fn decode_kernel_fits(&self, c_kv: &Tensor, k_rope: &Tensor) -> bool {
+        with_stored(c_kv, |c| {
+            with_stored(k_rope, |r| {
+                matches!((c, r), (Stored::Bf16(_), Stored::Bf16(_)) | (Stored::F32(_), Stored::F32(_)))
+            })
+        })
+        .flatten()
+        .unwrap_or(false)
+    }
+
+    /// One token's absorbed attention by the [`mla_decode`] kernel: `o_lat (H, 1, d_c)`.
+    fn absorbed_step(&self, q_lat: &Tensor, q_rope: &Tensor, c_kv: &Tensor, k_rope: &Tensor) -> Result<Tensor> {
+        let (h, d_c, d_r) = (self.n_heads, self.d_c, self.d_r);
+        let shape = MlaShape { heads: h, d_c, d_r, len: c_kv.dim(0)? };
+        let q_lat_v: Vec<f32> = q_lat.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let q_rope_v: Vec<f32> = q_rope.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let scale = self.scale as f32;
+        let o_lat = with_stored(c_kv, |c| {
+            with_stored(k_rope, |r| match (c, r) {
+                (Stored::Bf16(c), Stored::Bf16(r)) => Some(mla_decode(&q_lat_v, &q_rope_v, c, r, shape, scale)),
+                (Stored::F32(c), Stored::F32(r)) => Some(mla_decode(&q_lat_v, &q_rope_v, c, r, shape, scale)),
+                _ => None,
+            })
+        })
+        .flatten()
+        .flatten()
+        .expect("decode_kernel_fits checked the cache's storage");
+        Ok(Tensor::from_vec(o_lat, (h, 1, d_c), q_lat.device())?.to_dtype(q_lat.dtype())?)
     }
 
     /// `softmax(scale (content + position) + causal mask)`, in f32, returned in `dtype`.
