@@ -169,6 +169,23 @@ def trace(model, ids):
     return logits, outs
 
 
+def write_reference(model, prompt, out_dir):
+    """Writes reference.safetensors (logits and every layer's output); returns the meta.json fields so far."""
+    logits, layers = trace(model, prompt)
+    tokens, margin = greedy(model, prompt, GREEDY)
+    reference = {"logits": logits.contiguous()}
+    reference.update({f"layers.{i}.out": h.contiguous() for i, h in enumerate(layers)})
+    save_file(reference, os.path.join(out_dir, "reference.safetensors"))
+    return {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "tokenizers": tokenizers.__version__,
+        "prompt_tokens": prompt,
+        "greedy_tokens": tokens,
+        "greedy_min_margin": margin,
+    }
+
+
 def greedy(model, ids, n):
     """Greedy continuation by full recomputation; also returns the smallest top-1/top-2 margin."""
     ids, margin = list(ids), math.inf
@@ -285,21 +302,10 @@ def make_model(name, config, model_cls, seed, tok, ppl_tokens, bias_std=0.0, sha
 
     g = torch.Generator().manual_seed(seed + 7)
     prompt = [0] + torch.randint(4, config.vocab_size, (PROMPT_LEN - 1,), generator=g).tolist()
-    logits, layers = trace(model, prompt)
-    tokens, margin = greedy(model, prompt, GREEDY)
+    meta = write_reference(model, prompt, out_dir)
     count, nll = perplexity(model, ppl_tokens, PPL_CONTEXT)
-    reference = {"logits": logits.contiguous()}
-    reference.update({f"layers.{i}.out": h.contiguous() for i, h in enumerate(layers)})
-    save_file(reference, os.path.join(out_dir, "reference.safetensors"))
-    meta = {
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "tokenizers": tokenizers.__version__,
-        "prompt_tokens": prompt,
-        "greedy_tokens": tokens,
-        "greedy_min_margin": margin,
-        "perplexity": {"file": "../ppl.txt", "context": PPL_CONTEXT, "tokens": count, "nll": nll, "ppl": math.exp(nll)},
-    }
+    meta["perplexity"] = {"file": "../ppl.txt", "context": PPL_CONTEXT, "tokens": count, "nll": nll, "ppl": math.exp(nll)}
+    margin = meta["greedy_min_margin"]
     if alt:
         meta["routing_changes_without_" + ("groups" if alt == "greedy" else "bias")] = routing_differs(model, prompt, alt)
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
@@ -355,20 +361,9 @@ def make_fp8(src_name, name, seed):
     model = DeepseekV3ForCausalLM.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32).float().eval()
     with open(os.path.join(src, "meta.json")) as f:
         prompt = json.load(f)["prompt_tokens"]
-    logits, layers = trace(model, prompt)
-    tokens, margin = greedy(model, prompt, GREEDY)
-    reference = {"logits": logits.contiguous()}
-    reference.update({f"layers.{i}.out": h.contiguous() for i, h in enumerate(layers)})
-    save_file(reference, os.path.join(out_dir, "reference.safetensors"))
-    meta = {
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "tokenizers": tokenizers.__version__,
-        "prompt_tokens": prompt,
-        "greedy_tokens": tokens,
-        "greedy_min_margin": margin,
-        "fp8_tensors": sum(k.endswith("_scale_inv") for k in quantized),
-    }
+    meta = write_reference(model, prompt, out_dir)
+    meta["fp8_tensors"] = sum(k.endswith("_scale_inv") for k in quantized)
+    margin = meta["greedy_min_margin"]
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     print(f"{name}: {meta['fp8_tensors']} FP8 tensors, greedy margin {margin:.4f}", file=sys.stderr)
