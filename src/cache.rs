@@ -54,11 +54,6 @@ impl LatentCache {
         self.layers.len() * (self.d_c + self.d_r) * self.dtype.size_in_bytes()
     }
 
-    /// Bytes of the cached tokens (not of spare capacity).
-    pub fn bytes_used(&self) -> usize {
-        self.len() * self.bytes_per_token()
-    }
-
     /// Forgets every token, keeping the buffers.
     pub fn clear(&mut self) {
         self.truncate(0);

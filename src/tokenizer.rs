@@ -150,11 +150,6 @@ impl Tokenizer {
             .map_err(|e| Error::InvalidArgument(format!("cannot decode token ids: {e}")))
     }
 
-    /// The BOS id, if the tokenizer has one.
-    pub fn bos_id(&self) -> Option<u32> {
-        self.bos.as_ref().map(|b| b.1)
-    }
-
     /// Whether `encode` puts BOS first.
     pub fn adds_bos(&self) -> bool {
         self.add_bos && self.bos.is_some()

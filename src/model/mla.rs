@@ -92,10 +92,10 @@ impl Mla {
         x: &Tensor,
         layer: usize,
         cache: &mut LatentCache,
-        rope: &Rope,
-        angles: &Angles,
+        pos: &Positions<'_>,
         path: AttentionPath,
     ) -> Result<Tensor> {
+        let (rope, angles) = (pos.rope, &pos.angles);
         let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
         let t = x.dim(0)?;
         let q = match &self.q {
@@ -121,7 +121,7 @@ impl Mla {
                 let v = c_kv.matmul(&self.w_uv.reshape((h * d_v, d_c))?.t()?)?; // (S, H d_v)
                 let v = v.reshape((s, h, d_v))?.transpose(0, 1)?.contiguous()?; // (H, S, d_v)
                 let content = q_nope.matmul(&k_nope.t()?)?; // (H, T, S)
-                let probs = self.probs(&content, &position, t, s, x.dtype())?;
+                let probs = self.probs(&content, &position, pos.mask.as_ref(), x.dtype())?;
                 probs.matmul(&v)? // (H, T, d_v)
             }
             AttentionPath::Absorbed if t == 1 && self.decode_kernel_fits(&c_kv, &k_rope) => {
@@ -132,7 +132,7 @@ impl Mla {
             AttentionPath::Absorbed => {
                 let q_lat = q_nope.matmul(&self.w_uk)?; // (H, T, d_c)
                 let content = q_lat.reshape((h * t, d_c))?.matmul(&c_kv.t()?)?.reshape((h, t, s))?; // (H, T, S)
-                let probs = self.probs(&content, &position, t, s, x.dtype())?;
+                let probs = self.probs(&content, &position, pos.mask.as_ref(), x.dtype())?;
                 let o_lat = probs.reshape((h * t, s))?.matmul(&c_kv)?.reshape((h, t, d_c))?; // (H, T, d_c)
                 o_lat.matmul(&self.w_uv.t()?)? // (H, T, d_v)
             }
@@ -172,14 +172,29 @@ impl Mla {
     }
 
     /// `softmax(scale (content + position) + causal mask)`, in f32, returned in `dtype`.
-    fn probs(&self, content: &Tensor, position: &Tensor, t: usize, s: usize, dtype: DType) -> Result<Tensor> {
+    fn probs(&self, content: &Tensor, position: &Tensor, mask: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
         let scores = ((content + position)? * self.scale)?;
-        let scores = if t > 1 {
-            scores.to_dtype(DType::F32)?.broadcast_add(&causal_mask(t, s, content.device())?)?
-        } else {
-            scores
+        let scores = match mask {
+            Some(mask) => scores.to_dtype(DType::F32)?.broadcast_add(mask)?,
+            None => scores,
         };
         Ok(softmax_last_dim(&scores)?.to_dtype(dtype)?)
+    }
+}
+
+/// Where the new tokens sit, shared by every layer of one step: their RoPE angles and, for more
+/// than one token, the causal mask.
+pub struct Positions<'a> {
+    rope: &'a Rope,
+    angles: Angles,
+    mask: Option<Tensor>,
+}
+
+impl<'a> Positions<'a> {
+    /// `t` new tokens after `past` cached ones.
+    pub fn new(rope: &'a Rope, past: usize, t: usize, device: &candle_core::Device) -> Result<Positions<'a>> {
+        let mask = if t > 1 { Some(causal_mask(t, past + t, device)?) } else { None };
+        Ok(Positions { rope, angles: rope.angles(past, t, device)?, mask })
     }
 }
 

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::weights::{names, Weights};
 use layers::{Linear, Mlp, RmsNorm};
 pub use mla::AttentionPath;
-use mla::Mla;
+use mla::{Mla, Positions};
 use moe::Moe;
 use rope::Rope;
 
@@ -210,9 +210,9 @@ impl Model {
         self.check_tokens(tokens, cache.len())?;
         let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?; // (T, hidden)
-        let angles = self.rope.angles(cache.len(), tokens.len(), &self.device)?;
+        let pos = Positions::new(&self.rope, cache.len(), tokens.len(), &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn = layer.attn.forward(&layer.input_layernorm.forward(&x)?, i, cache, &self.rope, &angles, path)?;
+            let attn = layer.attn.forward(&layer.input_layernorm.forward(&x)?, i, cache, &pos, path)?;
             x = (x + attn)?;
             let normed = layer.post_attention_layernorm.forward(&x)?;
             let ffn = match &layer.ffn {

@@ -43,11 +43,6 @@ impl Rope {
         Rope { inv_freq, attention_factor, interleaved: rope.rope_interleave }
     }
 
-    /// The YaRN cos/sin multiplier (1 without YaRN).
-    pub fn attention_factor(&self) -> f32 {
-        self.attention_factor
-    }
-
     /// Angles for positions `start..start + len`.
     pub fn angles(&self, start: usize, len: usize, device: &Device) -> Result<Angles> {
         let half = self.inv_freq.len();
