@@ -22,7 +22,7 @@ pub enum ModelType {
 }
 
 /// How the router restricts the experts a token may pick.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TopkMethod {
     /// Top-k over all experts (DeepSeek-V2-Lite).
@@ -34,7 +34,7 @@ pub enum TopkMethod {
 }
 
 /// How router logits become affinities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScoringFunc {
     Softmax,

@@ -3,7 +3,7 @@
 //! Norms and softmax compute in f32 whatever the compute dtype, as the reference does
 //! (`DeepseekV2RMSNorm.forward`, `eager_attention_forward` in transformers 5.23).
 
-use candle_core::{CpuStorage, DType, Storage, Tensor, D};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 use crate::error::Result;
 use crate::kernels::matvec::{matvec, MAX_ROWS};
@@ -48,7 +48,8 @@ impl Linear {
     fn matvec(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let (t, n_in) = x.dims2()?;
         let (n_out, _) = self.weight.dims2()?;
-        if t > MAX_ROWS {
+        // The kernel is not differentiable: weights that track gradients (training) take GEMM.
+        if t > MAX_ROWS || self.weight.track_op() {
             return Ok(None);
         }
         let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -60,6 +61,11 @@ impl Linear {
             Some(y) => Ok(Some(Tensor::from_vec(y, (t, n_out), x.device())?.to_dtype(x.dtype())?)),
             None => Ok(None),
         }
+    }
+
+    /// The `(out, in)` weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
     }
 
     /// Wraps an existing `(out, in)` weight.
@@ -80,6 +86,11 @@ impl Linear {
     }
 }
 
+/// `1 / (1 + e^-x)` from differentiable ops.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
+
 /// Root-mean-square norm: `w * x / sqrt(mean(x²) + eps)`, normalised in f32.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -96,9 +107,7 @@ impl RmsNorm {
     /// Normalises over the last dim; returns the input's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?.to_dtype(dtype)?;
+        let normed = crate::model::ops::rms_normalize(&x.to_dtype(DType::F32)?, self.eps)?.to_dtype(dtype)?;
         Ok(normed.broadcast_mul(&self.weight)?)
     }
 }
@@ -129,10 +138,7 @@ impl Mlp {
     }
 }
 
-/// Softmax over the last dim, computed in f32; returns f32.
+/// Softmax over the last dim, computed in f32; returns f32. Differentiable (training uses it too).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?;
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    crate::model::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)
 }

@@ -50,6 +50,7 @@ pub struct Mla {
     q: QProj,
     kv_a: Linear,     // (d_c + d_r, hidden)
     kv_norm: RmsNorm, // (d_c)
+    kv_b: Tensor,     // (H (d_n + d_v), d_c): training splits it per step, so its gradient is kv_b_proj's
     w_uk: Tensor,     // (H, d_n, d_c)
     w_uv: Tensor,     // (H, d_v, d_c)
     o_proj: Linear,   // (hidden, H d_v)
@@ -78,12 +79,60 @@ impl Mla {
         let kv_a_name = names.attn("kv_a_proj_with_mqa");
         let kv_a = Linear::load(w, &kv_a_name, d_c + d_r, hidden, bias("kv_a_proj_with_mqa").as_deref())?;
         let kv_norm = RmsNorm::load(w, &names.attn_norm("kv_a_layernorm"), d_c, LATENT_NORM_EPS)?;
-        let kv_b = w.get(&names.attn("kv_b_proj"), &[h * (d_n + d_v), d_c])?.reshape((h, d_n + d_v, d_c))?;
-        let w_uk = kv_b.narrow(1, 0, d_n)?.contiguous()?;
-        let w_uv = kv_b.narrow(1, d_n, d_v)?.contiguous()?;
-        drop(kv_b);
+        let kv_b = w.get(&names.attn("kv_b_proj"), &[h * (d_n + d_v), d_c])?;
+        let (w_uk, w_uv) = split_kv_b(&kv_b, h, d_n, d_v, d_c)?;
+        // Inference keeps only the split copies; training needs the stored tensor itself.
+        let kv_b = if kv_b.track_op() { kv_b } else { Tensor::zeros(0, kv_b.dtype(), kv_b.device())? };
         let o_proj = Linear::load(w, &names.attn("o_proj"), hidden, h * d_v, bias("o_proj").as_deref())?;
-        Ok(Mla { q, kv_a, kv_norm, w_uk, w_uv, o_proj, n_heads: h, d_n, d_r, d_v, d_c, scale: cfg.softmax_scale() })
+        Ok(Mla {
+            q,
+            kv_a,
+            kv_norm,
+            kv_b,
+            w_uk,
+            w_uv,
+            o_proj,
+            n_heads: h,
+            d_n,
+            d_r,
+            d_v,
+            d_c,
+            scale: cfg.softmax_scale(),
+        })
+    }
+
+    /// Training's expanded attention: `x: (B T, hidden)` holds `b` sequences of `t` tokens each,
+    /// at positions `0..t` (`pos` built for them), no cache. Differentiable in every weight.
+    pub fn forward_batch(&self, x: &Tensor, b: usize, t: usize, pos: &Positions<'_>) -> Result<Tensor> {
+        let (rope, angles) = (pos.rope, &pos.angles);
+        let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
+        let (w_uk, w_uv) = if self.kv_b.track_op() {
+            split_kv_b(&self.kv_b, h, d_n, d_v, d_c)?
+        } else {
+            (self.w_uk.clone(), self.w_uv.clone())
+        };
+        let q = match &self.q {
+            QProj::Full(proj) => proj.forward(x)?,
+            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        }; // (B T, H (d_n + d_r))
+        let q = q.reshape((b, t, h, d_n + d_r))?.transpose(1, 2)?; // (B, H, T, d_n + d_r)
+        let q_nope = q.narrow(3, 0, d_n)?.contiguous()?; // (B, H, T, d_n)
+        let q_rope = rope.apply(&q.narrow(3, d_n, d_r)?.contiguous()?, angles)?; // (B, H, T, d_r)
+
+        let kv = self.kv_a.forward(x)?; // (B T, d_c + d_r)
+        let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?; // (B T, d_c)
+        let k_rope = rope.apply(&kv.narrow(1, d_c, d_r)?.reshape((b, t, d_r))?, angles)?; // (B, T, d_r)
+        let k_nope = c_kv.matmul(&w_uk.reshape((h * d_n, d_c))?.t()?)?; // (B T, H d_n)
+        let k_nope = k_nope.reshape((b, t, h, d_n))?.transpose(1, 2)?.contiguous()?; // (B, H, T, d_n)
+        let v = c_kv.matmul(&w_uv.reshape((h * d_v, d_c))?.t()?)?; // (B T, H d_v)
+        let v = v.reshape((b, t, h, d_v))?.transpose(1, 2)?.contiguous()?; // (B, H, T, d_v)
+
+        let content = q_nope.matmul(&k_nope.t()?)?; // (B, H, T, T)
+        let position = q_rope.reshape((b, h * t, d_r))?.matmul(&k_rope.t()?)?.reshape((b, h, t, t))?;
+        let probs = self.probs(&content, &position, pos.mask.as_ref(), x.dtype())?;
+        let out = probs.matmul(&v)?; // (B, H, T, d_v)
+        let out = out.transpose(1, 2)?.reshape((b * t, h * d_v))?; // (B T, H d_v)
+        self.o_proj.forward(&out)
     }
 
     /// `x: (T, hidden)` at positions `cache.len()..`; appends this layer's latents to `cache`.
@@ -180,6 +229,12 @@ impl Mla {
         };
         Ok(softmax_last_dim(&scores)?.to_dtype(dtype)?)
     }
+}
+
+/// `kv_b_proj (H (d_n + d_v), d_c)` -> `W_UK (H, d_n, d_c)`, `W_UV (H, d_v, d_c)`.
+fn split_kv_b(kv_b: &Tensor, h: usize, d_n: usize, d_v: usize, d_c: usize) -> Result<(Tensor, Tensor)> {
+    let kv_b = kv_b.reshape((h, d_n + d_v, d_c))?;
+    Ok((kv_b.narrow(1, 0, d_n)?.contiguous()?, kv_b.narrow(1, d_n, d_v)?.contiguous()?))
 }
 
 /// Where the new tokens sit, shared by every layer of one step: their RoPE angles and, for more

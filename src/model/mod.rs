@@ -7,6 +7,7 @@
 pub mod layers;
 pub mod mla;
 pub mod moe;
+pub mod ops;
 pub mod rope;
 
 use std::path::Path;
@@ -20,7 +21,7 @@ use crate::weights::{names, Weights};
 use layers::{Linear, Mlp, RmsNorm};
 pub use mla::AttentionPath;
 use mla::{Mla, Positions};
-use moe::Moe;
+use moe::{Moe, MoeTrace, MoeTraining};
 use rope::Rope;
 
 /// A layer's feed-forward block.
@@ -37,6 +38,52 @@ pub struct DecoderLayer {
     attn: Mla,
     post_attention_layernorm: RmsNorm,
     ffn: Ffn,
+}
+
+impl DecoderLayer {
+    /// Training's layer: `x: (B T, hidden)`, `b` sequences of `t` tokens; the MoE trace if any.
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        pos: &Positions<'_>,
+        moe: &MoeTraining<'_>,
+    ) -> Result<(Tensor, Option<MoeTrace>)> {
+        let x = (x + self.attn.forward_batch(&self.input_layernorm.forward(x)?, b, t, pos)?)?;
+        let normed = self.post_attention_layernorm.forward(&x)?;
+        let (ffn, trace) = match &self.ffn {
+            Ffn::Dense(mlp) => (mlp.forward(&normed)?, None),
+            Ffn::Moe(layer) => {
+                let (y, trace) = layer.forward_train(&normed, moe)?;
+                (y, Some(trace))
+            }
+        };
+        Ok(((x + ffn)?, trace))
+    }
+}
+
+/// One multi-token-prediction module of DeepSeek-V3 (§2.2), stored as layer `num_hidden_layers + k`:
+/// `h_k = block(eh_proj [enorm(embed(t_{i+k})) ‖ hnorm(h_{k-1})])`, predicting `t_{i+k+1}` through
+/// `shared_head.norm` and the main model's output head. The embedding goes first in the
+/// concatenation, as in the inference engines that load the published V3 weights.
+#[derive(Debug, Clone)]
+pub struct MtpModule {
+    enorm: RmsNorm,
+    hnorm: RmsNorm,
+    eh_proj: Linear, // (hidden, 2 hidden)
+    block: DecoderLayer,
+    head_norm: RmsNorm,
+}
+
+/// What a training forward pass produced.
+pub struct TrainOutput {
+    /// Logits `(B T, V)`, f32.
+    pub logits: Tensor,
+    /// Per MTP depth k (1-based order): logits `(B (T - k), V)` predicting token `i + k + 1` at row `i`.
+    pub mtp_logits: Vec<Tensor>,
+    /// `(layer index, trace)` of every MoE layer run, MTP blocks last.
+    pub moe: Vec<(usize, MoeTrace)>,
 }
 
 /// Which rows of the logits `forward` computes.
@@ -65,6 +112,7 @@ pub struct Model {
     config: Config,
     embed_tokens: Tensor, // (V, hidden)
     layers: Vec<DecoderLayer>,
+    mtp: Vec<MtpModule>,
     norm: RmsNorm,
     lm_head: Linear, // (V, hidden)
     rope: Rope,
@@ -100,13 +148,36 @@ impl Model {
 
     /// Builds the model from already mapped weights, checking every tensor's shape against `config`;
     /// `progress(layers_done, n_layers)` follows the decoder layers.
-    pub fn from_weights(config: Config, w: &Weights, mut progress: impl FnMut(usize, usize)) -> Result<Model> {
+    pub fn from_weights(config: Config, w: &Weights, progress: impl FnMut(usize, usize)) -> Result<Model> {
+        Model::build(config, w, false, progress)
+    }
+
+    /// Like `from_weights`, also loading the `num_nextn_predict_layers` MTP modules (training).
+    pub fn from_weights_with_mtp(config: Config, w: &Weights) -> Result<Model> {
+        Model::build(config, w, true, |_, _| {})
+    }
+
+    fn build(config: Config, w: &Weights, with_mtp: bool, mut progress: impl FnMut(usize, usize)) -> Result<Model> {
         let (hidden, vocab, n_layers) = (config.hidden_size, config.vocab_size, config.num_hidden_layers);
         let embed_tokens = w.get(names::EMBED_TOKENS, &[vocab, hidden])?;
         let mut layers = Vec::new();
         for i in 0..n_layers {
             layers.push(load_layer(w, &config, i)?);
             progress(i + 1, n_layers);
+        }
+        let mut mtp = Vec::new();
+        if with_mtp {
+            for k in 0..config.num_nextn_predict_layers {
+                let i = n_layers + k;
+                let n = names::layer(i);
+                mtp.push(MtpModule {
+                    enorm: RmsNorm::load(w, &n.mtp("enorm.weight"), hidden, config.rms_norm_eps)?,
+                    hnorm: RmsNorm::load(w, &n.mtp("hnorm.weight"), hidden, config.rms_norm_eps)?,
+                    eh_proj: Linear::load(w, &n.mtp("eh_proj.weight"), hidden, 2 * hidden, None)?,
+                    block: load_layer(w, &config, i)?,
+                    head_norm: RmsNorm::load(w, &n.mtp("shared_head.norm.weight"), hidden, config.rms_norm_eps)?,
+                });
+            }
         }
         let norm = RmsNorm::load(w, names::FINAL_NORM, hidden, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
@@ -119,6 +190,7 @@ impl Model {
             config,
             embed_tokens,
             layers,
+            mtp,
             norm,
             lm_head,
             rope,
@@ -171,6 +243,79 @@ impl Model {
             }
         }
         Ok(Tensor::cat(&logits, 0)?)
+    }
+
+    /// Training's forward: `tokens` holds `b` sequences of `t` tokens back to back, each starting at
+    /// position 0. Returns the logits of every token, of every MTP depth, and the MoE traces.
+    pub fn forward_train(&self, tokens: &[u32], b: usize, t: usize, moe: &MoeTraining<'_>) -> Result<TrainOutput> {
+        if tokens.len() != b * t || t == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "forward_train needs {b} sequences of {t} tokens, got {} tokens",
+                tokens.len()
+            )));
+        }
+        // Each sequence must fit the context; every token must be in the vocabulary.
+        for seq in tokens.chunks(t) {
+            self.check_tokens(seq, 0)?;
+        }
+        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+        let embedded = self.embed_tokens.index_select(&ids, 0)?; // (B T, hidden)
+        let pos = Positions::new(&self.rope, 0, t, &self.device)?;
+        let mut traces = Vec::new();
+        let mut x = embedded.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (y, trace) = layer.forward_batch(&x, b, t, &pos, moe)?;
+            x = y;
+            traces.extend(trace.map(|tr| (i, tr)));
+        }
+        let normed = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward(&normed)?.to_dtype(DType::F32)?;
+
+        let hidden = self.config.hidden_size;
+        let mut mtp_logits = Vec::with_capacity(self.mtp.len());
+        let mut prev = normed.reshape((b, t, hidden))?; // h_0: the main model's output
+        for (k, module) in self.mtp.iter().enumerate() {
+            let depth = k + 1;
+            if depth >= t {
+                break;
+            }
+            let len = t - depth;
+            let emb = embedded.reshape((b, t, hidden))?.narrow(1, depth, len)?; // embed(t_{i+k})
+            let h = prev.narrow(1, 0, len)?;
+            let cat = Tensor::cat(
+                &[
+                    module.enorm.forward(&emb.reshape((b * len, hidden))?)?,
+                    module.hnorm.forward(&h.reshape((b * len, hidden))?)?,
+                ],
+                1,
+            )?;
+            let x = module.eh_proj.forward(&cat)?;
+            let pos = Positions::new(&self.rope, 0, len, &self.device)?;
+            let moe_k = MoeTraining { seq_len: len, ..moe.clone() };
+            let (y, trace) = module.block.forward_batch(&x, b, len, &pos, &moe_k)?;
+            traces.extend(trace.map(|tr| (self.layers.len() + k, tr)));
+            mtp_logits.push(self.lm_head.forward(&module.head_norm.forward(&y)?)?.to_dtype(DType::F32)?);
+            prev = y.reshape((b, len, hidden))?;
+        }
+        Ok(TrainOutput { logits, mtp_logits, moe: traces })
+    }
+
+    /// MoE layers by index (MTP blocks numbered after the decoder layers), for training's bias updates.
+    pub fn moe_layers_mut(&mut self) -> Vec<(usize, &mut Moe)> {
+        let n = self.layers.len();
+        let main = self.layers.iter_mut().enumerate();
+        let mtp = self.mtp.iter_mut().enumerate().map(|(k, m)| (n + k, &mut m.block));
+        main.chain(mtp)
+            .filter_map(|(i, layer)| match &mut layer.ffn {
+                Ffn::Moe(moe) => Some((i, moe)),
+                Ffn::Dense(_) => None,
+            })
+            .collect()
+    }
+
+    /// The MTP modules loaded (training only).
+    pub fn mtp_depth(&self) -> usize {
+        self.mtp.len()
     }
 
     /// Tokens a long `forward` runs per step (bounds the attention scores' memory).

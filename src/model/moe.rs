@@ -17,7 +17,7 @@ use candle_core::{DType, Tensor};
 
 use crate::config::{Config, ModelType, MoeConfig, ScoringFunc, TopkMethod};
 use crate::error::Result;
-use crate::model::layers::Mlp;
+use crate::model::layers::{sigmoid, softmax_last_dim, Mlp};
 use crate::weights::{names::LayerNames, Weights};
 
 /// Everything `route_token` needs to know about the router.
@@ -152,6 +152,82 @@ impl Moe {
         &self.spec
     }
 
+    /// The V3 correction bias (`e_score_correction_bias`), which the auxiliary-loss-free balance moves.
+    pub fn correction_bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// Sets the correction bias; `bias` has one value per routed expert.
+    pub fn set_correction_bias(&mut self, bias: Vec<f32>) {
+        if bias.len() == self.spec.n_routed_experts {
+            self.bias = Some(bias);
+        }
+    }
+
+    /// The router weight `(E, hidden)`, f32.
+    pub fn gate(&self) -> &Tensor {
+        &self.gate
+    }
+
+    /// Training's forward: the same routing as `forward`, but the chosen weights are taken from the
+    /// differentiable scores, so the router learns; optionally drops tokens of over-full devices.
+    /// `x: (N, hidden)` holds whole sequences of `opts.seq_len` tokens.
+    pub fn forward_train(&self, x: &Tensor, opts: &MoeTraining<'_>) -> Result<(Tensor, MoeTrace)> {
+        let spec = &self.spec;
+        let (n, e, k) = (x.dim(0)?, spec.n_routed_experts, spec.k);
+        let logits = x.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?; // (N, E)
+        let scores = match spec.scoring_func {
+            ScoringFunc::Softmax => softmax_last_dim(&logits)?,
+            ScoringFunc::Sigmoid => sigmoid(&logits)?,
+        };
+        let logit_rows = logits.to_vec2::<f32>()?;
+        let chosen: Vec<Vec<usize>> = logit_rows
+            .iter()
+            .map(|row| route_token(row, spec, self.bias.as_deref()).into_iter().map(|r| r.expert).collect())
+            .collect();
+        // Weights of the chosen experts, from the scores tensor so the gradient reaches the gate.
+        let flat: Vec<u32> =
+            chosen.iter().enumerate().flat_map(|(t, c)| c.iter().map(move |&x| (t * e + x) as u32)).collect();
+        let flat = Tensor::from_vec(flat, n * k, x.device())?;
+        let mut weights = scores.flatten_all()?.index_select(&flat, 0)?.reshape((n, k))?;
+        let normalise = spec.norm_topk_prob && k > 1;
+        if normalise {
+            weights = weights.broadcast_div(&(weights.sum_keepdim(1)? + 1e-20)?)?;
+        }
+        if spec.scale_after_norm || !normalise {
+            weights = (weights * spec.routed_scaling_factor as f64)?;
+        }
+        let weights = weights.flatten_all()?; // (N k), row t*k + j for chosen[t][j]
+
+        let score_rows = scores.to_vec2::<f32>()?;
+        let kept = match opts.capacity_factor {
+            Some(cf) => drop_by_capacity(&chosen, &score_rows, spec, cf, opts),
+            None => chosen.iter().map(|c| vec![true; c.len()]).collect(),
+        };
+        let mut per_expert: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); e];
+        for (t, (experts, keep)) in chosen.iter().zip(&kept).enumerate() {
+            for (j, (&x, &keep)) in experts.iter().zip(keep).enumerate() {
+                if keep {
+                    per_expert[x].0.push(t as u32);
+                    per_expert[x].1.push((t * k + j) as u32);
+                }
+            }
+        }
+        let mut groups = Vec::with_capacity(e);
+        for (rows, slots) in per_expert {
+            let m = slots.len();
+            let w = if m == 0 {
+                None
+            } else {
+                Some(weights.index_select(&Tensor::from_vec(slots, m, x.device())?, 0)?.reshape((m, 1))?)
+            };
+            groups.push((rows, w));
+        }
+        let out = self.run_experts(x, groups)?;
+        let dropped = kept.iter().flatten().filter(|&&k| !k).count();
+        Ok((out, MoeTrace { scores, chosen, dropped, seq_len: opts.seq_len }))
+    }
+
     /// Routing decisions for every row of `x: (T, hidden)`.
     pub fn route(&self, x: &Tensor) -> Result<Vec<Vec<Routed>>> {
         let logits = x.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?.to_vec2::<f32>()?; // (T, E)
@@ -168,15 +244,24 @@ impl Moe {
                 tokens[r.expert].1.push(r.weight);
             }
         }
+        let mut groups = Vec::with_capacity(tokens.len());
+        for (rows, weights) in tokens {
+            let n = weights.len();
+            let w = if n == 0 { None } else { Some(Tensor::from_vec(weights, (n, 1), x.device())?) };
+            groups.push((rows, w));
+        }
+        self.run_experts(x, groups)
+    }
+
+    /// Runs expert `e` on the rows `groups[e].0` of `x`, scales its outputs by the f32 weights
+    /// `groups[e].1 (m, 1)`, sums them into their rows, and adds the shared experts.
+    fn run_experts(&self, x: &Tensor, groups: Vec<(Vec<u32>, Option<Tensor>)>) -> Result<Tensor> {
         let mut out = x.zeros_like()?;
-        for (expert, (rows, weights)) in self.experts.iter().zip(tokens) {
-            if rows.is_empty() {
-                continue;
-            }
+        for (expert, (rows, weights)) in self.experts.iter().zip(groups) {
+            let Some(weights) = weights else { continue };
             let n = rows.len();
             let idx = Tensor::from_vec(rows, n, x.device())?;
             let y = expert.forward(&x.index_select(&idx, 0)?)?; // (n, hidden)
-            let weights = Tensor::from_vec(weights, (n, 1), x.device())?;
             let y = y.to_dtype(DType::F32)?.broadcast_mul(&weights)?.to_dtype(x.dtype())?;
             out = out.index_add(&idx, &y, 0)?;
         }
@@ -185,4 +270,80 @@ impl Moe {
             None => Ok(out),
         }
     }
+}
+
+/// How an MoE layer behaves in a training step.
+#[derive(Debug, Clone)]
+pub struct MoeTraining<'a> {
+    /// Device-level token dropping (DeepSeek-V2 §2.1.5): each device (expert group) takes at most
+    /// `capacity_factor · N k / n_group` token-expert assignments. `None` drops nothing.
+    pub capacity_factor: Option<f64>,
+    /// Per sequence: never drop its tokens.
+    pub protected: &'a [bool],
+    /// Tokens per sequence; the layer's input holds `protected.len()` of them back to back.
+    pub seq_len: usize,
+}
+
+/// What one MoE layer did in a training step: what the balance losses and the logs need.
+#[derive(Debug, Clone)]
+pub struct MoeTrace {
+    /// Affinities `s (N, E)`, f32, differentiable (softmax for V2, sigmoid for V3).
+    pub scores: Tensor,
+    /// The experts routing chose for each token, before any dropping.
+    pub chosen: Vec<Vec<usize>>,
+    /// Token-expert assignments dropped by the capacity.
+    pub dropped: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+}
+
+impl MoeTrace {
+    /// Tokens routed to each expert (before dropping).
+    pub fn load(&self, n_experts: usize) -> Vec<usize> {
+        let mut load = vec![0; n_experts];
+        self.chosen.iter().flatten().for_each(|&e| load[e] += 1);
+        load
+    }
+}
+
+/// Which assignments survive the device capacity: on an over-full device, the lowest-affinity
+/// assignments of unprotected sequences go first, until it fits or only protected ones remain.
+pub fn drop_by_capacity(
+    chosen: &[Vec<usize>],
+    scores: &[Vec<f32>],
+    spec: &RouterSpec,
+    capacity_factor: f64,
+    opts: &MoeTraining<'_>,
+) -> Vec<Vec<bool>> {
+    let mut kept: Vec<Vec<bool>> = chosen.iter().map(|c| vec![true; c.len()]).collect();
+    let devices = spec.n_group.max(1);
+    let per_device = spec.n_routed_experts / devices;
+    let assignments: usize = chosen.iter().map(Vec::len).sum();
+    let capacity = (capacity_factor * assignments as f64 / devices as f64).ceil() as usize;
+    let mut on_device: Vec<Vec<(usize, usize)>> = vec![Vec::new(); devices];
+    for (t, experts) in chosen.iter().enumerate() {
+        for (j, &e) in experts.iter().enumerate() {
+            on_device[e / per_device].push((t, j));
+        }
+    }
+    for list in on_device {
+        let mut excess = list.len().saturating_sub(capacity);
+        if excess == 0 {
+            continue;
+        }
+        let seq = |t: usize| t / opts.seq_len.max(1);
+        let mut droppable: Vec<(usize, usize)> =
+            list.into_iter().filter(|&(t, _)| !opts.protected.get(seq(t)).copied().unwrap_or(false)).collect();
+        droppable.sort_by(|&(ta, ja), &(tb, jb)| {
+            scores[ta][chosen[ta][ja]].total_cmp(&scores[tb][chosen[tb][jb]]).then((ta, ja).cmp(&(tb, jb)))
+        });
+        for (t, j) in droppable {
+            if excess == 0 {
+                break;
+            }
+            kept[t][j] = false;
+            excess -= 1;
+        }
+    }
+    kept
 }

@@ -47,6 +47,8 @@ pub struct Weights {
     dtype: DType,
     fp8_block: Option<[usize; 2]>,
     used: Mutex<BTreeSet<String>>,
+    /// Tensors held in memory (training's variables), served before the mapped ones, as they are.
+    memory: HashMap<String, Tensor>,
 }
 
 #[derive(Deserialize)]
@@ -108,15 +110,41 @@ impl Weights {
             Some(d) => d,
             None => checkpoint_dtype(&entries),
         };
-        Ok(Weights {
-            source,
+        Ok(Weights::assemble(&source, shards, entries, HashMap::new(), dtype, device))
+    }
+
+    /// Maps one safetensors file of any name (e.g. a training checkpoint's optimizer state).
+    pub fn open_file(path: &Path, dtype: DType, device: &Device) -> Result<Weights> {
+        let (shard, tensors) = map_shard(path)?;
+        let entries = tensors.into_iter().map(|(name, entry)| (name, Entry { shard: 0, ..entry })).collect();
+        Ok(Weights::assemble(path, vec![shard], entries, HashMap::new(), dtype, device))
+    }
+
+    /// Serves `tensors` (all of one dtype, e.g. training's variables) as a checkpoint: `get` returns
+    /// them as they are, so a model built from them shares their storage and their gradients.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, source: &Path, device: &Device) -> Weights {
+        let dtype = tensors.values().next().map(|t| t.dtype()).unwrap_or(DType::F32);
+        Weights::assemble(source, Vec::new(), HashMap::new(), tensors, dtype, device)
+    }
+
+    fn assemble(
+        source: &Path,
+        shards: Vec<Shard>,
+        entries: HashMap<String, Entry>,
+        memory: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Weights {
+        Weights {
+            source: source.to_path_buf(),
             shards,
             entries,
             device: device.clone(),
             dtype,
             fp8_block: None,
             used: Mutex::new(BTreeSet::new()),
-        })
+            memory,
+        }
     }
 
     /// Declares the checkpoint's FP8 block size (`quantization_config.weight_block_size`): FP8
@@ -143,14 +171,14 @@ impl Weights {
 
     /// Every tensor name, sorted.
     pub fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        let mut names: Vec<&str> = self.entries.keys().chain(self.memory.keys()).map(String::as_str).collect();
         names.sort_unstable();
         names
     }
 
     /// Whether the checkpoint has a tensor of this name.
     pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
+        self.entries.contains_key(name) || self.memory.contains_key(name)
     }
 
     /// The tensor `name`, checked to have `shape`, in the compute dtype.
@@ -160,6 +188,18 @@ impl Weights {
 
     /// The tensor `name`, checked to have `shape`, converted to `dtype`.
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        if let Some(t) = self.memory.get(name) {
+            if t.dims() != shape {
+                return Err(Error::TensorShape {
+                    path: self.source.clone(),
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+            self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+            return Ok(t.to_dtype(dtype)?);
+        }
         let Some(entry) = self.entries.get(name) else {
             return Err(Error::MissingTensor {
                 path: self.source.clone(),
@@ -229,7 +269,8 @@ impl Weights {
     /// Names of tensors never read by `get`, sorted.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        let mut names: Vec<String> = self.entries.keys().filter(|n| !used.contains(*n)).cloned().collect();
+        let all = self.entries.keys().chain(self.memory.keys());
+        let mut names: Vec<String> = all.filter(|n| !used.contains(*n)).cloned().collect();
         names.sort();
         names
     }

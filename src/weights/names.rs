@@ -51,6 +51,11 @@ impl LayerNames {
     pub fn shared_expert(&self, proj: &str) -> String {
         self.name(&format!("mlp.shared_experts.{proj}.weight"))
     }
+    /// A tensor of an MTP module (V3): `enorm.weight`, `hnorm.weight`, `eh_proj.weight`,
+    /// `shared_head.norm.weight`, `shared_head.head.weight`, `embed_tokens.weight`.
+    pub fn mtp(&self, rest: &str) -> String {
+        self.name(rest)
+    }
     /// `mlp.gate.weight`: the router.
     pub fn gate(&self) -> String {
         self.name("mlp.gate.weight")
