@@ -32,3 +32,5 @@ pub mod tokenizer;
 
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;
+pub mod plot;
+pub mod train;

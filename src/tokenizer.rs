@@ -143,6 +143,45 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of a long text, encoded in parallel pieces cut at line ends (a corpus).
+    pub fn encode_chunks(&self, text: &str) -> Result<Vec<u32>> {
+        const PIECE: usize = 1 << 16;
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        while start < text.len() {
+            let mut end = (start + PIECE).min(text.len());
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            if let Some(nl) = text[end..].find('\n') {
+                end += nl + 1;
+            } else {
+                end = text.len();
+            }
+            pieces.push(&text[start..end]);
+            start = end;
+        }
+        let encodings = self
+            .inner
+            .encode_batch(pieces, false)
+            .map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?;
+        Ok(encodings.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
+    }
+
+    /// Token ids of `text` (no BOS) with each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// The BOS id, if the tokenizer has one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos.as_ref().map(|(_, id)| *id)
+    }
+
     /// Text of `ids`; special tokens are dropped when `skip_special` is set.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
@@ -236,4 +275,80 @@ impl TextStream {
         self.read_offset = self.ids.len();
         Ok(full.get(prefix.len()..).filter(|s| !s.is_empty()).map(str::to_string))
     }
+}
+
+/// A token's byte range `(start, end)` in the encoded text.
+pub type Span = (usize, usize);
+
+/// The special tokens a tokenizer trained by latent carries (DeepSeek's spellings).
+pub const BOS: &str = "<｜begin▁of▁sentence｜>";
+pub const EOS: &str = "<｜end▁of▁sentence｜>";
+pub const USER: &str = "<｜User｜>";
+pub const ASSISTANT: &str = "<｜Assistant｜>";
+
+/// The chat template written with a trained tokenizer (DeepSeek-V3's turn markers).
+pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}";
+
+/// Trains a byte-level BPE tokenizer of `vocab_size` ids (special tokens included) on `files`
+/// and writes `tokenizer.json` and `tokenizer_config.json` (BOS/EOS, chat template) into `out`.
+pub fn train_bpe(files: &[std::path::PathBuf], vocab_size: usize, out: &Path) -> Result<Tokenizer> {
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper};
+
+    for f in files {
+        if !f.is_file() {
+            return Err(Error::io(f, std::io::Error::new(std::io::ErrorKind::NotFound, "corpus file not found")));
+        }
+    }
+    let specials: Vec<AddedToken> = [BOS, EOS, USER, ASSISTANT].iter().map(|t| AddedToken::from(*t, true)).collect();
+    if vocab_size < 256 + specials.len() + 1 {
+        return Err(Error::InvalidArgument(format!(
+            "vocab size {vocab_size} is too small: a byte-level BPE needs at least {} ids",
+            256 + specials.len() + 1
+        )));
+    }
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut tk = tokenizers::TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_normalizer(None)
+    .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false))))
+    .with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::default().trim_offsets(false))))
+    .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())))
+    .build()
+    .map_err(|e| Error::InvalidArgument(format!("cannot build the tokenizer: {e}")))?;
+    let names: Vec<String> = files.iter().map(|f| f.to_string_lossy().into_owned()).collect();
+    tk.train_from_files(&mut trainer, names)
+        .map_err(|e| Error::InvalidArgument(format!("tokenizer training failed: {e}")))?;
+    fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let json_path = out.join("tokenizer.json");
+    let json = tk.to_string(false).map_err(|e| Error::InvalidArgument(format!("cannot write tokenizer.json: {e}")))?;
+    crate::train::write_atomic(&json_path, json.as_bytes())?;
+    let config = serde_json::json!({
+        "add_bos_token": true,
+        "add_eos_token": false,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": 1_000_000,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+    });
+    let config_path = out.join("tokenizer_config.json");
+    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    crate::train::write_atomic(&config_path, text.as_bytes())?;
+    Tokenizer::load(out, None)
 }

@@ -186,6 +186,41 @@ def write_reference(model, prompt, out_dir):
     }
 
 
+GRAD_BATCH, GRAD_LEN = 2, 16
+
+
+def write_grads(model, out_dir, seed):
+    """Training reference: the language-model loss of a batch in train mode and the gradient of
+    every parameter (grads.safetensors: `loss`, `tokens` and `grad.{parameter name}`)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, model.config.vocab_size, (GRAD_BATCH, GRAD_LEN), generator=g)
+    model.train()
+    model.zero_grad()
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    out = {"loss": loss.detach().reshape(1), "tokens": ids.to(torch.float32).contiguous()}
+    for name, p in model.named_parameters():
+        grad = (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+        if name.endswith("mlp.experts.gate_up_proj"):
+            # transformers fuses the experts in memory (gate first); store them under the
+            # checkpoint's per-expert names.
+            inter = grad.shape[1] // 2
+            prefix = name[: -len("gate_up_proj")]
+            for e in range(grad.shape[0]):
+                out[f"grad.{prefix}{e}.gate_proj.weight"] = grad[e, :inter].contiguous()
+                out[f"grad.{prefix}{e}.up_proj.weight"] = grad[e, inter:].contiguous()
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(grad.shape[0]):
+                out[f"grad.{prefix}{e}.down_proj.weight"] = grad[e].contiguous()
+        else:
+            out[f"grad.{name}"] = grad.contiguous()
+    model.eval()
+    model.zero_grad()
+    save_file(out, os.path.join(out_dir, "grads.safetensors"))
+    return float(loss)
+
+
 def greedy(model, ids, n):
     """Greedy continuation by full recomputation; also returns the smallest top-1/top-2 margin."""
     ids, margin = list(ids), math.inf
@@ -308,6 +343,7 @@ def make_model(name, config, model_cls, seed, tok, ppl_tokens, bias_std=0.0, sha
     margin = meta["greedy_min_margin"]
     if alt:
         meta["routing_changes_without_" + ("groups" if alt == "greedy" else "bias")] = routing_differs(model, prompt, alt)
+    meta["grad_loss"] = write_grads(model, out_dir, seed + 9)
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     print(f"{name}: greedy margin {margin:.4f}, ppl {math.exp(nll):.3f} over {count} tokens, {meta}", file=sys.stderr)
