@@ -1,4 +1,4 @@
-//! The `latent` command line: generate, chat, perplexity, inspect.
+//! The `latent` command line: generate, chat, perplexity, inspect, bench, train, tokenizer, plot.
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -16,14 +16,13 @@ use latent::perplexity::perplexity;
 use latent::weights::Weights;
 use latent::{Config, Model, SamplingParams, Tokenizer};
 
-/// The model used when `--model` is not given: a tiny random-weight DeepSeek-V2 test checkpoint.
-const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-v2");
+mod default_model;
 
 #[derive(Parser)]
 #[command(
     name = "latent",
     version,
-    about = "Run DeepSeek-V2-family models (DeepSeek-V2, V2-Lite, V3) with a latent KV cache"
+    about = "Run and train DeepSeek-V2-family models (DeepSeek-V2, V2-Lite, V3) with a latent KV cache"
 )]
 struct Cli {
     /// Worker threads (default: one per core).
@@ -45,6 +44,53 @@ enum Command {
     Inspect(ModelArgs),
     /// Measure prefill and decode speed, memory, and the share of the decode roofline reached.
     Bench(BenchArgs),
+    /// Pre-train a model from plain text, or fine-tune one on chat data (--init, --sft).
+    Train(TrainArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Redraw a training run's plots (loss.png, expert_load.png) from its train_log.jsonl.
+    Plot {
+        /// The run's output folder.
+        run: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The run file (TOML); `preset:NAME` for a built-in one (kjv, tiny-v2, tiny-v3, v2-lite-6m).
+    run: String,
+    /// Override a run-file key, e.g. --set optim.lr=1e-3 --set schedule.steps=200 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Output folder (same as --set run.out=DIR).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Start from this checkpoint (its config, weights and tokenizer) instead of a fresh model.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Fine-tune on chat conversations: one {"messages": [...]} per line; loss on assistant tokens.
+    #[arg(long, requires = "init")]
+    sft: Option<PathBuf>,
+    /// Continue the run in the output folder from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer on text files.
+    Train {
+        /// Text files to learn from.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Vocabulary size, special tokens included.
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        /// Folder to write tokenizer.json and tokenizer_config.json into.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -87,7 +133,8 @@ impl From<DtypeArg> for DType {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Folder with config.json, *.safetensors and tokenizer.json (default: a tiny built-in test model).
+    /// Folder with config.json, *.safetensors and tokenizer.json (default: the built-in demo model, a small
+    /// DeepSeek-V2 trained on the King James Bible).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Compute dtype (default: the checkpoint's).
@@ -181,21 +228,100 @@ fn run(cli: Cli) -> Result<()> {
         Command::Perplexity(args) => run_perplexity(args),
         Command::Inspect(args) => run_inspect(args),
         Command::Bench(args) => run_bench(args),
+        Command::Train(args) => run_train(args),
+        Command::Plot { run } => {
+            let log = run.join(latent::train::trainer::LOG_FILE);
+            if !log.is_file() {
+                bail!("{}: no training log here", log.display());
+            }
+            let history = latent::train::trainer::read_log(&log, usize::MAX)?;
+            latent::plot::training_plots(&history, &run)?;
+            eprintln!("latent: {} steps plotted into {}", history.len(), run.display());
+            Ok(())
+        }
+        Command::Tokenizer(TokenizerCommand::Train { files, vocab_size, out }) => {
+            let start = Instant::now();
+            let tok = latent::tokenizer::train_bpe(&files, vocab_size, &out)?;
+            eprintln!(
+                "latent: trained a {}-id byte-level BPE in {:.1} s; wrote {}",
+                tok.vocab_size(),
+                start.elapsed().as_secs_f64(),
+                out.join("tokenizer.json").display()
+            );
+            Ok(())
+        }
     }
 }
 
-fn model_dir(args: &ModelArgs) -> PathBuf {
+fn run_train(args: TrainArgs) -> Result<()> {
+    keep_freed_memory();
+    let mut overrides = args.overrides.clone();
+    if let Some(out) = &args.out {
+        overrides.push(format!("run.out={:?}", out.to_string_lossy()));
+    }
+    let (run, run_path) = latent::train::RunFile::load(&args.run, &overrides)?;
+    let out = run.run.out.clone();
+    let opts = latent::train::TrainOptions { init: args.init.clone(), sft: args.sft.clone(), resume: args.resume };
+    let mut trainer = latent::train::Trainer::new(run, &run_path, &opts)?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{spinner} train [{bar:30}] {pos}/{len} steps  {msg}  {elapsed_precise} (ETA {eta_precise})",
+        )
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    // Without a terminal the bar is hidden; status lines then go to stderr as plain text.
+    let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
+    let mut last_val: Option<f64> = None;
+    trainer.run(|event| match event {
+        latent::train::trainer::Event::Started { start_step, steps, params, train_samples, valid_samples } => {
+            say(format!(
+                "latent: {params} parameters; {train_samples} training and {valid_samples} validation sequences; \
+                 steps {start_step}..{steps}; logging to {}",
+                out.join(latent::train::trainer::LOG_FILE).display()
+            ));
+            bar.set_length(steps as u64);
+            bar.set_position(start_step as u64);
+            bar.reset_eta();
+        }
+        latent::train::trainer::Event::Step(log) => {
+            if let Some(v) = log.val_loss {
+                last_val = Some(v);
+                say(format!(
+                    "step {:>6}  loss {:.4}  val {:.4} (ppl {:.2})  lr {:.2e}  MaxVio {:.3}  {:.0} tok/s",
+                    log.step,
+                    log.lm_loss,
+                    v,
+                    v.exp(),
+                    log.lr,
+                    log.max_vio_mean,
+                    log.tokens_per_s
+                ));
+            }
+            let val = last_val.map(|v| format!(" val {v:.3}")).unwrap_or_default();
+            bar.set_message(format!("loss {:.3}{val}  {:.0} tok/s", log.lm_loss, log.tokens_per_s));
+            bar.set_position(log.step as u64);
+        }
+        latent::train::trainer::Event::Saved(dir) => say(format!("saved {}", dir.display())),
+    })?;
+    bar.finish();
+    eprintln!("latent: plots in {} (loss.png, expert_load.png)", out.display());
+    Ok(())
+}
+
+fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
     match &args.model {
-        Some(dir) => dir.clone(),
+        Some(dir) => Ok(dir.clone()),
         None => {
-            eprintln!("latent: no --model given, using the tiny random-weight test model in {DEFAULT_MODEL}");
-            PathBuf::from(DEFAULT_MODEL)
+            let dir = default_model::dir()?;
+            eprintln!("latent: no --model given, using {} ({})", default_model::NAME, dir.display());
+            Ok(dir)
         }
     }
 }
 
 fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
-    let dir = model_dir(args);
+    let dir = model_dir(args)?;
     let start = Instant::now();
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers  {per_sec}  ETA {eta}")
@@ -378,7 +504,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
 }
 
 fn run_inspect(args: ModelArgs) -> Result<()> {
-    let dir = model_dir(&args);
+    let dir = model_dir(&args)?;
     let config_path = dir.join("config.json");
     let config = Config::from_file(&config_path)?;
     let (weights, dtype) = if Weights::present(&dir) {
@@ -396,4 +522,17 @@ fn run_inspect(args: ModelArgs) -> Result<()> {
     };
     println!("{report}");
     Ok(())
+}
+
+/// Training allocates and frees the same large activation buffers every step. glibc serves
+/// blocks above its mmap threshold with fresh mappings, so each step would page-fault and zero
+/// them again; keep them in the heap for reuse instead.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters; it is called before training
+    // starts allocating, and both values are valid for these options.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
 }

@@ -46,18 +46,9 @@ fn generate_reads_the_prompt_from_stdin_and_defaults_to_the_built_in_model() {
     let out = latent(&["generate", "--max-tokens", "4", "--temperature", "0"], Some("Simple is better"));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("no --model given"));
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/models/kjv");
     let same = latent(
-        &[
-            "generate",
-            "--model",
-            &fixture("tiny-v2"),
-            "--max-tokens",
-            "4",
-            "--temperature",
-            "0",
-            "--prompt",
-            "Simple is better",
-        ],
+        &["generate", "--model", demo, "--max-tokens", "4", "--temperature", "0", "--prompt", "Simple is better"],
         None,
     );
     assert_eq!(out.stdout, same.stdout);
@@ -113,7 +104,7 @@ fn bad_arguments_fail_with_a_message_not_a_panic() {
 #[test]
 fn a_prompt_longer_than_the_context_is_refused() {
     let long = "Errors should never pass silently. ".repeat(40);
-    let out = latent(&["generate", "--prompt", &long], None);
+    let out = latent(&["generate", "--model", &fixture("tiny-v2"), "--prompt", &long], None);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("max_position_embeddings") && err.contains("256"), "{err}");
@@ -158,4 +149,73 @@ fn bench_refuses_depths_beyond_the_context() {
     let out = latent(&["bench", "--model", &fixture("tiny-v2"), "--depths", "1000", "--repeats", "1"], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("context (256)"), "{}", text(&out.stderr));
+}
+
+/// `latent tokenizer train`, `latent train` and a checkpoint that `generate` and `perplexity` load.
+#[test]
+fn train_then_generate_from_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok");
+    let corpus = fixture("ppl.txt");
+    let out = latent(&["tokenizer", "train", &corpus, "--vocab-size", "300", "--out", tok.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run_out = dir.path().join("run");
+    let args = [
+        "train",
+        "preset:tiny-v2",
+        "--set",
+        &format!("data.train=[{corpus:?}]"),
+        "--set",
+        &format!("data.tokenizer={:?}", tok.to_str().unwrap()),
+        "--set",
+        "data.seq_len=16",
+        "--set",
+        "schedule.steps=4",
+        "--set",
+        "data.valid_fraction=0.2",
+        "--out",
+        run_out.to_str().unwrap(),
+    ];
+    let out = latent(&args, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("val") && err.contains("saved"), "{err}");
+    for f in ["train_log.jsonl", "loss.png", "expert_load.png", "latest", "checkpoint-000004/model.safetensors"] {
+        assert!(run_out.join(f).exists(), "{f} is missing");
+    }
+    let log = std::fs::read_to_string(run_out.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4);
+    let ckpt = run_out.join("checkpoint-000004");
+    let out =
+        latent(&["generate", "--model", ckpt.to_str().unwrap(), "--prompt", "Beautiful", "--max-tokens", "5"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = latent(&["perplexity", "--model", ckpt.to_str().unwrap(), "--file", &corpus, "--json"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Bad run-file input exits 1 with the key named, no panic.
+    let out = latent(&["train", "preset:tiny-v2", "--set", "optim.beta2=1.5"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("optim.beta2"), "{}", text(&out.stderr));
+    let out = latent(&["train", "preset:tiny-v2", "--set", "optim.typo=1"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("typo"), "{}", text(&out.stderr));
+}
+
+/// With no --model, the built-in demo model runs (written once to the cache folder).
+#[test]
+fn the_built_in_demo_model_runs_without_a_model_folder() {
+    let cache = tempfile::tempdir().unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_latent"))
+            .args(["generate", "--prompt", "In the beginning", "--max-tokens", "12", "--temperature", "0"])
+            .env("XDG_CACHE_HOME", cache.path())
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (run(), run());
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert!(text(&a.stderr).contains("King James"), "{}", text(&a.stderr));
+    assert!(!text(&a.stdout).trim().is_empty());
+    assert_eq!(a.stdout, b.stdout, "greedy output repeats, from the cached copy the second time");
+    assert_eq!(std::fs::read_dir(cache.path().join("latent")).unwrap().count(), 1);
 }

@@ -454,8 +454,8 @@ impl Trainer {
 /// The per-step log in a run's output folder.
 pub const LOG_FILE: &str = "train_log.jsonl";
 
-/// Log entries of steps `< before_step` (what a resumed run keeps).
-fn read_log(path: &Path, before_step: usize) -> Result<Vec<StepLog>> {
+/// Log entries of steps `<= before_step` (what a resumed run keeps).
+pub fn read_log(path: &Path, before_step: usize) -> Result<Vec<StepLog>> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(Vec::new()) };
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
