@@ -222,6 +222,13 @@ fn run(cli: Cli) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
     }
+    if matches!(cli.command, Command::Train(_)) && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // candle runs elementwise ops on a pool of its own whose workers spin between ops, while its
+        // matrix products run on the rayon pool: on a small machine the two fight for the same
+        // cores. Training is matrix-product bound, so elementwise ops stay on the calling thread
+        // (1.3x the tokens/s on 2 cores; tools/bench_train.py).
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Chat(args) => run_chat(args),
