@@ -71,10 +71,13 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
 
     let dtype_bytes = model.dtype().size_in_bytes();
     let counts = param_counts(cfg);
-    let weight_bytes = (counts.total) * dtype_bytes;
+    // What the weights occupy as loaded (quantized linears included); the bytes a token reads
+    // are the active parameters at the model's average bytes per parameter.
+    let weight_bytes = model.weight_bytes();
+    let bytes_per_param = weight_bytes as f64 / counts.total.max(1) as f64;
     let cache = model.new_cache()?;
     let kv_bytes_per_token = cache.bytes_per_token();
-    let active_bytes = (counts.active + cfg.hidden_size) * dtype_bytes;
+    let active_bytes = (counts.active as f64 * bytes_per_param) as usize + cfg.hidden_size * dtype_bytes;
     let bandwidth = memory_bandwidth_gb_s();
 
     let (mut decode, mut bytes, mut share) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());

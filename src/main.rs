@@ -140,6 +140,23 @@ struct ModelArgs {
     /// Compute dtype (default: the checkpoint's).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
+    /// Quantize the linear weights on load: q8_0 is GGML's Q8_0 (8.5 bits per weight).
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl From<QuantArg> for latent::weights::Quant {
+    fn from(q: QuantArg) -> Self {
+        match q {
+            QuantArg::Q8_0 => latent::weights::Quant::Q8_0,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -334,7 +351,9 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
         ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers  {per_sec}  ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let loaded = Model::load_with_progress(&dir, args.dtype.map(DType::from), &Device::Cpu, |done, total| {
+    let dtype = args.dtype.map(DType::from);
+    let quant = args.quant.map(latent::weights::Quant::from);
+    let loaded = Model::load_quantized(&dir, dtype, quant, &Device::Cpu, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     });
@@ -342,8 +361,12 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
     let (model, report) = loaded.with_context(|| format!("loading the model in {}", dir.display()))?;
     let tokenizer = Tokenizer::load(&dir, Some(model.config()))
         .with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
+    let quantized = match quant {
+        Some(_) => format!(", linear weights in Q8_0: {} in memory", bytes_str(model.weight_bytes())),
+        None => String::new(),
+    };
     eprintln!(
-        "latent: loaded {} ({}, {:?}) in {:.2} s",
+        "latent: loaded {} ({}, {:?}{quantized}) in {:.2} s",
         dir.display(),
         bytes_str(report.stored_bytes),
         model.dtype(),

@@ -145,3 +145,31 @@ fn chunked_prefill_and_chunked_perplexity_give_the_reference_numbers() {
     assert_eq!(p.tokens, reference.tokens);
     assert!(((p.ppl - reference.ppl) / reference.ppl).abs() < 1e-5, "{} vs {}", p.ppl, reference.ppl);
 }
+
+/// `--quant q8_0`: logits within Q8_0's error of the dense model's, perplexity within 1%.
+#[test]
+fn q8_0_weights_stay_close_to_the_dense_model() {
+    use candle_core::{DType, Device};
+    use latent::weights::Quant;
+    let (fx, dense, tok) = common::load_model("tiny-v2-lite");
+    let (q8, _) =
+        latent::Model::load_quantized(&fx.dir, Some(DType::F32), Some(Quant::Q8_0), &Device::Cpu, |_, _| {}).unwrap();
+    assert!(q8.weight_bytes() < dense.weight_bytes() * 2 / 3, "the linear weights are quantized");
+    let prompt = &fx.meta.prompt_tokens;
+    let logits = |m: &latent::Model| {
+        let mut cache = m.new_cache().unwrap();
+        m.forward(prompt, &mut cache, latent::AttentionPath::Absorbed, latent::LogitRows::All).unwrap()
+    };
+    let (a, b) = (logits(&dense), logits(&q8));
+    // Most logits move by Q8_0's rounding noise; a token whose routing flips can move more.
+    let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let mut diffs: Vec<f32> = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    diffs.sort_by(f32::total_cmp);
+    let median = diffs[diffs.len() / 2];
+    assert!(median > 0.0 && median < 0.01 * scale, "median |logit difference| {median}, max |logit| {scale}");
+    let text = std::fs::read_to_string(common::fixtures_dir().join("ppl.txt")).unwrap();
+    let ids = tok.encode(&text).unwrap();
+    let ppl = |m: &latent::Model| latent::perplexity::perplexity(m, &ids, 16, |_, _| {}).unwrap().ppl;
+    let (pd, pq) = (ppl(&dense), ppl(&q8));
+    assert!((pq - pd).abs() < 0.01 * pd, "perplexity {pq} (Q8_0) vs {pd}");
+}

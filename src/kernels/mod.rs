@@ -6,6 +6,7 @@
 
 pub mod matvec;
 pub mod mla_decode;
+pub mod quant;
 pub mod rows;
 
 use std::sync::OnceLock;

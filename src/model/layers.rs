@@ -5,9 +5,12 @@
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
+use std::sync::Arc;
+
 use crate::error::Result;
 use crate::kernels::matvec::{matvec, MAX_ROWS};
-use crate::weights::Weights;
+use crate::kernels::quant::{dequantize_q8_0, matvec_q8_0, quantize_q8_0, BlockQ8_0, QK8_0};
+use crate::weights::{Quant, Weights};
 
 /// A contiguous CPU tensor's elements, for the hand-written kernels.
 pub(crate) enum Stored<'a> {
@@ -29,19 +32,58 @@ pub(crate) fn with_stored<R>(t: &Tensor, f: impl FnOnce(Stored<'_>) -> R) -> Opt
 /// `y = x Wᵀ (+ b)`, with `W` stored `(out, in)` as in the checkpoint.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// The dense weight; empty when the weight is quantized.
     weight: Tensor,
+    q8: Option<Q8Weight>,
     bias: Option<Tensor>,
+}
+
+/// A `(out, in)` weight in Q8_0 blocks.
+#[derive(Debug, Clone)]
+struct Q8Weight {
+    blocks: Arc<Vec<BlockQ8_0>>,
+    n_out: usize,
+    n_in: usize,
 }
 
 impl Linear {
     /// Loads `name` with shape `(out, in)`, and its bias `bias_name` if given.
     pub fn load(w: &Weights, name: &str, out: usize, inp: usize, bias_name: Option<&str>) -> Result<Linear> {
-        let weight = w.get(name, &[out, inp])?;
+        let mut weight = w.get(name, &[out, inp])?;
         let bias = match bias_name {
             Some(b) => Some(w.get(b, &[out])?),
             None => None,
         };
-        Ok(Linear { weight, bias })
+        let mut q8 = None;
+        if w.quant() == Some(Quant::Q8_0) && inp.is_multiple_of(QK8_0) && !weight.track_op() {
+            let values: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            q8 = Some(Q8Weight { blocks: Arc::new(quantize_q8_0(&values)), n_out: out, n_in: inp });
+            weight = Tensor::zeros(0, weight.dtype(), weight.device())?;
+        }
+        Ok(Linear { weight, q8, bias })
+    }
+
+    /// Bytes the weight occupies (Q8_0 blocks or dense elements), bias excluded.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.q8 {
+            Some(q) => q.blocks.len() * std::mem::size_of::<BlockQ8_0>(),
+            None => self.weight.elem_count() * self.weight.dtype().size_in_bytes(),
+        }
+    }
+
+    /// `x Wᵀ` from Q8_0 blocks: the kernel for few rows, else a GEMM over the dequantized weight
+    /// (for many rows the product costs far more than the dequantization).
+    fn forward_q8(q: &Q8Weight, x: &Tensor) -> Result<Tensor> {
+        let (t, n_in) = x.dims2()?;
+        let xs = x.to_dtype(DType::F32)?;
+        let y = if t <= MAX_ROWS {
+            let xv: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+            Tensor::from_vec(matvec_q8_0(&xv, &q.blocks, t, n_in, q.n_out), (t, q.n_out), x.device())?
+        } else {
+            let dense = Tensor::from_vec(dequantize_q8_0(&q.blocks), (q.n_out, q.n_in), x.device())?;
+            xs.matmul(&dense.t()?)?
+        };
+        Ok(y.to_dtype(x.dtype())?)
     }
 
     /// `x Wᵀ` by the matvec kernel, if `x` has few rows and `W` is contiguous bf16 or f32 on the CPU.
@@ -70,14 +112,17 @@ impl Linear {
 
     /// Wraps an existing `(out, in)` weight.
     pub fn from_weight(weight: Tensor) -> Linear {
-        Linear { weight, bias: None }
+        Linear { weight, q8: None, bias: None }
     }
 
     /// `x: (T, in)` -> `(T, out)`. A few rows (decode) go through [`matvec`], more through GEMM.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self.matvec(x)? {
-            Some(y) => y,
-            None => x.matmul(&self.weight.t()?)?,
+        let y = match &self.q8 {
+            Some(q) => Linear::forward_q8(q, x)?,
+            None => match self.matvec(x)? {
+                Some(y) => y,
+                None => x.matmul(&self.weight.t()?)?,
+            },
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -104,6 +149,11 @@ impl RmsNorm {
         Ok(RmsNorm { weight: w.get(name, &[dim])?, eps })
     }
 
+    /// Bytes of the weight.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.elem_count() * self.weight.dtype().size_in_bytes()
+    }
+
     /// Normalises over the last dim; returns the input's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
@@ -128,6 +178,11 @@ impl Mlp {
             up_proj: Linear::load(w, &name("up_proj"), inter, hidden, None)?,
             down_proj: Linear::load(w, &name("down_proj"), hidden, inter, None)?,
         })
+    }
+
+    /// Bytes of the three weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.gate_proj.weight_bytes() + self.up_proj.weight_bytes() + self.down_proj.weight_bytes()
     }
 
     /// `x: (T, hidden)` -> `(T, hidden)`.

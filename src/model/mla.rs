@@ -101,6 +101,21 @@ impl Mla {
         })
     }
 
+    /// Bytes of every weight of the layer's attention.
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let q = match &self.q {
+            QProj::Full(p) => p.weight_bytes(),
+            QProj::LowRank { a, norm, b } => a.weight_bytes() + norm.weight_bytes() + b.weight_bytes(),
+        };
+        q + self.kv_a.weight_bytes()
+            + self.kv_norm.weight_bytes()
+            + dense(&self.kv_b)
+            + dense(&self.w_uk)
+            + dense(&self.w_uv)
+            + self.o_proj.weight_bytes()
+    }
+
     /// Training's expanded attention: `x: (B T, hidden)` holds `b` sequences of `t` tokens each,
     /// at positions `0..t` (`pos` built for them), no cache. Differentiable in every weight.
     pub fn forward_batch(&self, x: &Tensor, b: usize, t: usize, pos: &Positions<'_>) -> Result<Tensor> {

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::cache::LatentCache;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::weights::{names, Weights};
+use crate::weights::{names, Quant, Weights};
 use layers::{Linear, Mlp, RmsNorm};
 pub use mla::AttentionPath;
 use mla::{Mla, Positions};
@@ -137,8 +137,19 @@ impl Model {
         device: &Device,
         progress: impl FnMut(usize, usize),
     ) -> Result<(Model, LoadReport)> {
+        Model::load_quantized(dir, dtype, None, device, progress)
+    }
+
+    /// Like `load_with_progress`, quantizing the linear weights to `quant` as they are read.
+    pub fn load_quantized(
+        dir: &Path,
+        dtype: Option<DType>,
+        quant: Option<Quant>,
+        device: &Device,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<(Model, LoadReport)> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let weights = Weights::open(dir, dtype, device)?.with_fp8_block(config.fp8_block);
+        let weights = Weights::open(dir, dtype, device)?.with_fp8_block(config.fp8_block).with_quant(quant);
         let model = Model::from_weights(config, &weights, progress)?;
         let n_layers = model.config.num_hidden_layers;
         let (skipped_mtp, unused) =
@@ -198,6 +209,24 @@ impl Model {
             device: w.device().clone(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
         })
+    }
+
+    /// Bytes the weights occupy in memory as loaded (quantized linears at their block size).
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut total = dense(&self.embed_tokens) + self.norm.weight_bytes();
+        if !self.config.tie_word_embeddings {
+            total += self.lm_head.weight_bytes();
+        }
+        for layer in &self.layers {
+            total += layer.input_layernorm.weight_bytes() + layer.post_attention_layernorm.weight_bytes();
+            total += layer.attn.weight_bytes();
+            total += match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.weight_bytes(),
+                Ffn::Moe(moe) => moe.weight_bytes(),
+            };
+        }
+        total
     }
 
     /// The validated configuration.

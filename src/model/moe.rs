@@ -152,6 +152,13 @@ impl Moe {
         &self.spec
     }
 
+    /// Bytes of the router and every expert.
+    pub fn weight_bytes(&self) -> usize {
+        let gate = self.gate.elem_count() * self.gate.dtype().size_in_bytes();
+        gate + self.experts.iter().map(Mlp::weight_bytes).sum::<usize>()
+            + self.shared.as_ref().map_or(0, Mlp::weight_bytes)
+    }
+
     /// The V3 correction bias (`e_score_correction_bias`), which the auxiliary-loss-free balance moves.
     pub fn correction_bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()

@@ -49,6 +49,14 @@ pub struct Weights {
     used: Mutex<BTreeSet<String>>,
     /// Tensors held in memory (training's variables), served before the mapped ones, as they are.
     memory: HashMap<String, Tensor>,
+    quant: Option<Quant>,
+}
+
+/// A quantized format linear weights can be converted to on load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quant {
+    /// GGML's Q8_0: blocks of 32 i8 values with one f16 scale (8.5 bits per weight).
+    Q8_0,
 }
 
 #[derive(Deserialize)]
@@ -144,7 +152,19 @@ impl Weights {
             fp8_block: None,
             used: Mutex::new(BTreeSet::new()),
             memory,
+            quant: None,
         }
+    }
+
+    /// Asks for linear weights in `quant` (`Linear::load` quantizes those whose rows allow it).
+    pub fn with_quant(mut self, quant: Option<Quant>) -> Weights {
+        self.quant = quant;
+        self
+    }
+
+    /// The quantized format asked for, if any.
+    pub fn quant(&self) -> Option<Quant> {
+        self.quant
     }
 
     /// Declares the checkpoint's FP8 block size (`quantization_config.weight_block_size`): FP8
