@@ -24,12 +24,15 @@ pub const MAX_ROWS: usize = 8;
 pub fn matvec<W: Widen>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
     assert!(x.len() == t * n_in && w.len() == n_out * n_in, "matvec: shapes disagree");
     let simd = Simd::detect();
-    // Transposed result (out, t): each task owns a contiguous run of output rows.
+    by_output_rows(t, n_out, |first, n, out| dot_block(simd, x, &w[first * n_in..(first + n) * n_in], t, n_in, out))
+}
+
+/// `y (t, n_out)` from tasks over runs of output rows: `f(first, n, out)` fills the transposed
+/// `out (n, t)` of rows `first..first + n`, so each task writes one contiguous run.
+pub(crate) fn by_output_rows(t: usize, n_out: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut y_t = vec![0f32; n_out * t];
     y_t.par_chunks_mut(ROWS_PER_TASK * t).enumerate().for_each(|(task, out)| {
-        let first = task * ROWS_PER_TASK;
-        let rows = &w[first * n_in..(first + out.len() / t) * n_in];
-        dot_block(simd, x, rows, t, n_in, out);
+        f(task * ROWS_PER_TASK, out.len() / t, out);
     });
     let mut y = vec![0f32; t * n_out];
     for (o, ys) in y_t.chunks(t).enumerate() {

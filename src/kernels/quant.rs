@@ -8,6 +8,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::matvec::by_output_rows;
 use super::{dispatch, mul_add, Simd, Widen};
 
 /// Values per block.
@@ -50,7 +51,6 @@ pub fn dequantize_q8_0(blocks: &[BlockQ8_0]) -> Vec<f32> {
 }
 
 const BLOCK_ROWS: usize = 8;
-const ROWS_PER_TASK: usize = 32;
 
 /// `y (t, out) = x (t, in) · W (out, in)ᵀ` with `W` in Q8_0 blocks (`in` a multiple of 32).
 pub fn matvec_q8_0(x: &[f32], w: &[BlockQ8_0], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
@@ -58,19 +58,9 @@ pub fn matvec_q8_0(x: &[f32], w: &[BlockQ8_0], t: usize, n_in: usize, n_out: usi
     assert!(x.len() == t * n_in && w.len() * QK8_0 == n_out * n_in, "matvec_q8_0: shapes disagree");
     let simd = Simd::detect();
     let per_row = n_in / QK8_0;
-    let mut y_t = vec![0f32; n_out * t];
-    y_t.par_chunks_mut(ROWS_PER_TASK * t).enumerate().for_each(|(task, out)| {
-        let first = task * ROWS_PER_TASK;
-        let rows = &w[first * per_row..(first + out.len() / t) * per_row];
-        q8_block::<f32>(simd, x, rows, t, n_in, out);
-    });
-    let mut y = vec![0f32; t * n_out];
-    for (o, ys) in y_t.chunks(t).enumerate() {
-        for (ti, v) in ys.iter().enumerate() {
-            y[ti * n_out + o] = *v;
-        }
-    }
-    y
+    by_output_rows(t, n_out, |first, n, out| {
+        q8_block::<f32>(simd, x, &w[first * per_row..(first + n) * per_row], t, n_in, out)
+    })
 }
 
 dispatch!(
