@@ -1,5 +1,5 @@
-//! latent: runs DeepSeek-V2-family models (DeepSeek-V2, V2-Lite, V3) from their published
-//! Hugging Face checkpoints, with a latent-only KV cache.
+//! latent: runs and trains DeepSeek-V2-family models (DeepSeek-V2, V2-Lite, V3) from and to their
+//! published Hugging Face checkpoint layout, with a latent-only KV cache.
 //!
 //! ```text
 //! config.json ─► Config ─┐
@@ -10,6 +10,9 @@
 //!                         LatentCache (c_kv ‖ k_rope per layer)
 //!                                                   ▼
 //!                  Sampler (temperature, top-k/p, penalty, seed) ─► tokens ─► text
+//!
+//! text ─► Tokenizer ─► train::data (windows, seeded order) ─► Trainer (Model::forward_train over
+//!   autograd variables, losses incl. balance/MTP, AdamW) ─► checkpoint in the same layout
 //! ```
 
 pub mod bench;
