@@ -71,8 +71,8 @@ impl Linear {
         }
     }
 
-    /// `x Wᵀ` from Q8_0 blocks: the kernel for few rows, else a GEMM over the dequantized weight
-    /// (for many rows the product costs far more than the dequantization).
+    /// `x Wᵀ` from Q8_0 blocks: the kernel for up to `MAX_ROWS` rows, else a GEMM over the
+    /// dequantized weight (for many rows the product costs far more than the dequantization).
     fn forward_q8(q: &Q8Weight, x: &Tensor) -> Result<Tensor> {
         let (t, n_in) = x.dims2()?;
         let xs = x.to_dtype(DType::F32)?;
@@ -115,7 +115,8 @@ impl Linear {
         Linear { weight, q8: None, bias: None }
     }
 
-    /// `x: (T, in)` -> `(T, out)`. A few rows (decode) go through [`matvec`], more through GEMM.
+    /// `x: (T, in)` -> `(T, out)`. Up to `MAX_ROWS` rows (decode, short prompts) go through
+    /// [`matvec`], more through GEMM.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.q8 {
             Some(q) => Linear::forward_q8(q, x)?,
