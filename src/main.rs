@@ -58,8 +58,9 @@ enum Command {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// The run file (TOML); `preset:NAME` for a built-in one (kjv, tiny-v2, tiny-v3, v2-lite-6m).
-    run: String,
+    /// The run file (TOML); `preset:NAME` for a built-in one (kjv, sft, tiny-v2, tiny-v3, v2-lite-6m).
+    /// Optional with --init, where it defaults to `preset:sft`.
+    run: Option<String>,
     /// Override a run-file key, e.g. --set optim.lr=1e-3 --set schedule.steps=200 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -283,7 +284,12 @@ fn run_train(args: TrainArgs) -> Result<()> {
     if let Some(out) = &args.out {
         overrides.push(format!("run.out={:?}", out.to_string_lossy()));
     }
-    let (run, run_path) = latent::train::RunFile::load(&args.run, &overrides)?;
+    let source = match (&args.run, &args.init) {
+        (Some(run), _) => run.clone(),
+        (None, Some(_)) => "preset:sft".to_string(),
+        (None, None) => bail!("give a run file or preset:NAME (or --init DIR to fine-tune with preset:sft)"),
+    };
+    let (run, run_path) = latent::train::RunFile::load(&source, &overrides)?;
     let out = run.run.out.clone();
     let opts = latent::train::TrainOptions { init: args.init.clone(), sft: args.sft.clone(), resume: args.resume };
     let mut trainer = latent::train::Trainer::new(run, &run_path, &opts)?;

@@ -192,6 +192,29 @@ fn train_then_generate_from_the_checkpoint() {
     let out = latent(&["perplexity", "--model", ckpt.to_str().unwrap(), "--file", &corpus, "--json"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
+    // Fine-tuning needs no run file: --init with the sft preset.
+    let chat = dir.path().join("chat.jsonl");
+    let line =
+        r#"{"messages": [{"role": "user", "content": "Beautiful?"}, {"role": "assistant", "content": "Simple."}]}"#;
+    std::fs::write(&chat, format!("{line}\n{line}\n{line}\n")).unwrap();
+    let sft_out = dir.path().join("sft");
+    let args = [
+        "train",
+        "--init",
+        ckpt.to_str().unwrap(),
+        "--sft",
+        chat.to_str().unwrap(),
+        "--set",
+        "schedule.steps=2",
+        "--set",
+        "data.seq_len=24",
+        "--out",
+        sft_out.to_str().unwrap(),
+    ];
+    let out = latent(&args, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(sft_out.join("checkpoint-000002/model.safetensors").exists());
+
     // Bad run-file input exits 1 with the key named, no panic.
     let out = latent(&["train", "preset:tiny-v2", "--set", "optim.beta2=1.5"], None);
     assert_eq!(out.status.code(), Some(1));

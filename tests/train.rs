@@ -390,7 +390,7 @@ fn bad_run_files_are_clear_errors() {
     let p = Path::new("run.toml");
     let err = RunFile::parse("[model]\nhidden_size = 8\n[optim]\nlearning_rate = 1\n", p, &[]).unwrap_err();
     assert!(err.to_string().contains("learning_rate"), "{err}");
-    let preset = latent::train::run::PRESETS[1].1;
+    let preset = latent::train::run::PRESETS.iter().find(|(name, _)| *name == "tiny-v2").unwrap().1;
     let err = RunFile::parse(preset, p, &["optim.lr=-1".into()]).unwrap_err();
     assert!(err.to_string().contains("optim.lr") && err.to_string().contains("-1"), "{err}");
     let err = RunFile::parse(preset, p, &["schedule.kind=linear".into()]).unwrap_err();

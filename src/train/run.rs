@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 /// Built-in run files, by name.
 pub const PRESETS: &[(&str, &str)] = &[
     ("kjv", include_str!("../../presets/kjv.toml")),
+    ("sft", include_str!("../../presets/sft.toml")),
     ("tiny-v2", include_str!("../../presets/tiny-v2.toml")),
     ("tiny-v3", include_str!("../../presets/tiny-v3.toml")),
     ("v2-lite-6m", include_str!("../../presets/v2-lite-6m.toml")),
@@ -22,7 +23,8 @@ pub const PRESETS: &[(&str, &str)] = &[
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunFile {
-    /// The model's `config.json`, in TOML.
+    /// The model's `config.json`, in TOML (absent when fine-tuning: the model comes from `--init`).
+    #[serde(default)]
     pub model: toml::Table,
     #[serde(default)]
     pub data: DataSection,
@@ -393,7 +395,9 @@ impl RunFile {
         if !["f32", "bf16"].contains(&r.save_dtype.as_str()) {
             return bad("run.save_dtype", format!("is `{}`, expected \"f32\" or \"bf16\"", r.save_dtype));
         }
-        self.config(path)?;
+        if !self.model.is_empty() {
+            self.config(path)?;
+        }
         Ok(())
     }
 }
