@@ -6,6 +6,7 @@
 //! the latent). Keys and values are never expanded per head; the caller applies `W_UV` to `o_lat`.
 
 use super::matvec::{matvec, weighted_rows};
+use super::rows::softmax_in_place;
 use super::Widen;
 
 /// Sizes of one absorbed decode step.
@@ -35,16 +36,6 @@ pub fn mla_decode<W: Widen>(
     let mut probs: Vec<f32> = content.iter().zip(&position).map(|(c, p)| (c + p) * scale).collect();
     probs.chunks_mut(len).for_each(softmax_in_place);
     weighted_rows(&probs, c_kv, heads, len, d_c) // (H, d_c)
-}
-
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    row.iter_mut().for_each(|v| *v /= sum);
 }
 
 /// Plain loops in f64: the definition `mla_decode` must match.

@@ -14,22 +14,24 @@ fn rows_per_task(cols: usize) -> usize {
 /// `y = softmax(x)` per row.
 pub fn softmax_rows(x: &[f32], cols: usize, y: &mut [f32]) {
     let chunk = rows_per_task(cols) * cols;
-    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(y, x)| {
-        for (y, x) in y.chunks_mut(cols).zip(x.chunks(cols)) {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if max == f32::NEG_INFINITY {
-                y.fill(0.0); // a fully masked row
-                continue;
-            }
-            let mut sum = 0.0f32;
-            for (o, &v) in y.iter_mut().zip(x) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            y.iter_mut().for_each(|o| *o *= inv);
-        }
-    });
+    y.copy_from_slice(x);
+    y.par_chunks_mut(chunk).for_each(|y| y.chunks_mut(cols).for_each(softmax_in_place));
+}
+
+/// Softmax of one row, in place; a fully masked row (all -inf) becomes zeros.
+pub fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let mut sum = 0.0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// `dx = y ⊙ (g − Σ g⊙y)` per row, from the softmax output `y` and the output gradient `g`.
