@@ -20,6 +20,8 @@ pub enum Error {
     #[error("tensor `{name}` is stored in both {} and {}; a checkpoint must hold each tensor once", .first.display(), .second.display())]
     DuplicateTensor { name: String, first: PathBuf, second: PathBuf },
     #[error("{}: {reason}", .path.display())]
+    Gguf { path: PathBuf, reason: String },
+    #[error("{}: {reason}", .path.display())]
     Tokenizer { path: PathBuf, reason: String },
     #[error("chat template: {0}")]
     Template(String),
@@ -43,6 +45,11 @@ impl Error {
     /// A config error on `field` of the file at `path`.
     pub fn config(path: &Path, field: &str, reason: impl Into<String>) -> Self {
         Error::Config { path: path.to_path_buf(), field: field.to_string(), reason: reason.into() }
+    }
+
+    /// A malformed or unsupported GGUF file.
+    pub fn gguf(path: &Path, reason: impl Into<String>) -> Self {
+        Error::Gguf { path: path.to_path_buf(), reason: reason.into() }
     }
 
     /// A malformed safetensors file or index.

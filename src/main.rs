@@ -134,14 +134,16 @@ impl From<DtypeArg> for DType {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Folder with config.json, *.safetensors and tokenizer.json (default: the built-in demo model, a small
+    /// Folder with config.json, *.safetensors and tokenizer.json, or a GGUF file of llama.cpp's deepseek2
+    /// architecture (default: the built-in demo model, a small
     /// DeepSeek-V2 trained on the King James Bible).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Compute dtype (default: the checkpoint's).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
-    /// Quantize the linear weights on load: q8_0 is GGML's Q8_0 (8.5 bits per weight).
+    /// Quantize the weights on load to a GGML format: q8_0 (8.5 bits per weight) or q4_k (4.5;
+    /// rows shorter than 256 take Q8_0). GGUF files keep the formats they were written in.
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
 }
@@ -150,12 +152,15 @@ struct ModelArgs {
 enum QuantArg {
     #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 impl From<QuantArg> for latent::weights::Quant {
     fn from(q: QuantArg) -> Self {
         match q {
             QuantArg::Q8_0 => latent::weights::Quant::Q8_0,
+            QuantArg::Q4K => latent::weights::Quant::Q4K,
         }
     }
 }
@@ -365,10 +370,16 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
     });
     bar.finish_and_clear();
     let (model, report) = loaded.with_context(|| format!("loading the model in {}", dir.display()))?;
-    let tokenizer = Tokenizer::load(&dir, Some(model.config()))
-        .with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
-    let quantized = match quant {
-        Some(_) => format!(", linear weights in Q8_0: {} in memory", bytes_str(model.weight_bytes())),
+    let tokenizer = if latent::weights::gguf::is_gguf(&dir) {
+        let file = latent::weights::gguf::GgufFile::open(&dir)?;
+        latent::weights::gguf_model::tokenizer(&file)
+            .with_context(|| format!("reading the tokenizer in {}", dir.display()))?
+    } else {
+        Tokenizer::load(&dir, Some(model.config()))
+            .with_context(|| format!("loading the tokenizer in {}", dir.display()))?
+    };
+    let quantized = match model.quant_summary() {
+        Some(kinds) => format!(", linear weights in {kinds}: {} in memory", bytes_str(model.weight_bytes())),
         None => String::new(),
     };
     eprintln!(

@@ -124,6 +124,25 @@ impl Tokenizer {
         Ok(Tokenizer { inner, bos, eos_text, eos_ids, add_bos: tcfg.add_bos_token.unwrap_or(false), chat_template })
     }
 
+    /// Builds a tokenizer from `tokenizer.json` bytes and settings given directly (a GGUF file's
+    /// metadata); `source` names them in errors.
+    pub fn from_settings(
+        json: &[u8],
+        source: &Path,
+        bos_id: Option<u32>,
+        eos_ids: Vec<u32>,
+        add_bos: bool,
+        chat_template: Option<String>,
+    ) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| Error::Tokenizer {
+            path: source.to_path_buf(),
+            reason: format!("cannot build the tokenizer from the metadata: {e}"),
+        })?;
+        let bos = bos_id.and_then(|id| inner.id_to_token(id).map(|t| (t, id)));
+        let eos_text = eos_ids.first().and_then(|&id| inner.id_to_token(id));
+        Ok(Tokenizer { inner, bos, eos_text, eos_ids, add_bos, chat_template })
+    }
+
     /// Token ids of `text` as a model input: BOS first when `add_bos_token` says so.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = Vec::new();

@@ -8,8 +8,9 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::kernels::kquant::{quantize_q4_k, QK_K};
 use crate::kernels::matvec::{matvec, MAX_ROWS};
-use crate::kernels::quant::{dequantize_q8_0, matvec_q8_0, quantize_q8_0, BlockQ8_0, QK8_0};
+use crate::kernels::quant::{quantize_q8_0, QuantMatrix, QK8_0};
 use crate::weights::{Quant, Weights};
 
 /// A contiguous CPU tensor's elements, for the hand-written kernels.
@@ -34,14 +35,14 @@ pub(crate) fn with_stored<R>(t: &Tensor, f: impl FnOnce(Stored<'_>) -> R) -> Opt
 pub struct Linear {
     /// The dense weight; empty when the weight is quantized.
     weight: Tensor,
-    q8: Option<Q8Weight>,
+    quant: Option<QuantWeight>,
     bias: Option<Tensor>,
 }
 
-/// A `(out, in)` weight in Q8_0 blocks.
+/// A `(out, in)` weight in GGML blocks.
 #[derive(Debug, Clone)]
-struct Q8Weight {
-    blocks: Arc<Vec<BlockQ8_0>>,
+struct QuantWeight {
+    blocks: Arc<QuantMatrix>,
     n_out: usize,
     n_in: usize,
 }
@@ -49,38 +50,60 @@ struct Q8Weight {
 impl Linear {
     /// Loads `name` with shape `(out, in)`, and its bias `bias_name` if given.
     pub fn load(w: &Weights, name: &str, out: usize, inp: usize, bias_name: Option<&str>) -> Result<Linear> {
-        let mut weight = w.get(name, &[out, inp])?;
         let bias = match bias_name {
             Some(b) => Some(w.get(b, &[out])?),
             None => None,
         };
-        let mut q8 = None;
-        if w.quant() == Some(Quant::Q8_0) && inp.is_multiple_of(QK8_0) && !weight.track_op() {
-            let values: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            q8 = Some(Q8Weight { blocks: Arc::new(quantize_q8_0(&values)), n_out: out, n_in: inp });
-            weight = Tensor::zeros(0, weight.dtype(), weight.device())?;
+        let empty = || Tensor::zeros(0, w.dtype(), w.device());
+        // Blocks stored in the file (GGUF) are used as they are.
+        if let Some(blocks) = w.get_quantized(name, &[out, inp])? {
+            w.note_quant_format(blocks.name());
+            let quant = QuantWeight { blocks: Arc::new(blocks), n_out: out, n_in: inp };
+            return Ok(Linear { weight: empty()?, quant: Some(quant), bias });
         }
-        Ok(Linear { weight, q8, bias })
+        let weight = w.get(name, &[out, inp])?;
+        let quantize = |values: &[f32]| match w.quant() {
+            Some(Quant::Q8_0) if inp.is_multiple_of(QK8_0) => Some(QuantMatrix::Q8_0(quantize_q8_0(values))),
+            Some(Quant::Q4K) if inp.is_multiple_of(QK_K) => Some(QuantMatrix::Q4K(quantize_q4_k(values))),
+            // Rows too short for Q4_K's 256 take Q8_0, as GGML's quantizer falls back to a
+            // 32-value format for them.
+            Some(Quant::Q4K) if inp.is_multiple_of(QK8_0) => Some(QuantMatrix::Q8_0(quantize_q8_0(values))),
+            _ => None,
+        };
+        if w.quant().is_some() && !weight.track_op() {
+            let values: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            if let Some(blocks) = quantize(&values) {
+                w.note_quant_format(blocks.name());
+                let quant = QuantWeight { blocks: Arc::new(blocks), n_out: out, n_in: inp };
+                return Ok(Linear { weight: empty()?, quant: Some(quant), bias });
+            }
+        }
+        Ok(Linear { weight, quant: None, bias })
     }
 
-    /// Bytes the weight occupies (Q8_0 blocks or dense elements), bias excluded.
+    /// Bytes the weight occupies (quantized blocks or dense elements), bias excluded.
     pub fn weight_bytes(&self) -> usize {
-        match &self.q8 {
-            Some(q) => q.blocks.len() * std::mem::size_of::<BlockQ8_0>(),
+        match &self.quant {
+            Some(q) => q.blocks.bytes(),
             None => self.weight.elem_count() * self.weight.dtype().size_in_bytes(),
         }
     }
 
-    /// `x Wᵀ` from Q8_0 blocks: the kernel for up to `MAX_ROWS` rows, else a GEMM over the
+    /// GGML's name of the weight's block format, if quantized.
+    pub fn quant_name(&self) -> Option<&'static str> {
+        self.quant.as_ref().map(|q| q.blocks.name())
+    }
+
+    /// `x Wᵀ` from quantized blocks: the kernel for up to `MAX_ROWS` rows, else a GEMM over the
     /// dequantized weight (for many rows the product costs far more than the dequantization).
-    fn forward_q8(q: &Q8Weight, x: &Tensor) -> Result<Tensor> {
+    fn forward_quant(q: &QuantWeight, x: &Tensor) -> Result<Tensor> {
         let (t, n_in) = x.dims2()?;
         let xs = x.to_dtype(DType::F32)?;
         let y = if t <= MAX_ROWS {
             let xv: Vec<f32> = xs.flatten_all()?.to_vec1()?;
-            Tensor::from_vec(matvec_q8_0(&xv, &q.blocks, t, n_in, q.n_out), (t, q.n_out), x.device())?
+            Tensor::from_vec(q.blocks.matvec(&xv, t, n_in, q.n_out), (t, q.n_out), x.device())?
         } else {
-            let dense = Tensor::from_vec(dequantize_q8_0(&q.blocks), (q.n_out, q.n_in), x.device())?;
+            let dense = Tensor::from_vec(q.blocks.dequantize(), (q.n_out, q.n_in), x.device())?;
             xs.matmul(&dense.t()?)?
         };
         Ok(y.to_dtype(x.dtype())?)
@@ -112,14 +135,14 @@ impl Linear {
 
     /// Wraps an existing `(out, in)` weight.
     pub fn from_weight(weight: Tensor) -> Linear {
-        Linear { weight, q8: None, bias: None }
+        Linear { weight, quant: None, bias: None }
     }
 
     /// `x: (T, in)` -> `(T, out)`. Up to `MAX_ROWS` rows (decode, short prompts) go through
     /// [`matvec`], more through GEMM.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.q8 {
-            Some(q) => Linear::forward_q8(q, x)?,
+        let y = match &self.quant {
+            Some(q) => Linear::forward_quant(q, x)?,
             None => match self.matvec(x)? {
                 Some(y) => y,
                 None => x.matmul(&self.weight.t()?)?,
@@ -129,6 +152,77 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// The token embedding `(V, hidden)`: a dense tensor, or quantized rows (a GGUF file's, or
+/// `--quant`) dequantized on lookup, so a quantized model never holds a dense copy.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    dense: Option<Tensor>,
+    quant: Option<Arc<QuantMatrix>>,
+    hidden: usize,
+    dtype: DType,
+}
+
+impl Embedding {
+    /// Loads `name` with shape `(vocab, hidden)`.
+    pub fn load(w: &Weights, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        let dtype = w.dtype();
+        if let Some(blocks) = w.get_quantized(name, &[vocab, hidden])? {
+            return Ok(Embedding { dense: None, quant: Some(Arc::new(blocks)), hidden, dtype });
+        }
+        let weight = w.get(name, &[vocab, hidden])?;
+        if w.quant().is_some() && !weight.track_op() {
+            let values: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let blocks = match w.quant() {
+                Some(Quant::Q4K) if hidden.is_multiple_of(QK_K) => Some(QuantMatrix::Q4K(quantize_q4_k(&values))),
+                Some(_) if hidden.is_multiple_of(QK8_0) => Some(QuantMatrix::Q8_0(quantize_q8_0(&values))),
+                _ => None,
+            };
+            if let Some(blocks) = blocks {
+                return Ok(Embedding { dense: None, quant: Some(Arc::new(blocks)), hidden, dtype });
+            }
+        }
+        Ok(Embedding { dense: Some(weight), quant: None, hidden, dtype })
+    }
+
+    /// Rows `ids` `(n, hidden)`; differentiable when the table is a variable.
+    pub fn forward(&self, ids: &[u32], device: &candle_core::Device) -> Result<Tensor> {
+        match (&self.dense, &self.quant) {
+            (Some(t), _) => Ok(t.index_select(&Tensor::from_slice(ids, ids.len(), device)?, 0)?),
+            (None, Some(q)) => {
+                let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+                let values = q.dequantize_rows(&rows, self.hidden);
+                Ok(Tensor::from_vec(values, (ids.len(), self.hidden), device)?.to_dtype(self.dtype)?)
+            }
+            (None, None) => Err(crate::error::Error::InvalidArgument("embedding has no weight".into())),
+        }
+    }
+
+    /// The same table as an output head (tied embeddings).
+    pub fn as_linear(&self) -> Result<Linear> {
+        Ok(match (&self.dense, &self.quant) {
+            (Some(t), _) => Linear::from_weight(t.clone()),
+            (None, q) => Linear {
+                weight: Tensor::zeros(0, self.dtype, &candle_core::Device::Cpu)?,
+                quant: q.clone().map(|blocks| QuantWeight {
+                    n_out: blocks.rows(self.hidden),
+                    n_in: self.hidden,
+                    blocks,
+                }),
+                bias: None,
+            },
+        })
+    }
+
+    /// Bytes of the table.
+    pub fn weight_bytes(&self) -> usize {
+        match (&self.dense, &self.quant) {
+            (Some(t), _) => t.elem_count() * t.dtype().size_in_bytes(),
+            (None, Some(q)) => q.bytes(),
+            (None, None) => 0,
+        }
     }
 }
 

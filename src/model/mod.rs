@@ -18,7 +18,7 @@ use crate::cache::LatentCache;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::weights::{names, Quant, Weights};
-use layers::{Linear, Mlp, RmsNorm};
+use layers::{Embedding, Linear, Mlp, RmsNorm};
 pub use mla::AttentionPath;
 use mla::{Mla, Positions};
 use moe::{Moe, MoeTrace, MoeTraining};
@@ -110,7 +110,7 @@ pub struct LoadReport {
 #[derive(Debug, Clone)]
 pub struct Model {
     config: Config,
-    embed_tokens: Tensor, // (V, hidden)
+    embed_tokens: Embedding, // (V, hidden)
     layers: Vec<DecoderLayer>,
     mtp: Vec<MtpModule>,
     norm: RmsNorm,
@@ -119,6 +119,8 @@ pub struct Model {
     dtype: DType,
     device: Device,
     prefill_chunk: usize,
+    /// GGML formats of the quantized linear weights, e.g. `Q4_K, Q6_K`.
+    quant_formats: Option<String>,
 }
 
 /// Tokens run per step of a long prefill: attention scores then take `H x chunk x S` values, not `H x T x S`.
@@ -141,6 +143,8 @@ impl Model {
     }
 
     /// Like `load_with_progress`, quantizing the linear weights to `quant` as they are read.
+    /// `dir` may also be a GGUF file of llama.cpp's `deepseek2` architecture: its quantized
+    /// weights are then used as they are stored, the others computed in `dtype` (F32 if `None`).
     pub fn load_quantized(
         dir: &Path,
         dtype: Option<DType>,
@@ -148,8 +152,16 @@ impl Model {
         device: &Device,
         progress: impl FnMut(usize, usize),
     ) -> Result<(Model, LoadReport)> {
-        let config = Config::from_file(&dir.join("config.json"))?;
-        let weights = Weights::open(dir, dtype, device)?.with_fp8_block(config.fp8_block).with_quant(quant);
+        let (config, weights) = if crate::weights::gguf::is_gguf(dir) {
+            let file = crate::weights::gguf::GgufFile::open(dir)?;
+            let config = crate::weights::gguf_model::config(&file)?;
+            let weights = Weights::open_gguf(file, &config, dtype, device)?;
+            (config, weights)
+        } else {
+            let config = Config::from_file(&dir.join("config.json"))?;
+            (config.clone(), Weights::open(dir, dtype, device)?.with_fp8_block(config.fp8_block))
+        };
+        let weights = weights.with_quant(quant);
         let model = Model::from_weights(config, &weights, progress)?;
         let n_layers = model.config.num_hidden_layers;
         let (skipped_mtp, unused) =
@@ -170,7 +182,7 @@ impl Model {
 
     fn build(config: Config, w: &Weights, with_mtp: bool, mut progress: impl FnMut(usize, usize)) -> Result<Model> {
         let (hidden, vocab, n_layers) = (config.hidden_size, config.vocab_size, config.num_hidden_layers);
-        let embed_tokens = w.get(names::EMBED_TOKENS, &[vocab, hidden])?;
+        let embed_tokens = Embedding::load(w, names::EMBED_TOKENS, vocab, hidden)?;
         let mut layers = Vec::new();
         for i in 0..n_layers {
             layers.push(load_layer(w, &config, i)?);
@@ -192,7 +204,7 @@ impl Model {
         }
         let norm = RmsNorm::load(w, names::FINAL_NORM, hidden, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
-            Linear::from_weight(embed_tokens.clone())
+            embed_tokens.as_linear()?
         } else {
             Linear::load(w, names::LM_HEAD, vocab, hidden, None)?
         };
@@ -208,13 +220,13 @@ impl Model {
             dtype: w.dtype(),
             device: w.device().clone(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            quant_formats: w.quant_formats(),
         })
     }
 
     /// Bytes the weights occupy in memory as loaded (quantized linears at their block size).
     pub fn weight_bytes(&self) -> usize {
-        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let mut total = dense(&self.embed_tokens) + self.norm.weight_bytes();
+        let mut total = self.embed_tokens.weight_bytes() + self.norm.weight_bytes();
         if !self.config.tie_word_embeddings {
             total += self.lm_head.weight_bytes();
         }
@@ -227,6 +239,11 @@ impl Model {
             };
         }
         total
+    }
+
+    /// GGML formats of the quantized linear weights (`Q4_K, Q6_K`), `None` when all are dense.
+    pub fn quant_summary(&self) -> Option<&str> {
+        self.quant_formats.as_deref()
     }
 
     /// The validated configuration.
@@ -287,8 +304,7 @@ impl Model {
         for seq in tokens.chunks(t) {
             self.check_tokens(seq, 0)?;
         }
-        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
-        let embedded = self.embed_tokens.index_select(&ids, 0)?; // (B T, hidden)
+        let embedded = self.embed_tokens.forward(tokens, &self.device)?; // (B T, hidden)
         let pos = Positions::new(&self.rope, 0, t, &self.device)?;
         let mut traces = Vec::new();
         let mut x = embedded.clone();
@@ -382,8 +398,7 @@ impl Model {
         mut trace: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         self.check_tokens(tokens, cache.len())?;
-        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?; // (T, hidden)
+        let mut x = self.embed_tokens.forward(tokens, &self.device)?; // (T, hidden)
         let pos = Positions::new(&self.rope, cache.len(), tokens.len(), &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let attn = layer.attn.forward(&layer.input_layernorm.forward(&x)?, i, cache, &pos, path)?;

@@ -6,6 +6,8 @@
 //! copying the bytes once, straight from the mapping into a tensor of the compute dtype.
 
 pub mod fp8;
+pub mod gguf;
+pub mod gguf_model;
 pub mod names;
 
 use std::collections::{BTreeSet, HashMap};
@@ -18,7 +20,11 @@ use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
+use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kernels::kquant::{BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ6K};
+use crate::kernels::quant::{dequantize, BlockQ8_0, QuantBlock, QuantMatrix};
+use gguf::{GgmlType, GgufFile};
 
 /// One mapped shard and where its tensor data starts.
 struct Shard {
@@ -35,6 +41,8 @@ struct Entry {
     shape: Vec<usize>,
     begin: usize,
     end: usize,
+    /// The GGML type of a tensor from a GGUF file (then `dtype` is unused).
+    ggml: Option<GgmlType>,
 }
 
 /// All tensors of a checkpoint, mapped but not yet copied.
@@ -50,6 +58,8 @@ pub struct Weights {
     /// Tensors held in memory (training's variables), served before the mapped ones, as they are.
     memory: HashMap<String, Tensor>,
     quant: Option<Quant>,
+    /// GGML formats of the quantized weights handed out, for reports.
+    quant_formats: Mutex<BTreeSet<&'static str>>,
 }
 
 /// A quantized format linear weights can be converted to on load.
@@ -57,6 +67,8 @@ pub struct Weights {
 pub enum Quant {
     /// GGML's Q8_0: blocks of 32 i8 values with one f16 scale (8.5 bits per weight).
     Q8_0,
+    /// GGML's Q4_K: blocks of 256 4-bit values with 6-bit group scales and minimums (4.5 bits per weight).
+    Q4K,
 }
 
 #[derive(Deserialize)]
@@ -128,6 +140,109 @@ impl Weights {
         Ok(Weights::assemble(path, vec![shard], entries, HashMap::new(), dtype, device))
     }
 
+    /// Maps the tensors of a `deepseek2` GGUF file under their Hugging Face names (see
+    /// [`gguf_model`]); `config` is the file's own (`gguf_model::config`). Tensors in F32/F16/BF16
+    /// and the formats the kernels do not read directly are converted to `dtype` (when `None`:
+    /// BF16 for a mostly-BF16 file, else F32) on `get`; Q8_0, Q4_K and Q6_K linear weights stay in their blocks
+    /// (`get_quantized`). A split `attn_k_b` / `attn_v_b` pair is joined back into `kv_b_proj`.
+    pub fn open_gguf(file: GgufFile, config: &Config, dtype: Option<DType>, device: &Device) -> Result<Weights> {
+        let (mapped, split, unknown) = gguf_model::map_tensors(&file)?;
+        if let Some(name) = unknown.first() {
+            return Err(Error::gguf(&file.path, format!("tensor `{name}` has no place in a deepseek2 model")));
+        }
+        let mut memory = HashMap::new();
+        let (heads, rank) = (config.num_attention_heads, config.kv_lora_rank);
+        let (nope, v) = (config.qk_nope_head_dim, config.v_head_dim);
+        for s in split {
+            let want_k = [heads, rank, nope];
+            let want_v = [heads, v, rank];
+            for (t, want) in [(&s.k_b, &want_k), (&s.v_b, &want_v)] {
+                if t.shape() != want {
+                    return Err(Error::TensorShape {
+                        path: file.path.clone(),
+                        name: t.name.clone(),
+                        expected: want.to_vec(),
+                        got: t.shape(),
+                    });
+                }
+            }
+            let k = dequantize_ggml(s.k_b.ggml_type, file.data(&s.k_b));
+            let vv = dequantize_ggml(s.v_b.ggml_type, file.data(&s.v_b));
+            let joined = gguf_model::join_kv_b(&k, &vv, heads, rank, nope, v);
+            let name = names::layer(s.layer).attn("kv_b_proj");
+            memory.insert(name, Tensor::from_vec(joined, (heads * (nope + v), rank), device)?);
+        }
+        let mut entries = HashMap::new();
+        for m in mapped {
+            let entry = Entry {
+                shard: 0,
+                dtype: Dtype::F32,
+                shape: m.shape,
+                begin: m.start,
+                end: m.start + m.len,
+                ggml: Some(m.ggml_type),
+            };
+            if entries.insert(m.name.clone(), entry).is_some() {
+                return Err(Error::gguf(&file.path, format!("two tensors map to `{}`", m.name)));
+            }
+        }
+        let path = file.path.clone();
+        let shard = Shard { path: path.clone(), mmap: file.mmap, data_start: 0 };
+        // A bf16 file computes in bf16; every other (f16, f32, quantized) in f32.
+        let bf16_bytes: usize =
+            entries.values().filter(|e| e.ggml == Some(GgmlType::BF16)).map(|e| e.end - e.begin).sum();
+        let all_bytes: usize = entries.values().map(|e| e.end - e.begin).sum();
+        let dtype = dtype.unwrap_or(if 2 * bf16_bytes > all_bytes { DType::BF16 } else { DType::F32 });
+        Ok(Weights::assemble(&path, vec![shard], entries, memory, dtype, device))
+    }
+
+    /// The blocks of `name` if it is stored in a format the kernels multiply directly (Q8_0,
+    /// Q4_K, Q6_K) with `shape` `(out, in)`; `None` for every other tensor.
+    pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QuantMatrix>> {
+        let Some(entry) = self.entries.get(name) else { return Ok(None) };
+        let Some(ty) = entry.ggml else { return Ok(None) };
+        if !matches!(ty, GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K) || self.memory.contains_key(name) {
+            return Ok(None);
+        }
+        let shard = &self.shards[entry.shard];
+        if entry.shape != shape {
+            return Err(Error::TensorShape {
+                path: shard.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: entry.shape.clone(),
+            });
+        }
+        let bytes = &shard.mmap[shard.data_start + entry.begin..shard.data_start + entry.end];
+        let blocks = match ty {
+            GgmlType::Q8_0 => QuantMatrix::Q8_0(copy_blocks::<BlockQ8_0>(bytes)),
+            GgmlType::Q4K => QuantMatrix::Q4K(copy_blocks::<BlockQ4K>(bytes)),
+            _ => QuantMatrix::Q6K(copy_blocks::<BlockQ6K>(bytes)),
+        };
+        // SAFETY: as in `get_as`: the read-only range is not used after this point.
+        let _ = unsafe {
+            shard.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, shard.data_start + entry.begin, bytes.len())
+        };
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+        Ok(Some(blocks))
+    }
+
+    /// Records that a weight is held in the GGML format `name` (`Linear::load` calls it).
+    pub fn note_quant_format(&self, name: &'static str) {
+        self.quant_formats.lock().unwrap_or_else(|p| p.into_inner()).insert(name);
+    }
+
+    /// The GGML formats of the quantized weights handed out so far, e.g. `Q4_K, Q6_K`.
+    pub fn quant_formats(&self) -> Option<String> {
+        let formats = self.quant_formats.lock().unwrap_or_else(|p| p.into_inner());
+        (!formats.is_empty()).then(|| formats.iter().copied().collect::<Vec<_>>().join(", "))
+    }
+
+    /// The GGML type of `name`, if it comes from a GGUF file.
+    pub fn ggml_type(&self, name: &str) -> Option<GgmlType> {
+        self.entries.get(name).and_then(|e| e.ggml)
+    }
+
     /// Serves `tensors` (all of one dtype, e.g. training's variables) as a checkpoint: `get` returns
     /// them as they are, so a model built from them shares their storage and their gradients.
     pub fn from_tensors(tensors: HashMap<String, Tensor>, source: &Path, device: &Device) -> Weights {
@@ -153,6 +268,7 @@ impl Weights {
             used: Mutex::new(BTreeSet::new()),
             memory,
             quant: None,
+            quant_formats: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -235,6 +351,12 @@ impl Weights {
                 expected: shape.to_vec(),
                 got: entry.shape.clone(),
             });
+        }
+        if let Some(ty) = entry.ggml {
+            let bytes = &shard.mmap[shard.data_start + entry.begin..shard.data_start + entry.end];
+            let values = dequantize_ggml(ty, bytes);
+            self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+            return Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(dtype)?);
         }
         let stored = match entry.dtype {
             Dtype::BF16 => DType::BF16,
@@ -326,6 +448,38 @@ fn copy_elements<T: Copy>(bytes: &[u8]) -> Vec<T> {
     v
 }
 
+/// Copies GGML blocks out of the file (the block structs are plain bytes and f16s, valid for
+/// every bit pattern; the file's bytes need not be aligned for them).
+fn copy_blocks<B: QuantBlock>(bytes: &[u8]) -> Vec<B> {
+    let size = std::mem::size_of::<B>();
+    let n = bytes.len() / size;
+    let mut v: Vec<B> = Vec::with_capacity(n);
+    advise_huge_pages(v.as_mut_ptr().cast::<u8>(), n * size);
+    // SAFETY: `v` has room for `n` blocks (`n * size` bytes) and `bytes` holds at least that many;
+    // the regions are distinct allocations. Every `QuantBlock` is `repr(C)` over u8/i8 arrays and
+    // f16 (any bits are a valid f16), so the copied bytes initialise all `n` blocks.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), n * size);
+        v.set_len(n);
+    }
+    v
+}
+
+/// The f32 values of GGML-typed tensor data.
+pub fn dequantize_ggml(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
+    match ty {
+        GgmlType::F32 => copy_elements::<f32>(bytes),
+        GgmlType::F16 => copy_elements::<half::f16>(bytes).iter().map(|v| v.to_f32()).collect(),
+        GgmlType::BF16 => copy_elements::<half::bf16>(bytes).iter().map(|v| v.to_f32()).collect(),
+        GgmlType::Q4_0 => dequantize(&copy_blocks::<BlockQ4_0>(bytes)),
+        GgmlType::Q5_0 => dequantize(&copy_blocks::<BlockQ5_0>(bytes)),
+        GgmlType::Q8_0 => dequantize(&copy_blocks::<BlockQ8_0>(bytes)),
+        GgmlType::Q4K => dequantize(&copy_blocks::<BlockQ4K>(bytes)),
+        GgmlType::Q5K => dequantize(&copy_blocks::<BlockQ5K>(bytes)),
+        GgmlType::Q6K => dequantize(&copy_blocks::<BlockQ6K>(bytes)),
+    }
+}
+
 /// MADV_HUGEPAGE on the 2 MiB-aligned part of a fresh allocation (a hint; failures are ignored).
 fn advise_huge_pages(ptr: *mut u8, len: usize) {
     #[cfg(target_os = "linux")]
@@ -389,7 +543,7 @@ fn map_shard(path: &Path) -> Result<(Shard, Vec<(String, Entry)>)> {
         .into_iter()
         .map(|(name, info)| {
             let (begin, end) = info.data_offsets;
-            let entry = Entry { shard: 0, dtype: info.dtype, shape: info.shape.clone(), begin, end };
+            let entry = Entry { shard: 0, dtype: info.dtype, shape: info.shape.clone(), begin, end, ggml: None };
             (name, entry)
         })
         .collect();

@@ -1,0 +1,404 @@
+//! GGML's k-quants and the older 32-value formats, byte for byte as `ggml-common.h` lays them out.
+//!
+//! - Q4_K: 256 values in 8 groups of 32; 4-bit codes; each group has a 6-bit scale and a 6-bit
+//!   minimum, themselves scaled by the block's f16 `d` and `dmin` (4.5 bits per weight):
+//!   `w = d·sc_j·q − dmin·m_j`.
+//! - Q6_K: 256 values in 16 groups of 16; 6-bit codes (low 4 bits in `ql`, high 2 in `qh`), an i8
+//!   scale per group and one f16 `d` (6.56 bits per weight): `w = d·sc_j·(q − 32)`.
+//! - Q5_K (dequantized on load): Q4_K with a fifth bit per code in `qh`.
+//! - Q4_0, Q5_0 (dequantized on load): 32 values, one f16 scale, codes offset by 8 or 16; GGUF
+//!   converters fall back to them for rows whose length is not a multiple of 256.
+//!
+//! Q4_K and Q6_K implement [`QuantBlock`], so the decode product reads them directly.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::quant::QuantBlock;
+
+/// Values per k-quant super-block.
+pub const QK_K: usize = 256;
+/// Bytes of the packed 6-bit scales and minimums of Q4_K / Q5_K.
+pub const K_SCALE_SIZE: usize = 12;
+
+/// GGML's `block_q4_K` (144 bytes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ4K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; K_SCALE_SIZE],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// GGML's `block_q6_K` (210 bytes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ6K {
+    pub ql: [u8; QK_K / 2],
+    pub qh: [u8; QK_K / 4],
+    pub scales: [i8; QK_K / 16],
+    pub d: f16,
+}
+
+/// GGML's `block_q5_K` (176 bytes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ5K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; K_SCALE_SIZE],
+    pub qh: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// GGML's `block_q4_0` (18 bytes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ4_0 {
+    pub d: f16,
+    pub qs: [u8; 16],
+}
+
+/// GGML's `block_q5_0` (22 bytes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ5_0 {
+    pub d: f16,
+    pub qh: [u8; 4],
+    pub qs: [u8; 16],
+}
+
+/// The 6-bit scale and minimum of group `j` (GGML's `get_scale_min_k4`).
+#[inline(always)]
+fn scale_min(j: usize, q: &[u8; K_SCALE_SIZE]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Packs eight 6-bit scales and minimums the way [`scale_min`] reads them.
+fn pack_scales(sc: &[u8; 8], m: &[u8; 8]) -> [u8; K_SCALE_SIZE] {
+    let mut q = [0u8; K_SCALE_SIZE];
+    for j in 0..4 {
+        q[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        q[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
+        q[j + 8] = (sc[j + 4] & 0xf) | ((m[j + 4] & 0xf) << 4);
+    }
+    q
+}
+
+impl QuantBlock for BlockQ4K {
+    const VALUES: usize = QK_K;
+    const NAME: &'static str = "Q4_K";
+
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
+        for p in 0..4 {
+            let codes = &self.qs[32 * p..32 * p + 32];
+            let (sc1, m1) = scale_min(2 * p, &self.scales);
+            let (sc2, m2) = scale_min(2 * p + 1, &self.scales);
+            let (d1, mm1, d2, mm2) = (d * sc1 as f32, dmin * m1 as f32, d * sc2 as f32, dmin * m2 as f32);
+            for l in 0..32 {
+                out[64 * p + l] = d1 * (codes[l] & 0xf) as f32 - mm1;
+                out[64 * p + 32 + l] = d2 * (codes[l] >> 4) as f32 - mm2;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn dot(&self, q: &[i8], d: &[f32], sums: &[i32]) -> f32 {
+        let (dd, dmin) = (self.d.to_f32(), self.dmin.to_f32());
+        let mut acc = 0f32;
+        for p in 0..4 {
+            let codes = &self.qs[32 * p..32 * p + 32];
+            let (xlo, xhi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
+            let (mut lo, mut hi) = (0i32, 0i32);
+            for l in 0..32 {
+                lo += ((codes[l] & 0xf) as i16 * xlo[l] as i16) as i32;
+                hi += ((codes[l] >> 4) as i16 * xhi[l] as i16) as i32;
+            }
+            let (sc1, m1) = scale_min(2 * p, &self.scales);
+            let (sc2, m2) = scale_min(2 * p + 1, &self.scales);
+            acc += d[2 * p] * (dd * (sc1 as i32 * lo) as f32 - dmin * (m1 as i32 * sums[2 * p]) as f32);
+            acc += d[2 * p + 1] * (dd * (sc2 as i32 * hi) as f32 - dmin * (m2 as i32 * sums[2 * p + 1]) as f32);
+        }
+        acc
+    }
+}
+
+impl BlockQ6K {
+    /// The 6-bit codes (0..64, offset by 32) in value order.
+    #[inline(always)]
+    fn codes(&self) -> [i8; QK_K] {
+        let mut out = [0i8; QK_K];
+        for n in 0..2 {
+            let (ql, qh) = (&self.ql[64 * n..64 * n + 64], &self.qh[32 * n..32 * n + 32]);
+            let y = &mut out[128 * n..128 * n + 128];
+            for l in 0..32 {
+                y[l] = ((ql[l] & 0xf) | ((qh[l] & 3) << 4)) as i8 - 32;
+                y[l + 32] = ((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                y[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                y[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+            }
+        }
+        out
+    }
+}
+
+impl QuantBlock for BlockQ6K {
+    const VALUES: usize = QK_K;
+    const NAME: &'static str = "Q6_K";
+
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = self.d.to_f32();
+        for (i, (o, q)) in out.iter_mut().zip(self.codes()).enumerate() {
+            *o = d * self.scales[i / 16] as f32 * q as f32;
+        }
+    }
+
+    #[inline(always)]
+    fn dot(&self, q: &[i8], d: &[f32], _sums: &[i32]) -> f32 {
+        let codes = self.codes();
+        let mut acc = 0f32;
+        for g in 0..8 {
+            let (w, x) = (&codes[32 * g..32 * g + 32], &q[32 * g..32 * g + 32]);
+            let (a, b) = (super::quant::dot_i8(&w[..16], &x[..16]), super::quant::dot_i8(&w[16..], &x[16..]));
+            acc += d[g] * (self.scales[2 * g] as i32 * a + self.scales[2 * g + 1] as i32 * b) as f32;
+        }
+        acc * self.d.to_f32()
+    }
+}
+
+impl QuantBlock for BlockQ5K {
+    const VALUES: usize = QK_K;
+    const NAME: &'static str = "Q5_K";
+
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
+        for p in 0..4 {
+            let codes = &self.qs[32 * p..32 * p + 32];
+            let (u1, u2) = (1u8 << (2 * p), 2u8 << (2 * p));
+            let (sc1, m1) = scale_min(2 * p, &self.scales);
+            let (sc2, m2) = scale_min(2 * p + 1, &self.scales);
+            for l in 0..32 {
+                let hi1 = if self.qh[l] & u1 != 0 { 16.0 } else { 0.0 };
+                let hi2 = if self.qh[l] & u2 != 0 { 16.0 } else { 0.0 };
+                out[64 * p + l] = d * sc1 as f32 * ((codes[l] & 0xf) as f32 + hi1) - dmin * m1 as f32;
+                out[64 * p + 32 + l] = d * sc2 as f32 * ((codes[l] >> 4) as f32 + hi2) - dmin * m2 as f32;
+            }
+        }
+    }
+
+    fn dot(&self, q: &[i8], d: &[f32], _sums: &[i32]) -> f32 {
+        let mut w = [0f32; QK_K];
+        self.dequantize(&mut w);
+        (0..QK_K).map(|i| w[i] * q[i] as f32 * d[i / 32]).sum()
+    }
+}
+
+impl QuantBlock for BlockQ4_0 {
+    const VALUES: usize = 32;
+    const NAME: &'static str = "Q4_0";
+
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = self.d.to_f32();
+        for j in 0..16 {
+            out[j] = ((self.qs[j] & 0xf) as i32 - 8) as f32 * d;
+            out[j + 16] = ((self.qs[j] >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+
+    fn dot(&self, q: &[i8], d: &[f32], _sums: &[i32]) -> f32 {
+        let mut w = [0f32; 32];
+        self.dequantize(&mut w);
+        (0..32).map(|i| w[i] * q[i] as f32).sum::<f32>() * d[0]
+    }
+}
+
+impl QuantBlock for BlockQ5_0 {
+    const VALUES: usize = 32;
+    const NAME: &'static str = "Q5_0";
+
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = self.d.to_f32();
+        let qh = u32::from_le_bytes(self.qh);
+        for j in 0..16 {
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            out[j] = (((self.qs[j] & 0xf) as u32 | h0) as i32 - 16) as f32 * d;
+            out[j + 16] = (((self.qs[j] >> 4) as u32 | h1) as i32 - 16) as f32 * d;
+        }
+    }
+
+    fn dot(&self, q: &[i8], d: &[f32], _sums: &[i32]) -> f32 {
+        let mut w = [0f32; 32];
+        self.dequantize(&mut w);
+        (0..32).map(|i| w[i] * q[i] as f32).sum::<f32>() * d[0]
+    }
+}
+
+/// Quantizes rows whose length is a multiple of 256 to Q4_K.
+///
+/// Each group of 32 gets the scale and minimum of the least-squares fit `x ≈ s·q − m` to its
+/// codes (two rounds from the min/max start), clamped so `m ≥ 0`; the eight scales and minimums
+/// are then quantized to 6 bits against the block's `d` and `dmin`, and the codes recomputed with
+/// them. The layout is GGML's; GGML's own quantizer searches the scales harder
+/// (`make_qkx2_quants`), so its files can be a little more accurate than this on-load path.
+pub fn quantize_q4_k(values: &[f32]) -> Vec<BlockQ4K> {
+    assert!(values.len().is_multiple_of(QK_K), "quantize_q4_k: length is not a multiple of 256");
+    values.par_chunks(QK_K).map(quantize_block_q4_k).collect()
+}
+
+fn quantize_block_q4_k(x: &[f32]) -> BlockQ4K {
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    for (j, group) in x.chunks_exact(32).enumerate() {
+        let (s, m) = fit_group(group);
+        scales[j] = s;
+        mins[j] = m;
+    }
+    let max_scale = scales.iter().fold(0f32, |a, &b| a.max(b));
+    let max_min = mins.iter().fold(0f32, |a, &b| a.max(b));
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
+    let (df, dminf) = (d.to_f32(), dmin.to_f32());
+    let q6 = |v: f32, unit: f32| if unit > 0.0 { (v / unit).round().clamp(0.0, 63.0) as u8 } else { 0 };
+    let sc: [u8; 8] = std::array::from_fn(|j| q6(scales[j], df));
+    let m: [u8; 8] = std::array::from_fn(|j| q6(mins[j], dminf));
+    let mut qs = [0u8; QK_K / 2];
+    for p in 0..4 {
+        for half in 0..2 {
+            let j = 2 * p + half;
+            let (step, offset) = (df * sc[j] as f32, dminf * m[j] as f32);
+            for l in 0..32 {
+                let v = x[32 * j + l];
+                let code = if step > 0.0 { ((v + offset) / step).round().clamp(0.0, 15.0) as u8 } else { 0 };
+                qs[32 * p + l] |= code << (4 * half);
+            }
+        }
+    }
+    BlockQ4K { d, dmin, scales: pack_scales(&sc, &m), qs }
+}
+
+/// `(s, m)` with `x ≈ s·q − m`, `q` in 0..=15, `m ≥ 0`.
+fn fit_group(x: &[f32]) -> (f32, f32) {
+    let lo = x.iter().fold(0f32, |a, &b| a.min(b)); // the minimum, never above 0
+    let hi = x.iter().fold(f32::MIN, |a, &b| a.max(b));
+    if hi <= lo {
+        return (0.0, -lo);
+    }
+    let (mut s, mut m) = ((hi - lo) / 15.0, -lo);
+    for _ in 0..2 {
+        // Codes for the current fit, then the least-squares s and m for those codes.
+        let n = x.len() as f32;
+        let (mut sq, mut sqq, mut sx, mut sqx) = (0f32, 0f32, 0f32, 0f32);
+        for &v in x {
+            let q = ((v + m) / s).round().clamp(0.0, 15.0);
+            sq += q;
+            sqq += q * q;
+            sx += v;
+            sqx += q * v;
+        }
+        let det = n * sqq - sq * sq;
+        if det <= 0.0 {
+            break;
+        }
+        let s_new = (n * sqx - sq * sx) / det;
+        let m_new = (s_new * sq - sx) / n;
+        if s_new <= 0.0 || m_new < 0.0 {
+            break;
+        }
+        s = s_new;
+        m = m_new;
+    }
+    (s, m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::matvec::tests::random;
+    use crate::kernels::quant::dequantize;
+    use crate::kernels::quant::tests::check_kernel;
+
+    #[test]
+    fn blocks_have_ggml_sizes() {
+        assert_eq!(std::mem::size_of::<BlockQ4K>(), 144);
+        assert_eq!(std::mem::size_of::<BlockQ6K>(), 210);
+        assert_eq!(std::mem::size_of::<BlockQ5K>(), 176);
+        assert_eq!(std::mem::size_of::<BlockQ4_0>(), 18);
+        assert_eq!(std::mem::size_of::<BlockQ5_0>(), 22);
+    }
+
+    #[test]
+    fn scales_pack_and_unpack() {
+        let sc = [0, 1, 17, 63, 32, 48, 5, 62];
+        let m = [63, 0, 40, 2, 15, 16, 33, 1];
+        let packed = pack_scales(&sc, &m);
+        for j in 0..8 {
+            assert_eq!(scale_min(j, &packed), (sc[j], m[j]), "group {j}");
+        }
+    }
+
+    #[test]
+    fn q4_k_round_trip_is_within_its_step() {
+        let v = random(QK_K * 12, 3);
+        let blocks = quantize_q4_k(&v);
+        let back = dequantize(&blocks);
+        let err: f32 = v.iter().zip(&back).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+        let norm: f32 = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        // Uniform values in [-0.5, 0.5) with 16 levels per group: about 1/15/sqrt(12)/0.29 = 6.7%.
+        assert!(err / norm < 0.08, "relative error {}", err / norm);
+        assert!(quantize_q4_k(&[0.0; QK_K]).iter().all(|b| dequantize(&[*b]).iter().all(|&x| x == 0.0)));
+    }
+
+    #[test]
+    fn q4_k_and_q6_k_kernels_match_their_references_in_every_variant() {
+        check_kernel(quantize_q4_k);
+        check_kernel(quantize_q6_k_for_tests);
+    }
+
+    /// A Q6_K quantizer for tests only (GGUF files bring their own): max-abs scales per 16.
+    fn quantize_q6_k_for_tests(values: &[f32]) -> Vec<BlockQ6K> {
+        values
+            .chunks(QK_K)
+            .map(|x| {
+                let amax: Vec<f32> = x.chunks(16).map(|g| g.iter().fold(0f32, |a, &b| a.max(b.abs()))).collect();
+                let top = amax.iter().fold(0f32, |a, &b| a.max(b));
+                let d = f16::from_f32(top / 31.0 / 127.0);
+                let df = d.to_f32();
+                let scales: [i8; 16] =
+                    std::array::from_fn(|g| if df > 0.0 { (amax[g] / 31.0 / df).round().min(127.0) as i8 } else { 0 });
+                let mut codes = [0u8; QK_K];
+                for (i, c) in codes.iter_mut().enumerate() {
+                    let step = df * scales[i / 16] as f32;
+                    let q = if step > 0.0 { (x[i] / step).round().clamp(-32.0, 31.0) } else { 0.0 };
+                    *c = (q as i32 + 32) as u8;
+                }
+                let mut b = BlockQ6K { ql: [0; 128], qh: [0; 64], scales, d };
+                for n in 0..2 {
+                    let c = &codes[128 * n..128 * n + 128];
+                    for l in 0..32 {
+                        b.ql[64 * n + l] = (c[l] & 0xf) | ((c[l + 64] & 0xf) << 4);
+                        b.ql[64 * n + l + 32] = (c[l + 32] & 0xf) | ((c[l + 96] & 0xf) << 4);
+                        b.qh[32 * n + l] =
+                            (c[l] >> 4) | ((c[l + 32] >> 4) << 2) | ((c[l + 64] >> 4) << 4) | ((c[l + 96] >> 4) << 6);
+                    }
+                }
+                b
+            })
+            .collect()
+    }
+
+    #[test]
+    fn q6_k_codes_round_trip() {
+        let v = random(QK_K * 2, 8);
+        let back = dequantize(&quantize_q6_k_for_tests(&v));
+        let err: f32 = v.iter().zip(&back).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+        let norm: f32 = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        assert!(err / norm < 0.03, "relative error {}", err / norm);
+    }
+}
