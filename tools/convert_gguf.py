@@ -3,10 +3,15 @@
 
     python tools/convert_gguf.py LLAMA_CPP_DIR MODEL_DIR --outfile OUT.gguf --outtype f16|bf16|q8_0
 
-The only change to the converter: a tokenizer whose pre-tokenizer it does not recognise by hash
-(the byte-level BPE tokenizers latent trains and the fixtures use: GPT-2's split regex) is
-written with `tokenizer.ggml.pre = gpt-2` instead of being refused. DeepSeek's published
-tokenizers are recognised by the converter itself and are unaffected.
+Two changes to the converter, both to metadata:
+- a tokenizer whose pre-tokenizer it does not recognise by hash (the byte-level BPE tokenizers
+  latent trains and the fixtures use: GPT-2's split regex) is written with
+  `tokenizer.ggml.pre = gpt-2` instead of being refused (DeepSeek's published tokenizers are
+  recognised by the converter itself);
+- a checkpoint without query compression (`q_lora_rank: null`, as V2-Lite) gets
+  `deepseek2.attention.q_lora_rank = 0`: llama.cpp's loader recognises V2-Lite by its layer count
+  (26 or 27) and otherwise requires the key, so a V2-Lite-shaped model with fewer layers would not
+  load without it. The tensors are untouched.
 """
 import os
 import sys
@@ -37,6 +42,17 @@ def main() -> None:
             return "gpt-2"
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+
+    from conversion import deepseek  # noqa: E402
+
+    set_params = deepseek.DeepseekV2Model.set_gguf_parameters
+
+    def set_gguf_parameters(self):
+        set_params(self)
+        if self.hparams.get("q_lora_rank") is None:
+            self.gguf_writer.add_q_lora_rank(0)
+
+    deepseek.DeepseekV2Model.set_gguf_parameters = set_gguf_parameters
     sys.argv = [str(llama / "convert_hf_to_gguf.py")] + args
     convert_hf_to_gguf.main()
 

@@ -5,16 +5,16 @@
 //!   `w = d·sc_j·q − dmin·m_j`.
 //! - Q6_K: 256 values in 16 groups of 16; 6-bit codes (low 4 bits in `ql`, high 2 in `qh`), an i8
 //!   scale per group and one f16 `d` (6.56 bits per weight): `w = d·sc_j·(q − 32)`.
-//! - Q5_K (dequantized on load): Q4_K with a fifth bit per code in `qh`.
-//! - Q4_0, Q5_0 (dequantized on load): 32 values, one f16 scale, codes offset by 8 or 16; GGUF
-//!   converters fall back to them for rows whose length is not a multiple of 256.
+//! - Q5_K: Q4_K with a fifth bit per code in `qh` (5.5 bits per weight).
+//! - Q4_0, Q5_0: 32 values, one f16 scale, codes offset by 8 or 16; GGUF quantizers fall back to
+//!   them for rows whose length is not a multiple of 256 (V2-Lite's experts' `down_proj`).
 //!
-//! Q4_K and Q6_K implement [`QuantBlock`], so the decode product reads them directly.
+//! Every format implements [`QuantBlock`], so the decode product reads them all directly.
 
 use half::f16;
 use rayon::prelude::*;
 
-use super::quant::QuantBlock;
+use super::quant::{dot32_lanes, dot32_nibbles, dot32_scaled, f16_value, QuantBlock, LANES};
 
 /// Values per k-quant super-block.
 pub const QK_K: usize = 256;
@@ -109,23 +109,19 @@ impl QuantBlock for BlockQ4K {
     }
 
     #[inline(always)]
-    fn dot(&self, q: &[i8], d: &[f32], sums: &[i32]) -> f32 {
-        let (dd, dmin) = (self.d.to_f32(), self.dmin.to_f32());
-        let mut acc = 0f32;
-        for p in 0..4 {
-            let codes = &self.qs[32 * p..32 * p + 32];
-            let (xlo, xhi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
-            let (mut lo, mut hi) = (0i32, 0i32);
-            for l in 0..32 {
-                lo += ((codes[l] & 0xf) as i16 * xlo[l] as i16) as i32;
-                hi += ((codes[l] >> 4) as i16 * xhi[l] as i16) as i32;
-            }
-            let (sc1, m1) = scale_min(2 * p, &self.scales);
-            let (sc2, m2) = scale_min(2 * p + 1, &self.scales);
-            acc += d[2 * p] * (dd * (sc1 as i32 * lo) as f32 - dmin * (m1 as i32 * sums[2 * p]) as f32);
-            acc += d[2 * p + 1] * (dd * (sc2 as i32 * hi) as f32 - dmin * (m2 as i32 * sums[2 * p + 1]) as f32);
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i32], lanes: &mut [f32; LANES], extra: &mut f32) {
+        let (dd, dmin) = (f16_value(self.d), f16_value(self.dmin));
+        let (mut scale, mut min) = ([0f32; 8], [0f32; 8]);
+        for j in 0..8 {
+            let (sc, m) = scale_min(j, &self.scales);
+            scale[j] = dd * sc as f32 * d[j];
+            min[j] = m as f32 * d[j] * sums[j] as f32;
         }
-        acc
+        for p in 0..4 {
+            let (x_lo, x_hi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
+            dot32_nibbles::<ISA>(&self.qs[32 * p..32 * p + 32], x_lo, x_hi, scale[2 * p], scale[2 * p + 1], lanes);
+        }
+        *extra -= dmin * min.iter().sum::<f32>();
     }
 }
 
@@ -160,15 +156,16 @@ impl QuantBlock for BlockQ6K {
     }
 
     #[inline(always)]
-    fn dot(&self, q: &[i8], d: &[f32], _sums: &[i32]) -> f32 {
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], _sums: &[i32], lanes: &mut [f32; LANES], _extra: &mut f32) {
         let codes = self.codes();
-        let mut acc = 0f32;
+        let dd = f16_value(self.d);
+        // Each 16 codes have their own scale: the two halves of a group of 32 go in separately,
+        // the second half's codes shifted into the upper lanes.
         for g in 0..8 {
             let (w, x) = (&codes[32 * g..32 * g + 32], &q[32 * g..32 * g + 32]);
-            let (a, b) = (super::quant::dot_i8(&w[..16], &x[..16]), super::quant::dot_i8(&w[16..], &x[16..]));
-            acc += d[g] * (self.scales[2 * g] as i32 * a + self.scales[2 * g + 1] as i32 * b) as f32;
+            let (s1, s2) = (self.scales[2 * g] as f32 * dd * d[g], self.scales[2 * g + 1] as f32 * dd * d[g]);
+            dot32_scaled::<ISA>(w, x, s1, s2, lanes);
         }
-        acc * self.d.to_f32()
     }
 }
 
@@ -192,10 +189,24 @@ impl QuantBlock for BlockQ5K {
         }
     }
 
-    fn dot(&self, q: &[i8], d: &[f32], _sums: &[i32]) -> f32 {
-        let mut w = [0f32; QK_K];
-        self.dequantize(&mut w);
-        (0..QK_K).map(|i| w[i] * q[i] as f32 * d[i / 32]).sum()
+    #[inline(always)]
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i32], lanes: &mut [f32; LANES], extra: &mut f32) {
+        let (dd, dmin) = (f16_value(self.d), f16_value(self.dmin));
+        for p in 0..4 {
+            let codes = &self.qs[32 * p..32 * p + 32];
+            let (u1, u2) = (1u8 << (2 * p), 2u8 << (2 * p));
+            let (mut lo, mut hi) = ([0i8; 32], [0i8; 32]);
+            for l in 0..32 {
+                lo[l] = ((codes[l] & 0xf) | if self.qh[l] & u1 != 0 { 16 } else { 0 }) as i8;
+                hi[l] = ((codes[l] >> 4) | if self.qh[l] & u2 != 0 { 16 } else { 0 }) as i8;
+            }
+            let (sc1, m1) = scale_min(2 * p, &self.scales);
+            let (sc2, m2) = scale_min(2 * p + 1, &self.scales);
+            dot32_lanes::<ISA>(&lo, &q[64 * p..64 * p + 32], dd * sc1 as f32 * d[2 * p], lanes);
+            dot32_lanes::<ISA>(&hi, &q[64 * p + 32..64 * p + 64], dd * sc2 as f32 * d[2 * p + 1], lanes);
+            *extra -=
+                dmin * (m1 as f32 * d[2 * p] * sums[2 * p] as f32 + m2 as f32 * d[2 * p + 1] * sums[2 * p + 1] as f32);
+        }
     }
 }
 
@@ -211,10 +222,14 @@ impl QuantBlock for BlockQ4_0 {
         }
     }
 
-    fn dot(&self, q: &[i8], d: &[f32], _sums: &[i32]) -> f32 {
-        let mut w = [0f32; 32];
-        self.dequantize(&mut w);
-        (0..32).map(|i| w[i] * q[i] as f32).sum::<f32>() * d[0]
+    #[inline(always)]
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], _sums: &[i32], lanes: &mut [f32; LANES], _extra: &mut f32) {
+        let mut c = [0i8; 32];
+        for j in 0..16 {
+            c[j] = (self.qs[j] & 0xf) as i8 - 8;
+            c[j + 16] = (self.qs[j] >> 4) as i8 - 8;
+        }
+        dot32_lanes::<ISA>(&c, q, f16_value(self.d) * d[0], lanes);
     }
 }
 
@@ -233,10 +248,17 @@ impl QuantBlock for BlockQ5_0 {
         }
     }
 
-    fn dot(&self, q: &[i8], d: &[f32], _sums: &[i32]) -> f32 {
-        let mut w = [0f32; 32];
-        self.dequantize(&mut w);
-        (0..32).map(|i| w[i] * q[i] as f32).sum::<f32>() * d[0]
+    #[inline(always)]
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], _sums: &[i32], lanes: &mut [f32; LANES], _extra: &mut f32) {
+        let qh = u32::from_le_bytes(self.qh);
+        let mut c = [0i8; 32];
+        for j in 0..16 {
+            let h0 = (((qh >> j) << 4) & 0x10) as u8;
+            let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+            c[j] = ((self.qs[j] & 0xf) | h0) as i8 - 16;
+            c[j + 16] = ((self.qs[j] >> 4) | h1) as i8 - 16;
+        }
+        dot32_lanes::<ISA>(&c, q, f16_value(self.d) * d[0], lanes);
     }
 }
 
@@ -359,6 +381,42 @@ mod tests {
     fn q4_k_and_q6_k_kernels_match_their_references_in_every_variant() {
         check_kernel(quantize_q4_k);
         check_kernel(quantize_q6_k_for_tests);
+    }
+
+    /// Blocks with every code and scale bit drawn at random (any bit pattern is a valid block).
+    fn random_blocks<B: QuantBlock>(values: &[f32]) -> Vec<B> {
+        let n = values.len() / B::VALUES;
+        let size = std::mem::size_of::<B>();
+        let mut s = values.len() as u64 * 2654435761;
+        let mut bytes: Vec<u8> = (0..n * size)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (s >> 56) as u8
+            })
+            .collect();
+        // Small finite f16 scales: every `f16` field of these blocks is `d` or `dmin`.
+        for block in bytes.chunks_mut(size) {
+            let offsets: &[usize] = match B::NAME {
+                "Q4_K" | "Q5_K" => &[0, 2],
+                "Q6_K" => &[208],
+                _ => &[0],
+            };
+            for &o in offsets {
+                let v = half::f16::from_f32(0.001 + (block[o + 1] as f32) / 25600.0).to_bits().to_le_bytes();
+                block[o..o + 2].copy_from_slice(&v);
+            }
+        }
+        // SAFETY: the block types are plain bytes and f16s; `bytes` holds `n` of them.
+        (0..n).map(|i| unsafe { std::ptr::read_unaligned(bytes[i * size..].as_ptr().cast::<B>()) }).collect()
+    }
+
+    #[test]
+    fn fallback_and_q5_k_kernels_match_their_references_in_every_variant() {
+        check_kernel(random_blocks::<BlockQ4_0>);
+        check_kernel(random_blocks::<BlockQ5_0>);
+        check_kernel(random_blocks::<BlockQ5K>);
+        check_kernel(random_blocks::<BlockQ4K>);
+        check_kernel(random_blocks::<BlockQ6K>);
     }
 
     /// A Q6_K quantizer for tests only (GGUF files bring their own): max-abs scales per 16.

@@ -28,9 +28,110 @@ pub trait QuantBlock: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     /// Writes the `VALUES` values the block stands for.
     fn dequantize(&self, out: &mut [f32]);
-    /// `Σ w·x` over the block, `x` given as 8-bit codes `q` with one scale `d` per 32 values and
-    /// the sums of the codes per 32 (`sums`, for formats with a per-group minimum).
-    fn dot(&self, q: &[i8], d: &[f32], sums: &[i32]) -> f32;
+    /// Adds `Σ w·x` over the block to `lanes` (summed at the end of the row) and `extra`, `x`
+    /// given as 8-bit codes `q` with one scale `d` per 32 values and the sums of the codes per 32
+    /// (`sums`, for formats with a per-group minimum). Products stay in 16 vector lanes: no
+    /// horizontal sum per block.
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i32], lanes: &mut [f32; LANES], extra: &mut f32);
+}
+
+/// Accumulator lanes of the quantized dot products (one AVX-512 register of f32).
+pub const LANES: usize = 16;
+const ACCUMULATORS: usize = 4;
+
+/// An f16's value, branch-free (finite values; a scale is never infinite or NaN). Unlike
+/// `half`'s conversion it needs no run-time CPU check, which costs more than the block's products.
+#[inline(always)]
+pub(crate) fn f16_value(h: f16) -> f32 {
+    let bits = h.to_bits() as u32;
+    // Shift exponent and mantissa into f32 position, then rescale the exponent bias (2^112 =
+    // 2^(127 - 15)); subnormals come out right because the multiply normalises them.
+    let magnitude = f32::from_bits((bits & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
+    f32::from_bits(magnitude.to_bits() | ((bits & 0x8000) << 16))
+}
+
+/// The instruction sets the quantized kernels are compiled for (a const parameter).
+pub(crate) const PORTABLE: u8 = 0;
+pub(crate) const AVX2: u8 = 1;
+pub(crate) const AVX512: u8 = 2;
+
+/// `lanes[l] += s_l · (a[2l]·b[2l] + a[2l+1]·b[2l+1])` over 32 codes, with `s_l = s1` for the
+/// lanes of the first 16 codes and `s2` for the rest: pairs of 16-bit products summed in 32 bits,
+/// converted and scaled in 16 lanes. AVX-512 spells it out (sign-extend, multiply-add of word
+/// pairs, convert, FMA: four instructions per 32 codes); elsewhere plain loops.
+#[inline(always)]
+pub(crate) fn dot32_scaled<const ISA: u8>(a: &[i8], b: &[i8], s1: f32, s2: f32, lanes: &mut [f32; LANES]) {
+    let (a, b) = (&a[..32], &b[..32]);
+    #[cfg(target_arch = "x86_64")]
+    if ISA == AVX512 {
+        use std::arch::x86_64::*;
+        // SAFETY: ISA == AVX512 only inside the AVX-512 variant, which runs only where
+        // `Simd::detect` found avx512f and avx512bw; `a`, `b` hold 32 bytes and `lanes` 16 f32s
+        // (unaligned loads and stores).
+        unsafe {
+            let va = _mm512_cvtepi8_epi16(_mm256_loadu_si256(a.as_ptr().cast()));
+            let vb = _mm512_cvtepi8_epi16(_mm256_loadu_si256(b.as_ptr().cast()));
+            let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(va, vb));
+            let scale = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s1), _mm512_set1_ps(s2));
+            let acc = _mm512_loadu_ps(lanes.as_ptr());
+            _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_fmadd_ps(p, scale, acc));
+        }
+        return;
+    }
+    let mut p = [0i32; LANES];
+    for l in 0..LANES {
+        p[l] = (a[2 * l] as i16 * b[2 * l] as i16) as i32 + (a[2 * l + 1] as i16 * b[2 * l + 1] as i16) as i32;
+    }
+    for l in 0..LANES {
+        let s = if l < LANES / 2 { s1 } else { s2 };
+        lanes[l] = if ISA == PORTABLE { p[l] as f32 * s + lanes[l] } else { (p[l] as f32).mul_add(s, lanes[l]) };
+    }
+}
+
+/// `Σ` over 32 bytes of 4-bit codes: the low nibbles against `x_lo`, scaled by `s_lo`, and the
+/// high nibbles against `x_hi`, scaled by `s_hi`, added to `lanes` (Q4_K, Q5_K's low bits).
+#[inline(always)]
+pub(crate) fn dot32_nibbles<const ISA: u8>(
+    codes: &[u8],
+    x_lo: &[i8],
+    x_hi: &[i8],
+    s_lo: f32,
+    s_hi: f32,
+    lanes: &mut [f32; LANES],
+) {
+    let (codes, x_lo, x_hi) = (&codes[..32], &x_lo[..32], &x_hi[..32]);
+    #[cfg(target_arch = "x86_64")]
+    if ISA == AVX512 {
+        use std::arch::x86_64::*;
+        // SAFETY: as in `dot32_scaled`: AVX-512 variant only; 32-byte and 16-float slices.
+        unsafe {
+            let c = _mm256_loadu_si256(codes.as_ptr().cast());
+            let mask = _mm256_set1_epi8(0x0f);
+            let lo = _mm512_cvtepu8_epi16(_mm256_and_si256(c, mask));
+            let hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), mask));
+            let xl = _mm512_cvtepi8_epi16(_mm256_loadu_si256(x_lo.as_ptr().cast()));
+            let xh = _mm512_cvtepi8_epi16(_mm256_loadu_si256(x_hi.as_ptr().cast()));
+            let pl = _mm512_cvtepi32_ps(_mm512_madd_epi16(lo, xl));
+            let ph = _mm512_cvtepi32_ps(_mm512_madd_epi16(hi, xh));
+            let acc = _mm512_loadu_ps(lanes.as_ptr());
+            let acc = _mm512_fmadd_ps(pl, _mm512_set1_ps(s_lo), acc);
+            _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_fmadd_ps(ph, _mm512_set1_ps(s_hi), acc));
+        }
+        return;
+    }
+    let (mut lo, mut hi) = ([0i8; 32], [0i8; 32]);
+    for l in 0..32 {
+        lo[l] = (codes[l] & 0xf) as i8;
+        hi[l] = (codes[l] >> 4) as i8;
+    }
+    dot32_lanes::<ISA>(&lo, x_lo, s_lo, lanes);
+    dot32_lanes::<ISA>(&hi, x_hi, s_hi, lanes);
+}
+
+/// [`dot32_scaled`] with one scale for all 32 codes.
+#[inline(always)]
+pub(crate) fn dot32_lanes<const ISA: u8>(a: &[i8], b: &[i8], s: f32, lanes: &mut [f32; LANES]) {
+    dot32_scaled::<ISA>(a, b, s, s, lanes)
 }
 
 /// One Q8_0 block, laid out as GGML's `block_q8_0`: 32 i8 codes and an f16 scale (8.5 bits per weight).
@@ -39,16 +140,6 @@ pub trait QuantBlock: Copy + Send + Sync + 'static {
 pub struct BlockQ8_0 {
     pub d: f16,
     pub qs: [i8; QK8_0],
-}
-
-/// `Σ a·b` over 32 codes, in 16-bit products (vectorizes to multiply-add of word pairs).
-#[inline(always)]
-pub(crate) fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
-    let mut s = 0i32;
-    for (x, y) in a.iter().zip(b) {
-        s += (*x as i16 * *y as i16) as i32;
-    }
-    s
 }
 
 impl QuantBlock for BlockQ8_0 {
@@ -63,8 +154,8 @@ impl QuantBlock for BlockQ8_0 {
     }
 
     #[inline(always)]
-    fn dot(&self, q: &[i8], d: &[f32], _sums: &[i32]) -> f32 {
-        self.d.to_f32() * d[0] * dot_i8(&self.qs, &q[..QK8_0]) as f32
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], _sums: &[i32], lanes: &mut [f32; LANES], _extra: &mut f32) {
+        dot32_lanes::<ISA>(&self.qs, q, f16_value(self.d) * d[0], lanes);
     }
 }
 
@@ -162,12 +253,12 @@ pub(crate) fn quant_rows<B: QuantBlock>(
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     unsafe fn avx512<B: QuantBlock>(x: &QuantizedRows, rows: &[B], t: usize, n_in: usize, out: &mut [f32]) {
-        quant_rows_body(x, rows, t, n_in, out)
+        quant_rows_body::<B, AVX512>(x, rows, t, n_in, out)
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2<B: QuantBlock>(x: &QuantizedRows, rows: &[B], t: usize, n_in: usize, out: &mut [f32]) {
-        quant_rows_body(x, rows, t, n_in, out)
+        quant_rows_body::<B, AVX2>(x, rows, t, n_in, out)
     }
     match simd {
         // SAFETY: `Simd::detect` and `Simd::available` only return a variant whose features the
@@ -176,28 +267,57 @@ pub(crate) fn quant_rows<B: QuantBlock>(
         Simd::Avx512 => unsafe { avx512(x, rows, t, n_in, out) },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => unsafe { avx2(x, rows, t, n_in, out) },
-        _ => quant_rows_body(x, rows, t, n_in, out),
+        _ => quant_rows_body::<B, PORTABLE>(x, rows, t, n_in, out),
     }
 }
 
 #[inline(always)]
-fn quant_rows_body<B: QuantBlock>(x: &QuantizedRows, rows: &[B], t: usize, n_in: usize, out: &mut [f32]) {
+fn quant_rows_body<B: QuantBlock, const ISA: u8>(
+    x: &QuantizedRows,
+    rows: &[B],
+    t: usize,
+    n_in: usize,
+    out: &mut [f32],
+) {
     let per_row = n_in / B::VALUES;
     let groups_per_block = B::VALUES / QK8_0;
     let groups_per_row = n_in / QK8_0;
     for (row, y_row) in rows.chunks_exact(per_row).zip(out.chunks_mut(t)) {
         for (ti, y) in y_row.iter_mut().enumerate() {
             let g0 = ti * groups_per_row;
-            let mut acc = 0f32;
-            for (bi, block) in row.iter().enumerate() {
-                let g = g0 + bi * groups_per_block;
-                acc += block.dot(
-                    &x.q[g * QK8_0..(g + groups_per_block) * QK8_0],
-                    &x.d[g..g + groups_per_block],
-                    &x.sums[g..g + groups_per_block],
-                );
+            let xq = &x.q[g0 * QK8_0..(g0 + groups_per_row) * QK8_0];
+            let (xd, xs) = (&x.d[g0..g0 + groups_per_row], &x.sums[g0..g0 + groups_per_row]);
+            // Four accumulators, one per block in turn: consecutive blocks' multiply-adds do not
+            // wait on each other's (latency-bound with one accumulator).
+            let [mut a0, mut a1, mut a2, mut a3] = [[0f32; LANES]; ACCUMULATORS];
+            let mut extra = 0f32;
+            // (A macro, not a closure: a closure is compiled without the caller's target features.)
+            macro_rules! dot {
+                ($bi:expr, $block:expr, $acc:expr) => {{
+                    let g = $bi * groups_per_block;
+                    $block.dot::<ISA>(
+                        &xq[g * QK8_0..(g + groups_per_block) * QK8_0],
+                        &xd[g..g + groups_per_block],
+                        &xs[g..g + groups_per_block],
+                        $acc,
+                        &mut extra,
+                    )
+                }};
             }
-            *y = acc;
+            let mut quads = row.chunks_exact(ACCUMULATORS);
+            for (k, quad) in quads.by_ref().enumerate() {
+                let bi = k * ACCUMULATORS;
+                dot!(bi, quad[0], &mut a0);
+                dot!(bi + 1, quad[1], &mut a1);
+                dot!(bi + 2, quad[2], &mut a2);
+                dot!(bi + 3, quad[3], &mut a3);
+            }
+            let done = row.len() / ACCUMULATORS * ACCUMULATORS;
+            for (k, block) in quads.remainder().iter().enumerate() {
+                dot!(done + k, block, &mut a0);
+            }
+            let lanes = [a0, a1, a2, a3];
+            *y = lanes.iter().flatten().sum::<f32>() + extra;
         }
     }
 }
@@ -214,67 +334,67 @@ pub fn matvec_quant_reference<B: QuantBlock>(x: &[f32], w: &[B], t: usize, n_in:
 #[derive(Debug, Clone)]
 pub enum QuantMatrix {
     Q8_0(Vec<BlockQ8_0>),
+    Q4_0(Vec<super::kquant::BlockQ4_0>),
+    Q5_0(Vec<super::kquant::BlockQ5_0>),
     Q4K(Vec<super::kquant::BlockQ4K>),
+    Q5K(Vec<super::kquant::BlockQ5K>),
     Q6K(Vec<super::kquant::BlockQ6K>),
+}
+
+/// Runs `$f` on the blocks of `$m`, whatever their format.
+macro_rules! with_blocks {
+    ($m:expr, $b:ident => $f:expr) => {
+        match $m {
+            QuantMatrix::Q8_0($b) => $f,
+            QuantMatrix::Q4_0($b) => $f,
+            QuantMatrix::Q5_0($b) => $f,
+            QuantMatrix::Q4K($b) => $f,
+            QuantMatrix::Q5K($b) => $f,
+            QuantMatrix::Q6K($b) => $f,
+        }
+    };
+}
+
+fn name_of<B: QuantBlock>(_: &[B]) -> &'static str {
+    B::NAME
+}
+
+fn values_of<B: QuantBlock>(_: &[B]) -> usize {
+    B::VALUES
 }
 
 impl QuantMatrix {
     /// GGML's name for the format.
     pub fn name(&self) -> &'static str {
-        match self {
-            QuantMatrix::Q8_0(_) => BlockQ8_0::NAME,
-            QuantMatrix::Q4K(_) => super::kquant::BlockQ4K::NAME,
-            QuantMatrix::Q6K(_) => super::kquant::BlockQ6K::NAME,
-        }
+        with_blocks!(self, b => name_of(b))
     }
 
     /// Bytes of the blocks.
     pub fn bytes(&self) -> usize {
-        match self {
-            QuantMatrix::Q8_0(b) => std::mem::size_of_val(b.as_slice()),
-            QuantMatrix::Q4K(b) => std::mem::size_of_val(b.as_slice()),
-            QuantMatrix::Q6K(b) => std::mem::size_of_val(b.as_slice()),
-        }
+        with_blocks!(self, b => std::mem::size_of_val(b.as_slice()))
     }
 
     /// Rows of `n_in` values.
     pub fn rows(&self, n_in: usize) -> usize {
-        let blocks = match self {
-            QuantMatrix::Q8_0(b) => b.len(),
-            QuantMatrix::Q4K(b) => b.len(),
-            QuantMatrix::Q6K(b) => b.len(),
-        };
-        blocks * self.block_values() / n_in
+        with_blocks!(self, b => b.len()) * self.block_values() / n_in
     }
 
     /// Values per block.
     pub fn block_values(&self) -> usize {
-        match self {
-            QuantMatrix::Q8_0(_) => BlockQ8_0::VALUES,
-            QuantMatrix::Q4K(_) => super::kquant::BlockQ4K::VALUES,
-            QuantMatrix::Q6K(_) => super::kquant::BlockQ6K::VALUES,
-        }
+        with_blocks!(self, b => values_of(b))
     }
 
     /// `y (t, out) = x (t, in) · Wᵀ`.
     pub fn matvec(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
-        match self {
-            QuantMatrix::Q8_0(b) => matvec_quant(x, b, t, n_in, n_out),
-            QuantMatrix::Q4K(b) => matvec_quant(x, b, t, n_in, n_out),
-            QuantMatrix::Q6K(b) => matvec_quant(x, b, t, n_in, n_out),
-        }
+        with_blocks!(self, b => matvec_quant(x, b, t, n_in, n_out))
     }
 
     /// The values, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        match self {
-            QuantMatrix::Q8_0(b) => dequantize(b),
-            QuantMatrix::Q4K(b) => dequantize(b),
-            QuantMatrix::Q6K(b) => dequantize(b),
-        }
+        with_blocks!(self, b => dequantize(b))
     }
 
-    /// The values of rows `rows` (each `n_in` long), e.g. embedding lookups.
+    /// The values of rows `ids` (each `n_in` long), e.g. embedding lookups.
     pub fn dequantize_rows(&self, ids: &[usize], n_in: usize) -> Vec<f32> {
         fn rows_of<B: QuantBlock>(blocks: &[B], ids: &[usize], n_in: usize) -> Vec<f32> {
             let per_row = n_in / B::VALUES;
@@ -286,11 +406,7 @@ impl QuantMatrix {
             }
             out
         }
-        match self {
-            QuantMatrix::Q8_0(b) => rows_of(b, ids, n_in),
-            QuantMatrix::Q4K(b) => rows_of(b, ids, n_in),
-            QuantMatrix::Q6K(b) => rows_of(b, ids, n_in),
-        }
+        with_blocks!(self, b => rows_of(b, ids, n_in))
     }
 }
 
@@ -348,6 +464,16 @@ pub(crate) mod tests {
     #[test]
     fn matvec_q8_0_matches_its_reference_in_every_variant() {
         check_kernel(quantize_q8_0);
+    }
+
+    #[test]
+    fn f16_values_match_half() {
+        for bits in (0..=u16::MAX).step_by(7).chain([0x0001, 0x03ff, 0x0400, 0x7bff, 0x8001, 0xfbff]) {
+            let h = f16::from_bits(bits);
+            if h.is_finite() {
+                assert_eq!(f16_value(h), h.to_f32(), "{bits:#06x}");
+            }
+        }
     }
 
     #[test]

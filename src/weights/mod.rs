@@ -196,12 +196,12 @@ impl Weights {
         Ok(Weights::assemble(&path, vec![shard], entries, memory, dtype, device))
     }
 
-    /// The blocks of `name` if it is stored in a format the kernels multiply directly (Q8_0,
-    /// Q4_K, Q6_K) with `shape` `(out, in)`; `None` for every other tensor.
+    /// The blocks of `name` if it is stored quantized (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K: the
+    /// kernels multiply them all directly) with `shape` `(out, in)`; `None` for float tensors.
     pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QuantMatrix>> {
         let Some(entry) = self.entries.get(name) else { return Ok(None) };
         let Some(ty) = entry.ggml else { return Ok(None) };
-        if !matches!(ty, GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K) || self.memory.contains_key(name) {
+        if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) || self.memory.contains_key(name) {
             return Ok(None);
         }
         let shard = &self.shards[entry.shard];
@@ -216,7 +216,10 @@ impl Weights {
         let bytes = &shard.mmap[shard.data_start + entry.begin..shard.data_start + entry.end];
         let blocks = match ty {
             GgmlType::Q8_0 => QuantMatrix::Q8_0(copy_blocks::<BlockQ8_0>(bytes)),
+            GgmlType::Q4_0 => QuantMatrix::Q4_0(copy_blocks::<BlockQ4_0>(bytes)),
+            GgmlType::Q5_0 => QuantMatrix::Q5_0(copy_blocks::<BlockQ5_0>(bytes)),
             GgmlType::Q4K => QuantMatrix::Q4K(copy_blocks::<BlockQ4K>(bytes)),
+            GgmlType::Q5K => QuantMatrix::Q5K(copy_blocks::<BlockQ5K>(bytes)),
             _ => QuantMatrix::Q6K(copy_blocks::<BlockQ6K>(bytes)),
         };
         // SAFETY: as in `get_as`: the read-only range is not used after this point.
@@ -352,18 +355,21 @@ impl Weights {
                 got: entry.shape.clone(),
             });
         }
-        if let Some(ty) = entry.ggml {
-            let bytes = &shard.mmap[shard.data_start + entry.begin..shard.data_start + entry.end];
-            let values = dequantize_ggml(ty, bytes);
-            self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
-            return Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(dtype)?);
-        }
-        let stored = match entry.dtype {
-            Dtype::BF16 => DType::BF16,
-            Dtype::F16 => DType::F16,
-            Dtype::F32 => DType::F32,
-            Dtype::F8_E4M3 => return self.get_fp8(name, entry, dtype),
-            other => {
+        let stored = match (entry.ggml, entry.dtype) {
+            (Some(GgmlType::BF16), _) => DType::BF16,
+            (Some(GgmlType::F16), _) => DType::F16,
+            (Some(GgmlType::F32), _) => DType::F32,
+            (Some(ty), _) => {
+                let bytes = &shard.mmap[shard.data_start + entry.begin..shard.data_start + entry.end];
+                let values = dequantize_ggml(ty, bytes);
+                self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+                return Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(dtype)?);
+            }
+            (None, Dtype::BF16) => DType::BF16,
+            (None, Dtype::F16) => DType::F16,
+            (None, Dtype::F32) => DType::F32,
+            (None, Dtype::F8_E4M3) => return self.get_fp8(name, entry, dtype),
+            (None, other) => {
                 return Err(Error::TensorDtype {
                     path: shard.path.clone(),
                     name: name.to_string(),
