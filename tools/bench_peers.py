@@ -3,14 +3,16 @@
 
     python tools/bench_peers.py --model DIR --llama-cpp LLAMA_DIR [--work DIR] [--threads 2]
         [--formats bf16,q8_0,q4_k_m] [--depths 0,4096,16384] [--prompt 512] [--gen 32]
-        [--rounds 2] [--transformers] [--json OUT.json]
+        [--rounds 1] [--repeats 3] [--transformers] [--json OUT.json]
 
 1. Converts the safetensors checkpoint in DIR to GGUF with llama.cpp's own converter
    (tools/convert_gguf.py) in bf16, then llama-quantize makes Q8_0 and Q4_K_M from it. The files
    are kept in --work and reused.
 2. Each round runs, for every format, llama-bench and `latent bench` on the same GGUF file (the
    order of the two alternates between rounds), and with --transformers, torch bf16 on the
-   safetensors once per round. Peak RSS of each process is taken by /usr/bin/time.
+   safetensors once per round. Within a round each engine repeats prefill and decode at depth 0
+   --repeats times (llama-bench: the mean, latent: the median); llama-bench's deep decode runs once,
+   as it fills the cache with a real prefill. Peak RSS of each process is taken by /usr/bin/time.
 3. Prints a table of medians over rounds: prefill tokens/s (prompt of --prompt), decode tokens/s
    at each depth, peak RSS, and latent's ratio to llama.cpp (prefill: to the faster of llama.cpp
    and transformers).
@@ -62,18 +64,26 @@ def ensure_gguf(args, fmt):
 
 def llama_bench(args, path):
     exe = os.path.join(args.llama_cpp, "build", "bin", "llama-bench")
-    common = [exe, "-m", path, "-t", str(args.threads), "-r", "1", "-o", "json"]
-    out, rss1 = timed(common + ["-p", str(args.prompt), "-n", "0"])
-    prefill = json.loads(out)[0]["avg_ts"]
-    depths = ",".join(str(d) for d in args.depths)
-    out, rss2 = timed(common + ["-p", "0", "-n", str(args.gen), "-d", depths])
-    decode = {str(r["n_depth"]): r["avg_ts"] for r in json.loads(out)}
+    common = [exe, "-m", path, "-t", str(args.threads), "-o", "json"]
+    # Prefill and decode at depth 0: cheap, so --repeats repetitions (llama-bench reports their mean).
+    out, rss1 = timed(common + ["-r", str(args.repeats), "-p", str(args.prompt), "-n", str(args.gen)])
+    rows = json.loads(out)
+    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
+    decode = {"0": next(r["avg_ts"] for r in rows if r["n_gen"] > 0)}
+    deep = [d for d in args.depths if d > 0]
+    rss2 = 0
+    if deep:
+        # llama-bench fills the cache with a real prefill of each depth (minutes at 16K on 2 cores):
+        # one repetition, no warm-up run.
+        depths = ",".join(str(d) for d in deep)
+        out, rss2 = timed(common + ["-r", "1", "--no-warmup", "-p", "0", "-n", str(args.gen), "-d", depths])
+        decode.update({str(r["n_depth"]): r["avg_ts"] for r in json.loads(out)})
     return {"prefill_tok_s": prefill, "decode_tok_s": decode, "peak_rss_bytes": max(rss1, rss2)}
 
 
 def latent_bench(args, path):
     cmd = [args.latent, "--threads", str(args.threads), "bench", "--model", path, "--prompt-len", str(args.prompt),
-           "--depths", ",".join(str(d) for d in args.depths), "--decode-tokens", str(args.gen), "--repeats", "1",
+           "--depths", ",".join(str(d) for d in args.depths), "--decode-tokens", str(args.gen), "--repeats", str(args.repeats),
            "--json"]
     out, rss = timed(cmd)
     report = json.loads(out)
@@ -134,7 +144,8 @@ def main():
     ap.add_argument("--depths", default="0,4096,16384")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="repetitions inside each engine's own bench")
     ap.add_argument("--transformers", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--transformers-worker", action="store_true", help=argparse.SUPPRESS)
