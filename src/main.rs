@@ -552,6 +552,21 @@ fn run_bench(args: BenchArgs) -> Result<()> {
 
 fn run_inspect(args: ModelArgs) -> Result<()> {
     let dir = model_dir(&args)?;
+    if latent::weights::gguf::is_gguf(&dir) {
+        let file = latent::weights::gguf::GgufFile::open(&dir)?;
+        let config = latent::weights::gguf_model::config(&file)?;
+        let stored: usize = file.tensors.iter().map(|t| t.len).sum();
+        let dtype = args.dtype.map_or(DType::F32, DType::from);
+        let report = Report {
+            config: &config,
+            source: dir.display().to_string(),
+            weights: Some((stored, 1)),
+            dtype_bytes: dtype.size_in_bytes(),
+            dtype_name: format!("{dtype:?}"),
+        };
+        println!("{report}");
+        return Ok(());
+    }
     let config_path = dir.join("config.json");
     let config = Config::from_file(&config_path)?;
     let (weights, dtype) = if Weights::present(&dir) {

@@ -242,3 +242,41 @@ fn the_built_in_demo_model_runs_without_a_model_folder() {
     assert_eq!(a.stdout, b.stdout, "greedy output repeats, from the cached copy the second time");
     assert_eq!(std::fs::read_dir(cache.path().join("latent")).unwrap().count(), 1);
 }
+
+#[test]
+fn a_gguf_file_runs_generate_chat_and_bench() {
+    let model = fixture("gguf/tiny-v3-256-q4_k_m.gguf");
+    let out = latent(
+        &["generate", "--model", &model, "--prompt", "In the beginning", "--max-tokens", "8", "--seed", "1"],
+        None,
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Q4_K, Q6_K") && err.contains("generated 8 tokens"), "{err}");
+    let out = latent(&["inspect", "--model", &model], None);
+    assert!(out.status.success() && text(&out.stdout).contains("MLA latent"), "{}", text(&out.stderr));
+    let out = latent(&["chat", "--model", &model, "--max-tokens", "4", "--seed", "1"], Some("Who?\n"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = latent(
+        &[
+            "--threads",
+            "1",
+            "bench",
+            "--model",
+            &model,
+            "--depths",
+            "0,64",
+            "--prompt-len",
+            "32",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["decode_tok_s"]["64"].as_f64().unwrap() > 0.0, "{report}");
+    // The bench counts the blocks as stored: well under the f32 size of the same weights.
+    assert!(report["weight_bytes"].as_u64().unwrap() < 3 << 20, "{report}");
+}

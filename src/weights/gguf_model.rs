@@ -173,8 +173,9 @@ pub fn config_json(g: &GgufFile) -> Result<Json> {
         Some("yarn") => {
             let factor = optional_f64(g, "rope.scaling.factor")?.unwrap_or(1.0);
             let original = optional_u64(g, "rope.scaling.original_context_length")?;
-            // llama.cpp keeps `0.1 * mscale_all_dim` (DeepSeek's checkpoints have mscale equal to it).
-            let mscale = optional_f64(g, "rope.scaling.yarn_log_multiplier")?.map(|m| m / 0.1);
+            // llama.cpp keeps `0.1 * mscale_all_dim` as an f32 (DeepSeek's checkpoints have mscale
+            // equal to it); rounding to 6 decimals gives back the published value (0.707, 1.0).
+            let mscale = optional_f64(g, "rope.scaling.yarn_log_multiplier")?.map(|m| (m / 0.1 * 1e6).round() / 1e6);
             let mut y = Map::new();
             y.insert("type".into(), json!("yarn"));
             y.insert("factor".into(), json!(factor));
