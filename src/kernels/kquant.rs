@@ -79,6 +79,26 @@ fn scale_min(j: usize, q: &[u8; K_SCALE_SIZE]) -> (u8, u8) {
     }
 }
 
+/// All eight 6-bit scales and minimums at once, [`scale_min`] for `j` in `0..8` on three 32-bit
+/// words: scales 0-3 and minimums 0-3 are the low 6 bits of bytes 0-3 and 4-7; scales and
+/// minimums 4-7 take their low 4 bits from the nibbles of bytes 8-11 and their top 2 bits from
+/// the top bits of bytes 0-3 and 4-7.
+#[inline(always)]
+fn scales_mins(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
+    let word = |i: usize| u32::from_le_bytes([q[i], q[i + 1], q[i + 2], q[i + 3]]);
+    let (w0, w1, w2) = (word(0), word(4), word(8));
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    let sc_hi = (w2 & LOW4) | (((w0 >> 6) & TOP2) << 4);
+    let m_hi = ((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4);
+    let bytes = |lo: u32, hi: u32| {
+        let (a, b) = (lo.to_le_bytes(), hi.to_le_bytes());
+        [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+    };
+    (bytes(w0 & LOW6, sc_hi), bytes(w1 & LOW6, m_hi))
+}
+
 /// Packs eight 6-bit scales and minimums the way [`scale_min`] reads them.
 fn pack_scales(sc: &[u8; 8], m: &[u8; 8]) -> [u8; K_SCALE_SIZE] {
     let mut q = [0u8; K_SCALE_SIZE];
@@ -111,11 +131,45 @@ impl QuantBlock for BlockQ4K {
     #[inline(always)]
     fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i32], lanes: &mut [f32; LANES], extra: &mut f32) {
         let (dd, dmin) = (f16_value(self.d), f16_value(self.dmin));
+        let (sc, m) = scales_mins(&self.scales);
+        let (d, sums) = (&d[..8], &sums[..8]);
+        let q = &q[..QK_K];
+        #[cfg(target_arch = "x86_64")]
+        if ISA == super::quant::AVX512 {
+            use std::arch::x86_64::*;
+            // SAFETY: ISA == AVX512 only inside the AVX-512 variant (avx512f/bw/vl present);
+            // `sc`, `m` are 8 bytes, `d`, `sums` 8 values, `scale` 8 floats, `lanes` 16.
+            unsafe {
+                let dv = _mm256_loadu_ps(d.as_ptr());
+                let to_f32 = |b: &[u8; 8]| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(b.as_ptr().cast())));
+                let scale_v = _mm256_mul_ps(_mm256_mul_ps(to_f32(&sc), dv), _mm256_set1_ps(dd));
+                let sums_v = _mm256_cvtepi32_ps(_mm256_loadu_si256(sums.as_ptr().cast()));
+                let min_v = _mm256_mul_ps(_mm256_mul_ps(to_f32(&m), dv), sums_v);
+                let mut scale = [0f32; 8];
+                _mm256_storeu_ps(scale.as_mut_ptr(), scale_v);
+                for p in 0..4 {
+                    let (x_lo, x_hi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
+                    dot32_nibbles::<ISA>(
+                        &self.qs[32 * p..32 * p + 32],
+                        x_lo,
+                        x_hi,
+                        scale[2 * p],
+                        scale[2 * p + 1],
+                        lanes,
+                    );
+                }
+                // The minimums go into the low 8 lanes: no horizontal sum per block.
+                let acc = _mm512_loadu_ps(lanes.as_ptr());
+                let acc = _mm512_fnmadd_ps(_mm512_zextps256_ps512(min_v), _mm512_set1_ps(dmin), acc);
+                _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+            }
+            let _ = extra;
+            return;
+        }
         let (mut scale, mut min) = ([0f32; 8], [0f32; 8]);
         for j in 0..8 {
-            let (sc, m) = scale_min(j, &self.scales);
-            scale[j] = dd * sc as f32 * d[j];
-            min[j] = m as f32 * d[j] * sums[j] as f32;
+            scale[j] = dd * sc[j] as f32 * d[j];
+            min[j] = m[j] as f32 * d[j] * sums[j] as f32;
         }
         for p in 0..4 {
             let (x_lo, x_hi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
@@ -157,8 +211,51 @@ impl QuantBlock for BlockQ6K {
 
     #[inline(always)]
     fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], _sums: &[i32], lanes: &mut [f32; LANES], _extra: &mut f32) {
-        let codes = self.codes();
         let dd = f16_value(self.d);
+        let (q, d) = (&q[..QK_K], &d[..8]);
+        #[cfg(target_arch = "x86_64")]
+        if ISA == super::quant::AVX512 {
+            use std::arch::x86_64::*;
+            // SAFETY: AVX-512 variant only (avx512f/bw/vl present); every load reads 32 bytes
+            // inside `ql` (128), `qh` (64) or `q` (256), and `lanes` holds 16 floats.
+            unsafe {
+                let low4 = _mm256_set1_epi8(0x0f);
+                let top2 = _mm256_set1_epi8(0x30);
+                let bias = _mm256_set1_epi8(32);
+                let mut acc = _mm512_loadu_ps(lanes.as_ptr());
+                for n in 0..2 {
+                    let a = _mm256_loadu_si256(self.ql[64 * n..].as_ptr().cast());
+                    let b = _mm256_loadu_si256(self.ql[64 * n + 32..].as_ptr().cast());
+                    let h = _mm256_loadu_si256(self.qh[32 * n..].as_ptr().cast());
+                    // The four runs of 32 values of this half, as `BlockQ6K::codes` spells them.
+                    let runs = [
+                        _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), top2)),
+                        _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), top2)),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(h, top2)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(b, 4), low4),
+                            _mm256_and_si256(_mm256_srli_epi16(h, 2), top2),
+                        ),
+                    ];
+                    for (k, run) in runs.into_iter().enumerate() {
+                        let g = 4 * n + k;
+                        let w = _mm512_cvtepi8_epi16(_mm256_sub_epi8(run, bias));
+                        let x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(q[32 * g..].as_ptr().cast()));
+                        let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, x));
+                        let unit = dd * d[g];
+                        let scale = _mm512_mask_blend_ps(
+                            0xff00,
+                            _mm512_set1_ps(self.scales[2 * g] as f32 * unit),
+                            _mm512_set1_ps(self.scales[2 * g + 1] as f32 * unit),
+                        );
+                        acc = _mm512_fmadd_ps(p, scale, acc);
+                    }
+                }
+                _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+            }
+            return;
+        }
+        let codes = self.codes();
         // Each 16 codes have their own scale: the two halves of a group of 32 go in separately,
         // the second half's codes shifted into the upper lanes.
         for g in 0..8 {
@@ -251,6 +348,28 @@ impl QuantBlock for BlockQ5_0 {
     #[inline(always)]
     fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], _sums: &[i32], lanes: &mut [f32; LANES], _extra: &mut f32) {
         let qh = u32::from_le_bytes(self.qh);
+        #[cfg(target_arch = "x86_64")]
+        if ISA == super::quant::AVX512 {
+            use std::arch::x86_64::*;
+            // SAFETY: AVX-512 variant only (avx512f/bw/vl present); `qs` is 16 bytes, `q` 32
+            // codes, `lanes` 16 floats. Bit i of `qh` is the fifth bit of value i.
+            unsafe {
+                let packed = _mm_loadu_si128(self.qs.as_ptr().cast());
+                let mask = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(packed, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+                let nibbles = _mm256_set_m128i(hi, lo);
+                let fifth = _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10));
+                let codes = _mm256_sub_epi8(_mm256_or_si256(nibbles, fifth), _mm256_set1_epi8(16));
+                let w = _mm512_cvtepi8_epi16(codes);
+                let x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(q.as_ptr().cast()));
+                let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, x));
+                let acc = _mm512_loadu_ps(lanes.as_ptr());
+                let s = _mm512_set1_ps(f16_value(self.d) * d[0]);
+                _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_fmadd_ps(p, s, acc));
+            }
+            return;
+        }
         let mut c = [0i8; 32];
         for j in 0..16 {
             let h0 = (((qh >> j) << 4) & 0x10) as u8;
@@ -362,6 +481,19 @@ mod tests {
         let packed = pack_scales(&sc, &m);
         for j in 0..8 {
             assert_eq!(scale_min(j, &packed), (sc[j], m[j]), "group {j}");
+        }
+        assert_eq!(scales_mins(&packed), (sc, m));
+        // Every bit pattern unpacks the same both ways.
+        let mut state = 7u64;
+        for _ in 0..1000 {
+            let q: [u8; K_SCALE_SIZE] = std::array::from_fn(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (state >> 56) as u8
+            });
+            let (a, b) = scales_mins(&q);
+            for j in 0..8 {
+                assert_eq!(scale_min(j, &q), (a[j], b[j]));
+            }
         }
     }
 
