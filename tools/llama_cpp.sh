@@ -13,13 +13,22 @@ PY=${PYTHON:-python3}
 SRC=$DIR/llama_cpp_python-$VERSION/vendor/llama.cpp
 mkdir -p "$DIR"
 if [ ! -d "$SRC" ]; then
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation "llama-cpp-python==$VERSION" -d "$DIR" >&2 \
-    || "$PY" - "$DIR" "$VERSION" <<'PYEOF'
-import json, sys, urllib.request
+  # The sdist's link from PyPI's simple index (pip download would try to build its metadata).
+  "$PY" - "$DIR" "$VERSION" <<'PYEOF'
+import hashlib, re, sys, urllib.parse, urllib.request
 d, v = sys.argv[1], sys.argv[2]
-meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{v}/json"))
-url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
-urllib.request.urlretrieve(url, f"{d}/llama_cpp_python-{v}.tar.gz")
+index = "https://pypi.org/simple/llama-cpp-python/"
+html = urllib.request.urlopen(index).read().decode()
+name = f"llama_cpp_python-{v}.tar.gz"
+link = re.search(r'href="([^"]*' + re.escape(name) + r'[^"]*)"', html)
+if not link:
+    sys.exit(f"{name} is not on {index}")
+url = urllib.parse.urljoin(index, link.group(1).replace("&amp;", "&"))
+path = f"{d}/{name}"
+urllib.request.urlretrieve(url.split("#")[0], path)
+want = re.search(r"sha256=([0-9a-f]{64})", url)
+if want and hashlib.sha256(open(path, "rb").read()).hexdigest() != want.group(1):
+    sys.exit(f"{path}: sha256 does not match the index")
 PYEOF
   tar -xzf "$DIR/llama_cpp_python-$VERSION.tar.gz" -C "$DIR"
 fi
