@@ -192,11 +192,6 @@ pub fn dequantize<B: QuantBlock>(blocks: &[B]) -> Vec<f32> {
     out
 }
 
-/// The values of Q8_0 blocks.
-pub fn dequantize_q8_0(blocks: &[BlockQ8_0]) -> Vec<f32> {
-    dequantize(blocks)
-}
-
 /// Rows of activations as 8-bit codes, one f32 scale and one code sum per 32 values.
 pub struct QuantizedRows {
     pub q: Vec<i8>,
@@ -234,11 +229,6 @@ pub fn matvec_quant<B: QuantBlock>(x: &[f32], w: &[B], t: usize, n_in: usize, n_
     by_output_rows(t, n_out, |first, n, out| {
         quant_rows(simd, &xq, &w[first * per_row..(first + n) * per_row], t, n_in, out)
     })
-}
-
-/// The Q8_0 product.
-pub fn matvec_q8_0(x: &[f32], w: &[BlockQ8_0], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
-    matvec_quant(x, w, t, n_in, n_out)
 }
 
 /// `out (rows, t) = rows · x (t, in)ᵀ`, compiled for the chosen instruction set.
@@ -449,7 +439,7 @@ pub(crate) mod tests {
         let v = random(32 * 40, 9);
         let blocks = quantize_q8_0(&v);
         assert_eq!(std::mem::size_of::<BlockQ8_0>(), 34, "GGML's block_q8_0 is 34 bytes");
-        let back = dequantize_q8_0(&blocks);
+        let back = dequantize(&blocks);
         for (b, (block, chunk)) in blocks.iter().zip(v.chunks(32)).enumerate() {
             let d = block.d.to_f32();
             for (i, &x) in chunk.iter().enumerate() {
@@ -482,8 +472,8 @@ pub(crate) mod tests {
         let (t, n_in, n_out) = (2, 512, 64);
         let x = random(t * n_in, 5);
         let w = quantize_q8_0(&random(n_out * n_in, 6));
-        let exact = crate::kernels::matvec::matvec_reference(&x, &dequantize_q8_0(&w), t, n_in, n_out);
-        let got = matvec_q8_0(&x, &w, t, n_in, n_out);
+        let exact = crate::kernels::matvec::matvec_reference(&x, &dequantize(&w), t, n_in, n_out);
+        let got = matvec_quant(&x, &w, t, n_in, n_out);
         let err: f32 = got.iter().zip(&exact).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
         let norm: f32 = exact.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!(err / norm < 0.01, "relative error {}", err / norm);

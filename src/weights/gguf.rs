@@ -118,17 +118,19 @@ impl Value {
 
     /// The value as a float, if it is numeric.
     pub fn as_f64(&self) -> Option<f64> {
-        match *self {
-            Value::F32(v) => Some(v as f64),
-            Value::F64(v) => Some(v),
-            _ => self.as_u64().map(|v| v as f64).or(match *self {
-                Value::I8(v) => Some(v as f64),
-                Value::I16(v) => Some(v as f64),
-                Value::I32(v) => Some(v as f64),
-                Value::I64(v) => Some(v as f64),
-                _ => None,
-            }),
-        }
+        Some(match *self {
+            Value::F32(v) => v as f64,
+            Value::F64(v) => v,
+            Value::U8(v) => v as f64,
+            Value::I8(v) => v as f64,
+            Value::U16(v) => v as f64,
+            Value::I16(v) => v as f64,
+            Value::U32(v) => v as f64,
+            Value::I32(v) => v as f64,
+            Value::U64(v) => v as f64,
+            Value::I64(v) => v as f64,
+            Value::Bool(_) | Value::Str(_) | Value::Array(_) => return None,
+        })
     }
 
     /// The string, if it is one.
