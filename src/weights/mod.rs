@@ -23,7 +23,7 @@ use serde::Deserialize;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kernels::kquant::{BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ6K};
-use crate::kernels::quant::{dequantize, BlockQ8_0, QuantBlock, QuantMatrix};
+use crate::kernels::quant::{dequantize, BlockQ8_0, QuantMatrix};
 use gguf::{GgmlType, GgufFile};
 
 /// One mapped shard and where its tensor data starts.
@@ -215,12 +215,12 @@ impl Weights {
         }
         let bytes = &shard.mmap[shard.data_start + entry.begin..shard.data_start + entry.end];
         let blocks = match ty {
-            GgmlType::Q8_0 => QuantMatrix::Q8_0(copy_blocks::<BlockQ8_0>(bytes)),
-            GgmlType::Q4_0 => QuantMatrix::Q4_0(copy_blocks::<BlockQ4_0>(bytes)),
-            GgmlType::Q5_0 => QuantMatrix::Q5_0(copy_blocks::<BlockQ5_0>(bytes)),
-            GgmlType::Q4K => QuantMatrix::Q4K(copy_blocks::<BlockQ4K>(bytes)),
-            GgmlType::Q5K => QuantMatrix::Q5K(copy_blocks::<BlockQ5K>(bytes)),
-            _ => QuantMatrix::Q6K(copy_blocks::<BlockQ6K>(bytes)),
+            GgmlType::Q8_0 => QuantMatrix::Q8_0(copy_elements::<BlockQ8_0>(bytes)),
+            GgmlType::Q4_0 => QuantMatrix::Q4_0(copy_elements::<BlockQ4_0>(bytes)),
+            GgmlType::Q5_0 => QuantMatrix::Q5_0(copy_elements::<BlockQ5_0>(bytes)),
+            GgmlType::Q4K => QuantMatrix::Q4K(copy_elements::<BlockQ4K>(bytes)),
+            GgmlType::Q5K => QuantMatrix::Q5K(copy_elements::<BlockQ5K>(bytes)),
+            _ => QuantMatrix::Q6K(copy_elements::<BlockQ6K>(bytes)),
         };
         // SAFETY: as in `get_as`: the read-only range is not used after this point.
         let _ = unsafe {
@@ -437,33 +437,19 @@ impl Weights {
 #[cfg(not(target_endian = "little"))]
 compile_error!("safetensors stores little-endian values; latent copies them as they are");
 
-/// Copies `bytes` (little-endian elements of `T`, a plain float type) into a new vector, asking
-/// the OS for huge pages first: a multi-GB checkpoint then costs thousands of page faults, not millions.
+/// Copies `bytes` (little-endian elements of `T`: a plain float type, or a GGML block, which is
+/// `repr(C)` over u8/i8 arrays and f16) into a new vector, asking the OS for huge pages first: a
+/// multi-GB checkpoint then costs thousands of page faults, not millions. The file's bytes need
+/// not be aligned for `T`.
 fn copy_elements<T: Copy>(bytes: &[u8]) -> Vec<T> {
     let size = std::mem::size_of::<T>();
     let n = bytes.len() / size;
     let mut v: Vec<T> = Vec::with_capacity(n);
     advise_huge_pages(v.as_mut_ptr().cast::<u8>(), n * size);
     // SAFETY: `v` has capacity for `n` elements, i.e. `n * size` bytes, and `bytes` has at least as
-    // many; the regions cannot overlap (one is a fresh allocation). T is bf16, f16 or f32, for
-    // which every bit pattern is a valid value, so the copied bytes initialise all `n` elements.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), n * size);
-        v.set_len(n);
-    }
-    v
-}
-
-/// Copies GGML blocks out of the file (the block structs are plain bytes and f16s, valid for
-/// every bit pattern; the file's bytes need not be aligned for them).
-fn copy_blocks<B: QuantBlock>(bytes: &[u8]) -> Vec<B> {
-    let size = std::mem::size_of::<B>();
-    let n = bytes.len() / size;
-    let mut v: Vec<B> = Vec::with_capacity(n);
-    advise_huge_pages(v.as_mut_ptr().cast::<u8>(), n * size);
-    // SAFETY: `v` has room for `n` blocks (`n * size` bytes) and `bytes` holds at least that many;
-    // the regions are distinct allocations. Every `QuantBlock` is `repr(C)` over u8/i8 arrays and
-    // f16 (any bits are a valid f16), so the copied bytes initialise all `n` blocks.
+    // many; the regions cannot overlap (one is a fresh allocation). T is bf16, f16, f32 or a GGML
+    // block of bytes and f16s, for which every bit pattern is a valid value, so the copied bytes
+    // initialise all `n` elements.
     unsafe {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), n * size);
         v.set_len(n);
@@ -477,12 +463,12 @@ pub fn dequantize_ggml(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
         GgmlType::F32 => copy_elements::<f32>(bytes),
         GgmlType::F16 => copy_elements::<half::f16>(bytes).iter().map(|v| v.to_f32()).collect(),
         GgmlType::BF16 => copy_elements::<half::bf16>(bytes).iter().map(|v| v.to_f32()).collect(),
-        GgmlType::Q4_0 => dequantize(&copy_blocks::<BlockQ4_0>(bytes)),
-        GgmlType::Q5_0 => dequantize(&copy_blocks::<BlockQ5_0>(bytes)),
-        GgmlType::Q8_0 => dequantize(&copy_blocks::<BlockQ8_0>(bytes)),
-        GgmlType::Q4K => dequantize(&copy_blocks::<BlockQ4K>(bytes)),
-        GgmlType::Q5K => dequantize(&copy_blocks::<BlockQ5K>(bytes)),
-        GgmlType::Q6K => dequantize(&copy_blocks::<BlockQ6K>(bytes)),
+        GgmlType::Q4_0 => dequantize(&copy_elements::<BlockQ4_0>(bytes)),
+        GgmlType::Q5_0 => dequantize(&copy_elements::<BlockQ5_0>(bytes)),
+        GgmlType::Q8_0 => dequantize(&copy_elements::<BlockQ8_0>(bytes)),
+        GgmlType::Q4K => dequantize(&copy_elements::<BlockQ4K>(bytes)),
+        GgmlType::Q5K => dequantize(&copy_elements::<BlockQ5K>(bytes)),
+        GgmlType::Q6K => dequantize(&copy_elements::<BlockQ6K>(bytes)),
     }
 }
 
