@@ -237,13 +237,14 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = cli.threads {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        // candle's GEMM reads RAYON_NUM_THREADS; latent's kernels use the global rayon pool.
+        // candle's GEMM reads RAYON_NUM_THREADS; latent's kernels use the pool built here.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
+        pool = pool.num_threads(n);
     }
     if matches!(cli.command, Command::Train(_)) && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // candle runs elementwise ops on a pool of its own whose workers spin between ops, while its
@@ -252,6 +253,15 @@ fn run(cli: Cli) -> Result<()> {
         // (1.3x the tokens/s on 2 cores; tools/bench_train.py).
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // The whole command runs on a worker of the pool: a parallel product called from there shares
+    // its work with the other workers directly, where one called from outside the pool would hand
+    // it over and sleep until it is done (two thread switches per product, about 35 us: a quarter
+    // of a 2048 x 512 Q4_K product, and ~150 products per decoded token).
+    let pool = pool.build().context("setting up the thread pool")?;
+    pool.install(|| run_command(cli))
+}
+
+fn run_command(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Chat(args) => run_chat(args),
