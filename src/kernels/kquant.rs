@@ -14,7 +14,9 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::quant::{dot32_lanes, dot32_nibbles, dot32_scaled, f16_value, QuantBlock, LANES};
+#[cfg(target_arch = "x86_64")]
+use super::quant::dot32_vnni;
+use super::quant::{dot32_lanes, f16_scale, QuantBlock, AVX512, AVX512_VNNI, LANES, SUM_GROUP};
 
 /// Values per k-quant super-block.
 pub const QK_K: usize = 256;
@@ -112,6 +114,7 @@ fn pack_scales(sc: &[u8; 8], m: &[u8; 8]) -> [u8; K_SCALE_SIZE] {
 
 impl QuantBlock for BlockQ4K {
     const VALUES: usize = QK_K;
+    const ACT_GROUP: usize = QK_K;
     const NAME: &'static str = "Q4_K";
 
     fn dequantize(&self, out: &mut [f32]) {
@@ -129,53 +132,110 @@ impl QuantBlock for BlockQ4K {
     }
 
     #[inline(always)]
-    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i32], lanes: &mut [f32; LANES], extra: &mut f32) {
-        let (dd, dmin) = (f16_value(self.d), f16_value(self.dmin));
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i16], lanes: &mut [f32; LANES], extra: &mut f32) {
+        let (dd, dmin) = (f16_scale::<ISA>(self.d) * d[0], f16_scale::<ISA>(self.dmin) * d[0]);
         let (sc, m) = scales_mins(&self.scales);
-        let (d, sums) = (&d[..8], &sums[..8]);
-        let q = &q[..QK_K];
+        let (q, sums) = (&q[..QK_K], &sums[..QK_K / SUM_GROUP]);
         #[cfg(target_arch = "x86_64")]
-        if ISA == super::quant::AVX512 {
+        if ISA >= AVX512 {
             use std::arch::x86_64::*;
-            // SAFETY: ISA == AVX512 only inside the AVX-512 variant (avx512f/bw/vl present);
-            // `sc`, `m` are 8 bytes, `d`, `sums` 8 values, `scale` 8 floats, `lanes` 16.
+            // SAFETY: AVX-512 variants only (avx512f/bw/vl present, and avx512vnni where ISA ==
+            // AVX512_VNNI); every load stays inside `qs` (128 bytes), `q` (256), `sums` (16
+            // i16), `sc`/`m` (8 bytes) or `PAIR_SCALES`, and `lanes` holds 16 floats.
             unsafe {
-                let dv = _mm256_loadu_ps(d.as_ptr());
-                let to_f32 = |b: &[u8; 8]| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(b.as_ptr().cast())));
-                let scale_v = _mm256_mul_ps(_mm256_mul_ps(to_f32(&sc), dv), _mm256_set1_ps(dd));
-                let sums_v = _mm256_cvtepi32_ps(_mm256_loadu_si256(sums.as_ptr().cast()));
-                let min_v = _mm256_mul_ps(_mm256_mul_ps(to_f32(&m), dv), sums_v);
-                let mut scale = [0f32; 8];
-                _mm256_storeu_ps(scale.as_mut_ptr(), scale_v);
+                let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr().cast())));
+                let low4 = _mm256_set1_epi8(0x0f);
+                let mut isum = [_mm512_setzero_si512(); 2];
                 for p in 0..4 {
-                    let (x_lo, x_hi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
-                    dot32_nibbles::<ISA>(
-                        &self.qs[32 * p..32 * p + 32],
-                        x_lo,
-                        x_hi,
-                        scale[2 * p],
-                        scale[2 * p + 1],
-                        lanes,
-                    );
+                    // 64 values: group 2p in the low nibbles, 2p + 1 in the high ones.
+                    let c = _mm256_loadu_si256(self.qs[32 * p..].as_ptr().cast());
+                    let lo = _mm256_and_si256(c, low4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
+                    let w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                    let pairs = _mm512_maddubs_epi16(w, _mm512_loadu_si512(q[64 * p..].as_ptr().cast()));
+                    let s = _mm512_permutexvar_epi16(_mm512_loadu_si512(PAIR_SCALES[p].as_ptr().cast()), scales);
+                    isum[p % 2] = scaled_pairs::<ISA>(isum[p % 2], pairs, s);
                 }
-                // The minimums go into the low 8 lanes: no horizontal sum per block.
+                // (Two chains of sums: the second run's products need not wait for the first's.)
+                let isum = _mm512_add_epi32(isum[0], isum[1]);
+                // Σ_j m_j · (the code sum of group j): sums of 16 added in pairs, then the minimums.
+                let s16 = _mm256_loadu_si256(sums.as_ptr().cast());
+                let group_sums = _mm_hadd_epi16(_mm256_castsi256_si128(s16), _mm256_extracti128_si256(s16, 1));
+                let mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr().cast())), group_sums);
                 let acc = _mm512_loadu_ps(lanes.as_ptr());
-                let acc = _mm512_fnmadd_ps(_mm512_zextps256_ps512(min_v), _mm512_set1_ps(dmin), acc);
+                let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dd), acc);
+                let acc = _mm512_fnmadd_ps(_mm512_zextps128_ps512(_mm_cvtepi32_ps(mins)), _mm512_set1_ps(dmin), acc);
                 _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
             }
             let _ = extra;
             return;
         }
-        let (mut scale, mut min) = ([0f32; 8], [0f32; 8]);
-        for j in 0..8 {
-            scale[j] = dd * sc[j] as f32 * d[j];
-            min[j] = m[j] as f32 * d[j] * sums[j] as f32;
-        }
+        let mut isum = 0i32;
         for p in 0..4 {
+            let codes = &self.qs[32 * p..32 * p + 32];
             let (x_lo, x_hi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
-            dot32_nibbles::<ISA>(&self.qs[32 * p..32 * p + 32], x_lo, x_hi, scale[2 * p], scale[2 * p + 1], lanes);
+            let (mut lo, mut hi) = (0i32, 0i32);
+            for l in 0..32 {
+                lo += (codes[l] & 0xf) as i32 * x_lo[l] as i32;
+                hi += (codes[l] >> 4) as i32 * x_hi[l] as i32;
+            }
+            isum += sc[2 * p] as i32 * lo + sc[2 * p + 1] as i32 * hi;
         }
-        *extra -= dmin * min.iter().sum::<f32>();
+        let msum: i32 = (0..8).map(|j| m[j] as i32 * (sums[2 * j] as i32 + sums[2 * j + 1] as i32)).sum();
+        *extra += dd * isum as f32 - dmin * msum as f32;
+    }
+}
+
+/// `vpermw` indices spreading a k-quant block's eight group scales (16-bit words) over the 32
+/// pair sums of its `p`-th run of 64 values: groups `2p` and `2p + 1`, 16 words each.
+static PAIR_SCALES: [[i16; 32]; 4] = {
+    let mut idx = [[0i16; 32]; 4];
+    let mut p = 0;
+    while p < 4 {
+        let mut w = 0;
+        while w < 32 {
+            idx[p][w] = (2 * p + w / 16) as i16;
+            w += 1;
+        }
+        p += 1;
+    }
+    idx
+};
+
+/// The same for Q6_K's sixteen scales of 16 values: run `c` of 64 values takes scales `4c..4c+4`,
+/// 8 words each.
+static QUAD_SCALES: [[i16; 32]; 4] = {
+    let mut idx = [[0i16; 32]; 4];
+    let mut c = 0;
+    while c < 4 {
+        let mut w = 0;
+        while w < 32 {
+            idx[c][w] = (4 * c + w / 8) as i16;
+            w += 1;
+        }
+        c += 1;
+    }
+    idx
+};
+
+/// `acc + Σ pairs·scales` by word pairs into 32-bit lanes: one `vpdpwssd` with VNNI, else a
+/// multiply-add and an add.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn scaled_pairs<const ISA: u8>(
+    acc: std::arch::x86_64::__m512i,
+    pairs: std::arch::x86_64::__m512i,
+    scales: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    // SAFETY: called only from AVX-512 code (ISA >= AVX512), and `vpdpwssd` only where ISA ==
+    // AVX512_VNNI, in the variant compiled for avx512vnni.
+    unsafe {
+        if ISA == AVX512_VNNI {
+            _mm512_dpwssd_epi32(acc, pairs, scales)
+        } else {
+            _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, scales))
+        }
     }
 }
 
@@ -200,6 +260,7 @@ impl BlockQ6K {
 
 impl QuantBlock for BlockQ6K {
     const VALUES: usize = QK_K;
+    const ACT_GROUP: usize = QK_K;
     const NAME: &'static str = "Q6_K";
 
     fn dequantize(&self, out: &mut [f32]) {
@@ -210,24 +271,27 @@ impl QuantBlock for BlockQ6K {
     }
 
     #[inline(always)]
-    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], _sums: &[i32], lanes: &mut [f32; LANES], _extra: &mut f32) {
-        let dd = f16_value(self.d);
-        let (q, d) = (&q[..QK_K], &d[..8]);
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i16], lanes: &mut [f32; LANES], extra: &mut f32) {
+        let dd = f16_scale::<ISA>(self.d) * d[0];
+        let (q, sums) = (&q[..QK_K], &sums[..QK_K / SUM_GROUP]);
         #[cfg(target_arch = "x86_64")]
-        if ISA == super::quant::AVX512 {
+        if ISA >= AVX512 {
             use std::arch::x86_64::*;
-            // SAFETY: AVX-512 variant only (avx512f/bw/vl present); every load reads 32 bytes
-            // inside `ql` (128), `qh` (64) or `q` (256), and `lanes` holds 16 floats.
+            // SAFETY: AVX-512 variants only (avx512f/bw/vl present, avx512vnni where ISA ==
+            // AVX512_VNNI); every load reads inside `ql` (128 bytes), `qh` (64), `scales` (16),
+            // `q` (256), `sums` (16 i16) or `QUAD_SCALES`, and `lanes` holds 16 floats.
             unsafe {
+                let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(self.scales.as_ptr().cast()));
+                let scales512 = _mm512_castsi256_si512(scales);
                 let low4 = _mm256_set1_epi8(0x0f);
                 let top2 = _mm256_set1_epi8(0x30);
-                let bias = _mm256_set1_epi8(32);
-                let mut acc = _mm512_loadu_ps(lanes.as_ptr());
+                let mut isum = [_mm512_setzero_si512(); 2];
                 for n in 0..2 {
                     let a = _mm256_loadu_si256(self.ql[64 * n..].as_ptr().cast());
                     let b = _mm256_loadu_si256(self.ql[64 * n + 32..].as_ptr().cast());
                     let h = _mm256_loadu_si256(self.qh[32 * n..].as_ptr().cast());
-                    // The four runs of 32 values of this half, as `BlockQ6K::codes` spells them.
+                    // The four runs of 32 codes (0..64, stored plus 32) of this half, as
+                    // `BlockQ6K::codes` spells them.
                     let runs = [
                         _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), top2)),
                         _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), top2)),
@@ -237,37 +301,42 @@ impl QuantBlock for BlockQ6K {
                             _mm256_and_si256(_mm256_srli_epi16(h, 2), top2),
                         ),
                     ];
-                    for (k, run) in runs.into_iter().enumerate() {
-                        let g = 4 * n + k;
-                        let w = _mm512_cvtepi8_epi16(_mm256_sub_epi8(run, bias));
-                        let x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(q[32 * g..].as_ptr().cast()));
-                        let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, x));
-                        let unit = dd * d[g];
-                        let scale = _mm512_mask_blend_ps(
-                            0xff00,
-                            _mm512_set1_ps(self.scales[2 * g] as f32 * unit),
-                            _mm512_set1_ps(self.scales[2 * g + 1] as f32 * unit),
-                        );
-                        acc = _mm512_fmadd_ps(p, scale, acc);
+                    for k in 0..2 {
+                        let c = 2 * n + k;
+                        let w = _mm512_inserti64x4(_mm512_castsi256_si512(runs[2 * k]), runs[2 * k + 1], 1);
+                        let pairs = _mm512_maddubs_epi16(w, _mm512_loadu_si512(q[64 * c..].as_ptr().cast()));
+                        let s = _mm512_permutexvar_epi16(_mm512_loadu_si512(QUAD_SCALES[c].as_ptr().cast()), scales512);
+                        isum[k] = scaled_pairs::<ISA>(isum[k], pairs, s);
                     }
                 }
-                _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+                // The codes are stored plus 32: take 32 · Σ_g sc_g · (code sum of group g) back off.
+                let offset = _mm256_madd_epi16(scales, _mm256_loadu_si256(sums.as_ptr().cast()));
+                let isum = _mm512_add_epi32(isum[0], isum[1]);
+                let isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(_mm256_slli_epi32(offset, 5)));
+                let acc = _mm512_loadu_ps(lanes.as_ptr());
+                _mm512_storeu_ps(
+                    lanes.as_mut_ptr(),
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dd), acc),
+                );
             }
+            let _ = extra;
             return;
         }
         let codes = self.codes();
-        // Each 16 codes have their own scale: the two halves of a group of 32 go in separately,
-        // the second half's codes shifted into the upper lanes.
-        for g in 0..8 {
-            let (w, x) = (&codes[32 * g..32 * g + 32], &q[32 * g..32 * g + 32]);
-            let (s1, s2) = (self.scales[2 * g] as f32 * dd * d[g], self.scales[2 * g + 1] as f32 * dd * d[g]);
-            dot32_scaled::<ISA>(w, x, s1, s2, lanes);
+        let mut isum = 0i32;
+        for g in 0..QK_K / 16 {
+            let (w, x) = (&codes[16 * g..16 * g + 16], &q[16 * g..16 * g + 16]);
+            let s: i32 = w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum();
+            isum += self.scales[g] as i32 * s;
         }
+        let _ = (sums, lanes);
+        *extra += dd * isum as f32;
     }
 }
 
 impl QuantBlock for BlockQ5K {
     const VALUES: usize = QK_K;
+    const ACT_GROUP: usize = QK_K;
     const NAME: &'static str = "Q5_K";
 
     fn dequantize(&self, out: &mut [f32]) {
@@ -287,28 +356,72 @@ impl QuantBlock for BlockQ5K {
     }
 
     #[inline(always)]
-    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i32], lanes: &mut [f32; LANES], extra: &mut f32) {
-        let (dd, dmin) = (f16_value(self.d), f16_value(self.dmin));
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i16], lanes: &mut [f32; LANES], extra: &mut f32) {
+        let (dd, dmin) = (f16_scale::<ISA>(self.d) * d[0], f16_scale::<ISA>(self.dmin) * d[0]);
+        let (sc, m) = scales_mins(&self.scales);
+        let (q, sums) = (&q[..QK_K], &sums[..QK_K / SUM_GROUP]);
+        #[cfg(target_arch = "x86_64")]
+        if ISA >= AVX512 {
+            use std::arch::x86_64::*;
+            // SAFETY: as in `BlockQ4K::dot`, plus one 32-byte load of `qh`.
+            unsafe {
+                let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr().cast())));
+                let low4 = _mm256_set1_epi8(0x0f);
+                let fifth = _mm256_set1_epi8(0x10);
+                let mut h = _mm256_loadu_si256(self.qh.as_ptr().cast());
+                let mut isum = [_mm512_setzero_si512(); 2];
+                for p in 0..4 {
+                    // Bits 2p and 2p + 1 of `qh[l]` are the fifth bits of value l of groups 2p
+                    // and 2p + 1; `h` is shifted down by two per run.
+                    let c = _mm256_loadu_si256(self.qs[32 * p..].as_ptr().cast());
+                    let lo =
+                        _mm256_or_si256(_mm256_and_si256(c, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), fifth));
+                    let hi = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(c, 4), low4),
+                        _mm256_and_si256(_mm256_slli_epi16(h, 3), fifth),
+                    );
+                    h = _mm256_srli_epi16(h, 2);
+                    let w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                    let pairs = _mm512_maddubs_epi16(w, _mm512_loadu_si512(q[64 * p..].as_ptr().cast()));
+                    let s = _mm512_permutexvar_epi16(_mm512_loadu_si512(PAIR_SCALES[p].as_ptr().cast()), scales);
+                    isum[p % 2] = scaled_pairs::<ISA>(isum[p % 2], pairs, s);
+                }
+                // (Two chains of sums: the second run's products need not wait for the first's.)
+                let isum = _mm512_add_epi32(isum[0], isum[1]);
+                let s16 = _mm256_loadu_si256(sums.as_ptr().cast());
+                let group_sums = _mm_hadd_epi16(_mm256_castsi256_si128(s16), _mm256_extracti128_si256(s16, 1));
+                let mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr().cast())), group_sums);
+                let acc = _mm512_loadu_ps(lanes.as_ptr());
+                let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dd), acc);
+                let acc = _mm512_fnmadd_ps(_mm512_zextps128_ps512(_mm_cvtepi32_ps(mins)), _mm512_set1_ps(dmin), acc);
+                _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+            }
+            let _ = extra;
+            return;
+        }
+        let mut isum = 0i32;
         for p in 0..4 {
             let codes = &self.qs[32 * p..32 * p + 32];
             let (u1, u2) = (1u8 << (2 * p), 2u8 << (2 * p));
-            let (mut lo, mut hi) = ([0i8; 32], [0i8; 32]);
+            let (x_lo, x_hi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
+            let (mut lo, mut hi) = (0i32, 0i32);
             for l in 0..32 {
-                lo[l] = ((codes[l] & 0xf) | if self.qh[l] & u1 != 0 { 16 } else { 0 }) as i8;
-                hi[l] = ((codes[l] >> 4) | if self.qh[l] & u2 != 0 { 16 } else { 0 }) as i8;
+                let c_lo = (codes[l] & 0xf) | if self.qh[l] & u1 != 0 { 16 } else { 0 };
+                let c_hi = (codes[l] >> 4) | if self.qh[l] & u2 != 0 { 16 } else { 0 };
+                lo += c_lo as i32 * x_lo[l] as i32;
+                hi += c_hi as i32 * x_hi[l] as i32;
             }
-            let (sc1, m1) = scale_min(2 * p, &self.scales);
-            let (sc2, m2) = scale_min(2 * p + 1, &self.scales);
-            dot32_lanes::<ISA>(&lo, &q[64 * p..64 * p + 32], dd * sc1 as f32 * d[2 * p], lanes);
-            dot32_lanes::<ISA>(&hi, &q[64 * p + 32..64 * p + 64], dd * sc2 as f32 * d[2 * p + 1], lanes);
-            *extra -=
-                dmin * (m1 as f32 * d[2 * p] * sums[2 * p] as f32 + m2 as f32 * d[2 * p + 1] * sums[2 * p + 1] as f32);
+            isum += sc[2 * p] as i32 * lo + sc[2 * p + 1] as i32 * hi;
         }
+        let msum: i32 = (0..8).map(|j| m[j] as i32 * (sums[2 * j] as i32 + sums[2 * j + 1] as i32)).sum();
+        let _ = lanes;
+        *extra += dd * isum as f32 - dmin * msum as f32;
     }
 }
 
 impl QuantBlock for BlockQ4_0 {
     const VALUES: usize = 32;
+    const ACT_GROUP: usize = 32;
     const NAME: &'static str = "Q4_0";
 
     fn dequantize(&self, out: &mut [f32]) {
@@ -320,18 +433,33 @@ impl QuantBlock for BlockQ4_0 {
     }
 
     #[inline(always)]
-    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], _sums: &[i32], lanes: &mut [f32; LANES], _extra: &mut f32) {
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i16], lanes: &mut [f32; LANES], _extra: &mut f32) {
+        let s = f16_scale::<ISA>(self.d) * d[0];
+        #[cfg(target_arch = "x86_64")]
+        if ISA == AVX512_VNNI {
+            use std::arch::x86_64::*;
+            // SAFETY: AVX-512 VNNI variant only; `qs` is 16 bytes. Codes 0..16 as u8, in value order.
+            let codes = unsafe {
+                let packed = _mm_loadu_si128(self.qs.as_ptr().cast());
+                let mask = _mm_set1_epi8(0x0f);
+                _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), _mm_and_si128(packed, mask))
+            };
+            dot32_vnni(codes, q, 8, sums[0] as i32 + sums[1] as i32, s, lanes);
+            return;
+        }
+        let _ = sums;
         let mut c = [0i8; 32];
         for j in 0..16 {
             c[j] = (self.qs[j] & 0xf) as i8 - 8;
             c[j + 16] = (self.qs[j] >> 4) as i8 - 8;
         }
-        dot32_lanes::<ISA>(&c, q, f16_value(self.d) * d[0], lanes);
+        dot32_lanes::<ISA>(&c, q, s, lanes);
     }
 }
 
 impl QuantBlock for BlockQ5_0 {
     const VALUES: usize = 32;
+    const ACT_GROUP: usize = 32;
     const NAME: &'static str = "Q5_0";
 
     fn dequantize(&self, out: &mut [f32]) {
@@ -346,13 +474,15 @@ impl QuantBlock for BlockQ5_0 {
     }
 
     #[inline(always)]
-    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], _sums: &[i32], lanes: &mut [f32; LANES], _extra: &mut f32) {
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i16], lanes: &mut [f32; LANES], _extra: &mut f32) {
         let qh = u32::from_le_bytes(self.qh);
+        let s = f16_scale::<ISA>(self.d) * d[0];
         #[cfg(target_arch = "x86_64")]
-        if ISA == super::quant::AVX512 {
+        if ISA >= AVX512 {
             use std::arch::x86_64::*;
-            // SAFETY: AVX-512 variant only (avx512f/bw/vl present); `qs` is 16 bytes, `q` 32
-            // codes, `lanes` 16 floats. Bit i of `qh` is the fifth bit of value i.
+            // SAFETY: AVX-512 variants only (avx512f/bw/vl present, avx512vnni where ISA ==
+            // AVX512_VNNI); `qs` is 16 bytes, `q` 32 codes, `lanes` 16 floats. Bit i of `qh` is
+            // the fifth bit of value i.
             unsafe {
                 let packed = _mm_loadu_si128(self.qs.as_ptr().cast());
                 let mask = _mm_set1_epi8(0x0f);
@@ -360,16 +490,20 @@ impl QuantBlock for BlockQ5_0 {
                 let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
                 let nibbles = _mm256_set_m128i(hi, lo);
                 let fifth = _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10));
-                let codes = _mm256_sub_epi8(_mm256_or_si256(nibbles, fifth), _mm256_set1_epi8(16));
-                let w = _mm512_cvtepi8_epi16(codes);
+                let codes = _mm256_or_si256(nibbles, fifth);
+                if ISA == AVX512_VNNI {
+                    dot32_vnni(codes, q, 16, sums[0] as i32 + sums[1] as i32, s, lanes);
+                    return;
+                }
+                let w = _mm512_cvtepi8_epi16(_mm256_sub_epi8(codes, _mm256_set1_epi8(16)));
                 let x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(q.as_ptr().cast()));
                 let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, x));
                 let acc = _mm512_loadu_ps(lanes.as_ptr());
-                let s = _mm512_set1_ps(f16_value(self.d) * d[0]);
-                _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_fmadd_ps(p, s, acc));
+                _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_fmadd_ps(p, _mm512_set1_ps(s), acc));
             }
             return;
         }
+        let _ = sums;
         let mut c = [0i8; 32];
         for j in 0..16 {
             let h0 = (((qh >> j) << 4) & 0x10) as u8;
@@ -377,7 +511,7 @@ impl QuantBlock for BlockQ5_0 {
             c[j] = ((self.qs[j] & 0xf) | h0) as i8 - 16;
             c[j + 16] = ((self.qs[j] >> 4) | h1) as i8 - 16;
         }
-        dot32_lanes::<ISA>(&c, q, f16_value(self.d) * d[0], lanes);
+        dot32_lanes::<ISA>(&c, q, s, lanes);
     }
 }
 

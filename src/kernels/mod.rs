@@ -46,6 +46,9 @@ pub(crate) fn mul_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// The instruction-set variants the kernels are compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Simd {
+    /// AVX-512 with VNNI (`vpdpbusd`, `vpdpwssd`: 8- and 16-bit dot products into 32-bit lanes),
+    /// which only the quantized kernels use; the float kernels run their AVX-512 code here.
+    Avx512Vnni,
     Avx512,
     Avx2,
     Portable,
@@ -72,9 +75,13 @@ impl Simd {
                 is_x86_feature_detected!("avx512bw"),
                 is_x86_feature_detected!("avx512vl"),
                 is_x86_feature_detected!("fma"),
+                is_x86_feature_detected!("f16c"),
             ];
             if has(&avx512) {
                 variants.push(Simd::Avx512);
+                if is_x86_feature_detected!("avx512vnni") {
+                    variants.push(Simd::Avx512Vnni);
+                }
             }
         }
         variants
@@ -100,7 +107,7 @@ macro_rules! dispatch {
                 // SAFETY: `Simd::detect` and `Simd::available` only return a variant whose
                 // features the running CPU has.
                 #[cfg(target_arch = "x86_64")]
-                $crate::kernels::Simd::Avx512 => unsafe { avx512::<W>($($arg),*) },
+                $crate::kernels::Simd::Avx512 | $crate::kernels::Simd::Avx512Vnni => unsafe { avx512::<W>($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
                 $crate::kernels::Simd::Avx2 => unsafe { avx2::<W>($($arg),*) },
                 _ => $body::<W, false>($($arg),*),

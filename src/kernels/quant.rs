@@ -4,11 +4,14 @@
 //! the k-quants (Q4_K, Q6_K) in [`super::kquant`]. Every block format is byte for byte GGML's, so
 //! a GGUF file's tensor data is used as it is.
 //!
-//! The product `y = x Wᵀ` ([`matvec_quant`]) first quantizes each row of `x` to 8 bits in groups
-//! of 32 (one f32 scale per group, [`QuantizedRows`]); a block then contributes integer dot
-//! products of its codes with the activation codes, scaled once per group. This is how GGML
-//! multiplies quantized weights: the inner loop is i8 x i8 (or u4 x i8) multiply-adds in 16-bit
-//! lanes, not a float conversion and FMA per weight. The reference twin ([`matvec_quant_reference`])
+//! The product `y = x Wᵀ` ([`matvec_quant`]) first quantizes each row of `x` to 8 bits
+//! ([`QuantizedRows`]): one f32 scale per 32 values for the 32-value formats (GGML's Q8_0
+//! activations), one per 256 for the k-quants (GGML's Q8_K), and the sum of every 16 codes. A
+//! block then contributes integer dot products of its codes with the activation codes; a
+//! k-quant block sums its groups' products times their integer scales in 32-bit lanes and
+//! converts once per 256 values, and per-group minimums and code offsets come from the code sums
+//! instead of from the products. On AVX-512 VNNI the products are `vpdpbusd` (u8 × i8, four
+//! products into one 32-bit lane) and `vpdpwssd`. The reference twin ([`matvec_quant_reference`])
 //! dequantizes both sides and accumulates in f64; the two agree to float rounding.
 
 use half::f16;
@@ -17,22 +20,26 @@ use rayon::prelude::*;
 use super::matvec::by_output_rows;
 use super::Simd;
 
-/// Values per Q8_0 block, and per group of quantized activations.
+/// Values per Q8_0 block, and per scale of the 32-value formats' activations.
 pub const QK8_0: usize = 32;
+/// Values per activation code sum.
+pub const SUM_GROUP: usize = 16;
 
 /// One block of a quantized row.
 pub trait QuantBlock: Copy + Send + Sync + 'static {
     /// Values per block (32 or 256).
     const VALUES: usize;
+    /// Activation values per scale: 32, or 256 for the k-quants (whose groups have integer scales).
+    const ACT_GROUP: usize;
     /// GGML's name for the format.
     const NAME: &'static str;
     /// Writes the `VALUES` values the block stands for.
     fn dequantize(&self, out: &mut [f32]);
     /// Adds `Σ w·x` over the block to `lanes` (summed at the end of the row) and `extra`, `x`
-    /// given as 8-bit codes `q` with one scale `d` per 32 values and the sums of the codes per 32
-    /// (`sums`, for formats with a per-group minimum). Products stay in 16 vector lanes: no
-    /// horizontal sum per block.
-    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i32], lanes: &mut [f32; LANES], extra: &mut f32);
+    /// given as 8-bit codes `q` with one scale `d` per `ACT_GROUP` values and the sums of the codes
+    /// per 16 (`sums`, for per-group minimums and code offsets). Products stay in 16 vector lanes:
+    /// no horizontal sum per block.
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i16], lanes: &mut [f32; LANES], extra: &mut f32);
 }
 
 /// Accumulator lanes of the quantized dot products (one AVX-512 register of f32).
@@ -50,10 +57,24 @@ pub(crate) fn f16_value(h: f16) -> f32 {
     f32::from_bits(magnitude.to_bits() | ((bits & 0x8000) << 16))
 }
 
-/// The instruction sets the quantized kernels are compiled for (a const parameter).
+/// [`f16_value`] in the kernels: one `vcvtph2ps` in the AVX-512 variants (compiled with F16C).
+#[inline(always)]
+pub(crate) fn f16_scale<const ISA: u8>(h: f16) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if ISA >= AVX512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the AVX-512 variants are compiled with f16c, which `Simd::detect` checked.
+        return unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32))) };
+    }
+    f16_value(h)
+}
+
+/// The instruction sets the quantized kernels are compiled for (a const parameter); the
+/// AVX-512 code runs for `ISA >= AVX512`.
 pub(crate) const PORTABLE: u8 = 0;
 pub(crate) const AVX2: u8 = 1;
 pub(crate) const AVX512: u8 = 2;
+pub(crate) const AVX512_VNNI: u8 = 3;
 
 /// `lanes[l] += s_l · (a[2l]·b[2l] + a[2l+1]·b[2l+1])` over 32 codes, with `s_l = s1` for the
 /// lanes of the first 16 codes and `s2` for the rest: pairs of 16-bit products summed in 32 bits,
@@ -63,9 +84,9 @@ pub(crate) const AVX512: u8 = 2;
 pub(crate) fn dot32_scaled<const ISA: u8>(a: &[i8], b: &[i8], s1: f32, s2: f32, lanes: &mut [f32; LANES]) {
     let (a, b) = (&a[..32], &b[..32]);
     #[cfg(target_arch = "x86_64")]
-    if ISA == AVX512 {
+    if ISA >= AVX512 {
         use std::arch::x86_64::*;
-        // SAFETY: ISA == AVX512 only inside the AVX-512 variant, which runs only where
+        // SAFETY: ISA >= AVX512 only inside the AVX-512 variants, which run only where
         // `Simd::detect` found avx512f and avx512bw; `a`, `b` hold 32 bytes and `lanes` 16 f32s
         // (unaligned loads and stores).
         unsafe {
@@ -88,50 +109,36 @@ pub(crate) fn dot32_scaled<const ISA: u8>(a: &[i8], b: &[i8], s1: f32, s2: f32, 
     }
 }
 
-/// `Σ` over 32 bytes of 4-bit codes: the low nibbles against `x_lo`, scaled by `s_lo`, and the
-/// high nibbles against `x_hi`, scaled by `s_hi`, added to `lanes` (Q4_K, Q5_K's low bits).
-#[inline(always)]
-pub(crate) fn dot32_nibbles<const ISA: u8>(
-    codes: &[u8],
-    x_lo: &[i8],
-    x_hi: &[i8],
-    s_lo: f32,
-    s_hi: f32,
-    lanes: &mut [f32; LANES],
-) {
-    let (codes, x_lo, x_hi) = (&codes[..32], &x_lo[..32], &x_hi[..32]);
-    #[cfg(target_arch = "x86_64")]
-    if ISA == AVX512 {
-        use std::arch::x86_64::*;
-        // SAFETY: as in `dot32_scaled`: AVX-512 variant only; 32-byte and 16-float slices.
-        unsafe {
-            let c = _mm256_loadu_si256(codes.as_ptr().cast());
-            let mask = _mm256_set1_epi8(0x0f);
-            let lo = _mm512_cvtepu8_epi16(_mm256_and_si256(c, mask));
-            let hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), mask));
-            let xl = _mm512_cvtepi8_epi16(_mm256_loadu_si256(x_lo.as_ptr().cast()));
-            let xh = _mm512_cvtepi8_epi16(_mm256_loadu_si256(x_hi.as_ptr().cast()));
-            let pl = _mm512_cvtepi32_ps(_mm512_madd_epi16(lo, xl));
-            let ph = _mm512_cvtepi32_ps(_mm512_madd_epi16(hi, xh));
-            let acc = _mm512_loadu_ps(lanes.as_ptr());
-            let acc = _mm512_fmadd_ps(pl, _mm512_set1_ps(s_lo), acc);
-            _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_fmadd_ps(ph, _mm512_set1_ps(s_hi), acc));
-        }
-        return;
-    }
-    let (mut lo, mut hi) = ([0i8; 32], [0i8; 32]);
-    for l in 0..32 {
-        lo[l] = (codes[l] & 0xf) as i8;
-        hi[l] = (codes[l] >> 4) as i8;
-    }
-    dot32_lanes::<ISA>(&lo, x_lo, s_lo, lanes);
-    dot32_lanes::<ISA>(&hi, x_hi, s_hi, lanes);
-}
-
 /// [`dot32_scaled`] with one scale for all 32 codes.
 #[inline(always)]
 pub(crate) fn dot32_lanes<const ISA: u8>(a: &[i8], b: &[i8], s: f32, lanes: &mut [f32; LANES]) {
     dot32_scaled::<ISA>(a, b, s, s, lanes)
+}
+
+/// `lanes[0..8] += s · Σ (c − offset)·x` over 32 codes `c` in `0..=255` stored as `c ^ flip`
+/// (`flip` 0x80 turns i8 codes into `c + 128`), `x` the activation codes with sum `sum`: one
+/// `vpdpbusd` (u8 × i8 products, four into each 32-bit lane) whose lanes start at
+/// `−offset·sum / 8`, so the offset costs no instruction of its own. AVX-512 VNNI only.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn dot32_vnni(
+    codes: std::arch::x86_64::__m256i,
+    x: &[i8],
+    offset: i32,
+    sum: i32,
+    s: f32,
+    lanes: &mut [f32; LANES],
+) {
+    use std::arch::x86_64::*;
+    let x = &x[..32];
+    // SAFETY: called only where ISA == AVX512_VNNI, inside a variant compiled for avx512vnni and
+    // avx512vl that runs only where `Simd::detect` found them; `x` holds 32 bytes, `lanes` 16 f32s.
+    unsafe {
+        let start = _mm256_set1_epi32(-offset * sum / 8);
+        let p = _mm256_dpbusd_epi32(start, codes, _mm256_loadu_si256(x.as_ptr().cast()));
+        let acc = _mm256_loadu_ps(lanes.as_ptr());
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc));
+    }
 }
 
 /// One Q8_0 block, laid out as GGML's `block_q8_0`: 32 i8 codes and an f16 scale (8.5 bits per weight).
@@ -144,6 +151,7 @@ pub struct BlockQ8_0 {
 
 impl QuantBlock for BlockQ8_0 {
     const VALUES: usize = QK8_0;
+    const ACT_GROUP: usize = QK8_0;
     const NAME: &'static str = "Q8_0";
 
     fn dequantize(&self, out: &mut [f32]) {
@@ -154,8 +162,25 @@ impl QuantBlock for BlockQ8_0 {
     }
 
     #[inline(always)]
-    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], _sums: &[i32], lanes: &mut [f32; LANES], _extra: &mut f32) {
-        dot32_lanes::<ISA>(&self.qs, q, f16_value(self.d) * d[0], lanes);
+    fn dot<const ISA: u8>(&self, q: &[i8], d: &[f32], sums: &[i16], lanes: &mut [f32; LANES], _extra: &mut f32) {
+        let s = f16_scale::<ISA>(self.d) * d[0];
+        #[cfg(target_arch = "x86_64")]
+        if ISA == AVX512_VNNI {
+            use std::arch::x86_64::*;
+            // SAFETY: AVX-512 VNNI variant only; `qs` and `q` are 32 bytes, `lanes` 16 floats.
+            // `vpdpbusd` multiplies u8 by i8: |w| by x with w's sign moved onto x (`vpsignb`; -128
+            // is 128 as u8, and activation codes are never -128).
+            unsafe {
+                let w = _mm256_loadu_si256(self.qs.as_ptr().cast());
+                let x = _mm256_loadu_si256(q.as_ptr().cast());
+                let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+                let acc = _mm256_loadu_ps(lanes.as_ptr());
+                _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc));
+            }
+            return;
+        }
+        let _ = sums;
+        dot32_lanes::<ISA>(&self.qs, q, s, lanes);
     }
 }
 
@@ -166,23 +191,38 @@ pub fn quantize_q8_0(values: &[f32]) -> Vec<BlockQ8_0> {
     values
         .par_chunks(QK8_0)
         .map(|block| {
-            let (d, qs) = quantize_group(block);
+            let mut qs = [0i8; QK8_0];
+            let d = quantize_group(block, &mut qs);
             BlockQ8_0 { d: f16::from_f32(d), qs }
         })
         .collect()
 }
 
-/// One group of 32 values as 8-bit codes and their scale.
+/// One group of values as 8-bit codes (`round(x / d)`, `d = max|x| / 127`); returns `d`.
 #[inline(always)]
-fn quantize_group(block: &[f32]) -> (f32, [i8; QK8_0]) {
-    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+fn quantize_group(group: &[f32], codes: &mut [i8]) -> f32 {
+    let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut qs = [0i8; QK8_0];
-    for (q, &v) in qs.iter_mut().zip(block) {
+    for (q, &v) in codes.iter_mut().zip(group) {
         *q = (v * id).round() as i8;
     }
-    (d, qs)
+    d
+}
+
+/// [`quantize_group`] for activations, rounding half to even by adding 1.5·2²³ (exact for
+/// |x| < 2²², and the codes are at most 127): `f32::round` is a library call on baseline x86-64,
+/// which made quantizing a 2048-wide activation cost a tenth of a small expert's product.
+#[inline(always)]
+fn quantize_activations(group: &[f32], codes: &mut [i8]) -> f32 {
+    let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    const MAGIC: f32 = 12_582_912.0;
+    for (q, &v) in codes.iter_mut().zip(group) {
+        *q = ((v * id + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8;
+    }
+    d
 }
 
 /// The values of a run of blocks.
@@ -192,30 +232,27 @@ pub fn dequantize<B: QuantBlock>(blocks: &[B]) -> Vec<f32> {
     out
 }
 
-/// Rows of activations as 8-bit codes, one f32 scale and one code sum per 32 values.
+/// Rows of activations as 8-bit codes: one f32 scale per `group` values (32 or 256) and one
+/// code sum per 16.
 pub struct QuantizedRows {
+    pub group: usize,
     pub q: Vec<i8>,
     pub d: Vec<f32>,
-    pub sums: Vec<i32>,
+    pub sums: Vec<i16>,
 }
 
 impl QuantizedRows {
-    /// Quantizes `x` (rows of a multiple of 32 values).
-    pub fn new(x: &[f32]) -> QuantizedRows {
-        let groups = x.len() / QK8_0;
-        let mut rows = QuantizedRows { q: vec![0; groups * QK8_0], d: vec![0.0; groups], sums: vec![0; groups] };
-        for (g, chunk) in x.chunks_exact(QK8_0).enumerate() {
-            let (d, qs) = quantize_group(chunk);
-            rows.q[g * QK8_0..(g + 1) * QK8_0].copy_from_slice(&qs);
-            rows.d[g] = d;
-            rows.sums[g] = qs.iter().map(|&v| v as i32).sum();
-        }
-        rows
+    /// Quantizes `x` (rows of a multiple of `group` values) with one scale per `group`.
+    pub fn new(x: &[f32], group: usize) -> QuantizedRows {
+        let mut q = vec![0i8; x.len() / group * group];
+        let d = x.chunks_exact(group).zip(q.chunks_exact_mut(group)).map(|(g, c)| quantize_activations(g, c)).collect();
+        let sums = q.chunks_exact(SUM_GROUP).map(|c| c.iter().map(|&v| v as i16).sum()).collect();
+        QuantizedRows { group, q, d, sums }
     }
 
     /// The values the codes stand for.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.q.iter().enumerate().map(|(i, &q)| q as f32 * self.d[i / QK8_0]).collect()
+        self.q.iter().enumerate().map(|(i, &q)| q as f32 * self.d[i / self.group]).collect()
     }
 }
 
@@ -223,7 +260,7 @@ impl QuantizedRows {
 pub fn matvec_quant<B: QuantBlock>(x: &[f32], w: &[B], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
     assert!(n_in.is_multiple_of(B::VALUES), "matvec_quant: input size is not a multiple of the block");
     assert!(x.len() == t * n_in && w.len() * B::VALUES == n_out * n_in, "matvec_quant: shapes disagree");
-    let xq = QuantizedRows::new(x);
+    let xq = QuantizedRows::new(x, B::ACT_GROUP);
     let simd = Simd::detect();
     let per_row = n_in / B::VALUES;
     by_output_rows(t, n_out, |first, n, out| {
@@ -231,7 +268,8 @@ pub fn matvec_quant<B: QuantBlock>(x: &[f32], w: &[B], t: usize, n_in: usize, n_
     })
 }
 
-/// `out (rows, t) = rows · x (t, in)ᵀ`, compiled for the chosen instruction set.
+/// `out (rows, t) = rows · x (t, in)ᵀ`, compiled for the chosen instruction set (`x` quantized
+/// with `B::ACT_GROUP`).
 pub(crate) fn quant_rows<B: QuantBlock>(
     simd: Simd,
     x: &QuantizedRows,
@@ -240,8 +278,14 @@ pub(crate) fn quant_rows<B: QuantBlock>(
     n_in: usize,
     out: &mut [f32],
 ) {
+    assert_eq!(x.group, B::ACT_GROUP, "quant_rows: activations quantized for another format");
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+    unsafe fn avx512_vnni<B: QuantBlock>(x: &QuantizedRows, rows: &[B], t: usize, n_in: usize, out: &mut [f32]) {
+        quant_rows_body::<B, AVX512_VNNI>(x, rows, t, n_in, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
     unsafe fn avx512<B: QuantBlock>(x: &QuantizedRows, rows: &[B], t: usize, n_in: usize, out: &mut [f32]) {
         quant_rows_body::<B, AVX512>(x, rows, t, n_in, out)
     }
@@ -253,6 +297,8 @@ pub(crate) fn quant_rows<B: QuantBlock>(
     match simd {
         // SAFETY: `Simd::detect` and `Simd::available` only return a variant whose features the
         // running CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512Vnni => unsafe { avx512_vnni(x, rows, t, n_in, out) },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512 => unsafe { avx512(x, rows, t, n_in, out) },
         #[cfg(target_arch = "x86_64")]
@@ -270,13 +316,12 @@ fn quant_rows_body<B: QuantBlock, const ISA: u8>(
     out: &mut [f32],
 ) {
     let per_row = n_in / B::VALUES;
-    let groups_per_block = B::VALUES / QK8_0;
-    let groups_per_row = n_in / QK8_0;
+    let (scales_per_block, sums_per_block) = (B::VALUES / B::ACT_GROUP, B::VALUES / SUM_GROUP);
     for (row, y_row) in rows.chunks_exact(per_row).zip(out.chunks_mut(t)) {
         for (ti, y) in y_row.iter_mut().enumerate() {
-            let g0 = ti * groups_per_row;
-            let xq = &x.q[g0 * QK8_0..(g0 + groups_per_row) * QK8_0];
-            let (xd, xs) = (&x.d[g0..g0 + groups_per_row], &x.sums[g0..g0 + groups_per_row]);
+            let xq = &x.q[ti * n_in..(ti + 1) * n_in];
+            let xd = &x.d[ti * n_in / B::ACT_GROUP..(ti + 1) * n_in / B::ACT_GROUP];
+            let xs = &x.sums[ti * n_in / SUM_GROUP..(ti + 1) * n_in / SUM_GROUP];
             // Four accumulators, one per block in turn: consecutive blocks' multiply-adds do not
             // wait on each other's (latency-bound with one accumulator).
             let [mut a0, mut a1, mut a2, mut a3] = [[0f32; LANES]; ACCUMULATORS];
@@ -284,11 +329,11 @@ fn quant_rows_body<B: QuantBlock, const ISA: u8>(
             // (A macro, not a closure: a closure is compiled without the caller's target features.)
             macro_rules! dot {
                 ($bi:expr, $block:expr, $acc:expr) => {{
-                    let g = $bi * groups_per_block;
+                    let b = $bi;
                     $block.dot::<ISA>(
-                        &xq[g * QK8_0..(g + groups_per_block) * QK8_0],
-                        &xd[g..g + groups_per_block],
-                        &xs[g..g + groups_per_block],
+                        &xq[b * B::VALUES..(b + 1) * B::VALUES],
+                        &xd[b * scales_per_block..(b + 1) * scales_per_block],
+                        &xs[b * sums_per_block..(b + 1) * sums_per_block],
                         $acc,
                         &mut extra,
                     )
@@ -306,17 +351,35 @@ fn quant_rows_body<B: QuantBlock, const ISA: u8>(
             for (k, block) in quads.remainder().iter().enumerate() {
                 dot!(done + k, block, &mut a0);
             }
-            let lanes = [a0, a1, a2, a3];
-            *y = lanes.iter().flatten().sum::<f32>() + extra;
+            *y = sum_lanes([a0, a1, a2, a3]) + extra;
         }
     }
+}
+
+/// The sum of the accumulators' lanes as a tree (lane-wise adds, then halving): summed in
+/// order it is a chain of 64 dependent adds, which cost as much as the products of a 2048-wide
+/// Q4_K row.
+#[inline(always)]
+fn sum_lanes(acc: [[f32; LANES]; ACCUMULATORS]) -> f32 {
+    let mut v = [0f32; LANES];
+    for l in 0..LANES {
+        v[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            v[l] += v[l + width];
+        }
+        width /= 2;
+    }
+    v[0]
 }
 
 /// Dequantizes the weight and the 8-bit activations, then plain loops with f64 accumulation: the
 /// definition `matvec_quant` must match.
 pub fn matvec_quant_reference<B: QuantBlock>(x: &[f32], w: &[B], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
     let dense = dequantize(w);
-    let xs = QuantizedRows::new(x).dequantize();
+    let xs = QuantizedRows::new(x, B::ACT_GROUP).dequantize();
     super::matvec::matvec_reference(&xs, &dense, t, n_in, n_out)
 }
 
@@ -424,7 +487,7 @@ pub(crate) mod tests {
             let want = matvec_quant_reference(&x, &w, t, n_in, n_out);
             let what = format!("{} t {t} in {n_in} out {n_out}", B::NAME);
             assert_close_rel(&what, &matvec_quant(&x, &w, t, n_in, n_out), &want);
-            let xq = QuantizedRows::new(&x);
+            let xq = QuantizedRows::new(&x, B::ACT_GROUP);
             for simd in Simd::available() {
                 let mut out = vec![0f32; n_out * t];
                 quant_rows(simd, &xq, &w, t, n_in, &mut out);
