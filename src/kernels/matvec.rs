@@ -17,10 +17,16 @@ const BLOCK: usize = 8;
 const LANES: usize = 16;
 const ROWS_PER_TASK: usize = 32;
 
-/// Most rows of `x` for which `Linear` prefers `matvec` to GEMM: up to here reading each weight
-/// once per 8 rows beats a GEMM that converts and packs the whole weight on every call (prefill of
-/// 16 tokens: 47 against 28 tokens/s on the V2-Lite-shaped model, 2 threads; 64 tokens: 54 against 45).
-pub const MAX_ROWS: usize = 64;
+/// Most rows of `x` for which `Linear` uses `matvec` rather than the tiled GEMM
+/// (`super::gemm`), which reads each weight chunk once per 4 rows of `x` but keeps 16 products in
+/// registers per chunk: past 8 rows the tiles win (prefill of 512 tokens on the V2-Lite-shaped
+/// model in bf16, 2 threads: 82 tokens/s with the limit at 64, 126 at 8; most experts see 8 to 64
+/// tokens of a 512-token prompt).
+pub const MAX_ROWS: usize = 8;
+
+/// The same for GGML blocks (`quant::matvec_quant` against `gemm::gemm_quant`), where the
+/// integer product of the blocks is cheaper and the GEMM must dequantize its rows first.
+pub const MAX_ROWS_QUANT: usize = 64;
 
 /// `y (t, out) = x (t, in) · w (out, in)ᵀ`, f32 accumulation, split over threads by output rows.
 pub fn matvec<W: Widen>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {

@@ -8,8 +8,9 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::kernels::gemm::{gemm, gemm_quant};
 use crate::kernels::kquant::{quantize_q4_k, QK_K};
-use crate::kernels::matvec::{matvec, MAX_ROWS};
+use crate::kernels::matvec::{matvec, MAX_ROWS, MAX_ROWS_QUANT};
 use crate::kernels::quant::{quantize_q8_0, QuantMatrix, QK8_0};
 use crate::weights::{Quant, Weights};
 
@@ -94,33 +95,41 @@ impl Linear {
         self.quant.as_ref().map(|q| q.blocks.name())
     }
 
-    /// `x Wᵀ` from quantized blocks: the kernel for up to `MAX_ROWS` rows, else a GEMM over the
-    /// dequantized weight (for many rows the product costs far more than the dequantization).
+    /// `x Wᵀ` from quantized blocks: the decode kernel for up to `MAX_ROWS_QUANT` rows, else the tiled
+    /// GEMM, which dequantizes one run of rows at a time.
     fn forward_quant(q: &QuantWeight, x: &Tensor) -> Result<Tensor> {
         let (t, n_in) = x.dims2()?;
-        let xs = x.to_dtype(DType::F32)?;
-        let y = if t <= MAX_ROWS {
-            let xv: Vec<f32> = xs.flatten_all()?.to_vec1()?;
-            Tensor::from_vec(q.blocks.matvec(&xv, t, n_in, q.n_out), (t, q.n_out), x.device())?
+        if n_in != q.n_in {
+            return Err(candle_core::Error::Msg(format!(
+                "quantized linear: input has {n_in} features, the weight expects {}",
+                q.n_in
+            ))
+            .into());
+        }
+        let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let y = if t <= MAX_ROWS_QUANT {
+            q.blocks.matvec(&xv, t, n_in, q.n_out)
         } else {
-            let dense = Tensor::from_vec(q.blocks.dequantize(), (q.n_out, q.n_in), x.device())?;
-            xs.matmul(&dense.t()?)?
+            gemm_quant(&xv, &q.blocks, t, n_in, q.n_out)
         };
-        Ok(y.to_dtype(x.dtype())?)
+        Ok(Tensor::from_vec(y, (t, q.n_out), x.device())?.to_dtype(x.dtype())?)
     }
 
-    /// `x Wᵀ` by the matvec kernel, if `x` has few rows and `W` is contiguous bf16 or f32 on the CPU.
+    /// `x Wᵀ` by latent's kernels (the decode kernel for up to `MAX_ROWS` rows, else the tiled
+    /// GEMM), if `W` is contiguous bf16 or f32 on the CPU and tracks no gradient.
     fn matvec(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let (t, n_in) = x.dims2()?;
         let (n_out, _) = self.weight.dims2()?;
-        // The kernel is not differentiable: weights that track gradients (training) take GEMM.
-        if t > MAX_ROWS || self.weight.track_op() {
+        // The kernels are not differentiable: weights that track gradients (training) take candle.
+        if self.weight.track_op() {
             return Ok(None);
         }
         let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let y = with_stored(&self.weight, |w| match w {
-            Stored::Bf16(w) => matvec(&xs, w, t, n_in, n_out),
-            Stored::F32(w) => matvec(&xs, w, t, n_in, n_out),
+        let y = with_stored(&self.weight, |w| match (w, t <= MAX_ROWS) {
+            (Stored::Bf16(w), true) => matvec(&xs, w, t, n_in, n_out),
+            (Stored::F32(w), true) => matvec(&xs, w, t, n_in, n_out),
+            (Stored::Bf16(w), false) => gemm(&xs, w, t, n_in, n_out),
+            (Stored::F32(w), false) => gemm(&xs, w, t, n_in, n_out),
         });
         match y {
             Some(y) => Ok(Some(Tensor::from_vec(y, (t, n_out), x.device())?.to_dtype(x.dtype())?)),
@@ -138,8 +147,8 @@ impl Linear {
         Linear { weight, quant: None, bias: None }
     }
 
-    /// `x: (T, in)` -> `(T, out)`. Up to `MAX_ROWS` rows (decode, short prompts) go through
-    /// [`matvec`], more through GEMM.
+    /// `x: (T, in)` -> `(T, out)`: up to `MAX_ROWS` rows (decode, short prompts) through
+    /// [`matvec`], more through [`gemm`]; candle's GEMM only where gradients are tracked.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.quant {
             Some(q) => Linear::forward_quant(q, x)?,

@@ -1,0 +1,244 @@
+//! Products with many rows (prefill): `y = x Wᵀ` for `t` activation rows over a stored or
+//! quantized `(out, in)` weight, in register tiles of 4 weight rows × 4 activation rows.
+//!
+//! Each tile keeps 16 dot products in 16 vector accumulators and walks the shared input dimension
+//! once: per 16 inputs it loads 4 weight chunks (widened from bf16 where stored so) and 4
+//! activation chunks for 16 multiply-adds, so the FMA units, not the loads, set the pace. Threads
+//! take runs of 64 weight rows and every activation row; a quantized run is dequantized to f32
+//! once per call into a buffer of its own (never the whole matrix). This replaces a general GEMM
+//! that converted (bf16) or dequantized (GGML blocks) the whole weight into a fresh f32 copy on
+//! every call, whose page faults and copies cost more than the products.
+
+use rayon::prelude::*;
+
+use super::quant::QuantMatrix;
+use super::{mul_add, Simd, Widen};
+
+const TILE: usize = 4;
+const LANES: usize = 16;
+/// Weight rows per parallel task: every task reads all of `x`, so fewer, larger tasks read it less.
+const ROWS_PER_TASK: usize = 64;
+
+/// `y (t, out) = x (t, in) · w (out, in)ᵀ`, f32 accumulation.
+pub fn gemm<W: Load16>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
+    assert!(x.len() == t * n_in && w.len() == n_out * n_in, "gemm: shapes disagree");
+    let simd = Simd::detect();
+    by_weight_runs(t, n_out, |first, n, out| tiles(simd, x, &w[first * n_in..(first + n) * n_in], t, n_in, out))
+}
+
+/// [`gemm`] over GGML blocks: each task dequantizes its run of rows, then multiplies.
+pub fn gemm_quant(x: &[f32], w: &QuantMatrix, t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
+    assert!(x.len() == t * n_in && w.rows(n_in) == n_out, "gemm_quant: shapes disagree");
+    let simd = Simd::detect();
+    by_weight_runs(t, n_out, |first, n, out| {
+        let ids: Vec<usize> = (first..first + n).collect();
+        let rows = w.dequantize_rows(&ids, n_in);
+        tiles(simd, x, &rows, t, n_in, out)
+    })
+}
+
+/// `y (t, n_out)` from tasks over runs of weight rows; `f(first, n, out)` fills the transposed
+/// `out (n, t)` of rows `first..first + n`.
+fn by_weight_runs(t: usize, n_out: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut y_t = vec![0f32; n_out * t];
+    y_t.par_chunks_mut(ROWS_PER_TASK * t)
+        .enumerate()
+        .for_each(|(task, out)| f(task * ROWS_PER_TASK, out.len() / t, out));
+    let mut y = vec![0f32; t * n_out];
+    // Transposed in blocks of 16 x 16, so neither side is walked with a large stride.
+    for o0 in (0..n_out).step_by(16) {
+        for t0 in (0..t).step_by(16) {
+            for o in o0..(o0 + 16).min(n_out) {
+                for ti in t0..(t0 + 16).min(t) {
+                    y[ti * n_out + o] = y_t[o * t + ti];
+                }
+            }
+        }
+    }
+    y
+}
+
+/// `out (rows, t) = rows · x (t, in)ᵀ` for a run of weight rows, tile by tile: AVX-512 written
+/// out with intrinsics (the generic loops spilled their 16 accumulators), else plain loops.
+pub(crate) fn tiles<W: Load16>(simd: Simd, x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn avx512<W: Load16>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
+        // SAFETY: this variant runs only where the CPU has AVX-512 (the caller's `simd`).
+        tiles_body(x, rows, t, n_in, out, |x, w| unsafe { tile_avx512(x, w, n_in) })
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2<W: Load16>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
+        tiles_body(x, rows, t, n_in, out, |x, w| tile::<W, true>(x, w, n_in))
+    }
+    match simd {
+        // SAFETY: `Simd::detect` and `Simd::available` only return a variant whose features the
+        // running CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 | Simd::Avx512Vnni => unsafe { avx512(x, rows, t, n_in, out) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { avx2(x, rows, t, n_in, out) },
+        _ => tiles_body(x, rows, t, n_in, out, |x, w| tile::<W, false>(x, w, n_in)),
+    }
+}
+
+/// A stored element loaded 16 at a time into an AVX-512 register of f32.
+pub trait Load16: Widen {
+    /// # Safety
+    /// `p` must point to 16 readable elements, on a CPU with AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl Load16 for f32 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl Load16 for half::bf16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const half::bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; a bf16 is the top half of an f32.
+        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16)) }
+    }
+}
+
+#[inline(always)]
+fn tiles_body<W: Widen>(
+    x: &[f32],
+    rows: &[W],
+    t: usize,
+    n_in: usize,
+    out: &mut [f32],
+    tile: impl Fn([&[f32]; TILE], [&[W]; TILE]) -> [[f32; TILE]; TILE],
+) {
+    let n = rows.len() / n_in;
+    for r0 in (0..n).step_by(TILE) {
+        // A ragged tile repeats its last row and drops the repeated results.
+        let w_rows: [&[W]; TILE] = std::array::from_fn(|k| {
+            let r = (r0 + k).min(n - 1);
+            &rows[r * n_in..(r + 1) * n_in]
+        });
+        for t0 in (0..t).step_by(TILE) {
+            let x_rows: [&[f32]; TILE] = std::array::from_fn(|k| {
+                let i = (t0 + k).min(t - 1);
+                &x[i * n_in..(i + 1) * n_in]
+            });
+            let sums = tile(x_rows, w_rows);
+            let take = TILE.min(t - t0);
+            for (r, s) in sums.iter().enumerate().take(n - r0) {
+                out[(r0 + r) * t + t0..(r0 + r) * t + t0 + take].copy_from_slice(&s[..take]);
+            }
+        }
+    }
+}
+
+/// [`tile`] in AVX-512 registers: 16 accumulators, 4 weight chunks, one activation chunk.
+///
+/// # Safety
+/// AVX-512 (avx512f, fma) must be present; the rows must be `n_in` long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn tile_avx512<W: Load16>(x: [&[f32]; TILE], w: [&[W]; TILE], n_in: usize) -> [[f32; TILE]; TILE] {
+    use std::arch::x86_64::*;
+    for r in x.iter().map(|r| r.len()).chain(w.iter().map(|r| r.len())) {
+        assert_eq!(r, n_in, "tile_avx512: row length");
+    }
+    let full = n_in / LANES * LANES;
+    let mut acc = [[_mm512_setzero_ps(); TILE]; TILE];
+    let mut c = 0;
+    while c < full {
+        // SAFETY: c + 16 <= full <= n_in, the length of every row.
+        unsafe {
+            let wv = [
+                W::load16(w[0].as_ptr().add(c)),
+                W::load16(w[1].as_ptr().add(c)),
+                W::load16(w[2].as_ptr().add(c)),
+                W::load16(w[3].as_ptr().add(c)),
+            ];
+            for i in 0..TILE {
+                let xv = _mm512_loadu_ps(x[i].as_ptr().add(c));
+                for r in 0..TILE {
+                    acc[r][i] = _mm512_fmadd_ps(wv[r], xv, acc[r][i]);
+                }
+            }
+        }
+        c += LANES;
+    }
+    let mut sums = [[0f32; TILE]; TILE];
+    for r in 0..TILE {
+        for i in 0..TILE {
+            let tail: f32 = (full..n_in).map(|k| w[r][k].widen() * x[i][k]).sum();
+            sums[r][i] = _mm512_reduce_add_ps(acc[r][i]) + tail;
+        }
+    }
+    sums
+}
+
+/// The 4 × 4 dot products of weight rows `w` with activation rows `x` (each `n_in` long):
+/// `[r][i] = w[r] · x[i]`, in plain loops.
+#[inline(always)]
+fn tile<W: Widen, const FUSED: bool>(x: [&[f32]; TILE], w: [&[W]; TILE], n_in: usize) -> [[f32; TILE]; TILE] {
+    let mut acc = [[[0f32; LANES]; TILE]; TILE];
+    let full = n_in / LANES * LANES;
+    for c in (0..full).step_by(LANES) {
+        for r in 0..TILE {
+            let wide: [f32; LANES] = std::array::from_fn(|l| w[r][c + l].widen());
+            for i in 0..TILE {
+                for l in 0..LANES {
+                    acc[r][i][l] = mul_add::<FUSED>(wide[l], x[i][c + l], acc[r][i][l]);
+                }
+            }
+        }
+    }
+    let mut sums = [[0f32; TILE]; TILE];
+    for r in 0..TILE {
+        for i in 0..TILE {
+            let tail: f32 = (full..n_in).map(|k| w[r][k].widen() * x[i][k]).sum();
+            sums[r][i] = acc[r][i].iter().sum::<f32>() + tail;
+        }
+    }
+    sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::matvec::matvec_reference;
+    use crate::kernels::matvec::tests::{assert_close, random};
+    use crate::kernels::quant::{dequantize, quantize_q8_0};
+    use half::bf16;
+
+    #[test]
+    fn gemm_matches_its_reference_on_ragged_shapes_in_every_variant() {
+        for (t, n_in, n_out) in [(1, 1, 1), (4, 16, 4), (5, 17, 3), (65, 100, 70), (70, 256, 131), (8, 2048, 9)] {
+            let x = random(t * n_in, 1);
+            let w: Vec<bf16> = random(n_out * n_in, 2).iter().map(|&v| bf16::from_f32(v)).collect();
+            let want = matvec_reference(&x, &w, t, n_in, n_out);
+            let what = format!("gemm t {t} in {n_in} out {n_out}");
+            assert_close(&what, &gemm(&x, &w, t, n_in, n_out), &want);
+            for simd in Simd::available() {
+                let mut out = vec![0f32; n_out * t];
+                tiles(simd, &x, &w, t, n_in, &mut out);
+                let y: Vec<f32> = (0..t * n_out).map(|k| out[(k % n_out) * t + k / n_out]).collect();
+                assert_close(&format!("{what} {simd:?}"), &y, &want);
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_over_blocks_matches_the_dequantized_product() {
+        let (t, n_in, n_out) = (67, 96, 130);
+        let x = random(t * n_in, 3);
+        let blocks = quantize_q8_0(&random(n_out * n_in, 4));
+        let want = matvec_reference(&x, &dequantize(&blocks), t, n_in, n_out);
+        assert_close("gemm_quant", &gemm_quant(&x, &QuantMatrix::Q8_0(blocks), t, n_in, n_out), &want);
+    }
+}
