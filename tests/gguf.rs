@@ -181,3 +181,36 @@ fn bad_gguf_files_are_refused_with_the_file_named() {
     let err = Model::load_quantized(&path, None, None, &Device::Cpu, |_, _| {}).err().unwrap().to_string();
     assert!(err.contains("other.gguf") && err.contains("deepseek9"), "{err}");
 }
+
+/// Logits of each token fed one at a time (the decode kernels), for comparison with a prefill.
+fn stepwise_logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = m.new_cache().unwrap();
+    let mut out = vec![];
+    for &t in tokens {
+        let l = m.forward(&[t], &mut cache, AttentionPath::Absorbed, LogitRows::All).unwrap();
+        out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    out
+}
+
+/// A prompt long enough for the tiled GEMM (past 64 rows even for GGML blocks) agrees with the same
+/// tokens decoded one by one, in every dtype and format: bf16 compute (bf16 GEMM), f32, Q8_0 and
+/// Q4_K_M (blocks dequantized per run of rows).
+#[test]
+fn long_prefill_matches_token_by_token_decode() {
+    let tokens: Vec<u32> = (0..100u32).map(|i| if i == 0 { 0 } else { 4 + (i * 53 + 7) % 300 }).collect();
+    let dir = common::fixtures_dir().join("tiny-v3-256");
+    let bf16 = Model::load_quantized(&dir, Some(DType::BF16), None, &Device::Cpu, |_, _| {}).unwrap().0;
+    let cases = [
+        ("bf16", bf16, 0.02),
+        ("f32", load(&dir), 1e-4),
+        // The prefill multiplies bf16-rounded blocks by bf16 activations, the decode 8-bit ones.
+        ("Q8_0", load(&gguf("tiny-v3-256-q8_0.gguf")), 0.03),
+        ("Q4_K_M", load(&gguf("tiny-v3-256-q4_k_m.gguf")), 0.05),
+    ];
+    for (name, m, bound) in cases {
+        let e = relative_error(&logits(&m, &tokens), &stepwise_logits(&m, &tokens));
+        eprintln!("{name}: prefill against decode, relative logit error {e}");
+        assert!(e < bound, "{name}: prefill of 100 tokens against decode: relative error {e}");
+    }
+}

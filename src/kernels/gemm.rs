@@ -26,15 +26,29 @@ pub fn gemm<W: Load16>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize) 
     by_weight_runs(t, n_out, |first, n, out| tiles(simd, x, &w[first * n_in..(first + n) * n_in], t, n_in, out))
 }
 
-/// [`gemm`] over GGML blocks: each task dequantizes its run of rows, then multiplies.
+/// [`gemm`] over GGML blocks: each task dequantizes its run of rows, then multiplies. With
+/// AVX-512 BF16 the dequantized rows and the activations are rounded to bf16 and multiplied by
+/// `vdpbf16ps` (relative rounding 2⁻⁹ per value: finer than the 8-bit activations of the decode
+/// product, and for Q8_0 about half its own quantization step); elsewhere in f32.
 pub fn gemm_quant(x: &[f32], w: &QuantMatrix, t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
     assert!(x.len() == t * n_in && w.rows(n_in) == n_out, "gemm_quant: shapes disagree");
+    let rows_of = |first: usize, n: usize| w.dequantize_rows(&(first..first + n).collect::<Vec<_>>(), n_in);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        unsafe fn run(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) {
+            // SAFETY: called only where `has_avx512_bf16` found the features.
+            tiles_body(x, rows, t, n_in, out, |x, w| unsafe { tile_bf16(x, w, n_in) })
+        }
+        let xb: Vec<half::bf16> = x.par_iter().map(|&v| half::bf16::from_f32(v)).collect();
+        return by_weight_runs(t, n_out, |first, n, out| {
+            let rows: Vec<half::bf16> = rows_of(first, n).iter().map(|&v| half::bf16::from_f32(v)).collect();
+            // SAFETY: `has_avx512_bf16` checked the CPU.
+            unsafe { run(&xb, &rows, t, n_in, out) }
+        });
+    }
     let simd = Simd::detect();
-    by_weight_runs(t, n_out, |first, n, out| {
-        let ids: Vec<usize> = (first..first + n).collect();
-        let rows = w.dequantize_rows(&ids, n_in);
-        tiles(simd, x, &rows, t, n_in, out)
-    })
+    by_weight_runs(t, n_out, |first, n, out| tiles(simd, x, &rows_of(first, n), t, n_in, out))
 }
 
 /// `y (t, n_out)` from tasks over runs of weight rows; `f(first, n, out)` fills the transposed
@@ -111,13 +125,13 @@ impl Load16 for half::bf16 {
 }
 
 #[inline(always)]
-fn tiles_body<W: Widen>(
-    x: &[f32],
+fn tiles_body<X, W>(
+    x: &[X],
     rows: &[W],
     t: usize,
     n_in: usize,
     out: &mut [f32],
-    tile: impl Fn([&[f32]; TILE], [&[W]; TILE]) -> [[f32; TILE]; TILE],
+    tile: impl Fn([&[X]; TILE], [&[W]; TILE]) -> [[f32; TILE]; TILE],
 ) {
     let n = rows.len() / n_in;
     for r0 in (0..n).step_by(TILE) {
@@ -127,7 +141,7 @@ fn tiles_body<W: Widen>(
             &rows[r * n_in..(r + 1) * n_in]
         });
         for t0 in (0..t).step_by(TILE) {
-            let x_rows: [&[f32]; TILE] = std::array::from_fn(|k| {
+            let x_rows: [&[X]; TILE] = std::array::from_fn(|k| {
                 let i = (t0 + k).min(t - 1);
                 &x[i * n_in..(i + 1) * n_in]
             });
@@ -177,6 +191,76 @@ unsafe fn tile_avx512<W: Load16>(x: [&[f32]; TILE], w: [&[W]; TILE], n_in: usize
         for i in 0..TILE {
             let tail: f32 = (full..n_in).map(|k| w[r][k].widen() * x[i][k]).sum();
             sums[r][i] = _mm512_reduce_add_ps(acc[r][i]) + tail;
+        }
+    }
+    sums
+}
+
+/// `y (t, out) = x (t, in) · w (out, in)ᵀ` with both sides in bf16 (a bf16 model's prefill), if
+/// the CPU has AVX-512 BF16: `vdpbf16ps` multiplies 32 pairs of bf16 into 16 f32 sums per
+/// instruction, twice the multiply-adds of widening to f32. Products of two bf16 are exact in
+/// f32, so this is the widened product up to the order of the f32 sums. `None` elsewhere.
+pub fn gemm_bf16(x: &[half::bf16], w: &[half::bf16], t: usize, n_in: usize, n_out: usize) -> Option<Vec<f32>> {
+    assert!(x.len() == t * n_in && w.len() == n_out * n_in, "gemm_bf16: shapes disagree");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        unsafe fn run(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) {
+            // SAFETY: called only where `has_avx512_bf16` found the features.
+            tiles_body(x, rows, t, n_in, out, |x, w| unsafe { tile_bf16(x, w, n_in) })
+        }
+        // SAFETY: `has_avx512_bf16` checked the CPU.
+        return Some(by_weight_runs(t, n_out, |first, n, out| unsafe {
+            run(x, &w[first * n_in..(first + n) * n_in], t, n_in, out)
+        }));
+    }
+    None
+}
+
+/// Whether the CPU has AVX-512 with the BF16 dot product (checked once).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_bf16() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        matches!(Simd::detect(), Simd::Avx512 | Simd::Avx512Vnni) && is_x86_feature_detected!("avx512bf16")
+    })
+}
+
+/// [`tile_avx512`] over bf16 activations and weights with `vdpbf16ps`, 32 inputs per step; the
+/// last partial step loads with a mask (zeros beyond the row).
+///
+/// # Safety
+/// AVX-512 F/BW and BF16 must be present; the rows must be `n_in` long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn tile_bf16(x: [&[half::bf16]; TILE], w: [&[half::bf16]; TILE], n_in: usize) -> [[f32; TILE]; TILE] {
+    use std::arch::x86_64::*;
+    for r in x.iter().map(|r| r.len()).chain(w.iter().map(|r| r.len())) {
+        assert_eq!(r, n_in, "tile_bf16: row length");
+    }
+    let mut acc = [[_mm512_setzero_ps(); TILE]; TILE];
+    let mut c = 0;
+    while c < n_in {
+        let mask: __mmask32 = if n_in - c >= 32 { !0 } else { (1u32 << (n_in - c)) - 1 };
+        // SAFETY: the mask covers only elements c..n_in of each row; masked-off lanes are not read.
+        unsafe {
+            let load = |row: &[half::bf16]| -> __m512bh {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, row.as_ptr().add(c).cast()))
+            };
+            let wv = [load(w[0]), load(w[1]), load(w[2]), load(w[3])];
+            for i in 0..TILE {
+                let xv = load(x[i]);
+                for r in 0..TILE {
+                    acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv[r], xv);
+                }
+            }
+        }
+        c += 32;
+    }
+    let mut sums = [[0f32; TILE]; TILE];
+    for r in 0..TILE {
+        for i in 0..TILE {
+            sums[r][i] = _mm512_reduce_add_ps(acc[r][i]);
         }
     }
     sums
@@ -234,11 +318,33 @@ mod tests {
     }
 
     #[test]
+    fn bf16_gemm_matches_the_widened_product() {
+        for (t, n_in, n_out) in [(1, 1, 1), (5, 33, 3), (9, 64, 70), (70, 2048, 9), (13, 100, 131)] {
+            let x: Vec<bf16> = random(t * n_in, 5).iter().map(|&v| bf16::from_f32(v)).collect();
+            let w: Vec<bf16> = random(n_out * n_in, 6).iter().map(|&v| bf16::from_f32(v)).collect();
+            let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let want = matvec_reference(&xf, &w, t, n_in, n_out);
+            if let Some(got) = gemm_bf16(&x, &w, t, n_in, n_out) {
+                assert_close(&format!("gemm_bf16 t {t} in {n_in} out {n_out}"), &got, &want);
+            }
+        }
+    }
+
+    #[test]
     fn gemm_over_blocks_matches_the_dequantized_product() {
         let (t, n_in, n_out) = (67, 96, 130);
         let x = random(t * n_in, 3);
         let blocks = quantize_q8_0(&random(n_out * n_in, 4));
-        let want = matvec_reference(&x, &dequantize(&blocks), t, n_in, n_out);
-        assert_close("gemm_quant", &gemm_quant(&x, &QuantMatrix::Q8_0(blocks), t, n_in, n_out), &want);
+        let dense = dequantize(&blocks);
+        let got = gemm_quant(&x, &QuantMatrix::Q8_0(blocks), t, n_in, n_out);
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_bf16() {
+            // Both sides rounded to bf16, then the exact product of those.
+            let round = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&a| bf16::from_f32(a)).collect() };
+            let xr: Vec<f32> = round(&x).iter().map(|v| v.to_f32()).collect();
+            assert_close("gemm_quant (bf16)", &got, &matvec_reference(&xr, &round(&dense), t, n_in, n_out));
+            return;
+        }
+        assert_close("gemm_quant", &got, &matvec_reference(&x, &dense, t, n_in, n_out));
     }
 }

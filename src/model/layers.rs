@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::kernels::gemm::{gemm, gemm_quant};
+use crate::kernels::gemm::{gemm, gemm_bf16, gemm_quant};
 use crate::kernels::kquant::{quantize_q4_k, QK_K};
 use crate::kernels::matvec::{matvec, MAX_ROWS, MAX_ROWS_QUANT};
 use crate::kernels::quant::{quantize_q8_0, QuantMatrix, QK8_0};
@@ -123,6 +123,19 @@ impl Linear {
         // The kernels are not differentiable: weights that track gradients (training) take candle.
         if self.weight.track_op() {
             return Ok(None);
+        }
+        if t > MAX_ROWS {
+            // A bf16 model's prefill: bf16 activations against bf16 weights, as they are.
+            let x = x.contiguous()?;
+            let y = with_stored(&x, |xs| {
+                with_stored(&self.weight, |w| match (xs, w) {
+                    (Stored::Bf16(xs), Stored::Bf16(w)) => gemm_bf16(xs, w, t, n_in, n_out),
+                    _ => None,
+                })
+            });
+            if let Some(Some(Some(y))) = y {
+                return Ok(Some(Tensor::from_vec(y, (t, n_out), x.device())?.to_dtype(x.dtype())?));
+            }
         }
         let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let y = with_stored(&self.weight, |w| match (w, t <= MAX_ROWS) {
