@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::quant::QuantMatrix;
-use super::{mul_add, Simd, Widen};
+use super::{mul_add, Load16, Simd, Widen};
 
 const TILE: usize = 4;
 const LANES: usize = 16;
@@ -38,7 +38,9 @@ pub fn gemm_quant(x: &[f32], w: &QuantMatrix, t: usize, n_in: usize, n_out: usiz
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
         unsafe fn run(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) {
             // SAFETY: called only where `has_avx512_bf16` found the features.
-            tiles_body(x, rows, t, n_in, out, |x, w| unsafe { tile_bf16(x, w, n_in) })
+            tiles_body(t, rows.len() / n_in, out, |xi, wi| unsafe {
+                tile_bf16(&[(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)])
+            })
         }
         let xb: Vec<half::bf16> = x.par_iter().map(|&v| half::bf16::from_f32(v)).collect();
         return by_weight_runs(t, n_out, |first, n, out| {
@@ -79,12 +81,14 @@ pub(crate) fn tiles<W: Load16>(simd: Simd, x: &[f32], rows: &[W], t: usize, n_in
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     unsafe fn avx512<W: Load16>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
         // SAFETY: this variant runs only where the CPU has AVX-512 (the caller's `simd`).
-        tiles_body(x, rows, t, n_in, out, |x, w| unsafe { tile_avx512(x, w, n_in) })
+        tiles_body(t, rows.len() / n_in, out, |xi, wi| unsafe {
+            tile_avx512(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)
+        })
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2<W: Load16>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
-        tiles_body(x, rows, t, n_in, out, |x, w| tile::<W, true>(x, w, n_in))
+        tiles_body(t, rows.len() / n_in, out, |xi, wi| tile::<W, true>(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in))
     }
     match simd {
         // SAFETY: `Simd::detect` and `Simd::available` only return a variant whose features the
@@ -93,58 +97,21 @@ pub(crate) fn tiles<W: Load16>(simd: Simd, x: &[f32], rows: &[W], t: usize, n_in
         Simd::Avx512 | Simd::Avx512Vnni => unsafe { avx512(x, rows, t, n_in, out) },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => unsafe { avx2(x, rows, t, n_in, out) },
-        _ => tiles_body(x, rows, t, n_in, out, |x, w| tile::<W, false>(x, w, n_in)),
+        _ => tiles_body(t, rows.len() / n_in, out, |xi, wi| {
+            tile::<W, false>(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)
+        }),
     }
 }
 
-/// A stored element loaded 16 at a time into an AVX-512 register of f32.
-pub trait Load16: Widen {
-    /// # Safety
-    /// `p` must point to 16 readable elements, on a CPU with AVX-512.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
-}
-
-impl Load16 for f32 {
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
-        // SAFETY: the caller's contract.
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
-    }
-}
-
-impl Load16 for half::bf16 {
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const half::bf16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller's contract; a bf16 is the top half of an f32.
-        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16)) }
-    }
-}
-
+/// Runs `tile(x_rows, w_rows)` over every 4 × 4 tile of `t` activation rows and `n` weight rows
+/// (row indices; a ragged tile repeats its last row and drops the repeated results) into the
+/// transposed `out (n, t)`.
 #[inline(always)]
-fn tiles_body<X, W>(
-    x: &[X],
-    rows: &[W],
-    t: usize,
-    n_in: usize,
-    out: &mut [f32],
-    tile: impl Fn([&[X]; TILE], [&[W]; TILE]) -> [[f32; TILE]; TILE],
-) {
-    let n = rows.len() / n_in;
+fn tiles_body(t: usize, n: usize, out: &mut [f32], tile: impl Fn([usize; TILE], [usize; TILE]) -> [[f32; TILE]; TILE]) {
     for r0 in (0..n).step_by(TILE) {
-        // A ragged tile repeats its last row and drops the repeated results.
-        let w_rows: [&[W]; TILE] = std::array::from_fn(|k| {
-            let r = (r0 + k).min(n - 1);
-            &rows[r * n_in..(r + 1) * n_in]
-        });
+        let w_rows: [usize; TILE] = std::array::from_fn(|k| (r0 + k).min(n - 1));
         for t0 in (0..t).step_by(TILE) {
-            let x_rows: [&[X]; TILE] = std::array::from_fn(|k| {
-                let i = (t0 + k).min(t - 1);
-                &x[i * n_in..(i + 1) * n_in]
-            });
+            let x_rows: [usize; TILE] = std::array::from_fn(|k| (t0 + k).min(t - 1));
             let sums = tile(x_rows, w_rows);
             let take = TILE.min(t - t0);
             for (r, s) in sums.iter().enumerate().take(n - r0) {
@@ -154,6 +121,12 @@ fn tiles_body<X, W>(
     }
 }
 
+/// Rows `idx` of a row-major buffer of `width`-long rows.
+#[inline(always)]
+fn rows4<T>(data: &[T], idx: [usize; TILE], width: usize) -> [&[T]; TILE] {
+    idx.map(|i| &data[i * width..(i + 1) * width])
+}
+
 /// [`tile`] in AVX-512 registers: 16 accumulators, 4 weight chunks, one activation chunk.
 ///
 /// # Safety
@@ -161,12 +134,53 @@ fn tiles_body<X, W>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 unsafe fn tile_avx512<W: Load16>(x: [&[f32]; TILE], w: [&[W]; TILE], n_in: usize) -> [[f32; TILE]; TILE] {
+    let mut acc = [[std::arch::x86_64::_mm512_setzero_ps(); TILE]; TILE];
+    // SAFETY: the caller's contract.
+    let tails = unsafe { accumulate_avx512(&mut acc, x, w, n_in) };
+    // SAFETY: AVX-512 is present.
+    unsafe { reduce_avx512(&acc, tails) }
+}
+
+/// Two products summed in one tile: `x·wᵀ + x2·w2ᵀ`, with one reduction (MLA scores: the latent
+/// part and the RoPE part of each cached row).
+///
+/// # Safety
+/// AVX-512 (avx512f, fma) must be present; the rows must be `n_in` and `n_in2` long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn tile_pair_avx512<W: Load16>(
+    (x, w, n_in): ([&[f32]; TILE], [&[W]; TILE], usize),
+    (x2, w2, n_in2): ([&[f32]; TILE], [&[W]; TILE], usize),
+) -> [[f32; TILE]; TILE] {
+    let mut acc = [[std::arch::x86_64::_mm512_setzero_ps(); TILE]; TILE];
+    // SAFETY: the caller's contract.
+    unsafe {
+        let a = accumulate_avx512(&mut acc, x, w, n_in);
+        let b = accumulate_avx512(&mut acc, x2, w2, n_in2);
+        let tails = std::array::from_fn(|r| std::array::from_fn(|i| a[r][i] + b[r][i]));
+        reduce_avx512(&acc, tails)
+    }
+}
+
+/// Adds the 16-wide chunks of the 4 × 4 dot products to `acc`; returns the products of the
+/// last `n_in % 16` elements.
+///
+/// # Safety
+/// AVX-512 (avx512f, fma) must be present; the rows must be `n_in` long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+#[inline]
+unsafe fn accumulate_avx512<W: Load16>(
+    acc: &mut [[std::arch::x86_64::__m512; TILE]; TILE],
+    x: [&[f32]; TILE],
+    w: [&[W]; TILE],
+    n_in: usize,
+) -> [[f32; TILE]; TILE] {
     use std::arch::x86_64::*;
     for r in x.iter().map(|r| r.len()).chain(w.iter().map(|r| r.len())) {
         assert_eq!(r, n_in, "tile_avx512: row length");
     }
     let full = n_in / LANES * LANES;
-    let mut acc = [[_mm512_setzero_ps(); TILE]; TILE];
     let mut c = 0;
     while c < full {
         // SAFETY: c + 16 <= full <= n_in, the length of every row.
@@ -186,32 +200,90 @@ unsafe fn tile_avx512<W: Load16>(x: [&[f32]; TILE], w: [&[W]; TILE], n_in: usize
         }
         c += LANES;
     }
-    let mut sums = [[0f32; TILE]; TILE];
-    for r in 0..TILE {
-        for i in 0..TILE {
-            let tail: f32 = (full..n_in).map(|k| w[r][k].widen() * x[i][k]).sum();
-            sums[r][i] = _mm512_reduce_add_ps(acc[r][i]) + tail;
-        }
-    }
-    sums
+    std::array::from_fn(|r| std::array::from_fn(|i| (full..n_in).map(|k| w[r][k].widen() * x[i][k]).sum()))
 }
+
+/// The 16 accumulators' sums plus the tails.
+///
+/// # Safety
+/// AVX-512 F must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn reduce_avx512(
+    acc: &[[std::arch::x86_64::__m512; TILE]; TILE],
+    tails: [[f32; TILE]; TILE],
+) -> [[f32; TILE]; TILE] {
+    std::array::from_fn(|r| std::array::from_fn(|i| std::arch::x86_64::_mm512_reduce_add_ps(acc[r][i]) + tails[r][i]))
+}
+
+/// `y (t, out) = x (t, in) · w (out, in)ᵀ + x2 (t, in2) · w2 (out, in2)ᵀ`: two products over the
+/// same rows summed in one pass (MLA decode scores: `q_lat · c_kv[s] + q_rope · k_rope[s]`).
+pub fn gemm_pair<W: Load16>(first: Part<'_, W>, second: Part<'_, W>, t: usize, n_out: usize) -> Vec<f32> {
+    let ((x, w, n_in), (x2, w2, n_in2)) = (first, second);
+    assert!(x.len() == t * n_in && w.len() == n_out * n_in, "gemm_pair: shapes disagree");
+    assert!(x2.len() == t * n_in2 && w2.len() == n_out * n_in2, "gemm_pair: shapes disagree");
+    #[cfg(target_arch = "x86_64")]
+    if matches!(Simd::detect(), Simd::Avx512 | Simd::Avx512Vnni) {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+        unsafe fn run<W: Load16>(first: Part<'_, W>, second: Part<'_, W>, t: usize, out: &mut [f32]) {
+            let ((x, w, n_in), (x2, w2, n_in2)) = (first, second);
+            tiles_body(t, w.len() / n_in, out, |xi, wi| {
+                let a = (rows4(x, xi, n_in), rows4(w, wi, n_in), n_in);
+                let b = (rows4(x2, xi, n_in2), rows4(w2, wi, n_in2), n_in2);
+                // SAFETY: AVX-512 is present (checked by the caller); rows are sliced to length.
+                unsafe { tile_pair_avx512(a, b) }
+            })
+        }
+        return by_weight_runs(t, n_out, |first, n, out| {
+            let (w, w2) = (&w[first * n_in..(first + n) * n_in], &w2[first * n_in2..(first + n) * n_in2]);
+            // SAFETY: `Simd::detect` found AVX-512.
+            unsafe { run((x, w, n_in), (x2, w2, n_in2), t, out) }
+        });
+    }
+    let mut y = gemm(x, w, t, n_in, n_out);
+    y.iter_mut().zip(gemm(x2, w2, t, n_in2, n_out)).for_each(|(a, b)| *a += b);
+    y
+}
+
+/// One product of [`gemm_pair`]: activations `(t, in)`, weight `(out, in)`, and `in`.
+pub type Part<'a, W> = (&'a [f32], &'a [W], usize);
 
 /// `y (t, out) = x (t, in) · w (out, in)ᵀ` with both sides in bf16 (a bf16 model's prefill), if
 /// the CPU has AVX-512 BF16: `vdpbf16ps` multiplies 32 pairs of bf16 into 16 f32 sums per
 /// instruction, twice the multiply-adds of widening to f32. Products of two bf16 are exact in
 /// f32, so this is the widened product up to the order of the f32 sums. `None` elsewhere.
 pub fn gemm_bf16(x: &[half::bf16], w: &[half::bf16], t: usize, n_in: usize, n_out: usize) -> Option<Vec<f32>> {
-    assert!(x.len() == t * n_in && w.len() == n_out * n_in, "gemm_bf16: shapes disagree");
+    gemm_bf16_parts(&[(x, w, n_in)], t, n_out)
+}
+
+/// `Σ_k x_k (t, in_k) · w_k (out, in_k)ᵀ` in bf16 ([`gemm_bf16`]), the parts summed in the same
+/// accumulators (MLA decode scores: latent and RoPE parts). `None` without AVX-512 BF16.
+pub fn gemm_bf16_parts(parts: &[(&[half::bf16], &[half::bf16], usize)], t: usize, n_out: usize) -> Option<Vec<f32>> {
+    assert!(parts.len() <= MAX_PARTS, "gemm_bf16_parts: at most {MAX_PARTS} parts");
+    for &(x, w, n_in) in parts {
+        assert!(x.len() == t * n_in && w.len() == n_out * n_in, "gemm_bf16: shapes disagree");
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx512_bf16() {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-        unsafe fn run(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) {
-            // SAFETY: called only where `has_avx512_bf16` found the features.
-            tiles_body(x, rows, t, n_in, out, |x, w| unsafe { tile_bf16(x, w, n_in) })
+        unsafe fn run(parts: &[(&[half::bf16], &[half::bf16], usize)], t: usize, n: usize, out: &mut [f32]) {
+            tiles_body(t, n, out, |xi, wi| {
+                // (An array, not a Vec: no allocation per tile.)
+                let empty: Segment4<'_> = ([&[]; TILE], [&[]; TILE], 0);
+                let segments: [Segment4<'_>; MAX_PARTS] = std::array::from_fn(|k| match parts.get(k) {
+                    Some(&(x, w, n_in)) => (rows4(x, xi, n_in), rows4(w, wi, n_in), n_in),
+                    None => empty,
+                });
+                // SAFETY: called only where `has_avx512_bf16` found the features.
+                unsafe { tile_bf16(&segments[..parts.len()]) }
+            })
         }
-        // SAFETY: `has_avx512_bf16` checked the CPU.
-        return Some(by_weight_runs(t, n_out, |first, n, out| unsafe {
-            run(x, &w[first * n_in..(first + n) * n_in], t, n_in, out)
+        return Some(by_weight_runs(t, n_out, |first, n, out| {
+            let local: Vec<(&[half::bf16], &[half::bf16], usize)> =
+                parts.iter().map(|&(x, w, n_in)| (x, &w[first * n_in..(first + n) * n_in], n_in)).collect();
+            // SAFETY: `has_avx512_bf16` checked the CPU.
+            unsafe { run(&local, t, n, out) }
         }));
     }
     None
@@ -219,52 +291,55 @@ pub fn gemm_bf16(x: &[half::bf16], w: &[half::bf16], t: usize, n_in: usize, n_ou
 
 /// Whether the CPU has AVX-512 with the BF16 dot product (checked once).
 #[cfg(target_arch = "x86_64")]
-fn has_avx512_bf16() -> bool {
+pub(crate) fn has_avx512_bf16() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| {
         matches!(Simd::detect(), Simd::Avx512 | Simd::Avx512Vnni) && is_x86_feature_detected!("avx512bf16")
     })
 }
 
-/// [`tile_avx512`] over bf16 activations and weights with `vdpbf16ps`, 32 inputs per step; the
-/// last partial step loads with a mask (zeros beyond the row).
+/// [`tile_avx512`] over bf16 activations and weights with `vdpbf16ps`, 32 inputs per step (the
+/// last partial step loads with a mask: zeros beyond the row), summing the products of every
+/// segment into the same accumulators.
 ///
 /// # Safety
 /// AVX-512 F/BW and BF16 must be present; the rows must be `n_in` long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn tile_bf16(x: [&[half::bf16]; TILE], w: [&[half::bf16]; TILE], n_in: usize) -> [[f32; TILE]; TILE] {
+unsafe fn tile_bf16(segments: &[Segment4<'_>]) -> [[f32; TILE]; TILE] {
     use std::arch::x86_64::*;
-    for r in x.iter().map(|r| r.len()).chain(w.iter().map(|r| r.len())) {
-        assert_eq!(r, n_in, "tile_bf16: row length");
-    }
     let mut acc = [[_mm512_setzero_ps(); TILE]; TILE];
-    let mut c = 0;
-    while c < n_in {
-        let mask: __mmask32 = if n_in - c >= 32 { !0 } else { (1u32 << (n_in - c)) - 1 };
-        // SAFETY: the mask covers only elements c..n_in of each row; masked-off lanes are not read.
-        unsafe {
-            let load = |row: &[half::bf16]| -> __m512bh {
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, row.as_ptr().add(c).cast()))
-            };
-            let wv = [load(w[0]), load(w[1]), load(w[2]), load(w[3])];
-            for i in 0..TILE {
-                let xv = load(x[i]);
-                for r in 0..TILE {
-                    acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv[r], xv);
+    for &(x, w, n_in) in segments {
+        for r in x.iter().map(|r| r.len()).chain(w.iter().map(|r| r.len())) {
+            assert_eq!(r, n_in, "tile_bf16: row length");
+        }
+        let mut c = 0;
+        while c < n_in {
+            let mask: __mmask32 = if n_in - c >= 32 { !0 } else { (1u32 << (n_in - c)) - 1 };
+            // SAFETY: the mask covers only elements c..n_in of each row; masked-off lanes are not read.
+            unsafe {
+                let load = |row: &[half::bf16]| -> __m512bh {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, row.as_ptr().add(c).cast()))
+                };
+                let wv = [load(w[0]), load(w[1]), load(w[2]), load(w[3])];
+                for i in 0..TILE {
+                    let xv = load(x[i]);
+                    for r in 0..TILE {
+                        acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv[r], xv);
+                    }
                 }
             }
-        }
-        c += 32;
-    }
-    let mut sums = [[0f32; TILE]; TILE];
-    for r in 0..TILE {
-        for i in 0..TILE {
-            sums[r][i] = _mm512_reduce_add_ps(acc[r][i]);
+            c += 32;
         }
     }
-    sums
+    std::array::from_fn(|r| std::array::from_fn(|i| _mm512_reduce_add_ps(acc[r][i])))
 }
+
+/// Most parts of [`gemm_bf16_parts`].
+const MAX_PARTS: usize = 2;
+
+/// One product's part of a bf16 tile: 4 activation rows, 4 weight rows, their length.
+type Segment4<'a> = ([&'a [half::bf16]; TILE], [&'a [half::bf16]; TILE], usize);
 
 /// The 4 × 4 dot products of weight rows `w` with activation rows `x` (each `n_in` long):
 /// `[r][i] = w[r] · x[i]`, in plain loops.
@@ -314,6 +389,18 @@ mod tests {
                 let y: Vec<f32> = (0..t * n_out).map(|k| out[(k % n_out) * t + k / n_out]).collect();
                 assert_close(&format!("{what} {simd:?}"), &y, &want);
             }
+        }
+    }
+
+    #[test]
+    fn gemm_pair_is_the_sum_of_two_products() {
+        for (t, n_in, n_in2, n_out) in [(16, 512, 64, 70), (5, 17, 3, 9), (1, 32, 16, 1)] {
+            let (x, x2) = (random(t * n_in, 7), random(t * n_in2, 8));
+            let w: Vec<bf16> = random(n_out * n_in, 9).iter().map(|&v| bf16::from_f32(v)).collect();
+            let w2: Vec<bf16> = random(n_out * n_in2, 10).iter().map(|&v| bf16::from_f32(v)).collect();
+            let mut want = matvec_reference(&x, &w, t, n_in, n_out);
+            want.iter_mut().zip(matvec_reference(&x2, &w2, t, n_in2, n_out)).for_each(|(a, b)| *a += b);
+            assert_close(&format!("gemm_pair t {t}"), &gemm_pair((&x, &w, n_in), (&x2, &w2, n_in2), t, n_out), &want);
         }
     }
 

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::{dispatch, mul_add, Simd, Widen};
+use super::{dispatch, mul_add, Load16, Simd, Widen};
 
 /// Rows of `x` that share one pass over a stored row (accumulators stay in registers).
 const BLOCK: usize = 8;
@@ -85,7 +85,7 @@ fn dot_rows<W: Widen, const FUSED: bool>(x: &[f32], row: &[W], n_in: usize, y: &
         }
     }
     for (ti, out) in y.iter_mut().enumerate() {
-        let mut sum: f32 = acc[ti].iter().sum();
+        let mut sum = sum_tree(acc[ti]);
         for i in full..n_in {
             sum += row[i].widen() * x[ti * n_in + i];
         }
@@ -93,9 +93,25 @@ fn dot_rows<W: Widen, const FUSED: bool>(x: &[f32], row: &[W], n_in: usize, y: &
     }
 }
 
+/// The sum of 16 lanes as a tree (in order it is a chain of 16 dependent adds).
+#[inline(always)]
+fn sum_tree(mut v: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            v[l] += v[l + width];
+        }
+        width /= 2;
+    }
+    v[0]
+}
+
 /// `y (t, d) = p (t, n) · rows (n, d)`: for each row of `p`, the `p`-weighted sum of the stored
-/// rows. Threads take runs of stored rows and their partial sums are added at the end.
-pub fn weighted_rows<W: Widen>(p: &[f32], rows: &[W], t: usize, n: usize, d: usize) -> Vec<f32> {
+/// rows. Threads take runs of stored rows and their partial sums are added at the end. On
+/// AVX-512, when `t` is a multiple of 4 and `d` of 64 (MLA decode: 16 heads over a 512-wide
+/// latent), register tiles of 4 rows of `p` × 64 columns: per stored row, 4 loads and 4
+/// broadcasts feed 16 multiply-adds into accumulators that stay in registers for 256 rows.
+pub fn weighted_rows<W: Load16>(p: &[f32], rows: &[W], t: usize, n: usize, d: usize) -> Vec<f32> {
     assert!(p.len() == t * n && rows.len() == n * d, "weighted_rows: shapes disagree");
     let simd = Simd::detect();
     let per_task = (n / rayon::current_num_threads().max(1)).clamp(64, 4096);
@@ -103,7 +119,15 @@ pub fn weighted_rows<W: Widen>(p: &[f32], rows: &[W], t: usize, n: usize, d: usi
         .enumerate()
         .map(|(task, run)| {
             let mut partial = vec![0f32; t * d];
-            axpy_block(simd, p, run, Run { first: task * per_task, t, n, d }, &mut partial);
+            let shape = Run { first: task * per_task, t, n, d };
+            #[cfg(target_arch = "x86_64")]
+            if matches!(simd, Simd::Avx512 | Simd::Avx512Vnni) && t.is_multiple_of(TILE) && d.is_multiple_of(TILE_COLS)
+            {
+                // SAFETY: the CPU has AVX-512 (`simd`), and the shapes are whole tiles.
+                unsafe { axpy_tiles_avx512(p, run, shape, &mut partial) };
+                return partial;
+            }
+            axpy_block(simd, p, run, shape, &mut partial);
             partial
         })
         .reduce(
@@ -122,6 +146,62 @@ pub(crate) struct Run {
     t: usize,
     n: usize,
     d: usize,
+}
+
+/// Rows of `p` and columns of the stored rows per register tile of [`axpy_tiles_avx512`].
+const TILE: usize = 4;
+const TILE_COLS: usize = 64;
+/// Stored rows per pass over the tiles: 256 rows of a 512-wide bf16 latent are 256 KiB, which
+/// stay in L2 while every tile walks them.
+const SUB_RUN: usize = 256;
+
+/// [`axpy_block`] in AVX-512 register tiles (see [`weighted_rows`]).
+///
+/// # Safety
+/// AVX-512 F must be present, `t` a multiple of 4 and `d` of 64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn axpy_tiles_avx512<W: Load16>(p: &[f32], run: &[W], shape: Run, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let Run { first, t, n, d } = shape;
+    assert!(t.is_multiple_of(TILE) && d.is_multiple_of(TILE_COLS) && out.len() == t * d && run.len().is_multiple_of(d));
+    let rows = run.len() / d;
+    assert!(first + rows <= n && p.len() == t * n);
+    for s0 in (0..rows).step_by(SUB_RUN) {
+        let s1 = (s0 + SUB_RUN).min(rows);
+        for h0 in (0..t).step_by(TILE) {
+            for c0 in (0..d).step_by(TILE_COLS) {
+                // SAFETY: every index is inside `out` (h < t, c0 + 64 <= d), `run` (s < rows,
+                // c0 + 64 <= d) or `p` ((h0 + i) * n + first + s < t * n), checked above.
+                unsafe {
+                    let base = out.as_mut_ptr();
+                    let at = |i: usize, k: usize| base.add((h0 + i) * d + c0 + 16 * k);
+                    let mut acc = [[_mm512_setzero_ps(); 4]; TILE];
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        for (k, v) in a.iter_mut().enumerate() {
+                            *v = _mm512_loadu_ps(at(i, k));
+                        }
+                    }
+                    for s in s0..s1 {
+                        let row = run.as_ptr().add(s * d + c0);
+                        let c =
+                            [W::load16(row), W::load16(row.add(16)), W::load16(row.add(32)), W::load16(row.add(48))];
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let w = _mm512_set1_ps(*p.get_unchecked((h0 + i) * n + first + s));
+                            for k in 0..4 {
+                                a[k] = _mm512_fmadd_ps(c[k], w, a[k]);
+                            }
+                        }
+                    }
+                    for (i, a) in acc.iter().enumerate() {
+                        for (k, v) in a.iter().enumerate() {
+                            _mm512_storeu_ps(at(i, k), *v);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 dispatch!(

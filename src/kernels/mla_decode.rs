@@ -5,9 +5,12 @@
 //! Every head shares the cache, so each cached row is read once per step for all heads (MQA over
 //! the latent). Keys and values are never expanded per head; the caller applies `W_UV` to `o_lat`.
 
-use super::matvec::{matvec, weighted_rows};
+use rayon::prelude::*;
+
+use super::gemm::{gemm_bf16_parts, gemm_pair};
+use super::matvec::weighted_rows;
 use super::rows::softmax_in_place;
-use super::Widen;
+use super::Load16;
 
 /// Sizes of one absorbed decode step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +25,7 @@ pub struct MlaShape {
 }
 
 /// `o_lat (H, d_c)` for `q_lat (H, d_c)`, `q_rope (H, d_r)` over `c_kv (S, d_c)`, `k_rope (S, d_r)`.
-pub fn mla_decode<W: Widen>(
+pub fn mla_decode<W: Load16>(
     q_lat: &[f32],
     q_rope: &[f32],
     c_kv: &[W],
@@ -31,15 +34,46 @@ pub fn mla_decode<W: Widen>(
     scale: f32,
 ) -> Vec<f32> {
     let MlaShape { heads, d_c, d_r, len } = shape;
-    let content = matvec(q_lat, c_kv, heads, d_c, len); // (H, S)
-    let position = matvec(q_rope, k_rope, heads, d_r, len); // (H, S)
-    let mut probs: Vec<f32> = content.iter().zip(&position).map(|(c, p)| (c + p) * scale).collect();
-    probs.chunks_mut(len).for_each(softmax_in_place);
+    // Scores by the tiled GEMM: 4 heads x 4 cached rows per register tile, each cached row read
+    // once per 4 heads (`matvec` widens it once per 8 heads but loads a head chunk per FMA).
+    // The latent and RoPE parts of each score are summed in the same accumulators; over a bf16
+    // cache, by `vdpbf16ps` with the queries rounded to bf16 (see `rounds_queries`).
+    let bf16_scores = match (W::as_bf16(c_kv), W::as_bf16(k_rope)) {
+        (Some(c), Some(r)) if rounds_queries::<W>() => {
+            let (ql, qr) = (to_bf16(q_lat), to_bf16(q_rope));
+            gemm_bf16_parts(&[(&ql, c, d_c), (&qr, r, d_r)], heads, len)
+        }
+        _ => None,
+    };
+    let mut probs = match bf16_scores {
+        Some(p) => p,
+        None => gemm_pair((q_lat, c_kv, d_c), (q_rope, k_rope, d_r), heads, len), // (H, S)
+    };
+    probs.par_chunks_mut(len).for_each(|row| {
+        row.iter_mut().for_each(|v| *v *= scale);
+        softmax_in_place(row)
+    });
     weighted_rows(&probs, c_kv, heads, len, d_c) // (H, d_c)
 }
 
-/// Plain loops in f64: the definition `mla_decode` must match.
-pub fn mla_decode_reference<W: Widen>(
+/// Whether [`mla_decode`] rounds the queries to bf16 for this cache element: over a bf16 cache
+/// on a CPU with AVX-512 BF16 the scores are bf16 products (exact, summed in f32), as a bf16
+/// model's attention computes them. The reference twin does the same rounding.
+pub fn rounds_queries<W: Load16>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if W::as_bf16(&[]).is_some() {
+        return super::gemm::has_avx512_bf16();
+    }
+    false
+}
+
+fn to_bf16(v: &[f32]) -> Vec<half::bf16> {
+    v.iter().map(|&x| half::bf16::from_f32(x)).collect()
+}
+
+/// Plain loops in f64: the definition `mla_decode` must match (queries rounded to bf16 where
+/// [`rounds_queries`] says so).
+pub fn mla_decode_reference<W: Load16>(
     q_lat: &[f32],
     q_rope: &[f32],
     c_kv: &[W],
@@ -48,6 +82,14 @@ pub fn mla_decode_reference<W: Widen>(
     scale: f32,
 ) -> Vec<f32> {
     let MlaShape { heads, d_c, d_r, len } = shape;
+    let round = |q: &[f32]| -> Vec<f32> {
+        if rounds_queries::<W>() {
+            to_bf16(q).iter().map(|v| v.to_f32()).collect()
+        } else {
+            q.to_vec()
+        }
+    };
+    let (q_lat, q_rope) = (&round(q_lat)[..], &round(q_rope)[..]);
     let mut out = vec![0f32; heads * d_c];
     for h in 0..heads {
         let scores: Vec<f64> = (0..len)

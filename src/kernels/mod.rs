@@ -34,6 +34,43 @@ impl Widen for f32 {
     }
 }
 
+/// A stored element loaded 16 at a time into an AVX-512 register of f32.
+pub trait Load16: Widen {
+    /// # Safety
+    /// `p` must point to 16 readable elements, on a CPU with AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+
+    /// The elements as bf16, if that is what they are.
+    fn as_bf16(elements: &[Self]) -> Option<&[half::bf16]> {
+        let _ = elements;
+        None
+    }
+}
+
+impl Load16 for f32 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl Load16 for half::bf16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const half::bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; a bf16 is the top half of an f32.
+        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16)) }
+    }
+
+    fn as_bf16(elements: &[half::bf16]) -> Option<&[half::bf16]> {
+        Some(elements)
+    }
+}
+
 /// `a * b + c`, fused where the variant has FMA (elsewhere `mul_add` would be a slow library call).
 #[inline(always)]
 pub(crate) fn mul_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
