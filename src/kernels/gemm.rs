@@ -42,11 +42,18 @@ pub fn gemm_quant(x: &[f32], w: &QuantMatrix, t: usize, n_in: usize, n_out: usiz
                 tile_bf16(&[(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)])
             })
         }
-        let xb: Vec<half::bf16> = x.par_iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let xb: Vec<half::bf16> = x.par_iter().map(|&v| super::bf16_round(v)).collect();
+        thread_local! {
+            /// Each worker's dequantized run of rows, kept between calls (no allocation, no page
+            /// faults per call).
+            static ROWS: std::cell::RefCell<Vec<half::bf16>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         return by_weight_runs(t, n_out, |first, n, out| {
-            let rows: Vec<half::bf16> = rows_of(first, n).iter().map(|&v| half::bf16::from_f32(v)).collect();
-            // SAFETY: `has_avx512_bf16` checked the CPU.
-            unsafe { run(&xb, &rows, t, n_in, out) }
+            ROWS.with_borrow_mut(|rows| {
+                w.dequantize_rows_bf16(first, n, n_in, rows);
+                // SAFETY: `has_avx512_bf16` checked the CPU.
+                unsafe { run(&xb, rows, t, n_in, out) }
+            })
         });
     }
     let simd = Simd::detect();

@@ -26,7 +26,7 @@ pub const MAX_ROWS: usize = 8;
 
 /// The same for GGML blocks (`quant::matvec_quant` against `gemm::gemm_quant`), where the
 /// integer product of the blocks is cheaper and the GEMM must dequantize its rows first.
-pub const MAX_ROWS_QUANT: usize = 64;
+pub const MAX_ROWS_QUANT: usize = 16;
 
 /// `y (t, out) = x (t, in) · w (out, in)ᵀ`, f32 accumulation, split over threads by output rows.
 pub fn matvec<W: Widen>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {

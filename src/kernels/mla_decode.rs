@@ -68,7 +68,7 @@ pub fn rounds_queries<W: Load16>() -> bool {
 }
 
 fn to_bf16(v: &[f32]) -> Vec<half::bf16> {
-    v.iter().map(|&x| half::bf16::from_f32(x)).collect()
+    v.iter().map(|&x| super::bf16_round(x)).collect()
 }
 
 /// Plain loops in f64: the definition `mla_decode` must match (queries rounded to bf16 where

@@ -461,6 +461,23 @@ impl QuantMatrix {
         }
         with_blocks!(self, b => rows_of(b, ids, n_in))
     }
+
+    /// The values of rows `first..first + n` (each `n_in` long), rounded to bf16, into `out`
+    /// (resized): the prefill GEMM's operand, without an f32 copy.
+    pub fn dequantize_rows_bf16(&self, first: usize, n: usize, n_in: usize, out: &mut Vec<half::bf16>) {
+        fn rows_of<B: QuantBlock>(blocks: &[B], first: usize, n: usize, n_in: usize, out: &mut Vec<half::bf16>) {
+            let per_row = n_in / B::VALUES;
+            out.resize(n * n_in, half::bf16::ZERO);
+            let mut values = [0f32; 256];
+            for (o, b) in out.chunks_mut(B::VALUES).zip(&blocks[first * per_row..(first + n) * per_row]) {
+                b.dequantize(&mut values[..B::VALUES]);
+                for (d, &v) in o.iter_mut().zip(&values[..B::VALUES]) {
+                    *d = super::bf16_round(v);
+                }
+            }
+        }
+        with_blocks!(self, b => rows_of(b, first, n, n_in, out))
+    }
 }
 
 #[cfg(test)]

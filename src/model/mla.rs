@@ -176,10 +176,11 @@ impl Mla {
         let (c_kv, k_rope) = cache.append(layer, &c_kv, &k_rope)?; // (S, d_c), (S, d_r)
         let s = c_kv.dim(0)?;
 
-        // Shared by both paths: the positional part of the scores, q_rope·k_rope.
-        let position = q_rope.reshape((h * t, d_r))?.matmul(&k_rope.t()?)?.reshape((h, t, s))?; // (H, T, S)
+        // The positional part of the scores, q_rope·k_rope, for the paths that take candle ops.
+        let position = || q_rope.reshape((h * t, d_r))?.matmul(&k_rope.t()?)?.reshape((h, t, s)); // (H, T, S)
         let out = match path {
             AttentionPath::Expanded => {
+                let position = position()?;
                 let k_nope = c_kv.matmul(&self.w_uk.reshape((h * d_n, d_c))?.t()?)?; // (S, H d_n)
                 let k_nope = k_nope.reshape((s, h, d_n))?.transpose(0, 1)?.contiguous()?; // (H, S, d_n)
                 let v = c_kv.matmul(&self.w_uv.reshape((h * d_v, d_c))?.t()?)?; // (S, H d_v)
@@ -194,6 +195,7 @@ impl Mla {
                 o_lat.matmul(&self.w_uv.t()?)? // (H, 1, d_v)
             }
             AttentionPath::Absorbed => {
+                let position = position()?;
                 let q_lat = q_nope.matmul(&self.w_uk)?; // (H, T, d_c)
                 let content = q_lat.reshape((h * t, d_c))?.matmul(&c_kv.t()?)?.reshape((h, t, s))?; // (H, T, S)
                 let probs = self.probs(&content, &position, pos.mask.as_ref(), x.dtype())?;
