@@ -175,12 +175,15 @@ impl Mla {
         let k_rope = rope.apply(&kv.narrow(1, d_c, d_r)?.contiguous()?, angles)?; // (T, d_r)
         let (c_kv, k_rope) = cache.append(layer, &c_kv, &k_rope)?; // (S, d_c), (S, d_r)
         let s = c_kv.dim(0)?;
+        // The candle paths compute in the activations' dtype (the cache may be narrower).
+        let in_dtype = |t: &Tensor| t.to_dtype(x.dtype());
 
         // The positional part of the scores, q_rope·k_rope, for the paths that take candle ops.
-        let position = || q_rope.reshape((h * t, d_r))?.matmul(&k_rope.t()?)?.reshape((h, t, s)); // (H, T, S)
+        let position = || q_rope.reshape((h * t, d_r))?.matmul(&in_dtype(&k_rope)?.t()?)?.reshape((h, t, s)); // (H, T, S)
         let out = match path {
             AttentionPath::Expanded => {
                 let position = position()?;
+                let c_kv = in_dtype(&c_kv)?;
                 let k_nope = c_kv.matmul(&self.w_uk.reshape((h * d_n, d_c))?.t()?)?; // (S, H d_n)
                 let k_nope = k_nope.reshape((s, h, d_n))?.transpose(0, 1)?.contiguous()?; // (H, S, d_n)
                 let v = c_kv.matmul(&self.w_uv.reshape((h * d_v, d_c))?.t()?)?; // (S, H d_v)
@@ -196,6 +199,7 @@ impl Mla {
             }
             AttentionPath::Absorbed => {
                 let position = position()?;
+                let c_kv = in_dtype(&c_kv)?;
                 let q_lat = q_nope.matmul(&self.w_uk)?; // (H, T, d_c)
                 let content = q_lat.reshape((h * t, d_c))?.matmul(&c_kv.t()?)?.reshape((h, t, s))?; // (H, T, S)
                 let probs = self.probs(&content, &position, pos.mask.as_ref(), x.dtype())?;
