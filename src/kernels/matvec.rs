@@ -139,6 +139,31 @@ pub fn weighted_rows<W: Load16>(p: &[f32], rows: &[W], t: usize, n: usize, d: us
         )
 }
 
+/// `y (b, n_out)`: row `k` of `x (b, n_in)` times the `k`-th of `b` stored `(n_out, n_in)`
+/// matrices, transposed (MLA decode's per-head `W_UV`); the matrices in parallel, each on one thread.
+pub fn batched_matvec<W: Widen>(x: &[f32], w: &[W], b: usize, n_in: usize, n_out: usize) -> Vec<f32> {
+    assert!(x.len() == b * n_in && w.len() == b * n_out * n_in, "batched_matvec: shapes disagree");
+    let simd = Simd::detect();
+    let mut y = vec![0f32; b * n_out];
+    y.par_chunks_mut(n_out).enumerate().for_each(|(k, yk)| {
+        dot_block(simd, &x[k * n_in..(k + 1) * n_in], &w[k * n_out * n_in..(k + 1) * n_out * n_in], 1, n_in, yk)
+    });
+    y
+}
+
+/// `y (b, d)`: row `k` of `p (b, n)` weighting the rows of the `k`-th of `b` stored `(n, d)`
+/// matrices (MLA decode's per-head absorption of `W_UK` into the query).
+pub fn batched_weighted_rows<W: Widen>(p: &[f32], rows: &[W], b: usize, n: usize, d: usize) -> Vec<f32> {
+    assert!(p.len() == b * n && rows.len() == b * n * d, "batched_weighted_rows: shapes disagree");
+    let simd = Simd::detect();
+    let mut y = vec![0f32; b * d];
+    y.par_chunks_mut(d).enumerate().for_each(|(k, yk)| {
+        let (pk, rk) = (&p[k * n..(k + 1) * n], &rows[k * n * d..(k + 1) * n * d]);
+        axpy_block(simd, pk, rk, Run { first: 0, t: 1, n, d }, yk)
+    });
+    y
+}
+
 /// Where a run of stored rows sits: its first row, and the sizes of `p (t, n)` and the rows `(n, d)`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Run {
@@ -290,6 +315,23 @@ pub(crate) mod tests {
                 let y: Vec<f32> = (0..t * n_out).map(|k| out[(k % n_out) * t + k / n_out]).collect();
                 assert_close(&format!("{what} {simd:?}"), &y, &matvec_reference(&x, &wb, t, n_in, n_out));
             }
+        }
+    }
+
+    #[test]
+    fn batched_products_match_their_references_per_matrix() {
+        let (b, n, d) = (5, 33, 70);
+        let x = random(b * n, 11);
+        let w: Vec<bf16> = random(b * n * d, 12).iter().map(|&v| bf16::from_f32(v)).collect();
+        let (mv, wr) = (batched_matvec(&x, &w, b, n, d), batched_weighted_rows(&x, &w, b, n, d));
+        for k in 0..b {
+            let (xk, wk) = (&x[k * n..(k + 1) * n], &w[k * n * d..(k + 1) * n * d]);
+            assert_close(&format!("batched_matvec {k}"), &mv[k * d..(k + 1) * d], &matvec_reference(xk, wk, 1, n, d));
+            assert_close(
+                &format!("batched_weighted_rows {k}"),
+                &wr[k * d..(k + 1) * d],
+                &weighted_rows_reference(xk, wk, 1, n, d),
+            );
         }
     }
 

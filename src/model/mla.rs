@@ -21,6 +21,7 @@ use candle_core::{DType, Tensor};
 use crate::cache::LatentCache;
 use crate::config::Config;
 use crate::error::Result;
+use crate::kernels::matvec::{batched_matvec, batched_weighted_rows};
 use crate::kernels::mla_decode::{mla_decode, MlaShape};
 use crate::model::layers::{softmax_last_dim, with_stored, Linear, RmsNorm, Stored};
 use crate::model::rope::{Angles, Rope};
@@ -193,9 +194,9 @@ impl Mla {
                 probs.matmul(&v)? // (H, T, d_v)
             }
             AttentionPath::Absorbed if t == 1 && self.decode_kernel_fits(&c_kv, &k_rope) => {
-                let q_lat = q_nope.matmul(&self.w_uk)?; // (H, 1, d_c)
+                let q_lat = self.absorb_query(&q_nope)?; // (H, 1, d_c)
                 let o_lat = self.absorbed_step(&q_lat, &q_rope, &c_kv, &k_rope)?; // (H, 1, d_c)
-                o_lat.matmul(&self.w_uv.t()?)? // (H, 1, d_v)
+                self.expand_output(&o_lat)? // (H, 1, d_v)
             }
             AttentionPath::Absorbed => {
                 let position = position()?;
@@ -219,6 +220,35 @@ impl Mla {
         })
         .flatten()
         .unwrap_or(false)
+    }
+
+    /// `q_nope (H, 1, d_n) · W_UK (H, d_n, d_c)` for one token, by the batched kernel where
+    /// `W_UK` is stored bf16 or f32 (candle's batched GEMM costs several times the bytes).
+    fn absorb_query(&self, q_nope: &Tensor) -> Result<Tensor> {
+        let (h, d_n, d_c) = (self.n_heads, self.d_n, self.d_c);
+        let q: Vec<f32> = q_nope.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let y = with_stored(&self.w_uk, |w| match w {
+            Stored::Bf16(w) => batched_weighted_rows(&q, w, h, d_n, d_c),
+            Stored::F32(w) => batched_weighted_rows(&q, w, h, d_n, d_c),
+        });
+        match y {
+            Some(y) => Ok(Tensor::from_vec(y, (h, 1, d_c), q_nope.device())?.to_dtype(q_nope.dtype())?),
+            None => Ok(q_nope.matmul(&self.w_uk)?),
+        }
+    }
+
+    /// `o_lat (H, 1, d_c) · W_UVᵀ` for one token, by the batched kernel where it can.
+    fn expand_output(&self, o_lat: &Tensor) -> Result<Tensor> {
+        let (h, d_v, d_c) = (self.n_heads, self.d_v, self.d_c);
+        let o: Vec<f32> = o_lat.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let y = with_stored(&self.w_uv, |w| match w {
+            Stored::Bf16(w) => batched_matvec(&o, w, h, d_c, d_v),
+            Stored::F32(w) => batched_matvec(&o, w, h, d_c, d_v),
+        });
+        match y {
+            Some(y) => Ok(Tensor::from_vec(y, (h, 1, d_v), o_lat.device())?.to_dtype(o_lat.dtype())?),
+            None => Ok(o_lat.matmul(&self.w_uv.t()?)?),
+        }
     }
 
     /// One token's absorbed attention by the [`mla_decode`] kernel: `o_lat (H, 1, d_c)`.
