@@ -117,6 +117,7 @@ impl QuantBlock for BlockQ4K {
     const ACT_GROUP: usize = QK_K;
     const NAME: &'static str = "Q4_K";
 
+    #[inline(always)]
     fn dequantize(&self, out: &mut [f32]) {
         let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
         for p in 0..4 {
@@ -263,6 +264,7 @@ impl QuantBlock for BlockQ6K {
     const ACT_GROUP: usize = QK_K;
     const NAME: &'static str = "Q6_K";
 
+    #[inline(always)]
     fn dequantize(&self, out: &mut [f32]) {
         let d = self.d.to_f32();
         for (i, (o, q)) in out.iter_mut().zip(self.codes()).enumerate() {
@@ -339,6 +341,7 @@ impl QuantBlock for BlockQ5K {
     const ACT_GROUP: usize = QK_K;
     const NAME: &'static str = "Q5_K";
 
+    #[inline(always)]
     fn dequantize(&self, out: &mut [f32]) {
         let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
         for p in 0..4 {
@@ -424,6 +427,7 @@ impl QuantBlock for BlockQ4_0 {
     const ACT_GROUP: usize = 32;
     const NAME: &'static str = "Q4_0";
 
+    #[inline(always)]
     fn dequantize(&self, out: &mut [f32]) {
         let d = self.d.to_f32();
         for j in 0..16 {
@@ -462,6 +466,7 @@ impl QuantBlock for BlockQ5_0 {
     const ACT_GROUP: usize = 32;
     const NAME: &'static str = "Q5_0";
 
+    #[inline(always)]
     fn dequantize(&self, out: &mut [f32]) {
         let d = self.d.to_f32();
         let qh = u32::from_le_bytes(self.qh);
