@@ -159,23 +159,12 @@ pub fn memory_bandwidth_gb_s() -> f64 {
     let runs = (0..5)
         .map(|_| {
             let start = Instant::now();
-            let sum: f32 = buffer.par_chunks(1 << 18).map(sum_lanes).sum();
+            let sum: f32 = buffer.par_chunks(1 << 18).map(crate::kernels::rows::sum_lanes).sum();
             std::hint::black_box(sum);
             (n * 4) as f64 / start.elapsed().as_secs_f64() / 1e9
         })
         .collect();
     median(runs)
-}
-
-/// A sum over 16 independent lanes: the loop vectorises and is limited by memory, not by adds.
-fn sum_lanes(values: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    for c in values.chunks_exact(16) {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v;
-        }
-    }
-    acc.iter().sum()
 }
 
 /// The process's peak resident memory (VmHWM), or 0 where /proc is not available.

@@ -11,6 +11,7 @@
 
 use rayon::prelude::*;
 
+use super::matvec::by_output_rows;
 use super::quant::QuantMatrix;
 use super::{mul_add, Load16, Simd, Widen};
 
@@ -60,25 +61,9 @@ pub fn gemm_quant(x: &[f32], w: &QuantMatrix, t: usize, n_in: usize, n_out: usiz
     by_weight_runs(t, n_out, |first, n, out| tiles(simd, x, &rows_of(first, n), t, n_in, out))
 }
 
-/// `y (t, n_out)` from tasks over runs of weight rows; `f(first, n, out)` fills the transposed
-/// `out (n, t)` of rows `first..first + n`.
+/// `y (t, n_out)` from tasks over runs of 64 weight rows (see `matvec::by_output_rows`).
 fn by_weight_runs(t: usize, n_out: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut y_t = vec![0f32; n_out * t];
-    y_t.par_chunks_mut(ROWS_PER_TASK * t)
-        .enumerate()
-        .for_each(|(task, out)| f(task * ROWS_PER_TASK, out.len() / t, out));
-    let mut y = vec![0f32; t * n_out];
-    // Transposed in blocks of 16 x 16, so neither side is walked with a large stride.
-    for o0 in (0..n_out).step_by(16) {
-        for t0 in (0..t).step_by(16) {
-            for o in o0..(o0 + 16).min(n_out) {
-                for ti in t0..(t0 + 16).min(t) {
-                    y[ti * n_out + o] = y_t[o * t + ti];
-                }
-            }
-        }
-    }
-    y
+    by_output_rows(ROWS_PER_TASK, t, n_out, f)
 }
 
 /// `out (rows, t) = rows · x (t, in)ᵀ` for a run of weight rows, tile by tile: AVX-512 written

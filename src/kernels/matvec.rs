@@ -15,7 +15,8 @@ use super::{dispatch, mul_add, Load16, Simd, Widen};
 /// Rows of `x` that share one pass over a stored row (accumulators stay in registers).
 const BLOCK: usize = 8;
 const LANES: usize = 16;
-const ROWS_PER_TASK: usize = 32;
+/// Output rows per parallel task of the decode products.
+pub(crate) const ROWS_PER_TASK: usize = 32;
 
 /// Most rows of `x` for which `Linear` uses `matvec` rather than the tiled GEMM
 /// (`super::gemm`), which reads each weight chunk once per 4 rows of `x` but keeps 16 products in
@@ -32,20 +33,35 @@ pub const MAX_ROWS_QUANT: usize = 16;
 pub fn matvec<W: Widen>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
     assert!(x.len() == t * n_in && w.len() == n_out * n_in, "matvec: shapes disagree");
     let simd = Simd::detect();
-    by_output_rows(t, n_out, |first, n, out| dot_block(simd, x, &w[first * n_in..(first + n) * n_in], t, n_in, out))
+    by_output_rows(ROWS_PER_TASK, t, n_out, |first, n, out| {
+        dot_block(simd, x, &w[first * n_in..(first + n) * n_in], t, n_in, out)
+    })
 }
 
-/// `y (t, n_out)` from tasks over runs of output rows: `f(first, n, out)` fills the transposed
-/// `out (n, t)` of rows `first..first + n`, so each task writes one contiguous run.
-pub(crate) fn by_output_rows(t: usize, n_out: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
+/// `y (t, n_out)` from tasks over runs of `rows_per_task` output rows: `f(first, n, out)` fills
+/// the transposed `out (n, t)` of rows `first..first + n`, so each task writes one contiguous run.
+pub(crate) fn by_output_rows(
+    rows_per_task: usize,
+    t: usize,
+    n_out: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let mut y_t = vec![0f32; n_out * t];
-    y_t.par_chunks_mut(ROWS_PER_TASK * t).enumerate().for_each(|(task, out)| {
-        f(task * ROWS_PER_TASK, out.len() / t, out);
+    y_t.par_chunks_mut(rows_per_task * t).enumerate().for_each(|(task, out)| {
+        f(task * rows_per_task, out.len() / t, out);
     });
+    if t == 1 {
+        return y_t;
+    }
     let mut y = vec![0f32; t * n_out];
-    for (o, ys) in y_t.chunks(t).enumerate() {
-        for (ti, v) in ys.iter().enumerate() {
-            y[ti * n_out + o] = *v;
+    // Transposed in blocks of 16 x 16, so neither side is walked with a large stride.
+    for o0 in (0..n_out).step_by(16) {
+        for t0 in (0..t).step_by(16) {
+            for o in o0..(o0 + 16).min(n_out) {
+                for ti in t0..(t0 + 16).min(t) {
+                    y[ti * n_out + o] = y_t[o * t + ti];
+                }
+            }
         }
     }
     y
@@ -95,7 +111,7 @@ fn dot_rows<W: Widen, const FUSED: bool>(x: &[f32], row: &[W], n_in: usize, y: &
 
 /// The sum of 16 lanes as a tree (in order it is a chain of 16 dependent adds).
 #[inline(always)]
-fn sum_tree(mut v: [f32; LANES]) -> f32 {
+pub(crate) fn sum_tree(mut v: [f32; LANES]) -> f32 {
     let mut width = LANES / 2;
     while width > 0 {
         for l in 0..width {

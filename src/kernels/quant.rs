@@ -17,7 +17,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::matvec::by_output_rows;
+use super::matvec::{by_output_rows, sum_tree, ROWS_PER_TASK};
 use super::Simd;
 
 /// Values per Q8_0 block, and per scale of the 32-value formats' activations.
@@ -264,7 +264,7 @@ pub fn matvec_quant<B: QuantBlock>(x: &[f32], w: &[B], t: usize, n_in: usize, n_
     let xq = QuantizedRows::new(x, B::ACT_GROUP);
     let simd = Simd::detect();
     let per_row = n_in / B::VALUES;
-    by_output_rows(t, n_out, |first, n, out| {
+    by_output_rows(ROWS_PER_TASK, t, n_out, |first, n, out| {
         quant_rows(simd, &xq, &w[first * per_row..(first + n) * per_row], t, n_in, out)
     })
 }
@@ -357,23 +357,11 @@ fn quant_rows_body<B: QuantBlock, const ISA: u8>(
     }
 }
 
-/// The sum of the accumulators' lanes as a tree (lane-wise adds, then halving): summed in
-/// order it is a chain of 64 dependent adds, which cost as much as the products of a 2048-wide
-/// Q4_K row.
+/// The sum of the accumulators' lanes: lane-wise, then as a tree (summed in order they are a
+/// chain of 64 dependent adds, which cost as much as the products of a 2048-wide Q4_K row).
 #[inline(always)]
 fn sum_lanes(acc: [[f32; LANES]; ACCUMULATORS]) -> f32 {
-    let mut v = [0f32; LANES];
-    for l in 0..LANES {
-        v[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-    }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            v[l] += v[l + width];
-        }
-        width /= 2;
-    }
-    v[0]
+    sum_tree(std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l])))
 }
 
 /// Dequantizes the weight and the 8-bit activations, then plain loops with f64 accumulation: the

@@ -66,8 +66,9 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// The sum of a row in 16 interleaved partial sums (vectorizable; in order it is one long chain).
-fn sum_lanes(row: &[f32]) -> f32 {
+/// The sum of a row in 16 interleaved partial sums: the loop vectorizes and is limited by memory,
+/// not by a chain of dependent adds.
+pub fn sum_lanes(row: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let mut chunks = row.chunks_exact(16);
     for c in chunks.by_ref() {
