@@ -157,16 +157,7 @@ impl QuantBlock for BlockQ4K {
                     let s = _mm512_permutexvar_epi16(_mm512_loadu_si512(PAIR_SCALES[p].as_ptr().cast()), scales);
                     isum[p % 2] = scaled_pairs::<ISA>(isum[p % 2], pairs, s);
                 }
-                // (Two chains of sums: the second run's products need not wait for the first's.)
-                let isum = _mm512_add_epi32(isum[0], isum[1]);
-                // Σ_j m_j · (the code sum of group j): sums of 16 added in pairs, then the minimums.
-                let s16 = _mm256_loadu_si256(sums.as_ptr().cast());
-                let group_sums = _mm_hadd_epi16(_mm256_castsi256_si128(s16), _mm256_extracti128_si256(s16, 1));
-                let mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr().cast())), group_sums);
-                let acc = _mm512_loadu_ps(lanes.as_ptr());
-                let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dd), acc);
-                let acc = _mm512_fnmadd_ps(_mm512_zextps128_ps512(_mm_cvtepi32_ps(mins)), _mm512_set1_ps(dmin), acc);
-                _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+                finish_with_minimums(isum, sums, &m, dd, dmin, lanes);
             }
             let _ = extra;
             return;
@@ -218,6 +209,35 @@ static QUAD_SCALES: [[i16; 32]; 4] = {
     }
     idx
 };
+
+/// The end of a Q4_K / Q5_K block: `lanes += dd · Σ isum − dmin · Σ_j m_j · (code sum of group
+/// j)`, the two chains of scaled products added first and the group sums made from the sums of 16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn finish_with_minimums(
+    isum: [std::arch::x86_64::__m512i; 2],
+    sums: &[i16],
+    m: &[u8; 8],
+    dd: f32,
+    dmin: f32,
+    lanes: &mut [f32; LANES],
+) {
+    use std::arch::x86_64::*;
+    let sums = &sums[..16];
+    // SAFETY: called only from the AVX-512 variants' k-quant code; `sums` holds 16 i16, `m` 8
+    // bytes, `lanes` 16 floats.
+    unsafe {
+        // (Two chains of sums: the second run's products need not wait for the first's.)
+        let isum = _mm512_add_epi32(isum[0], isum[1]);
+        let s16 = _mm256_loadu_si256(sums.as_ptr().cast());
+        let group_sums = _mm_hadd_epi16(_mm256_castsi256_si128(s16), _mm256_extracti128_si256(s16, 1));
+        let mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr().cast())), group_sums);
+        let acc = _mm512_loadu_ps(lanes.as_ptr());
+        let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dd), acc);
+        let acc = _mm512_fnmadd_ps(_mm512_zextps128_ps512(_mm_cvtepi32_ps(mins)), _mm512_set1_ps(dmin), acc);
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+    }
+}
 
 /// `acc + Σ pairs·scales` by word pairs into 32-bit lanes: one `vpdpwssd` with VNNI, else a
 /// multiply-add and an add.
@@ -389,15 +409,7 @@ impl QuantBlock for BlockQ5K {
                     let s = _mm512_permutexvar_epi16(_mm512_loadu_si512(PAIR_SCALES[p].as_ptr().cast()), scales);
                     isum[p % 2] = scaled_pairs::<ISA>(isum[p % 2], pairs, s);
                 }
-                // (Two chains of sums: the second run's products need not wait for the first's.)
-                let isum = _mm512_add_epi32(isum[0], isum[1]);
-                let s16 = _mm256_loadu_si256(sums.as_ptr().cast());
-                let group_sums = _mm_hadd_epi16(_mm256_castsi256_si128(s16), _mm256_extracti128_si256(s16, 1));
-                let mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr().cast())), group_sums);
-                let acc = _mm512_loadu_ps(lanes.as_ptr());
-                let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dd), acc);
-                let acc = _mm512_fnmadd_ps(_mm512_zextps128_ps512(_mm_cvtepi32_ps(mins)), _mm512_set1_ps(dmin), acc);
-                _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+                finish_with_minimums(isum, sums, &m, dd, dmin, lanes);
             }
             let _ = extra;
             return;
