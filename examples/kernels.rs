@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --example kernels -- [IN OUT] [--threads N]` multiplies one activation row
 //! by an `(OUT, IN)` matrix (default 2048 x 11264, a V2-Lite dense MLP's gate and up together)
-//! in Q8_0, Q4_K, Q6_K and Q5_0, and prints the median time and the GB/s of blocks read. Small
+//! in Q8_0, Q4_K, Q6_K and Q5_0, as rows and as tiles of 16 rows, and prints the median time and the GB/s of blocks read. Small
 //! matrices stay in cache, so they measure the kernels' compute, and large ones memory. Then it
 //! times one absorbed MLA decode step (16 heads, 512 + 64 latent) at 4096 and 16384 cached
 //! tokens, over a bf16 and an f32 cache.
@@ -105,12 +105,15 @@ fn run(n_in: usize, n_out: usize) {
     let q5 = (0..n_in * n_out / 32)
         .map(|_| BlockQ5_0 { d, qh: std::array::from_fn(|_| byte()), qs: std::array::from_fn(|_| byte()) })
         .collect();
-    let matrices = [
+    let rows = [
         QuantMatrix::Q8_0(quantize_q8_0(&values)),
         QuantMatrix::Q4K(quantize_q4_k(&values)),
         QuantMatrix::Q6K(q6),
         QuantMatrix::Q5_0(q5),
     ];
+    // Each format as GGML's rows, then in tiles of 16 rows (the layout loading picks on CPUs with
+    // AVX-512 VNNI).
+    let matrices: Vec<QuantMatrix> = rows.into_iter().flat_map(|m| [m.clone(), m.tiled(n_in)]).collect();
     println!("{n_in} x {n_out}, {} threads", rayon::current_num_threads());
     // About 300 products of the default size's work per format, and at least 300.
     let runs = (300 * 2048 * 11264 / (n_in * n_out)).max(300);
@@ -127,7 +130,8 @@ fn run(n_in: usize, n_out: usize) {
             .collect();
         times.sort_by(f64::total_cmp);
         let t = times[times.len() / 2];
-        println!("{:5} {:8.3} ms {:6.1} GB/s", m.name(), t * 1e3, m.bytes() as f64 / t / 1e9);
+        let layout = if m.is_tiled() { "tiles" } else { "rows" };
+        println!("{:5} {layout:5} {:8.3} ms {:6.1} GB/s", m.name(), t * 1e3, m.bytes() as f64 / t / 1e9);
     }
     for len in [4096, 16384] {
         mla(len);

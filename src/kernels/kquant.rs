@@ -86,7 +86,7 @@ fn scale_min(j: usize, q: &[u8; K_SCALE_SIZE]) -> (u8, u8) {
 /// minimums 4-7 take their low 4 bits from the nibbles of bytes 8-11 and their top 2 bits from
 /// the top bits of bytes 0-3 and 4-7.
 #[inline(always)]
-fn scales_mins(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn scales_mins(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
     let word = |i: usize| u32::from_le_bytes([q[i], q[i + 1], q[i + 2], q[i + 3]]);
     let (w0, w1, w2) = (word(0), word(4), word(8));
     const LOW6: u32 = 0x3f3f_3f3f;
@@ -610,7 +610,7 @@ fn fit_group(x: &[f32]) -> (f32, f32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::matvec::tests::random;
     use crate::kernels::quant::dequantize;
@@ -667,7 +667,7 @@ mod tests {
     }
 
     /// Blocks with every code and scale bit drawn at random (any bit pattern is a valid block).
-    fn random_blocks<B: QuantBlock>(values: &[f32]) -> Vec<B> {
+    pub(crate) fn random_blocks<B: QuantBlock>(values: &[f32]) -> Vec<B> {
         let n = values.len() / B::VALUES;
         let size = std::mem::size_of::<B>();
         let mut s = values.len() as u64 * 2654435761;

@@ -10,6 +10,7 @@ pub mod matvec;
 pub mod mla_decode;
 pub mod quant;
 pub mod rows;
+pub mod tiles;
 
 use std::sync::OnceLock;
 

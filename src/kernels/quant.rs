@@ -18,6 +18,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::matvec::{by_output_rows, sum_tree, ROWS_PER_TASK};
+use super::tiles::{Tile, TileQ4K, TileQ5_0, TileQ6K, TileQ8_0, Tiles, TILE_ROWS};
 use super::Simd;
 
 /// Values per Q8_0 block, and per scale of the 32-value formats' activations.
@@ -372,7 +373,9 @@ pub fn matvec_quant_reference<B: QuantBlock>(x: &[f32], w: &[B], t: usize, n_in:
     super::matvec::matvec_reference(&xs, &dense, t, n_in, n_out)
 }
 
-/// A quantized `(out, in)` matrix in one of the formats the kernels multiply directly.
+/// A quantized `(out, in)` matrix in one of the formats the kernels multiply directly: rows of
+/// blocks as GGML stores them, or (where the CPU has AVX-512 VNNI) the same blocks in tiles of 16
+/// rows ([`super::tiles`]).
 #[derive(Debug, Clone)]
 pub enum QuantMatrix {
     Q8_0(Vec<BlockQ8_0>),
@@ -381,10 +384,14 @@ pub enum QuantMatrix {
     Q4K(Vec<super::kquant::BlockQ4K>),
     Q5K(Vec<super::kquant::BlockQ5K>),
     Q6K(Vec<super::kquant::BlockQ6K>),
+    Q8_0Tiles(Tiles<TileQ8_0>),
+    Q5_0Tiles(Tiles<TileQ5_0>),
+    Q4KTiles(Tiles<TileQ4K>),
+    Q6KTiles(Tiles<TileQ6K>),
 }
 
-/// Runs `$f` on the blocks of `$m`, whatever their format.
-macro_rules! with_blocks {
+/// Runs `$f` on the blocks of `$m`, whatever their format and layout.
+macro_rules! with_layout {
     ($m:expr, $b:ident => $f:expr) => {
         match $m {
             QuantMatrix::Q8_0($b) => $f,
@@ -393,96 +400,220 @@ macro_rules! with_blocks {
             QuantMatrix::Q4K($b) => $f,
             QuantMatrix::Q5K($b) => $f,
             QuantMatrix::Q6K($b) => $f,
+            QuantMatrix::Q8_0Tiles($b) => $f,
+            QuantMatrix::Q5_0Tiles($b) => $f,
+            QuantMatrix::Q4KTiles($b) => $f,
+            QuantMatrix::Q6KTiles($b) => $f,
         }
     };
 }
 
-fn name_of<B: QuantBlock>(_: &[B]) -> &'static str {
-    B::NAME
+/// What [`QuantMatrix`] needs of a layout of blocks: rows of blocks, or tiles of 16 rows.
+trait Layout: Sync {
+    type Block: QuantBlock;
+    /// Blocks held.
+    fn blocks(&self) -> usize;
+    /// `f(i, b, block)` for block `b` of each row `first + i`, `i < n`.
+    fn for_each_block(&self, first: usize, n: usize, per_row: usize, f: impl FnMut(usize, usize, &Self::Block));
+    /// The values of rows `first..first + out.len() / n_in`, rounded to bf16. Plain loops, no
+    /// closures: inlined into a caller compiled for AVX-512, they vectorize with it.
+    fn rows_bf16(&self, first: usize, n_in: usize, out: &mut [half::bf16]);
+    /// `y (t, out) = x (t, in) · Wᵀ` by the decode kernel.
+    fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32>;
 }
 
-fn values_of<B: QuantBlock>(_: &[B]) -> usize {
-    B::VALUES
+impl<B: QuantBlock> Layout for Vec<B> {
+    type Block = B;
+    fn blocks(&self) -> usize {
+        self.len()
+    }
+    #[inline(always)]
+    fn rows_bf16(&self, first: usize, n_in: usize, out: &mut [half::bf16]) {
+        let per_row = n_in / B::VALUES;
+        let blocks = &self[first * per_row..first * per_row + out.len() / B::VALUES];
+        let mut values = [0f32; 256];
+        for (o, b) in out.chunks_mut(B::VALUES).zip(blocks) {
+            b.dequantize(&mut values[..B::VALUES]);
+            for (d, &v) in o.iter_mut().zip(&values[..B::VALUES]) {
+                *d = super::bf16_round(v);
+            }
+        }
+    }
+    #[inline(always)]
+    fn for_each_block(&self, first: usize, n: usize, per_row: usize, mut f: impl FnMut(usize, usize, &B)) {
+        for (i, row) in self[first * per_row..(first + n) * per_row].chunks_exact(per_row).enumerate() {
+            for (b, block) in row.iter().enumerate() {
+                f(i, b, block);
+            }
+        }
+    }
+    fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
+        matvec_quant(x, self, t, n_in, n_out)
+    }
+}
+
+impl<T: Tile> Layout for Tiles<T> {
+    type Block = T::Block;
+    fn blocks(&self) -> usize {
+        self.0.len() * TILE_ROWS
+    }
+    #[inline(always)]
+    fn rows_bf16(&self, first: usize, n_in: usize, out: &mut [half::bf16]) {
+        let (vals, n) = (T::Block::VALUES, out.len() / n_in);
+        let per_row = n_in / vals;
+        let mut values = [0f32; 256];
+        for tile_row in first / TILE_ROWS..(first + n).div_ceil(TILE_ROWS) {
+            let (lo, hi) = ((tile_row * TILE_ROWS).max(first), ((tile_row + 1) * TILE_ROWS).min(first + n));
+            for b in 0..per_row {
+                let tile = &self.0[tile_row * per_row + b];
+                for row in lo..hi {
+                    tile.dequantize_row(row % TILE_ROWS, &mut values[..vals]);
+                    let at = (row - first) * n_in + b * vals;
+                    for (d, &v) in out[at..at + vals].iter_mut().zip(&values[..vals]) {
+                        *d = super::bf16_round(v);
+                    }
+                }
+            }
+        }
+    }
+    #[inline(always)]
+    fn for_each_block(&self, first: usize, n: usize, per_row: usize, mut f: impl FnMut(usize, usize, &T::Block)) {
+        // Each tile is unpacked once for all of its rows in the range.
+        for tile_row in first / TILE_ROWS..(first + n).div_ceil(TILE_ROWS) {
+            let rows = (tile_row * TILE_ROWS).max(first)..((tile_row + 1) * TILE_ROWS).min(first + n);
+            for b in 0..per_row {
+                let blocks = self.0[tile_row * per_row + b].unpack_all();
+                for row in rows.clone() {
+                    f(row - first, b, &blocks[row % TILE_ROWS]);
+                }
+            }
+        }
+    }
+    fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
+        self.matvec(x, t, n_in, n_out)
+    }
+}
+
+fn name_of<L: Layout>(_: &L) -> &'static str {
+    L::Block::NAME
+}
+
+fn values_of<L: Layout>(_: &L) -> usize {
+    L::Block::VALUES
+}
+
+fn bytes_of<L: Layout>(l: &L) -> usize {
+    l.blocks() * std::mem::size_of::<L::Block>()
+}
+
+/// The values of rows `first..first + out.len() / n_in`, each `n_in` long.
+fn rows_into<L: Layout>(l: &L, first: usize, n_in: usize, out: &mut [f32]) {
+    let vals = L::Block::VALUES;
+    let per_row = n_in / vals;
+    let mut values = [0f32; 256];
+    l.for_each_block(first, out.len() / n_in, per_row, |i, b, block| {
+        block.dequantize(&mut values[..vals]);
+        out[i * n_in + b * vals..i * n_in + (b + 1) * vals].copy_from_slice(&values[..vals]);
+    });
 }
 
 impl QuantMatrix {
     /// GGML's name for the format.
     pub fn name(&self) -> &'static str {
-        with_blocks!(self, b => name_of(b))
+        with_layout!(self, b => name_of(b))
     }
 
-    /// Bytes of the blocks.
+    /// Bytes of the blocks (a tiled matrix holds the same bytes, rearranged).
     pub fn bytes(&self) -> usize {
-        with_blocks!(self, b => std::mem::size_of_val(b.as_slice()))
+        with_layout!(self, b => bytes_of(b))
     }
 
     /// Rows of `n_in` values.
     pub fn rows(&self, n_in: usize) -> usize {
-        with_blocks!(self, b => b.len()) * self.block_values() / n_in
+        with_layout!(self, b => b.blocks()) * self.block_values() / n_in
     }
 
     /// Values per block.
     pub fn block_values(&self) -> usize {
-        with_blocks!(self, b => values_of(b))
+        with_layout!(self, b => values_of(b))
+    }
+
+    /// Whether the rows are tiled for the AVX-512 VNNI kernels.
+    pub fn is_tiled(&self) -> bool {
+        matches!(
+            self,
+            QuantMatrix::Q8_0Tiles(_) | QuantMatrix::Q5_0Tiles(_) | QuantMatrix::Q4KTiles(_) | QuantMatrix::Q6KTiles(_)
+        )
+    }
+
+    /// The matrix in the layout the decode kernel reads fastest on this CPU: tiles of 16 rows
+    /// where it has AVX-512 VNNI, the row count (rows of `n_in` values) is a multiple of 16 and
+    /// the format has a tiled kernel (Q8_0, Q5_0, Q4_K, Q6_K); otherwise unchanged.
+    pub fn for_decode(self, n_in: usize) -> QuantMatrix {
+        if Simd::detect() != Simd::Avx512Vnni {
+            return self;
+        }
+        self.tiled(n_in)
+    }
+
+    /// The matrix in tiles of 16 rows where the format has a tiled kernel and the rows tile
+    /// (see [`QuantMatrix::for_decode`]), whatever the CPU.
+    pub fn tiled(self, n_in: usize) -> QuantMatrix {
+        match self {
+            QuantMatrix::Q8_0(b) => Tiles::pack(&b, n_in).map_or(QuantMatrix::Q8_0(b), QuantMatrix::Q8_0Tiles),
+            QuantMatrix::Q5_0(b) => Tiles::pack(&b, n_in).map_or(QuantMatrix::Q5_0(b), QuantMatrix::Q5_0Tiles),
+            QuantMatrix::Q4K(b) => Tiles::pack(&b, n_in).map_or(QuantMatrix::Q4K(b), QuantMatrix::Q4KTiles),
+            QuantMatrix::Q6K(b) => Tiles::pack(&b, n_in).map_or(QuantMatrix::Q6K(b), QuantMatrix::Q6KTiles),
+            other => other,
+        }
     }
 
     /// `y (t, out) = x (t, in) · Wᵀ`.
     pub fn matvec(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
-        with_blocks!(self, b => matvec_quant(x, b, t, n_in, n_out))
+        with_layout!(self, b => b.product(x, t, n_in, n_out))
     }
 
-    /// The values, row-major.
-    pub fn dequantize(&self) -> Vec<f32> {
-        with_blocks!(self, b => dequantize(b))
+    /// The values, row-major (rows of `n_in`).
+    pub fn dequantize(&self, n_in: usize) -> Vec<f32> {
+        let rows = self.rows(n_in);
+        let mut out = vec![0f32; rows * n_in];
+        out.par_chunks_mut(n_in).enumerate().for_each(|(row, o)| with_layout!(self, b => rows_into(b, row, n_in, o)));
+        out
     }
 
     /// The values of rows `ids` (each `n_in` long), e.g. embedding lookups.
     pub fn dequantize_rows(&self, ids: &[usize], n_in: usize) -> Vec<f32> {
-        fn rows_of<B: QuantBlock>(blocks: &[B], ids: &[usize], n_in: usize) -> Vec<f32> {
-            let per_row = n_in / B::VALUES;
-            let mut out = vec![0f32; ids.len() * n_in];
-            for (o, &id) in out.chunks_mut(n_in).zip(ids) {
-                for (ob, b) in o.chunks_mut(B::VALUES).zip(&blocks[id * per_row..(id + 1) * per_row]) {
-                    b.dequantize(ob);
-                }
-            }
-            out
+        let mut out = vec![0f32; ids.len() * n_in];
+        for (o, &id) in out.chunks_mut(n_in).zip(ids) {
+            with_layout!(self, b => rows_into(b, id, n_in, o))
         }
-        with_blocks!(self, b => rows_of(b, ids, n_in))
+        out
     }
 
     /// The values of rows `first..first + n` (each `n_in` long), rounded to bf16, into `out`
     /// (resized): the prefill GEMM's operand, without an f32 copy.
     pub fn dequantize_rows_bf16(&self, first: usize, n: usize, n_in: usize, out: &mut Vec<half::bf16>) {
         #[inline(always)]
-        fn body<B: QuantBlock>(blocks: &[B], out: &mut [half::bf16]) {
-            let mut values = [0f32; 256];
-            for (o, b) in out.chunks_mut(B::VALUES).zip(blocks) {
-                b.dequantize(&mut values[..B::VALUES]);
-                for (d, &v) in o.iter_mut().zip(&values[..B::VALUES]) {
-                    *d = super::bf16_round(v);
-                }
-            }
+        fn body<L: Layout>(l: &L, first: usize, n_in: usize, out: &mut [half::bf16]) {
+            l.rows_bf16(first, n_in, out)
         }
-        fn rows_of<B: QuantBlock>(blocks: &[B], first: usize, n: usize, n_in: usize, out: &mut Vec<half::bf16>) {
-            let per_row = n_in / B::VALUES;
+        fn rows_of<L: Layout>(l: &L, first: usize, n: usize, n_in: usize, out: &mut Vec<half::bf16>) {
             out.resize(n * n_in, half::bf16::ZERO);
-            let blocks = &blocks[first * per_row..(first + n) * per_row];
             // The same loops compiled for AVX-512, where the compiler vectorizes them 16 wide.
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-            unsafe fn wide<B: QuantBlock>(blocks: &[B], out: &mut [half::bf16]) {
-                body(blocks, out)
+            unsafe fn wide<L: Layout>(l: &L, first: usize, n_in: usize, out: &mut [half::bf16]) {
+                body(l, first, n_in, out)
             }
             #[cfg(target_arch = "x86_64")]
             if Simd::detect() != Simd::Avx2 && Simd::detect() != Simd::Portable {
                 // SAFETY: `Simd::detect` found AVX-512.
-                unsafe { wide(blocks, out) };
+                unsafe { wide(l, first, n_in, out) };
                 return;
             }
-            body(blocks, out)
+            body(l, first, n_in, out)
         }
-        with_blocks!(self, b => rows_of(b, first, n, n_in, out))
+        with_layout!(self, b => rows_of(b, first, n, n_in, out))
     }
 }
 

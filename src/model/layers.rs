@@ -59,7 +59,7 @@ impl Linear {
         // Blocks stored in the file (GGUF) are used as they are.
         if let Some(blocks) = w.get_quantized(name, &[out, inp])? {
             w.note_quant_format(blocks.name());
-            let quant = QuantWeight { blocks: Arc::new(blocks), n_out: out, n_in: inp };
+            let quant = QuantWeight { blocks: Arc::new(blocks.for_decode(inp)), n_out: out, n_in: inp };
             return Ok(Linear { weight: empty()?, quant: Some(quant), bias });
         }
         let weight = w.get(name, &[out, inp])?;
@@ -75,7 +75,7 @@ impl Linear {
             let values: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             if let Some(blocks) = quantize(&values) {
                 w.note_quant_format(blocks.name());
-                let quant = QuantWeight { blocks: Arc::new(blocks), n_out: out, n_in: inp };
+                let quant = QuantWeight { blocks: Arc::new(blocks.for_decode(inp)), n_out: out, n_in: inp };
                 return Ok(Linear { weight: empty()?, quant: Some(quant), bias });
             }
         }
