@@ -252,7 +252,7 @@ fn a_gguf_file_runs_generate_chat_and_bench() {
     );
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("Q4_K, Q6_K") && err.contains("generated 8 tokens"), "{err}");
+    assert!(err.contains("Q4_K, Q5_0, Q6_K") && err.contains("generated 8 tokens"), "{err}");
     let out = latent(&["inspect", "--model", &model], None);
     assert!(out.status.success() && text(&out.stdout).contains("MLA latent"), "{}", text(&out.stderr));
     let out = latent(&["chat", "--model", &model, "--max-tokens", "4", "--seed", "1"], Some("Who?\n"));

@@ -137,7 +137,9 @@ fn quantized_gguf_logits_stay_within_their_format_error() {
     let q8 = load(&gguf("tiny-v3-256-q8_0.gguf"));
     let q4 = load(&gguf("tiny-v3-256-q4_k_m.gguf"));
     assert_eq!(q8.quant_summary(), Some("Q8_0"));
-    assert_eq!(q4.quant_summary(), Some("Q4_K, Q6_K"));
+    // (Q5_0: the split `attn_k_b`, whose rows of 128 are too short for Q4_K; decode multiplies
+    // its blocks per head.)
+    assert_eq!(q4.quant_summary(), Some("Q4_K, Q5_0, Q6_K"));
     let tokens = prompt();
     let want = logits(&st, &tokens);
     let (e8, e4) = (relative_error(&logits(&q8, &tokens), &want), relative_error(&logits(&q4, &tokens), &want));

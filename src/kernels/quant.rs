@@ -18,7 +18,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::matvec::{by_output_rows, sum_tree, ROWS_PER_TASK};
-use super::tiles::{Tile, TileQ4K, TileQ5_0, TileQ6K, TileQ8_0, Tiles, TILE_ROWS};
+use super::tiles::{tile_rows, Tile, TileQ4K, TileQ5_0, TileQ6K, TileQ8_0, Tiles, TILE_ROWS};
 use super::Simd;
 
 /// Values per Q8_0 block, and per scale of the 32-value formats' activations.
@@ -420,6 +420,8 @@ trait Layout: Sync {
     fn rows_bf16(&self, first: usize, n_in: usize, out: &mut [half::bf16]);
     /// `y (t, out) = x (t, in) · Wᵀ` by the decode kernel.
     fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32>;
+    /// `out (rows) = rows · x` for the run of rows `first..first + out.len()` (one activation row).
+    fn run(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, out: &mut [f32]);
 }
 
 impl<B: QuantBlock> Layout for Vec<B> {
@@ -449,6 +451,10 @@ impl<B: QuantBlock> Layout for Vec<B> {
     }
     fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
         matvec_quant(x, self, t, n_in, n_out)
+    }
+    fn run(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, out: &mut [f32]) {
+        let per_row = n_in / B::VALUES;
+        quant_rows(simd, x, &self[first * per_row..(first + out.len()) * per_row], 1, n_in, out)
     }
 }
 
@@ -492,6 +498,15 @@ impl<T: Tile> Layout for Tiles<T> {
     fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
         self.matvec(x, t, n_in, n_out)
     }
+    fn run(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, out: &mut [f32]) {
+        assert!(
+            first.is_multiple_of(TILE_ROWS) && out.len().is_multiple_of(TILE_ROWS),
+            "tiled rows: runs must cover whole tiles"
+        );
+        let per_row = n_in / T::Block::VALUES;
+        let tiles = &self.0[first / TILE_ROWS * per_row..(first + out.len()) / TILE_ROWS * per_row];
+        tile_rows(simd, x, tiles, 1, n_in, out)
+    }
 }
 
 fn name_of<L: Layout>(_: &L) -> &'static str {
@@ -500,6 +515,10 @@ fn name_of<L: Layout>(_: &L) -> &'static str {
 
 fn values_of<L: Layout>(_: &L) -> usize {
     L::Block::VALUES
+}
+
+fn act_group_of<L: Layout>(_: &L) -> usize {
+    L::Block::ACT_GROUP
 }
 
 fn bytes_of<L: Layout>(l: &L) -> usize {
@@ -571,6 +590,35 @@ impl QuantMatrix {
     /// `y (t, out) = x (t, in) · Wᵀ`.
     pub fn matvec(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
         with_layout!(self, b => b.product(x, t, n_in, n_out))
+    }
+
+    /// `y[g] = W_g · x[g]` for `groups` equal runs of rows `W_g` (`n_out / groups` rows each) and
+    /// as many rows of `x (groups, n_in)`: MLA decode's per-head products with `W_UK` and `W_UV`,
+    /// in one parallel pass. A tiled matrix needs runs of whole tiles (`n_out / groups` a multiple
+    /// of 16; [`QuantMatrix::groups_fit`]).
+    pub fn grouped_matvec(&self, x: &[f32], groups: usize, n_in: usize, n_out: usize) -> Vec<f32> {
+        assert!(
+            x.len() == groups * n_in && self.rows(n_in) == n_out && n_out.is_multiple_of(groups),
+            "grouped_matvec: shapes disagree"
+        );
+        assert!(self.groups_fit(n_out / groups), "grouped_matvec: runs of {} rows split tiles", n_out / groups);
+        let act = with_layout!(self, b => act_group_of(b));
+        let xq: Vec<QuantizedRows> = x.chunks_exact(n_in).map(|row| QuantizedRows::new(row, act)).collect();
+        let (simd, per_group) = (Simd::detect(), n_out / groups);
+        by_output_rows(ROWS_PER_TASK, 1, n_out, |first, n, out| {
+            let mut row = first;
+            while row < first + n {
+                let g = row / per_group;
+                let end = ((g + 1) * per_group).min(first + n);
+                with_layout!(self, b => b.run(simd, &xq[g], row, n_in, &mut out[row - first..end - first]));
+                row = end;
+            }
+        })
+    }
+
+    /// Whether [`QuantMatrix::grouped_matvec`] can take runs of `rows_per_group` rows.
+    pub fn groups_fit(&self, rows_per_group: usize) -> bool {
+        !self.is_tiled() || rows_per_group.is_multiple_of(TILE_ROWS)
     }
 
     /// The values, row-major (rows of `n_in`).
@@ -666,6 +714,26 @@ pub(crate) mod tests {
             }
         }
         assert!(quantize_q8_0(&[0.0; 32])[0].qs.iter().all(|&q| q == 0));
+    }
+
+    #[test]
+    fn grouped_products_match_one_product_per_group() {
+        // Four groups of 32 rows, as rows and as tiles, each against its own activation row.
+        let (groups, n_in, per_group) = (4, 256, 32);
+        let x = random(groups * n_in, 3);
+        let blocks = super::super::kquant::quantize_q4_k(&random(groups * per_group * n_in, 4));
+        let per_run = per_group * n_in / 256;
+        let mut want = vec![];
+        for g in 0..groups {
+            let run = &blocks[g * per_run..(g + 1) * per_run];
+            want.extend(matvec_quant_reference(&x[g * n_in..(g + 1) * n_in], run, 1, n_in, per_group));
+        }
+        let rows = QuantMatrix::Q4K(blocks);
+        for m in [rows.clone(), rows.clone().tiled(n_in)] {
+            let got = m.grouped_matvec(&x, groups, n_in, groups * per_group);
+            assert_close_rel(&format!("grouped, tiled {}", m.is_tiled()), &got, &want);
+        }
+        assert!(QuantMatrix::Q8_0(vec![]).groups_fit(8) && !rows.clone().tiled(n_in).groups_fit(8));
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! `scale = (d_n + d_r)^-1/2 · mscale²` under YaRN. The latent norms use eps 1e-6 whatever
 //! `rms_norm_eps` says (transformers 5.23 `DeepseekV2Attention`, DeepSeek's own code alike).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
 use crate::cache::LatentCache;
@@ -23,6 +25,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::kernels::matvec::{batched_matvec, batched_weighted_rows};
 use crate::kernels::mla_decode::{mla_decode, MlaShape};
+use crate::kernels::quant::QuantMatrix;
 use crate::model::layers::{softmax_last_dim, with_stored, Linear, RmsNorm, Stored};
 use crate::model::rope::{Angles, Rope};
 use crate::weights::{names::LayerNames, Weights};
@@ -54,7 +57,10 @@ pub struct Mla {
     kv_b: Tensor,     // (H (d_n + d_v), d_c): training splits it per step, so its gradient is kv_b_proj's
     w_uk: Tensor,     // (H, d_n, d_c)
     w_uv: Tensor,     // (H, d_v, d_c)
-    o_proj: Linear,   // (hidden, H d_v)
+    /// A GGUF file's own `attn_k_b (H d_c, d_n)` and `attn_v_b (H d_v, d_c)` blocks, which decode
+    /// multiplies per head instead of the dense `w_uk` / `w_uv` (a quarter of their bytes or less).
+    absorb_blocks: Option<Arc<(QuantMatrix, QuantMatrix)>>,
+    o_proj: Linear, // (hidden, H d_v)
     n_heads: usize,
     d_n: usize,
     d_r: usize,
@@ -85,6 +91,9 @@ impl Mla {
         // Inference keeps only the split copies; training needs the stored tensor itself.
         let kv_b = if kv_b.track_op() { kv_b } else { Tensor::zeros(0, kv_b.dtype(), kv_b.device())? };
         let o_proj = Linear::load(w, &names.attn("o_proj"), hidden, h * d_v, bias("o_proj").as_deref())?;
+        let absorb_blocks = w.absorption_blocks(&names.attn("kv_b_proj")).filter(|(k_b, v_b)| {
+            k_b.rows(d_n) == h * d_c && v_b.rows(d_c) == h * d_v && k_b.groups_fit(d_c) && v_b.groups_fit(d_v)
+        });
         Ok(Mla {
             q,
             kv_a,
@@ -92,6 +101,7 @@ impl Mla {
             kv_b,
             w_uk,
             w_uv,
+            absorb_blocks: absorb_blocks.map(Arc::new),
             o_proj,
             n_heads: h,
             d_n,
@@ -114,6 +124,7 @@ impl Mla {
             + dense(&self.kv_b)
             + dense(&self.w_uk)
             + dense(&self.w_uv)
+            + self.absorb_blocks.as_ref().map_or(0, |b| b.0.bytes() + b.1.bytes())
             + self.o_proj.weight_bytes()
     }
 
@@ -227,6 +238,10 @@ impl Mla {
     fn absorb_query(&self, q_nope: &Tensor) -> Result<Tensor> {
         let (h, d_n, d_c) = (self.n_heads, self.d_n, self.d_c);
         let q: Vec<f32> = q_nope.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(blocks) = &self.absorb_blocks {
+            let y = blocks.0.grouped_matvec(&q, h, d_n, h * d_c);
+            return Ok(Tensor::from_vec(y, (h, 1, d_c), q_nope.device())?.to_dtype(q_nope.dtype())?);
+        }
         let y = with_stored(&self.w_uk, |w| match w {
             Stored::Bf16(w) => batched_weighted_rows(&q, w, h, d_n, d_c),
             Stored::F32(w) => batched_weighted_rows(&q, w, h, d_n, d_c),
@@ -241,6 +256,10 @@ impl Mla {
     fn expand_output(&self, o_lat: &Tensor) -> Result<Tensor> {
         let (h, d_v, d_c) = (self.n_heads, self.d_v, self.d_c);
         let o: Vec<f32> = o_lat.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(blocks) = &self.absorb_blocks {
+            let y = blocks.1.grouped_matvec(&o, h, d_c, h * d_v);
+            return Ok(Tensor::from_vec(y, (h, 1, d_v), o_lat.device())?.to_dtype(o_lat.dtype())?);
+        }
         let y = with_stored(&self.w_uv, |w| match w {
             Stored::Bf16(w) => batched_matvec(&o, w, h, d_c, d_v),
             Stored::F32(w) => batched_matvec(&o, w, h, d_c, d_v),

@@ -60,6 +60,9 @@ pub struct Weights {
     quant: Option<Quant>,
     /// GGML formats of the quantized weights handed out, for reports.
     quant_formats: Mutex<BTreeSet<&'static str>>,
+    /// A GGUF file's split `attn_k_b` / `attn_v_b` blocks, by the name of the `kv_b_proj` they
+    /// were joined into (see [`Weights::absorption_blocks`]).
+    absorption: HashMap<String, (QuantMatrix, QuantMatrix)>,
 }
 
 /// A quantized format linear weights can be converted to on load.
@@ -150,7 +153,7 @@ impl Weights {
         if let Some(name) = unknown.first() {
             return Err(Error::gguf(&file.path, format!("tensor `{name}` has no place in a deepseek2 model")));
         }
-        let mut memory = HashMap::new();
+        let (mut memory, mut absorption) = (HashMap::new(), HashMap::new());
         let (heads, rank) = (config.num_attention_heads, config.kv_lora_rank);
         let (nope, v) = (config.qk_nope_head_dim, config.v_head_dim);
         for s in split {
@@ -170,6 +173,11 @@ impl Weights {
             let vv = dequantize_ggml(s.v_b.ggml_type, file.data(&s.v_b));
             let joined = gguf_model::join_kv_b(&k, &vv, heads, rank, nope, v);
             let name = names::layer(s.layer).attn("kv_b_proj");
+            let blocks =
+                (quant_blocks(s.k_b.ggml_type, file.data(&s.k_b)), quant_blocks(s.v_b.ggml_type, file.data(&s.v_b)));
+            if let (Some(k_b), Some(v_b)) = blocks {
+                absorption.insert(name.clone(), (k_b.for_decode(nope), v_b.for_decode(rank)));
+            }
             memory.insert(name, Tensor::from_vec(joined, (heads * (nope + v), rank), device)?);
         }
         let mut entries = HashMap::new();
@@ -193,7 +201,7 @@ impl Weights {
             entries.values().filter(|e| e.ggml == Some(GgmlType::BF16)).map(|e| e.end - e.begin).sum();
         let all_bytes: usize = entries.values().map(|e| e.end - e.begin).sum();
         let dtype = dtype.unwrap_or(if 2 * bf16_bytes > all_bytes { DType::BF16 } else { DType::F32 });
-        Ok(Weights::assemble(&path, vec![shard], entries, memory, dtype, device))
+        Ok(Weights { absorption, ..Weights::assemble(&path, vec![shard], entries, memory, dtype, device) })
     }
 
     /// The blocks of `name` if it is stored quantized (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K: the
@@ -214,20 +222,24 @@ impl Weights {
             });
         }
         let bytes = &shard.mmap[shard.data_start + entry.begin..shard.data_start + entry.end];
-        let blocks = match ty {
-            GgmlType::Q8_0 => QuantMatrix::Q8_0(copy_elements::<BlockQ8_0>(bytes)),
-            GgmlType::Q4_0 => QuantMatrix::Q4_0(copy_elements::<BlockQ4_0>(bytes)),
-            GgmlType::Q5_0 => QuantMatrix::Q5_0(copy_elements::<BlockQ5_0>(bytes)),
-            GgmlType::Q4K => QuantMatrix::Q4K(copy_elements::<BlockQ4K>(bytes)),
-            GgmlType::Q5K => QuantMatrix::Q5K(copy_elements::<BlockQ5K>(bytes)),
-            _ => QuantMatrix::Q6K(copy_elements::<BlockQ6K>(bytes)),
-        };
+        let Some(blocks) = quant_blocks(ty, bytes) else { return Ok(None) };
         // SAFETY: as in `get_as`: the read-only range is not used after this point.
         let _ = unsafe {
             shard.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, shard.data_start + entry.begin, bytes.len())
         };
         self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
         Ok(Some(blocks))
+    }
+
+    /// The blocks of the split `attn_k_b` `(H·kv_lora, nope)` and `attn_v_b` `(H·v, kv_lora)` a
+    /// GGUF file's `kv_b_name` was joined from, where both are in formats the kernels multiply:
+    /// MLA decode absorbs and expands with them per head, reading the file's own blocks instead of
+    /// the dense joined weight.
+    pub fn absorption_blocks(&self, kv_b_name: &str) -> Option<(QuantMatrix, QuantMatrix)> {
+        let blocks = self.absorption.get(kv_b_name)?;
+        self.note_quant_format(blocks.0.name());
+        self.note_quant_format(blocks.1.name());
+        Some(blocks.clone())
     }
 
     /// Records that a weight is held in the GGML format `name` (`Linear::load` calls it).
@@ -272,6 +284,7 @@ impl Weights {
             memory,
             quant: None,
             quant_formats: Mutex::new(BTreeSet::new()),
+            absorption: HashMap::new(),
         }
     }
 
@@ -441,6 +454,19 @@ compile_error!("safetensors stores little-endian values; latent copies them as t
 /// `repr(C)` over u8/i8 arrays and f16) into a new vector, asking the OS for huge pages first: a
 /// multi-GB checkpoint then costs thousands of page faults, not millions. The file's bytes need
 /// not be aligned for `T`.
+/// A tensor's bytes as blocks the kernels multiply directly, if its format is one of them.
+fn quant_blocks(ty: GgmlType, bytes: &[u8]) -> Option<QuantMatrix> {
+    Some(match ty {
+        GgmlType::Q8_0 => QuantMatrix::Q8_0(copy_elements::<BlockQ8_0>(bytes)),
+        GgmlType::Q4_0 => QuantMatrix::Q4_0(copy_elements::<BlockQ4_0>(bytes)),
+        GgmlType::Q5_0 => QuantMatrix::Q5_0(copy_elements::<BlockQ5_0>(bytes)),
+        GgmlType::Q4K => QuantMatrix::Q4K(copy_elements::<BlockQ4K>(bytes)),
+        GgmlType::Q5K => QuantMatrix::Q5K(copy_elements::<BlockQ5K>(bytes)),
+        GgmlType::Q6K => QuantMatrix::Q6K(copy_elements::<BlockQ6K>(bytes)),
+        _ => return None,
+    })
+}
+
 fn copy_elements<T: Copy>(bytes: &[u8]) -> Vec<T> {
     let size = std::mem::size_of::<T>();
     let n = bytes.len() / size;
