@@ -416,8 +416,9 @@ trait Layout: Sync {
     /// `f(i, b, block)` for block `b` of each row `first + i`, `i < n`.
     fn for_each_block(&self, first: usize, n: usize, per_row: usize, f: impl FnMut(usize, usize, &Self::Block));
     /// The values of rows `first..first + out.len() / n_in`, rounded to bf16. Plain loops, no
-    /// closures: inlined into a caller compiled for AVX-512, they vectorize with it.
-    fn rows_bf16(&self, first: usize, n_in: usize, out: &mut [half::bf16]);
+    /// closures: inlined into a caller compiled for AVX-512 (`ISA >= AVX512`), they vectorize
+    /// with it, and tiles take their AVX-512 code.
+    fn rows_bf16<const ISA: u8>(&self, first: usize, n_in: usize, out: &mut [half::bf16]);
     /// `y (t, out) = x (t, in) · Wᵀ` by the decode kernel.
     fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32>;
     /// `out (rows) = rows · x` for the run of rows `first..first + out.len()` (one activation row).
@@ -430,7 +431,7 @@ impl<B: QuantBlock> Layout for Vec<B> {
         self.len()
     }
     #[inline(always)]
-    fn rows_bf16(&self, first: usize, n_in: usize, out: &mut [half::bf16]) {
+    fn rows_bf16<const ISA: u8>(&self, first: usize, n_in: usize, out: &mut [half::bf16]) {
         let per_row = n_in / B::VALUES;
         let blocks = &self[first * per_row..first * per_row + out.len() / B::VALUES];
         let mut values = [0f32; 256];
@@ -464,20 +465,16 @@ impl<T: Tile> Layout for Tiles<T> {
         self.0.len() * TILE_ROWS
     }
     #[inline(always)]
-    fn rows_bf16(&self, first: usize, n_in: usize, out: &mut [half::bf16]) {
+    fn rows_bf16<const ISA: u8>(&self, first: usize, n_in: usize, out: &mut [half::bf16]) {
         let (vals, n) = (T::Block::VALUES, out.len() / n_in);
         let per_row = n_in / vals;
-        let mut values = [0f32; 256];
         for tile_row in first / TILE_ROWS..(first + n).div_ceil(TILE_ROWS) {
             let (lo, hi) = ((tile_row * TILE_ROWS).max(first), ((tile_row + 1) * TILE_ROWS).min(first + n));
             for b in 0..per_row {
                 let tile = &self.0[tile_row * per_row + b];
                 for row in lo..hi {
-                    tile.dequantize_row(row % TILE_ROWS, &mut values[..vals]);
                     let at = (row - first) * n_in + b * vals;
-                    for (d, &v) in out[at..at + vals].iter_mut().zip(&values[..vals]) {
-                        *d = super::bf16_round(v);
-                    }
+                    tile.dequantize_row_bf16::<ISA>(row % TILE_ROWS, &mut out[at..at + vals]);
                 }
             }
         }
@@ -616,6 +613,18 @@ impl QuantMatrix {
         })
     }
 
+    /// Values per activation scale the decode kernel reads its input in (32, or 256 for the
+    /// k-quants).
+    pub fn act_group(&self) -> usize {
+        with_layout!(self, b => act_group_of(b))
+    }
+
+    /// `out = W[first..first + out.len()] · x` for one activation row quantized with
+    /// [`QuantMatrix::act_group`], on the calling thread (a tiled matrix takes whole tiles).
+    pub fn run_rows(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, out: &mut [f32]) {
+        with_layout!(self, b => b.run(simd, x, first, n_in, out))
+    }
+
     /// Whether [`QuantMatrix::grouped_matvec`] can take runs of `rows_per_group` rows.
     pub fn groups_fit(&self, rows_per_group: usize) -> bool {
         !self.is_tiled() || rows_per_group.is_multiple_of(TILE_ROWS)
@@ -642,8 +651,8 @@ impl QuantMatrix {
     /// (resized): the prefill GEMM's operand, without an f32 copy.
     pub fn dequantize_rows_bf16(&self, first: usize, n: usize, n_in: usize, out: &mut Vec<half::bf16>) {
         #[inline(always)]
-        fn body<L: Layout>(l: &L, first: usize, n_in: usize, out: &mut [half::bf16]) {
-            l.rows_bf16(first, n_in, out)
+        fn body<L: Layout, const ISA: u8>(l: &L, first: usize, n_in: usize, out: &mut [half::bf16]) {
+            l.rows_bf16::<ISA>(first, n_in, out)
         }
         fn rows_of<L: Layout>(l: &L, first: usize, n: usize, n_in: usize, out: &mut Vec<half::bf16>) {
             out.resize(n * n_in, half::bf16::ZERO);
@@ -651,7 +660,7 @@ impl QuantMatrix {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
             unsafe fn wide<L: Layout>(l: &L, first: usize, n_in: usize, out: &mut [half::bf16]) {
-                body(l, first, n_in, out)
+                body::<L, AVX512>(l, first, n_in, out)
             }
             #[cfg(target_arch = "x86_64")]
             if Simd::detect() != Simd::Avx2 && Simd::detect() != Simd::Portable {
@@ -659,7 +668,7 @@ impl QuantMatrix {
                 unsafe { wide(l, first, n_in, out) };
                 return;
             }
-            body(l, first, n_in, out)
+            body::<L, PORTABLE>(l, first, n_in, out)
         }
         with_layout!(self, b => rows_of(b, first, n, n_in, out))
     }
