@@ -7,11 +7,14 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::error::Result;
 use crate::kernels::gemm::{gemm, gemm_bf16, gemm_quant};
 use crate::kernels::kquant::{quantize_q4_k, QK_K};
-use crate::kernels::matvec::{matvec, MAX_ROWS, MAX_ROWS_QUANT};
-use crate::kernels::quant::{quantize_q8_0, QuantMatrix, QK8_0};
+use crate::kernels::matvec::{dot_block, matvec, MAX_ROWS, MAX_ROWS_QUANT};
+use crate::kernels::quant::{quantize_q8_0, QuantMatrix, QuantizedRows, QK8_0};
+use crate::kernels::Simd;
 use crate::weights::{Quant, Weights};
 
 /// A contiguous CPU tensor's elements, for the hand-written kernels.
@@ -93,6 +96,66 @@ impl Linear {
     /// GGML's name of the weight's block format, if quantized.
     pub fn quant_name(&self) -> Option<&'static str> {
         self.quant.as_ref().map(|q| q.blocks.name())
+    }
+
+    /// Rows of `y = W x` per task in [`Linear::token_rows`] (tiles of 16 rows fit whole).
+    const TOKEN_TASK_ROWS: usize = 32;
+
+    /// Whether [`Linear::token_rows`] can take this weight: no bias, not tracking gradients, a
+    /// quantized or contiguous bf16/f32 weight, whole tasks of rows.
+    fn takes_token_rows(&self) -> bool {
+        if self.bias.is_some() {
+            return false;
+        }
+        match &self.quant {
+            Some(q) => q.n_out.is_multiple_of(Self::TOKEN_TASK_ROWS),
+            None => {
+                !self.weight.track_op()
+                    && self.weight.dims2().is_ok_and(|(out, _)| out.is_multiple_of(Self::TOKEN_TASK_ROWS))
+                    && with_stored(&self.weight, |_| ()).is_some()
+            }
+        }
+    }
+
+    /// The activation group a quantized weight reads its input in.
+    fn act_group(&self) -> Option<usize> {
+        self.quant.as_ref().map(|q| q.blocks.act_group())
+    }
+
+    /// `W x` for every `(W, x)` of `jobs` (one token each), in one parallel pass over runs of
+    /// 32 rows of all the weights; the weights must pass [`Linear::takes_token_rows`].
+    fn token_rows(jobs: &[(&Linear, &TokenInput)]) -> Vec<Vec<f32>> {
+        let n_out = |l: &Linear| match &l.quant {
+            Some(q) => q.n_out,
+            None => l.weight.dims2().map_or(0, |(o, _)| o),
+        };
+        let mut starts = vec![0];
+        for (l, _) in jobs {
+            starts.push(starts[starts.len() - 1] + n_out(l));
+        }
+        let simd = Simd::detect();
+        let mut all = vec![0f32; starts[jobs.len()]];
+        all.par_chunks_mut(Self::TOKEN_TASK_ROWS).enumerate().for_each(|(task, out)| {
+            let row = task * Self::TOKEN_TASK_ROWS;
+            let j = starts.partition_point(|&s| s <= row) - 1;
+            let ((l, input), first) = (jobs[j], row - starts[j]);
+            match &l.quant {
+                Some(q) => {
+                    if let Some(xq) = input.quantized(q.blocks.act_group()) {
+                        q.blocks.run_rows(simd, xq, first, q.n_in, out);
+                    }
+                }
+                None => {
+                    let n_in = input.x.len();
+                    let rows = first * n_in..(first + out.len()) * n_in;
+                    with_stored(&l.weight, |w| match w {
+                        Stored::Bf16(w) => dot_block(simd, &input.x, &w[rows], 1, n_in, out),
+                        Stored::F32(w) => dot_block(simd, &input.x, &w[rows], 1, n_in, out),
+                    });
+                }
+            }
+        });
+        starts.windows(2).map(|w| all[w[0]..w[1]].to_vec()).collect()
     }
 
     /// `x Wᵀ` from quantized blocks: the decode kernel for up to `MAX_ROWS_QUANT` rows, else the tiled
@@ -304,9 +367,77 @@ impl Mlp {
 
     /// `x: (T, hidden)` -> `(T, hidden)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(mut y) = Mlp::forward_token(&[self], x)? {
+            let hidden = y[0].len();
+            return Ok(Tensor::from_vec(y.swap_remove(0), (1, hidden), x.device())?.to_dtype(x.dtype())?);
+        }
         let gate = self.gate_proj.forward(x)?.silu()?; // (T, inter)
         let up = self.up_proj.forward(x)?; // (T, inter)
         self.down_proj.forward(&(gate * up)?)
+    }
+
+    /// Decode's SwiGLU of several MLPs (the chosen experts and the shared ones) on one token
+    /// `x (1, hidden)`, in two parallel passes: every gate and up product, then every down
+    /// product, instead of three passes and a dozen tensor ops per MLP. Each output is what
+    /// [`Mlp::forward`] gives (rounded alike in a bf16 model, step by step). `None` for more than
+    /// one token or where a weight takes no decode kernel (training, biases, odd sizes).
+    pub fn forward_token(mlps: &[&Mlp], x: &Tensor) -> Result<Option<Vec<Vec<f32>>>> {
+        let (t, _) = x.dims2()?;
+        let linears = || mlps.iter().flat_map(|m| [&m.gate_proj, &m.up_proj, &m.down_proj]);
+        if t != 1 || !linears().all(Linear::takes_token_rows) {
+            return Ok(None);
+        }
+        let bf16 = x.dtype() == DType::BF16;
+        let round = |v: f32| if bf16 { super::super::kernels::bf16_round(v).to_f32() } else { v };
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let input = TokenInput::new(xs, linears().map(Linear::act_group));
+        let firsts: Vec<(&Linear, &TokenInput)> =
+            mlps.iter().flat_map(|m| [(&m.gate_proj, &input), (&m.up_proj, &input)]).collect();
+        let products = Linear::token_rows(&firsts);
+        // silu(gate) · up, with candle's bf16 roundings where the model is bf16: each output, the
+        // exponential, the sum and the quotient of silu, and the product.
+        let hidden: Vec<TokenInput> = products
+            .chunks_exact(2)
+            .zip(mlps)
+            .map(|(pair, m)| {
+                let h = pair[0]
+                    .iter()
+                    .zip(&pair[1])
+                    .map(|(&g, &u)| {
+                        let (g, u) = (round(g), round(u));
+                        round(round(g / round(1.0 + round((-g).exp()))) * u)
+                    })
+                    .collect();
+                TokenInput::new(h, [m.down_proj.act_group()])
+            })
+            .collect();
+        let downs: Vec<(&Linear, &TokenInput)> = mlps.iter().zip(&hidden).map(|(m, h)| (&m.down_proj, h)).collect();
+        let mut out = Linear::token_rows(&downs);
+        for y in &mut out {
+            y.iter_mut().for_each(|v| *v = round(*v));
+        }
+        Ok(Some(out))
+    }
+}
+
+/// One token's activations for [`Linear::token_rows`], with their 8-bit forms for the quantized
+/// weights that read them (one per activation group in use).
+pub(crate) struct TokenInput {
+    x: Vec<f32>,
+    quantized: Vec<QuantizedRows>,
+}
+
+impl TokenInput {
+    fn new(x: Vec<f32>, groups: impl IntoIterator<Item = Option<usize>>) -> TokenInput {
+        let mut wanted: Vec<usize> = groups.into_iter().flatten().collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let quantized = wanted.into_iter().map(|g| QuantizedRows::new(&x, g)).collect();
+        TokenInput { x, quantized }
+    }
+
+    fn quantized(&self, group: usize) -> Option<&QuantizedRows> {
+        self.quantized.iter().find(|q| q.group == group)
     }
 }
 

@@ -244,6 +244,9 @@ impl Moe {
     /// `x: (T, hidden)` -> `(T, hidden)`: each expert runs once on the tokens routed to it.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let routes = self.route(x)?;
+        if let Some(y) = self.forward_token(x, &routes)? {
+            return Ok(y);
+        }
         let mut tokens: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
         for (t, chosen) in routes.iter().enumerate() {
             for r in chosen {
@@ -258,6 +261,29 @@ impl Moe {
             groups.push((rows, w));
         }
         self.run_experts(x, groups)
+    }
+
+    /// One token's layer (decode): the chosen and shared experts' products in two parallel passes
+    /// ([`Mlp::forward_token`]), then the weighted sum in the order and precision of
+    /// [`Moe::run_experts`]: routed experts by index, each output weighted in f32 and added in
+    /// the model's dtype, then the shared experts. `None` where the fused products do not apply.
+    fn forward_token(&self, x: &Tensor, routes: &[Vec<Routed>]) -> Result<Option<Tensor>> {
+        let [chosen] = routes else { return Ok(None) };
+        let mut chosen: Vec<(usize, f32)> = chosen.iter().map(|r| (r.expert, r.weight)).collect();
+        chosen.sort_by_key(|&(e, _)| e);
+        let mut mlps: Vec<&Mlp> = chosen.iter().map(|&(e, _)| &self.experts[e]).collect();
+        mlps.extend(self.shared.as_ref());
+        let Some(outputs) = Mlp::forward_token(&mlps, x)? else { return Ok(None) };
+        let bf16 = x.dtype() == DType::BF16;
+        let round = |v: f32| if bf16 { crate::kernels::bf16_round(v).to_f32() } else { v };
+        let mut out = vec![0f32; x.dim(1)?];
+        for (i, y) in outputs.iter().enumerate() {
+            let weight = chosen.get(i).map(|&(_, w)| w);
+            for (o, &v) in out.iter_mut().zip(y) {
+                *o = round(*o + weight.map_or(v, |w| round(v * w)));
+            }
+        }
+        Ok(Some(Tensor::from_vec(out, (1, x.dim(1)?), x.device())?.to_dtype(x.dtype())?))
     }
 
     /// Runs expert `e` on the rows `groups[e].0` of `x`, scales its outputs by the f32 weights
