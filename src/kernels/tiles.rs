@@ -54,12 +54,7 @@ pub trait Tile: Copy + Send + Sync + 'static {
     /// code compiled for AVX-512 F/BW.
     #[inline(always)]
     fn dequantize_row_bf16<const ISA: u8>(&self, r: usize, out: &mut [half::bf16]) {
-        let mut values = [0f32; QK_K];
-        let values = &mut values[..Self::Block::VALUES];
-        self.dequantize_row(r, values);
-        for (d, &v) in out.iter_mut().zip(values.iter()) {
-            *d = super::bf16_round(v);
-        }
+        row_bf16_scalar(self, r, out)
     }
     /// Every row's block.
     #[inline(always)]
@@ -74,6 +69,48 @@ pub trait Tile: Copy + Send + Sync + 'static {
     /// [`QuantBlock::dot`]. AVX-512 VNNI only: called from the variant compiled for it.
     #[cfg(target_arch = "x86_64")]
     fn dot_vnni(&self, q: &[i8], d: &[f32], sums: &[i16], acc: &mut [f32; TILE_ROWS]);
+}
+
+/// Row `r`'s values rounded to bf16 one by one ([`Tile::dequantize_row_bf16`] where no AVX-512
+/// code is written or available).
+#[inline(always)]
+fn row_bf16_scalar<T: Tile>(tile: &T, r: usize, out: &mut [half::bf16]) {
+    let mut values = [0f32; QK_K];
+    let values = &mut values[..T::Block::VALUES];
+    tile.dequantize_row(r, values);
+    for (d, &v) in out.iter_mut().zip(values.iter()) {
+        *d = super::bf16_round(v);
+    }
+}
+
+/// `acc[r] += isum[r] · d[r] · dx` for a tile's 16 rows: the end of a single-scale block's
+/// product. AVX-512 F with F16C only.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn add_scaled_sums(acc: &mut [f32; TILE_ROWS], isum: std::arch::x86_64::__m512i, d: &[f16; TILE_ROWS], dx: f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: called only from the VNNI kernels (avx512f and f16c present); `d` holds 16 f16,
+    // `acc` 16 floats.
+    unsafe {
+        let dv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr().cast())), _mm512_set1_ps(dx));
+        _mm512_storeu_ps(
+            acc.as_mut_ptr(),
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dv, _mm512_loadu_ps(acc.as_ptr())),
+        );
+    }
+}
+
+/// `x[o..o + 4]` as one 32-bit word broadcast to all 16 lanes (the activation codes every row's
+/// lane multiplies); a plain load, so the compiler folds it into `vpdpbusd`'s broadcast operand.
+///
+/// # Safety
+/// AVX-512 F must be present and `o + 4 <= x.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn broadcast4(x: &[i8], o: usize) -> std::arch::x86_64::__m512i {
+    debug_assert!(o + 4 <= x.len());
+    // SAFETY: the caller's contract.
+    unsafe { std::arch::x86_64::_mm512_set1_epi32(x.as_ptr().add(o).cast::<i32>().read_unaligned()) }
 }
 
 /// 16 floats rounded to bf16 as [`super::bf16_round`] rounds one (nearest, ties to even), packed
@@ -216,11 +253,7 @@ impl Tile for TileQ4K {
             }
             return;
         }
-        let mut values = [0f32; QK_K];
-        self.dequantize_row(r, &mut values);
-        for (d, &v) in out.iter_mut().zip(values.iter()) {
-            *d = super::bf16_round(v);
-        }
+        row_bf16_scalar(self, r, out)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -233,7 +266,7 @@ impl Tile for TileQ4K {
         // `scales` 192, `d`/`dmin` 32), `q` (256 codes, 4 at a time), `sc`/`m` (128 bytes, 16 at
         // a time); `acc` holds 16 floats.
         unsafe {
-            let x = |o: usize| _mm512_set1_epi32(q.as_ptr().add(o).cast::<i32>().read_unaligned());
+            let x = |o: usize| broadcast4(q, o);
             let (low6, low4, top2) = (_mm512_set1_epi8(0x3f), _mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
             // Planes 0-3, 4-7 and 8-11 of the packed scales (`scale_min` for 16 rows at once).
             let z0 = _mm512_loadu_si512(self.scales.as_ptr().cast());
@@ -405,7 +438,7 @@ impl Tile for TileQ6K {
         // Loads stay inside `codes` (64-byte rows 0..48), `scales` (16 bytes per group 0..16),
         // `d` (32 bytes) and `q` (256 codes); `acc` holds 16 floats.
         unsafe {
-            let x = |o: usize| _mm512_set1_epi32(q.as_ptr().add(o).cast::<i32>().read_unaligned());
+            let x = |o: usize| broadcast4(q, o);
             let row = |i: usize| _mm512_loadu_si512(self.codes[64 * i..].as_ptr().cast());
             let (low4, top2) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
             let mut isum = _mm512_setzero_si512();
@@ -438,11 +471,7 @@ impl Tile for TileQ6K {
                     }
                 }
             }
-            let dv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(self.d.as_ptr().cast())), _mm512_set1_ps(d[0]));
-            _mm512_storeu_ps(
-                acc.as_mut_ptr(),
-                _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dv, _mm512_loadu_ps(acc.as_ptr())),
-            );
+            add_scaled_sums(acc, isum, &self.d, d[0]);
         }
     }
 }
@@ -494,7 +523,7 @@ impl Tile for TileQ8_0 {
         // SAFETY: only the AVX-512 VNNI variant calls this; loads stay inside `qs` (64-byte rows
         // 0..8), `d` (32 bytes) and `q` (32 codes); `acc` holds 16 floats.
         unsafe {
-            let x = |o: usize| _mm512_set1_epi32(q.as_ptr().add(o).cast::<i32>().read_unaligned());
+            let x = |o: usize| broadcast4(q, o);
             // (c + 128)·x summed, less 128 · (code sum): the accumulator starts there.
             let start = _mm512_set1_epi32(-128 * (sums[0] as i32 + sums[1] as i32));
             let mut a = [start, _mm512_setzero_si512()];
@@ -502,9 +531,7 @@ impl Tile for TileQ8_0 {
                 let w = _mm512_loadu_si512(self.qs[j * 64..].as_ptr().cast());
                 a[j % 2] = _mm512_dpbusd_epi32(a[j % 2], w, x(4 * j));
             }
-            let dv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(self.d.as_ptr().cast())), _mm512_set1_ps(d[0]));
-            let p = _mm512_cvtepi32_ps(_mm512_add_epi32(a[0], a[1]));
-            _mm512_storeu_ps(acc.as_mut_ptr(), _mm512_fmadd_ps(p, dv, _mm512_loadu_ps(acc.as_ptr())));
+            add_scaled_sums(acc, _mm512_add_epi32(a[0], a[1]), &self.d, d[0]);
         }
     }
 }
@@ -590,11 +617,7 @@ impl Tile for TileQ5_0 {
             }
             return;
         }
-        let mut values = [0f32; 32];
-        self.dequantize_row(r, &mut values);
-        for (d, &v) in out.iter_mut().zip(values.iter()) {
-            *d = super::bf16_round(v);
-        }
+        row_bf16_scalar(self, r, out)
     }
 
     #[inline(always)]
@@ -618,7 +641,7 @@ impl Tile for TileQ5_0 {
         // SAFETY: only the AVX-512 VNNI variant calls this; loads stay inside `qs` (64-byte rows
         // 0..4), `qh` (8-byte masks 0..8), `d` (32 bytes) and `q` (32 codes); `acc` holds 16 floats.
         unsafe {
-            let x = |o: usize| _mm512_set1_epi32(q.as_ptr().add(o).cast::<i32>().read_unaligned());
+            let x = |o: usize| broadcast4(q, o);
             let mask = |m: usize| self.qh.as_ptr().add(8 * m).cast::<u64>().read_unaligned();
             let (low4, fifth) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x10));
             // Codes 0..32 stand for code − 16: start at −16 · (code sum).
@@ -632,9 +655,7 @@ impl Tile for TileQ5_0 {
                 a[0] = _mm512_dpbusd_epi32(a[0], lo, x(4 * c));
                 a[1] = _mm512_dpbusd_epi32(a[1], hi, x(16 + 4 * c));
             }
-            let dv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(self.d.as_ptr().cast())), _mm512_set1_ps(d[0]));
-            let p = _mm512_cvtepi32_ps(_mm512_add_epi32(a[0], a[1]));
-            _mm512_storeu_ps(acc.as_mut_ptr(), _mm512_fmadd_ps(p, dv, _mm512_loadu_ps(acc.as_ptr())));
+            add_scaled_sums(acc, _mm512_add_epi32(a[0], a[1]), &self.d, d[0]);
         }
     }
 }
