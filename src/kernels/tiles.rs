@@ -22,8 +22,9 @@
 //! Per 16 rows of a 256-value block that is about 15 instructions per row instead of about 45,
 //! and the product becomes bound by memory rather than by arithmetic. Matrices are tiled at load
 //! only where the CPU has AVX-512 VNNI (and the row count is a multiple of 16); elsewhere the rows
-//! stay as they are. Every other use of the weights (prefill GEMM, lookups, the reference twins)
-//! reads a tile's rows back with [`Tile::unpack`].
+//! stay as they are. The prefill GEMM reads a tile's rows back as bf16 values
+//! ([`Tile::dequantize_row_bf16`], AVX-512 for Q4_K and Q5_0); lookups and the reference twins
+//! read them as blocks ([`Tile::unpack`]).
 
 use half::f16;
 
