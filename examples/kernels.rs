@@ -1,14 +1,17 @@
-//! Microbenchmark of the quantized decode product, one weight format at a time.
+//! Microbenchmark of the quantized products, one weight format at a time.
 //!
 //! `cargo run --release --example kernels -- [IN OUT] [--threads N]` multiplies one activation row
 //! by an `(OUT, IN)` matrix (default 2048 x 11264, a V2-Lite dense MLP's gate and up together)
-//! in Q8_0, Q4_K, Q6_K and Q5_0, as rows and as tiles of 16 rows, and prints the median time and the GB/s of blocks read. Small
-//! matrices stay in cache, so they measure the kernels' compute, and large ones memory. Then it
-//! times one absorbed MLA decode step (16 heads, 512 + 64 latent) at 4096 and 16384 cached
-//! tokens, over a bf16 and an f32 cache.
+//! in Q8_0, Q4_K, Q6_K and Q5_0, as rows and as tiles of 16 rows, and prints the median time and
+//! the GB/s of blocks read. Small matrices stay in cache, so they measure the kernels' compute,
+//! and large ones memory. Then it times one absorbed MLA decode step (16 heads, 512 + 64 latent)
+//! at 4096 and 16384 cached tokens, over a bf16 and an f32 cache, and the prefill product of 48
+//! and 512 activation rows over each tiled format: the bf16 GEMM of dequantized rows against the
+//! tiles' 8-bit product.
 
 use std::time::Instant;
 
+use latent::kernels::gemm::gemm_quant;
 use latent::kernels::kquant::{quantize_q4_k, BlockQ5_0, BlockQ6K};
 use latent::kernels::matvec::weighted_rows;
 use latent::kernels::mla_decode::{mla_decode, MlaShape};
@@ -135,5 +138,27 @@ fn run(n_in: usize, n_out: usize) {
     }
     for len in [4096, 16384] {
         mla(len);
+    }
+    prefill(&matrices, &values, n_in, n_out);
+}
+
+/// The prefill product of many activation rows: the bf16 GEMM over dequantized rows
+/// (`gemm_quant`) against the tiles' own 8-bit product, for a routed expert's share of a 512-token
+/// prompt (48 rows) and for the whole prompt.
+fn prefill(matrices: &[QuantMatrix], values: &[f32], n_in: usize, n_out: usize) {
+    for t in [48, 512] {
+        let x = &values[..t * n_in];
+        let macs = (t * n_in * n_out) as f64;
+        for m in matrices.iter().filter(|m| m.is_tiled()) {
+            let runs = (20.0 * 512.0 * 2048.0 * 11264.0 / macs).clamp(3.0, 200.0) as usize;
+            let bf16 = median(runs, || drop(std::hint::black_box(gemm_quant(x, m, t, n_in, n_out))));
+            let int8 = median(runs, || drop(std::hint::black_box(m.matvec(x, t, n_in, n_out))));
+            println!(
+                "{:5} {t:3} rows: bf16 GEMM {:6.1} GMAC/s, tiles 8-bit {:6.1} GMAC/s",
+                m.name(),
+                macs / bf16 / 1e9,
+                macs / int8 / 1e9
+            );
+        }
     }
 }

@@ -234,6 +234,9 @@ pub fn dequantize<B: QuantBlock>(blocks: &[B]) -> Vec<f32> {
     out
 }
 
+/// Activations from which [`QuantizedRows::new`] quantizes in parallel.
+const PARALLEL_VALUES: usize = 1 << 16;
+
 /// Rows of activations as 8-bit codes: one f32 scale per `group` values (32 or 256) and one
 /// code sum per 16.
 pub struct QuantizedRows {
@@ -247,8 +250,20 @@ impl QuantizedRows {
     /// Quantizes `x` (rows of a multiple of `group` values) with one scale per `group`.
     pub fn new(x: &[f32], group: usize) -> QuantizedRows {
         let mut q = vec![0i8; x.len() / group * group];
-        let d = x.chunks_exact(group).zip(q.chunks_exact_mut(group)).map(|(g, c)| quantize_activations(g, c)).collect();
-        let sums = q.chunks_exact(SUM_GROUP).map(|c| c.iter().map(|&v| v as i16).sum()).collect();
+        let sum = |c: &[i8]| c.iter().map(|&v| v as i16).sum();
+        // (A prefill's rows in parallel; one decode row is too small to share out.)
+        if x.len() < PARALLEL_VALUES {
+            let d =
+                x.chunks_exact(group).zip(q.chunks_exact_mut(group)).map(|(g, c)| quantize_activations(g, c)).collect();
+            let sums = q.chunks_exact(SUM_GROUP).map(sum).collect();
+            return QuantizedRows { group, q, d, sums };
+        }
+        let d = x
+            .par_chunks_exact(group)
+            .zip(q.par_chunks_exact_mut(group))
+            .map(|(g, c)| quantize_activations(g, c))
+            .collect();
+        let sums = q.par_chunks_exact(SUM_GROUP).map(sum).collect();
         QuantizedRows { group, q, d, sums }
     }
 
@@ -743,6 +758,23 @@ pub(crate) mod tests {
             assert_close_rel(&format!("grouped, tiled {}", m.is_tiled()), &got, &want);
         }
         assert!(QuantMatrix::Q8_0(vec![]).groups_fit(8) && !rows.clone().tiled(n_in).groups_fit(8));
+    }
+
+    #[test]
+    fn long_activations_quantize_as_each_row_alone() {
+        let (t, n_in) = (40, 2048);
+        let x = random(t * n_in, 9);
+        assert!(x.len() >= PARALLEL_VALUES, "the test must take the parallel path");
+        for group in [QK8_0, 256] {
+            let all = QuantizedRows::new(&x, group);
+            for ti in 0..t {
+                let one = QuantizedRows::new(&x[ti * n_in..(ti + 1) * n_in], group);
+                assert_eq!(&all.q[ti * n_in..(ti + 1) * n_in], &one.q[..], "codes of row {ti}");
+                assert_eq!(&all.d[ti * n_in / group..(ti + 1) * n_in / group], &one.d[..], "scales of row {ti}");
+                let s = SUM_GROUP;
+                assert_eq!(&all.sums[ti * n_in / s..(ti + 1) * n_in / s], &one.sums[..], "sums of row {ti}");
+            }
+        }
     }
 
     #[test]

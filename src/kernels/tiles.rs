@@ -22,9 +22,13 @@
 //! Per 16 rows of a 256-value block that is about 15 instructions per row instead of about 45,
 //! and the product becomes bound by memory rather than by arithmetic. Matrices are tiled at load
 //! only where the CPU has AVX-512 VNNI (and the row count is a multiple of 16); elsewhere the rows
-//! stay as they are. The prefill GEMM reads a tile's rows back as bf16 values
-//! ([`Tile::dequantize_row_bf16`], AVX-512 for Q4_K and Q5_0); lookups and the reference twins
-//! read them as blocks ([`Tile::unpack`]).
+//! stay as they are.
+//!
+//! Prefill uses the same kernel on several activation rows at once ([`Tile::dot_vnni`] with
+//! `N = 4`): each register of codes is unpacked once and multiplied into 4 rows' accumulators, so
+//! the product becomes bound by `vpdpbusd` (64 multiply-adds each, twice `vdpbf16ps`). The bf16
+//! GEMM can still read a tile's rows back as bf16 values ([`Tile::dequantize_row_bf16`], AVX-512
+//! for Q4_K and Q5_0); lookups and the reference twins read them as blocks ([`Tile::unpack`]).
 
 use half::f16;
 
@@ -66,10 +70,21 @@ pub trait Tile: Copy + Send + Sync + 'static {
         }
         all
     }
-    /// `acc[r] += Σ w_r·x` over the tile's values for every row `r`, `x` as in
-    /// [`QuantBlock::dot`]. AVX-512 VNNI only: called from the variant compiled for it.
+    /// `acc[n][r] += Σ w_r·x_n` over the tile's values for every row `r` and each of `N`
+    /// activation rows `x_n` (as in [`QuantBlock::dot`]). The codes are unpacked once for all
+    /// `N` rows, and each row's sums come out bit for bit as with `N = 1`. AVX-512 VNNI only:
+    /// called from the variant compiled for it.
     #[cfg(target_arch = "x86_64")]
-    fn dot_vnni(&self, q: &[i8], d: &[f32], sums: &[i16], acc: &mut [f32; TILE_ROWS]);
+    fn dot_vnni<const N: usize>(&self, x: [Codes<'_>; N], acc: &mut [[f32; TILE_ROWS]; N]);
+}
+
+/// One activation row's codes for one block: the 8-bit codes, their scales and their sums per 16
+/// (a block's share of [`QuantizedRows`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Codes<'a> {
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub sums: &'a [i16],
 }
 
 /// Row `r`'s values rounded to bf16 one by one ([`Tile::dequantize_row_bf16`] where no AVX-512
@@ -259,15 +274,15 @@ impl Tile for TileQ4K {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    fn dot_vnni(&self, q: &[i8], d: &[f32], sums: &[i16], acc: &mut [f32; TILE_ROWS]) {
+    fn dot_vnni<const N: usize>(&self, x: [Codes<'_>; N], acc: &mut [[f32; TILE_ROWS]; N]) {
         use std::arch::x86_64::*;
-        let (q, sums) = (&q[..QK_K], &sums[..QK_K / SUM_GROUP]);
+        let q: [&[i8]; N] = x.map(|x| &x.q[..QK_K]);
+        let sums: [&[i16]; N] = x.map(|x| &x.sums[..QK_K / SUM_GROUP]);
         // SAFETY: only the AVX-512 VNNI variant calls this (avx512f/bw/vl/vnni and f16c present).
         // Every load stays inside the tile's arrays (`qs` 2048 bytes read in 64-byte rows 0..32,
-        // `scales` 192, `d`/`dmin` 32), `q` (256 codes, 4 at a time), `sc`/`m` (128 bytes, 16 at
-        // a time); `acc` holds 16 floats.
+        // `scales` 192, `d`/`dmin` 32), `q` (256 codes each, 4 at a time), `sc`/`m` (128 bytes, 16
+        // at a time); `acc` holds 16 floats per row.
         unsafe {
-            let x = |o: usize| broadcast4(q, o);
             let (low6, low4, top2) = (_mm512_set1_epi8(0x3f), _mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
             // Planes 0-3, 4-7 and 8-11 of the packed scales (`scale_min` for 16 rows at once).
             let z0 = _mm512_loadu_si512(self.scales.as_ptr().cast());
@@ -290,31 +305,45 @@ impl Tile for TileQ4K {
             );
             // Group j's 16 scales (or minimums), one per 32-bit lane.
             let plane = |v: &[u8; 128], j: usize| _mm512_cvtepu8_epi32(_mm_loadu_si128(v[16 * j..].as_ptr().cast()));
-            let mut isum = _mm512_setzero_si512();
+            let mut isum = [_mm512_setzero_si512(); N];
             for p in 0..4 {
-                // Groups 2p (low nibbles) and 2p + 1 (high nibbles), two chains each.
-                let (mut lo, mut hi) = ([_mm512_setzero_si512(); 2], [_mm512_setzero_si512(); 2]);
+                // Groups 2p (low nibbles) and 2p + 1 (high nibbles).
+                let mut lo = [[_mm512_setzero_si512(); 2]; N];
+                let mut hi = [[_mm512_setzero_si512(); 2]; N];
                 for c in 0..8 {
                     let w = _mm512_loadu_si512(self.qs[(8 * p + c) * 64..].as_ptr().cast());
-                    lo[c % 2] = _mm512_dpbusd_epi32(lo[c % 2], _mm512_and_si512(w, low4), x(64 * p + 4 * c));
-                    let w_hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-                    hi[c % 2] = _mm512_dpbusd_epi32(hi[c % 2], w_hi, x(64 * p + 32 + 4 * c));
+                    let (w_lo, w_hi) = (_mm512_and_si512(w, low4), _mm512_and_si512(_mm512_srli_epi16(w, 4), low4));
+                    // (Several rows give chains enough; one row takes two per group.)
+                    let k = if N == 1 { c % 2 } else { 0 };
+                    for n in 0..N {
+                        lo[n][k] = _mm512_dpbusd_epi32(lo[n][k], w_lo, broadcast4(q[n], 64 * p + 4 * c));
+                        hi[n][k] = _mm512_dpbusd_epi32(hi[n][k], w_hi, broadcast4(q[n], 64 * p + 32 + 4 * c));
+                    }
                 }
-                let lo = _mm512_mullo_epi32(_mm512_add_epi32(lo[0], lo[1]), plane(&sc, 2 * p));
-                let hi = _mm512_mullo_epi32(_mm512_add_epi32(hi[0], hi[1]), plane(&sc, 2 * p + 1));
-                isum = _mm512_add_epi32(isum, _mm512_add_epi32(lo, hi));
+                let (s_lo, s_hi) = (plane(&sc, 2 * p), plane(&sc, 2 * p + 1));
+                for n in 0..N {
+                    let lo = _mm512_mullo_epi32(_mm512_add_epi32(lo[n][0], lo[n][1]), s_lo);
+                    let hi = _mm512_mullo_epi32(_mm512_add_epi32(hi[n][0], hi[n][1]), s_hi);
+                    isum[n] = _mm512_add_epi32(isum[n], _mm512_add_epi32(lo, hi));
+                }
             }
             // Σ_j m_j · (code sum of group j): the sums fit 16 bits (32 codes of at most 127).
-            let mut msum = _mm512_setzero_si512();
+            let mut msum = [_mm512_setzero_si512(); N];
             for j in 0..8 {
-                let g = sums[2 * j] as i32 + sums[2 * j + 1] as i32;
-                msum = _mm512_dpwssd_epi32(msum, plane(&m, j), _mm512_set1_epi32(g & 0xffff));
+                let mj = plane(&m, j);
+                for n in 0..N {
+                    let g = sums[n][2 * j] as i32 + sums[n][2 * j + 1] as i32;
+                    msum[n] = _mm512_dpwssd_epi32(msum[n], mj, _mm512_set1_epi32(g & 0xffff));
+                }
             }
-            let dx = _mm512_set1_ps(d[0]);
-            let dv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(self.d.as_ptr().cast())), dx);
-            let mv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(self.dmin.as_ptr().cast())), dx);
-            let a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dv, _mm512_loadu_ps(acc.as_ptr()));
-            _mm512_storeu_ps(acc.as_mut_ptr(), _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), mv, a));
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(self.d.as_ptr().cast()));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(self.dmin.as_ptr().cast()));
+            for n in 0..N {
+                let dx = _mm512_set1_ps(x[n].d[0]);
+                let (dv, mv) = (_mm512_mul_ps(d, dx), _mm512_mul_ps(dmin, dx));
+                let a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[n]), dv, _mm512_loadu_ps(acc[n].as_ptr()));
+                _mm512_storeu_ps(acc[n].as_mut_ptr(), _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[n]), mv, a));
+            }
         }
     }
 }
@@ -432,47 +461,67 @@ impl Tile for TileQ6K {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    fn dot_vnni(&self, q: &[i8], d: &[f32], sums: &[i16], acc: &mut [f32; TILE_ROWS]) {
+    fn dot_vnni<const N: usize>(&self, x: [Codes<'_>; N], acc: &mut [[f32; TILE_ROWS]; N]) {
         use std::arch::x86_64::*;
-        let (q, sums) = (&q[..QK_K], &sums[..QK_K / SUM_GROUP]);
+        let q: [&[i8]; N] = x.map(|x| &x.q[..QK_K]);
+        let sums: [&[i16]; N] = x.map(|x| &x.sums[..QK_K / SUM_GROUP]);
         // SAFETY: only the AVX-512 VNNI variant calls this (avx512f/bw/vl/vnni and f16c present).
         // Loads stay inside `codes` (64-byte rows 0..48), `scales` (16 bytes per group 0..16),
-        // `d` (32 bytes) and `q` (256 codes); `acc` holds 16 floats.
+        // `d` (32 bytes) and `q` (256 codes each); `acc` holds 16 floats per row.
         unsafe {
-            let x = |o: usize| broadcast4(q, o);
             let row = |i: usize| _mm512_loadu_si512(self.codes[64 * i..].as_ptr().cast());
             let (low4, top2) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
-            let mut isum = _mm512_setzero_si512();
-            for n in 0..2 {
-                // Code kind k of this half is values 128n + 32k + 0..32: groups 8n + 2k and
-                // 8n + 2k + 1, one accumulator each, started at −32·(code sum) for the offset.
-                let mut a: [[__m512i; 2]; 4] = std::array::from_fn(|k| {
-                    std::array::from_fn(|h| _mm512_set1_epi32(-32 * sums[8 * n + 2 * k + h] as i32))
-                });
-                for c in 0..8 {
-                    let (lo, hi, top) = (row(3 * (8 * n + c)), row(3 * (8 * n + c) + 1), row(3 * (8 * n + c) + 2));
-                    let codes = [
-                        _mm512_or_si512(_mm512_and_si512(lo, low4), _mm512_and_si512(_mm512_slli_epi16(top, 4), top2)),
-                        _mm512_or_si512(_mm512_and_si512(hi, low4), _mm512_and_si512(_mm512_slli_epi16(top, 2), top2)),
-                        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), low4), _mm512_and_si512(top, top2)),
-                        _mm512_or_si512(
-                            _mm512_and_si512(_mm512_srli_epi16(hi, 4), low4),
-                            _mm512_and_si512(_mm512_srli_epi16(top, 2), top2),
-                        ),
-                    ];
-                    for (k, &code) in codes.iter().enumerate() {
-                        a[k][c / 4] = _mm512_dpbusd_epi32(a[k][c / 4], code, x(128 * n + 32 * k + 4 * c));
+            let mut isum = [_mm512_setzero_si512(); N];
+            for half in 0..2 {
+                for h in 0..2 {
+                    // Code kind k of this half is values 128·half + 32k + 0..32; words 4h..4h + 4
+                    // of it are scale group 8·half + 2k + h, one accumulator per row, started at
+                    // −32·(code sum) for the offset.
+                    let group = |k: usize| 8 * half + 2 * k + h;
+                    let mut a: [[__m512i; 4]; N] = std::array::from_fn(|n| {
+                        std::array::from_fn(|k| _mm512_set1_epi32(-32 * sums[n][group(k)] as i32))
+                    });
+                    for c in 4 * h..4 * h + 4 {
+                        let i = 3 * (8 * half + c);
+                        let (lo, hi, top) = (row(i), row(i + 1), row(i + 2));
+                        let codes = [
+                            _mm512_or_si512(
+                                _mm512_and_si512(lo, low4),
+                                _mm512_and_si512(_mm512_slli_epi16(top, 4), top2),
+                            ),
+                            _mm512_or_si512(
+                                _mm512_and_si512(hi, low4),
+                                _mm512_and_si512(_mm512_slli_epi16(top, 2), top2),
+                            ),
+                            _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16(lo, 4), low4),
+                                _mm512_and_si512(top, top2),
+                            ),
+                            _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16(hi, 4), low4),
+                                _mm512_and_si512(_mm512_srli_epi16(top, 2), top2),
+                            ),
+                        ];
+                        for n in 0..N {
+                            for (k, &code) in codes.iter().enumerate() {
+                                a[n][k] =
+                                    _mm512_dpbusd_epi32(a[n][k], code, broadcast4(q[n], 128 * half + 32 * k + 4 * c));
+                            }
+                        }
                     }
-                }
-                for (k, pair) in a.iter().enumerate() {
-                    for (h, &part) in pair.iter().enumerate() {
-                        let g = 8 * n + 2 * k + h;
-                        let s = _mm512_cvtepi8_epi32(_mm_loadu_si128(self.scales[16 * g..].as_ptr().cast()));
-                        isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(part, s));
+                    let scales: [__m512i; 4] = std::array::from_fn(|k| {
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(self.scales[16 * group(k)..].as_ptr().cast()))
+                    });
+                    for (sum, parts) in isum.iter_mut().zip(&a) {
+                        for (&part, &s) in parts.iter().zip(&scales) {
+                            *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(part, s));
+                        }
                     }
                 }
             }
-            add_scaled_sums(acc, isum, &self.d, d[0]);
+            for n in 0..N {
+                add_scaled_sums(&mut acc[n], isum[n], &self.d, x[n].d[0]);
+            }
         }
     }
 }
@@ -518,21 +567,26 @@ impl Tile for TileQ8_0 {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    fn dot_vnni(&self, q: &[i8], d: &[f32], sums: &[i16], acc: &mut [f32; TILE_ROWS]) {
+    fn dot_vnni<const N: usize>(&self, x: [Codes<'_>; N], acc: &mut [[f32; TILE_ROWS]; N]) {
         use std::arch::x86_64::*;
-        let (q, sums) = (&q[..QK8_0], &sums[..QK8_0 / SUM_GROUP]);
+        let q: [&[i8]; N] = x.map(|x| &x.q[..QK8_0]);
         // SAFETY: only the AVX-512 VNNI variant calls this; loads stay inside `qs` (64-byte rows
-        // 0..8), `d` (32 bytes) and `q` (32 codes); `acc` holds 16 floats.
+        // 0..8), `d` (32 bytes) and `q` (32 codes each); `acc` holds 16 floats per row.
         unsafe {
-            let x = |o: usize| broadcast4(q, o);
-            // (c + 128)·x summed, less 128 · (code sum): the accumulator starts there.
-            let start = _mm512_set1_epi32(-128 * (sums[0] as i32 + sums[1] as i32));
-            let mut a = [start, _mm512_setzero_si512()];
+            // (c + 128)·x summed, less 128 · (code sum): each row's accumulator starts there.
+            let mut a: [[__m512i; 2]; N] = std::array::from_fn(|n| {
+                let sums = &x[n].sums[..QK8_0 / SUM_GROUP];
+                [_mm512_set1_epi32(-128 * (sums[0] as i32 + sums[1] as i32)), _mm512_setzero_si512()]
+            });
             for j in 0..8 {
                 let w = _mm512_loadu_si512(self.qs[j * 64..].as_ptr().cast());
-                a[j % 2] = _mm512_dpbusd_epi32(a[j % 2], w, x(4 * j));
+                for n in 0..N {
+                    a[n][j % 2] = _mm512_dpbusd_epi32(a[n][j % 2], w, broadcast4(q[n], 4 * j));
+                }
             }
-            add_scaled_sums(acc, _mm512_add_epi32(a[0], a[1]), &self.d, d[0]);
+            for n in 0..N {
+                add_scaled_sums(&mut acc[n], _mm512_add_epi32(a[n][0], a[n][1]), &self.d, x[n].d[0]);
+            }
         }
     }
 }
@@ -636,27 +690,34 @@ impl Tile for TileQ5_0 {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    fn dot_vnni(&self, q: &[i8], d: &[f32], sums: &[i16], acc: &mut [f32; TILE_ROWS]) {
+    fn dot_vnni<const N: usize>(&self, x: [Codes<'_>; N], acc: &mut [[f32; TILE_ROWS]; N]) {
         use std::arch::x86_64::*;
-        let (q, sums) = (&q[..32], &sums[..2]);
+        let q: [&[i8]; N] = x.map(|x| &x.q[..32]);
         // SAFETY: only the AVX-512 VNNI variant calls this; loads stay inside `qs` (64-byte rows
-        // 0..4), `qh` (8-byte masks 0..8), `d` (32 bytes) and `q` (32 codes); `acc` holds 16 floats.
+        // 0..4), `qh` (8-byte masks 0..8), `d` (32 bytes) and `q` (32 codes each); `acc` holds 16
+        // floats per row.
         unsafe {
-            let x = |o: usize| broadcast4(q, o);
             let mask = |m: usize| self.qh.as_ptr().add(8 * m).cast::<u64>().read_unaligned();
             let (low4, fifth) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x10));
-            // Codes 0..32 stand for code − 16: start at −16 · (code sum).
-            let mut a = [_mm512_set1_epi32(-16 * (sums[0] as i32 + sums[1] as i32)), _mm512_setzero_si512()];
+            // Codes 0..32 stand for code − 16: each row's accumulator starts at −16 · (code sum).
+            let mut a: [[__m512i; 2]; N] = std::array::from_fn(|n| {
+                let sums = &x[n].sums[..2];
+                [_mm512_set1_epi32(-16 * (sums[0] as i32 + sums[1] as i32)), _mm512_setzero_si512()]
+            });
             for c in 0..4 {
                 let w = _mm512_loadu_si512(self.qs[c * 64..].as_ptr().cast());
                 let lo = _mm512_and_si512(w, low4);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
                 let lo = _mm512_mask_add_epi8(lo, mask(c), lo, fifth);
                 let hi = _mm512_mask_add_epi8(hi, mask(4 + c), hi, fifth);
-                a[0] = _mm512_dpbusd_epi32(a[0], lo, x(4 * c));
-                a[1] = _mm512_dpbusd_epi32(a[1], hi, x(16 + 4 * c));
+                for n in 0..N {
+                    a[n][0] = _mm512_dpbusd_epi32(a[n][0], lo, broadcast4(q[n], 4 * c));
+                    a[n][1] = _mm512_dpbusd_epi32(a[n][1], hi, broadcast4(q[n], 16 + 4 * c));
+                }
             }
-            add_scaled_sums(acc, _mm512_add_epi32(a[0], a[1]), &self.d, d[0]);
+            for n in 0..N {
+                add_scaled_sums(&mut acc[n], _mm512_add_epi32(a[n][0], a[n][1]), &self.d, x[n].d[0]);
+            }
         }
     }
 }
@@ -740,28 +801,50 @@ fn tile_rows_body<T: Tile, const ISA: u8>(x: &QuantizedRows, tiles: &[T], t: usi
     let vals = T::Block::VALUES;
     let per_row = n_in / vals;
     let (scales_per_block, sums_per_block) = (vals / T::Block::ACT_GROUP, vals / SUM_GROUP);
+    // Activation row `ti`'s codes for block column `b`.
+    let codes = |ti: usize, b: usize| {
+        let at = ti * n_in + b * vals;
+        Codes {
+            q: &x.q[at..at + vals],
+            d: &x.d[at / T::Block::ACT_GROUP..at / T::Block::ACT_GROUP + scales_per_block],
+            sums: &x.sums[at / SUM_GROUP..at / SUM_GROUP + sums_per_block],
+        }
+    };
     for (row_tiles, y) in tiles.chunks_exact(per_row).zip(out.chunks_mut(TILE_ROWS * t)) {
-        for ti in 0..t {
-            let xq = &x.q[ti * n_in..(ti + 1) * n_in];
-            let xd = &x.d[ti * n_in / T::Block::ACT_GROUP..(ti + 1) * n_in / T::Block::ACT_GROUP];
-            let xs = &x.sums[ti * n_in / SUM_GROUP..(ti + 1) * n_in / SUM_GROUP];
+        let mut ti = 0;
+        // Prefill: ACT_ROWS activation rows at a time, so each tile's codes are unpacked once for
+        // all of them (the tile row itself, 16 rows by `n_in`, stays in cache across the loop).
+        #[cfg(target_arch = "x86_64")]
+        if ISA == super::quant::AVX512_VNNI {
+            while ti + ACT_ROWS <= t {
+                let mut acc = [[0f32; TILE_ROWS]; ACT_ROWS];
+                for (b, tile) in row_tiles.iter().enumerate() {
+                    tile.dot_vnni(std::array::from_fn(|n| codes(ti + n, b)), &mut acc);
+                }
+                for (n, acc) in acc.iter().enumerate() {
+                    for (r, &a) in acc.iter().enumerate() {
+                        y[r * t + ti + n] = a;
+                    }
+                }
+                ti += ACT_ROWS;
+            }
+        }
+        for ti in ti..t {
             let mut acc = [0f32; TILE_ROWS];
             for (b, tile) in row_tiles.iter().enumerate() {
-                let (q, d, s) = (
-                    &xq[b * vals..(b + 1) * vals],
-                    &xd[b * scales_per_block..(b + 1) * scales_per_block],
-                    &xs[b * sums_per_block..(b + 1) * sums_per_block],
-                );
+                let x = codes(ti, b);
                 #[cfg(target_arch = "x86_64")]
                 if ISA == super::quant::AVX512_VNNI {
-                    tile.dot_vnni(q, d, s, &mut acc);
+                    let mut one = [acc];
+                    tile.dot_vnni([x], &mut one);
+                    acc = one[0];
                     continue;
                 }
                 // Other variants (tested, not used: matrices are tiled only for VNNI) take the
                 // row kernel on each unpacked block.
                 for (r, a) in acc.iter_mut().enumerate() {
                     let (mut lanes, mut extra) = ([0f32; LANES], 0f32);
-                    tile.unpack(r).dot::<ISA>(q, d, s, &mut lanes, &mut extra);
+                    tile.unpack(r).dot::<ISA>(x.q, x.d, x.sums, &mut lanes, &mut extra);
                     *a += sum_tree(lanes) + extra;
                 }
             }
@@ -771,6 +854,9 @@ fn tile_rows_body<T: Tile, const ISA: u8>(x: &QuantizedRows, tiles: &[T], t: usi
         }
     }
 }
+
+/// Activation rows that one pass over a tile row multiplies at once (prefill).
+const ACT_ROWS: usize = 4;
 
 #[cfg(test)]
 mod tests {
@@ -807,7 +893,7 @@ mod tests {
             T::Block::NAME
         );
         let k = T::Block::VALUES;
-        for (t, n_in, n_out) in [(1, k, 16), (1, 3 * k, 48), (3, 2 * k, 32), (16, 5 * k, 64)] {
+        for (t, n_in, n_out) in [(1, k, 16), (1, 3 * k, 48), (3, 2 * k, 32), (7, 2 * k, 16), (16, 5 * k, 64)] {
             let blocks: Vec<T::Block> = random_blocks(&random(n_out * n_in, 3));
             let tiles = Tiles::<T>::pack(&blocks, n_in).expect("16-row multiple");
             let per_row = n_in / k;
@@ -846,6 +932,13 @@ mod tests {
                 tile_rows(simd, &xq, &tiles.0, t, n_in, &mut out);
                 let y: Vec<f32> = (0..t * n_out).map(|i| out[(i % n_out) * t + i / n_out]).collect();
                 assert_close_rel(&format!("{what} {simd:?}"), &y, &want);
+                // Several rows per pass give each row exactly what it gets alone.
+                for ti in 0..t {
+                    let mut alone = vec![0f32; n_out];
+                    let xi = QuantizedRows::new(&x[ti * n_in..(ti + 1) * n_in], T::Block::ACT_GROUP);
+                    tile_rows(simd, &xi, &tiles.0, 1, n_in, &mut alone);
+                    assert_eq!(&y[ti * n_out..(ti + 1) * n_out], &alone[..], "{what} {simd:?}: row {ti} alone");
+                }
             }
         }
         assert!(Tiles::<T>::pack(&random_blocks::<T::Block>(&random(8 * k, 1)), k).is_none(), "8 rows do not tile");

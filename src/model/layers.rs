@@ -158,8 +158,9 @@ impl Linear {
         starts.windows(2).map(|w| all[w[0]..w[1]].to_vec()).collect()
     }
 
-    /// `x Wᵀ` from quantized blocks: the decode kernel for up to `MAX_ROWS_QUANT` rows, else the tiled
-    /// GEMM, which dequantizes one run of rows at a time.
+    /// `x Wᵀ` from quantized blocks: the decode kernel for up to `MAX_ROWS_QUANT` rows, and for
+    /// any number of rows over tiles (8-bit activations, several rows per pass over the codes);
+    /// else the tiled GEMM, which dequantizes one run of rows at a time.
     fn forward_quant(q: &QuantWeight, x: &Tensor) -> Result<Tensor> {
         let (t, n_in) = x.dims2()?;
         if n_in != q.n_in {
@@ -170,7 +171,7 @@ impl Linear {
             .into());
         }
         let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let y = if t <= MAX_ROWS_QUANT {
+        let y = if t <= MAX_ROWS_QUANT || q.blocks.is_tiled() {
             q.blocks.matvec(&xv, t, n_in, q.n_out)
         } else {
             gemm_quant(&xv, &q.blocks, t, n_in, q.n_out)
