@@ -196,8 +196,9 @@ fn stepwise_logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
 }
 
 /// A prompt long enough for the tiled GEMM (past 64 rows even for GGML blocks) agrees with the same
-/// tokens decoded one by one, in every dtype and format: bf16 compute (bf16 GEMM), f32, Q8_0 and
-/// Q4_K_M (blocks dequantized per run of rows).
+/// tokens decoded one by one, in every dtype and format: bf16 compute (bf16 GEMM, fused decode
+/// attention over a bf16 cache), f32, Q8_0 and Q4_K_M (tiles, or blocks dequantized per run of
+/// rows).
 #[test]
 fn long_prefill_matches_token_by_token_decode() {
     let tokens: Vec<u32> = (0..100u32).map(|i| if i == 0 { 0 } else { 4 + (i * 53 + 7) % 300 }).collect();
@@ -206,7 +207,9 @@ fn long_prefill_matches_token_by_token_decode() {
     let cases = [
         ("bf16", bf16, 0.02),
         ("f32", load(&dir), 1e-4),
-        // The prefill multiplies bf16-rounded blocks by bf16 activations, the decode 8-bit ones.
+        // Prefill and decode differ in attention (expanded heads against the absorbed latent),
+        // and where weights are not tiled (no VNNI) the prefill multiplies bf16-rounded blocks by
+        // bf16 activations, the decode by 8-bit ones.
         ("Q8_0", load(&gguf("tiny-v3-256-q8_0.gguf")), 0.03),
         ("Q4_K_M", load(&gguf("tiny-v3-256-q4_k_m.gguf")), 0.05),
     ];

@@ -36,13 +36,6 @@ pub fn gemm_quant(x: &[f32], w: &QuantMatrix, t: usize, n_in: usize, n_out: usiz
     let rows_of = |first: usize, n: usize| w.dequantize_rows(&(first..first + n).collect::<Vec<_>>(), n_in);
     #[cfg(target_arch = "x86_64")]
     if has_avx512_bf16() {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-        unsafe fn run(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) {
-            // SAFETY: called only where `has_avx512_bf16` found the features.
-            tiles_body(t, rows.len() / n_in, out, |xi, wi| unsafe {
-                tile_bf16(&[(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)])
-            })
-        }
         let xb: Vec<half::bf16> = x.par_iter().map(|&v| super::bf16_round(v)).collect();
         thread_local! {
             /// Each worker's dequantized run of rows, kept between calls (no allocation, no page
@@ -53,7 +46,7 @@ pub fn gemm_quant(x: &[f32], w: &QuantMatrix, t: usize, n_in: usize, n_out: usiz
             ROWS.with_borrow_mut(|rows| {
                 w.dequantize_rows_bf16(first, n, n_in, rows);
                 // SAFETY: `has_avx512_bf16` checked the CPU.
-                unsafe { run(&xb, rows, t, n_in, out) }
+                unsafe { bf16_tiles(&xb, rows, t, n_in, out) }
             })
         });
     }
@@ -246,36 +239,12 @@ pub type Part<'a, W> = (&'a [f32], &'a [W], usize);
 /// instruction, twice the multiply-adds of widening to f32. Products of two bf16 are exact in
 /// f32, so this is the widened product up to the order of the f32 sums. `None` elsewhere.
 pub fn gemm_bf16(x: &[half::bf16], w: &[half::bf16], t: usize, n_in: usize, n_out: usize) -> Option<Vec<f32>> {
-    gemm_bf16_parts(&[(x, w, n_in)], t, n_out)
-}
-
-/// `Σ_k x_k (t, in_k) · w_k (out, in_k)ᵀ` in bf16 ([`gemm_bf16`]), the parts summed in the same
-/// accumulators (MLA decode scores: latent and RoPE parts). `None` without AVX-512 BF16.
-pub fn gemm_bf16_parts(parts: &[(&[half::bf16], &[half::bf16], usize)], t: usize, n_out: usize) -> Option<Vec<f32>> {
-    assert!(parts.len() <= MAX_PARTS, "gemm_bf16_parts: at most {MAX_PARTS} parts");
-    for &(x, w, n_in) in parts {
-        assert!(x.len() == t * n_in && w.len() == n_out * n_in, "gemm_bf16: shapes disagree");
-    }
+    assert!(x.len() == t * n_in && w.len() == n_out * n_in, "gemm_bf16: shapes disagree");
     #[cfg(target_arch = "x86_64")]
     if has_avx512_bf16() {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-        unsafe fn run(parts: &[(&[half::bf16], &[half::bf16], usize)], t: usize, n: usize, out: &mut [f32]) {
-            tiles_body(t, n, out, |xi, wi| {
-                // (An array, not a Vec: no allocation per tile.)
-                let empty: Segment4<'_> = ([&[]; TILE], [&[]; TILE], 0);
-                let segments: [Segment4<'_>; MAX_PARTS] = std::array::from_fn(|k| match parts.get(k) {
-                    Some(&(x, w, n_in)) => (rows4(x, xi, n_in), rows4(w, wi, n_in), n_in),
-                    None => empty,
-                });
-                // SAFETY: called only where `has_avx512_bf16` found the features.
-                unsafe { tile_bf16(&segments[..parts.len()]) }
-            })
-        }
         return Some(by_weight_runs(t, n_out, |first, n, out| {
-            let local: Vec<(&[half::bf16], &[half::bf16], usize)> =
-                parts.iter().map(|&(x, w, n_in)| (x, &w[first * n_in..(first + n) * n_in], n_in)).collect();
             // SAFETY: `has_avx512_bf16` checked the CPU.
-            unsafe { run(&local, t, n, out) }
+            unsafe { bf16_tiles(x, &w[first * n_in..(first + n) * n_in], t, n_in, out) }
         }));
     }
     None
@@ -290,48 +259,53 @@ pub(crate) fn has_avx512_bf16() -> bool {
     })
 }
 
+/// `out (rows, t) = rows · x (t, in)ᵀ` for a run of bf16 weight rows, tile by tile
+/// ([`tile_bf16`]).
+///
+/// # Safety
+/// AVX-512 F/BW and BF16 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn bf16_tiles(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) {
+    // SAFETY: the caller's contract.
+    tiles_body(t, rows.len() / n_in, out, |xi, wi| unsafe {
+        tile_bf16(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)
+    })
+}
+
 /// [`tile_avx512`] over bf16 activations and weights with `vdpbf16ps`, 32 inputs per step (the
-/// last partial step loads with a mask: zeros beyond the row), summing the products of every
-/// segment into the same accumulators.
+/// last partial step loads with a mask: zeros beyond the row).
 ///
 /// # Safety
 /// AVX-512 F/BW and BF16 must be present; the rows must be `n_in` long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn tile_bf16(segments: &[Segment4<'_>]) -> [[f32; TILE]; TILE] {
+unsafe fn tile_bf16(x: [&[half::bf16]; TILE], w: [&[half::bf16]; TILE], n_in: usize) -> [[f32; TILE]; TILE] {
     use std::arch::x86_64::*;
+    for r in x.iter().map(|r| r.len()).chain(w.iter().map(|r| r.len())) {
+        assert_eq!(r, n_in, "tile_bf16: row length");
+    }
     let mut acc = [[_mm512_setzero_ps(); TILE]; TILE];
-    for &(x, w, n_in) in segments {
-        for r in x.iter().map(|r| r.len()).chain(w.iter().map(|r| r.len())) {
-            assert_eq!(r, n_in, "tile_bf16: row length");
-        }
-        let mut c = 0;
-        while c < n_in {
-            let mask: __mmask32 = if n_in - c >= 32 { !0 } else { (1u32 << (n_in - c)) - 1 };
-            // SAFETY: the mask covers only elements c..n_in of each row; masked-off lanes are not read.
-            unsafe {
-                let load = |row: &[half::bf16]| -> __m512bh {
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, row.as_ptr().add(c).cast()))
-                };
-                let wv = [load(w[0]), load(w[1]), load(w[2]), load(w[3])];
-                for i in 0..TILE {
-                    let xv = load(x[i]);
-                    for r in 0..TILE {
-                        acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv[r], xv);
-                    }
+    let mut c = 0;
+    while c < n_in {
+        let mask: __mmask32 = if n_in - c >= 32 { !0 } else { (1u32 << (n_in - c)) - 1 };
+        // SAFETY: the mask covers only elements c..n_in of each row; masked-off lanes are not read.
+        unsafe {
+            let load = |row: &[half::bf16]| -> __m512bh {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, row.as_ptr().add(c).cast()))
+            };
+            let wv = [load(w[0]), load(w[1]), load(w[2]), load(w[3])];
+            for i in 0..TILE {
+                let xv = load(x[i]);
+                for r in 0..TILE {
+                    acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv[r], xv);
                 }
             }
-            c += 32;
         }
+        c += 32;
     }
     std::array::from_fn(|r| std::array::from_fn(|i| _mm512_reduce_add_ps(acc[r][i])))
 }
-
-/// Most parts of [`gemm_bf16_parts`].
-const MAX_PARTS: usize = 2;
-
-/// One product's part of a bf16 tile: 4 activation rows, 4 weight rows, their length.
-type Segment4<'a> = ([&'a [half::bf16]; TILE], [&'a [half::bf16]; TILE], usize);
 
 /// The 4 × 4 dot products of weight rows `w` with activation rows `x` (each `n_in` long):
 /// `[r][i] = w[r] · x[i]`, in plain loops.
