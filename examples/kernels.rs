@@ -79,7 +79,7 @@ fn mla(len: usize) {
     let macs = (heads * len * d_c) as f64;
     println!(
         "MLA decode step over {len} tokens: {:.3} ms with a bf16 cache, {:.3} ms with f32 \
-         (bf16 weighted sum of latents alone {:.3} ms, {:.1} GMAC/s)",
+         (the unfused weighted sum of bf16 latents alone {:.3} ms, {:.1} GMAC/s)",
         step * 1e3,
         step32 * 1e3,
         sum * 1e3,

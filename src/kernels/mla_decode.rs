@@ -82,7 +82,7 @@ mod fused {
     use rayon::prelude::*;
 
     use super::MlaShape;
-    use crate::kernels::rows::{exp, sum_lanes};
+    use crate::kernels::rows::exp;
 
     /// Cached rows per step of the online softmax: their scores, probabilities and latents stay
     /// in the core's caches between the two products.
@@ -286,11 +286,17 @@ mod fused {
                 for v in p.iter_mut() {
                     *v = exp(*v - m_new);
                 }
-                part.l[h] += sum_lanes(p);
-                let bits = |j: usize| if j < n { crate::kernels::bf16_round(p[j]).to_bits() as u32 } else { 0 };
-                for (j, pair) in scratch.pairs[h * RUN / 2..h * RUN / 2 + n.div_ceil(2)].iter_mut().enumerate() {
-                    *pair = bits(2 * j) | bits(2 * j + 1) << 16;
+                // Their sum, and their bf16 roundings in order: consecutive pairs are the u32
+                // words of `pairs` (an odd run's last word gets a zero for its missing row).
+                let (mut total, dst) = (_mm512_setzero_ps(), scratch.pairs.as_mut_ptr().add(h * RUN / 2).cast::<u16>());
+                for k in (0..n).step_by(16) {
+                    let (len, even) = ((n - k).min(16), (n.next_multiple_of(2) - k).min(16));
+                    let v = _mm512_maskz_loadu_ps(((1u32 << len) - 1) as __mmask16, p.as_ptr().add(k));
+                    total = _mm512_add_ps(total, v);
+                    let rounded = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+                    _mm256_mask_storeu_epi16(dst.add(k).cast(), ((1u32 << even) - 1) as __mmask16, rounded);
                 }
+                part.l[h] += _mm512_reduce_add_ps(total);
             }
             // Weighted sum: rows 2j and 2j + 1 interleaved latent by latent, so one `vdpbf16ps`
             // against the pair (p_2j, p_2j+1) of a head adds both rows' share to 16 latents.

@@ -268,7 +268,7 @@ impl Model {
 
     /// The dtype of the latent cache: the compute dtype, except that a model with quantized
     /// weights computing in f32 caches in bf16 (as llama.cpp caches in f16): half the bytes read
-    /// per decoded token at depth, and the bf16 dot-product kernel for the scores. Its 8-bit
+    /// per decoded token at depth, and the fused bf16 attention kernel. Its 8-bit
     /// weights and activations err far more than the bf16 rounding of the cache.
     pub fn cache_dtype(&self) -> DType {
         match (self.dtype, &self.quant_formats) {
