@@ -198,7 +198,11 @@ fn stepwise_logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
 /// A prompt long enough for the tiled GEMM (past 64 rows even for GGML blocks) agrees with the same
 /// tokens decoded one by one, in every dtype and format: bf16 compute (bf16 GEMM, fused decode
 /// attention over a bf16 cache), f32, Q8_0 and Q4_K_M (tiles, or blocks dequantized per run of
-/// rows).
+/// rows), and Q8_0 and Q4_K quantized on load.
+fn on_load(dir: &std::path::Path, quant: latent::weights::Quant) -> Model {
+    Model::load_quantized(dir, Some(DType::F32), Some(quant), &Device::Cpu, |_, _| {}).unwrap().0
+}
+
 #[test]
 fn long_prefill_matches_token_by_token_decode() {
     let tokens: Vec<u32> = (0..100u32).map(|i| if i == 0 { 0 } else { 4 + (i * 53 + 7) % 300 }).collect();
@@ -212,6 +216,9 @@ fn long_prefill_matches_token_by_token_decode() {
         // bf16 activations, the decode by 8-bit ones.
         ("Q8_0", load(&gguf("tiny-v3-256-q8_0.gguf")), 0.03),
         ("Q4_K_M", load(&gguf("tiny-v3-256-q4_k_m.gguf")), 0.05),
+        // Quantized on load: decode absorbs with per-head blocks quantized from `kv_b_proj`.
+        ("on-load Q8_0", on_load(&dir, latent::weights::Quant::Q8_0), 0.03),
+        ("on-load Q4_K", on_load(&dir, latent::weights::Quant::Q4K), 0.05),
     ];
     for (name, m, bound) in cases {
         let e = relative_error(&logits(&m, &tokens), &stepwise_logits(&m, &tokens));

@@ -66,17 +66,9 @@ impl Linear {
             return Ok(Linear { weight: empty()?, quant: Some(quant), bias });
         }
         let weight = w.get(name, &[out, inp])?;
-        let quantize = |values: &[f32]| match w.quant() {
-            Some(Quant::Q8_0) if inp.is_multiple_of(QK8_0) => Some(QuantMatrix::Q8_0(quantize_q8_0(values))),
-            Some(Quant::Q4K) if inp.is_multiple_of(QK_K) => Some(QuantMatrix::Q4K(quantize_q4_k(values))),
-            // Rows too short for Q4_K's 256 take Q8_0, as GGML's quantizer falls back to a
-            // 32-value format for them.
-            Some(Quant::Q4K) if inp.is_multiple_of(QK8_0) => Some(QuantMatrix::Q8_0(quantize_q8_0(values))),
-            _ => None,
-        };
-        if w.quant().is_some() && !weight.track_op() {
+        if let (Some(quant), false) = (w.quant(), weight.track_op()) {
             let values: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            if let Some(blocks) = quantize(&values) {
+            if let Some(blocks) = quantize_rows(quant, &values, inp) {
                 w.note_quant_format(blocks.name());
                 let quant = QuantWeight { blocks: Arc::new(blocks.for_decode(inp)), n_out: out, n_in: inp };
                 return Ok(Linear { weight: empty()?, quant: Some(quant), bias });
@@ -241,6 +233,17 @@ impl Linear {
     }
 }
 
+/// Rows of `row_len` values in `quant`'s block format (`--quant`); rows too short for Q4_K's 256
+/// take Q8_0, as GGML's quantizer falls back to a 32-value format for them. `None` where the rows
+/// fit neither.
+pub(crate) fn quantize_rows(quant: Quant, values: &[f32], row_len: usize) -> Option<QuantMatrix> {
+    match quant {
+        Quant::Q4K if row_len.is_multiple_of(QK_K) => Some(QuantMatrix::Q4K(quantize_q4_k(values))),
+        _ if row_len.is_multiple_of(QK8_0) => Some(QuantMatrix::Q8_0(quantize_q8_0(values))),
+        _ => None,
+    }
+}
+
 /// The token embedding `(V, hidden)`: a dense tensor, or quantized rows (a GGUF file's, or
 /// `--quant`) dequantized on lookup, so a quantized model never holds a dense copy.
 #[derive(Debug, Clone)]
@@ -259,14 +262,9 @@ impl Embedding {
             return Ok(Embedding { dense: None, quant: Some(Arc::new(blocks)), hidden, dtype });
         }
         let weight = w.get(name, &[vocab, hidden])?;
-        if w.quant().is_some() && !weight.track_op() {
+        if let (Some(quant), false) = (w.quant(), weight.track_op()) {
             let values: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let blocks = match w.quant() {
-                Some(Quant::Q4K) if hidden.is_multiple_of(QK_K) => Some(QuantMatrix::Q4K(quantize_q4_k(&values))),
-                Some(_) if hidden.is_multiple_of(QK8_0) => Some(QuantMatrix::Q8_0(quantize_q8_0(&values))),
-                _ => None,
-            };
-            if let Some(blocks) = blocks {
+            if let Some(blocks) = quantize_rows(quant, &values, hidden) {
                 return Ok(Embedding { dense: None, quant: Some(Arc::new(blocks)), hidden, dtype });
             }
         }

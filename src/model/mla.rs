@@ -26,9 +26,9 @@ use crate::error::Result;
 use crate::kernels::matvec::{batched_matvec, batched_weighted_rows};
 use crate::kernels::mla_decode::{mla_decode, MlaShape};
 use crate::kernels::quant::QuantMatrix;
-use crate::model::layers::{softmax_last_dim, with_stored, Linear, RmsNorm, Stored};
+use crate::model::layers::{quantize_rows, softmax_last_dim, with_stored, Linear, RmsNorm, Stored};
 use crate::model::rope::{Angles, Rope};
-use crate::weights::{names::LayerNames, Weights};
+use crate::weights::{names::LayerNames, Quant, Weights};
 
 /// Which MLA algorithm a forward pass runs. Both give the same numbers (tests/decode.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +57,9 @@ pub struct Mla {
     kv_b: Tensor,     // (H (d_n + d_v), d_c): training splits it per step, so its gradient is kv_b_proj's
     w_uk: Tensor,     // (H, d_n, d_c)
     w_uv: Tensor,     // (H, d_v, d_c)
-    /// A GGUF file's own `attn_k_b (H d_c, d_n)` and `attn_v_b (H d_v, d_c)` blocks, which decode
-    /// multiplies per head instead of the dense `w_uk` / `w_uv` (a quarter of their bytes or less).
+    /// A GGUF file's own `attn_k_b (H d_c, d_n)` and `attn_v_b (H d_v, d_c)` blocks (or, with
+    /// `--quant`, the same quantized from `w_uk` / `w_uv`), which decode multiplies per head
+    /// instead of the dense `w_uk` / `w_uv` (a quarter of their bytes or less).
     absorb_blocks: Option<Arc<(QuantMatrix, QuantMatrix)>>,
     o_proj: Linear, // (hidden, H d_v)
     n_heads: usize,
@@ -67,6 +68,27 @@ pub struct Mla {
     d_v: usize,
     d_c: usize,
     scale: f64,
+}
+
+/// With `--quant`, decode's per-head absorption blocks quantized from the dense split, laid out as
+/// a GGUF file's `attn_k_b (H d_c, d_n)` and `attn_v_b (H d_v, d_c)`, so that decode reads them
+/// instead of the f32 `W_UK`/`W_UV` (8 MiB per layer and token at V2-Lite's sizes; 2.1 MiB in
+/// blocks). They are Q8_0 whatever `--quant` asks: the dense copies stay for prefill, and 4-bit
+/// ones would set decode apart from it (on the test model, logits 14% apart instead of 2%).
+fn quantized_absorption(w: &Weights, w_uk: &Tensor, w_uv: &Tensor) -> Result<Option<(QuantMatrix, QuantMatrix)>> {
+    if w.quant().is_none() || w_uk.track_op() {
+        return Ok(None);
+    }
+    let quant = Quant::Q8_0;
+    let (_, d_n, d_c) = w_uk.dims3()?;
+    let k_b: Vec<f32> = w_uk.transpose(1, 2)?.contiguous()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let v_b: Vec<f32> = w_uv.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let (Some(k_b), Some(v_b)) = (quantize_rows(quant, &k_b, d_n), quantize_rows(quant, &v_b, d_c)) else {
+        return Ok(None);
+    };
+    w.note_quant_format(k_b.name());
+    w.note_quant_format(v_b.name());
+    Ok(Some((k_b.for_decode(d_n), v_b.for_decode(d_c))))
 }
 
 impl Mla {
@@ -91,7 +113,11 @@ impl Mla {
         // Inference keeps only the split copies; training needs the stored tensor itself.
         let kv_b = if kv_b.track_op() { kv_b } else { Tensor::zeros(0, kv_b.dtype(), kv_b.device())? };
         let o_proj = Linear::load(w, &names.attn("o_proj"), hidden, h * d_v, bias("o_proj").as_deref())?;
-        let absorb_blocks = w.absorption_blocks(&names.attn("kv_b_proj")).filter(|(k_b, v_b)| {
+        let absorb_blocks = match w.absorption_blocks(&names.attn("kv_b_proj")) {
+            Some(blocks) => Some(blocks),
+            None => quantized_absorption(w, &w_uk, &w_uv)?,
+        }
+        .filter(|(k_b, v_b)| {
             k_b.rows(d_n) == h * d_c && v_b.rows(d_c) == h * d_v && k_b.groups_fit(d_c) && v_b.groups_fit(d_v)
         });
         Ok(Mla {
