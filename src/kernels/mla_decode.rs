@@ -100,6 +100,17 @@ mod fused {
         o: Vec<f32>,
     }
 
+    /// One step's queries (rounded to bf16), cache, sizes and score scale.
+    #[derive(Clone, Copy)]
+    struct Step<'a> {
+        q_lat: &'a [bf16],
+        q_rope: &'a [bf16],
+        c_kv: &'a [bf16],
+        k_rope: &'a [bf16],
+        shape: MlaShape,
+        scale: f32,
+    }
+
     /// Scratch for one run: its scores (then probabilities), and the probabilities as bf16 pairs.
     struct Scratch {
         p: Vec<f32>,
@@ -137,6 +148,7 @@ mod fused {
             "mla_decode: shapes disagree"
         );
         assert!(crate::kernels::gemm::has_avx512_bf16(), "mla_decode_bf16 needs AVX-512 BF16");
+        let step = Step { q_lat, q_rope, c_kv, k_rope, shape, scale };
         let (hp, dp) = padded(shape);
         let runs = len.div_ceil(RUN);
         let shares = runs.min(4 * rayon::current_num_threads()).max(1);
@@ -149,7 +161,7 @@ mod fused {
                     let rows = run * RUN..((run + 1) * RUN).min(len);
                     // SAFETY: `has_avx512_bf16` was checked above; the shapes were checked
                     // against the slices, and `rows` lies inside the cache.
-                    unsafe { absorb_run(q_lat, q_rope, c_kv, k_rope, shape, scale, rows, &mut part, &mut scratch) };
+                    unsafe { absorb_run(&step, rows, &mut part, &mut scratch) };
                 }
                 part
             })
@@ -221,18 +233,8 @@ mod fused {
     /// # Safety
     /// AVX-512 F/BW/BF16; the slices as [`mla_decode_bf16`] checked them, `rows` inside `0..len`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn absorb_run(
-        q_lat: &[bf16],
-        q_rope: &[bf16],
-        c_kv: &[bf16],
-        k_rope: &[bf16],
-        shape: MlaShape,
-        scale: f32,
-        rows: std::ops::Range<usize>,
-        part: &mut Partial,
-        scratch: &mut Scratch,
-    ) {
+    unsafe fn absorb_run(step: &Step<'_>, rows: std::ops::Range<usize>, part: &mut Partial, scratch: &mut Scratch) {
+        let Step { q_lat, q_rope, c_kv, k_rope, shape, scale } = *step;
         let MlaShape { heads, d_c, d_r, .. } = shape;
         let (hp, dp) = padded(shape);
         let (s0, n) = (rows.start, rows.len());
