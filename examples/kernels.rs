@@ -6,8 +6,8 @@
 //! the GB/s of blocks read. Small matrices stay in cache, so they measure the kernels' compute,
 //! and large ones memory. Then it times one absorbed MLA decode step (16 heads, 512 + 64 latent)
 //! at 4096 and 16384 cached tokens, over a bf16 and an f32 cache, and the prefill product of 48
-//! and 512 activation rows over each tiled format: the bf16 GEMM of dequantized rows against the
-//! tiles' 8-bit product.
+//! and 512 activation rows in each format: the bf16 GEMM of dequantized rows against the tiles'
+//! 8-bit product.
 
 use std::time::Instant;
 
@@ -142,20 +142,22 @@ fn run(n_in: usize, n_out: usize) {
     prefill(&matrices, &values, n_in, n_out);
 }
 
-/// The prefill product of many activation rows: the bf16 GEMM over dequantized rows
-/// (`gemm_quant`) against the tiles' own 8-bit product, for a routed expert's share of a 512-token
-/// prompt (48 rows) and for the whole prompt.
+/// The prefill product of many activation rows: the rows' bf16 GEMM (each task dequantizes its
+/// run of rows, `gemm_quant`: prefill where weights are not tiled) against the tiles' own 8-bit
+/// product, for a routed expert's share of a 512-token prompt (48 rows) and for the whole prompt.
 fn prefill(matrices: &[QuantMatrix], values: &[f32], n_in: usize, n_out: usize) {
     for t in [48, 512] {
         let x = &values[..t * n_in];
         let macs = (t * n_in * n_out) as f64;
-        for m in matrices.iter().filter(|m| m.is_tiled()) {
+        // `matrices` holds each format as rows, then as tiles.
+        for pair in matrices.chunks_exact(2) {
+            let (rows, tiles) = (&pair[0], &pair[1]);
             let runs = (20.0 * 512.0 * 2048.0 * 11264.0 / macs).clamp(3.0, 200.0) as usize;
-            let bf16 = median(runs, || drop(std::hint::black_box(gemm_quant(x, m, t, n_in, n_out))));
-            let int8 = median(runs, || drop(std::hint::black_box(m.matvec(x, t, n_in, n_out))));
+            let bf16 = median(runs, || drop(std::hint::black_box(gemm_quant(x, rows, t, n_in, n_out))));
+            let int8 = median(runs, || drop(std::hint::black_box(tiles.matvec(x, t, n_in, n_out))));
             println!(
-                "{:5} {t:3} rows: bf16 GEMM {:6.1} GMAC/s, tiles 8-bit {:6.1} GMAC/s",
-                m.name(),
+                "{:5} {t:3} rows: bf16 GEMM of dequantized rows {:6.1} GMAC/s, tiles 8-bit {:6.1} GMAC/s",
+                rows.name(),
                 macs / bf16 / 1e9,
                 macs / int8 / 1e9
             );

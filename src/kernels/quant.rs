@@ -18,7 +18,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::matvec::{by_output_rows, sum_tree, ROWS_PER_TASK};
-use super::tiles::{tile_rows, Tile, TileQ4K, TileQ5_0, TileQ6K, TileQ8_0, Tiles, TILE_ROWS};
+use super::tiles::{row_bf16, tile_rows, Tile, TileQ4K, TileQ5_0, TileQ6K, TileQ8_0, Tiles, TILE_ROWS};
 use super::Simd;
 
 /// Values per Q8_0 block, and per scale of the 32-value formats' activations.
@@ -432,7 +432,7 @@ trait Layout: Sync {
     fn for_each_block(&self, first: usize, n: usize, per_row: usize, f: impl FnMut(usize, usize, &Self::Block));
     /// The values of rows `first..first + out.len() / n_in`, rounded to bf16. Plain loops, no
     /// closures: inlined into a caller compiled for AVX-512 (`ISA >= AVX512`), they vectorize
-    /// with it, and tiles take their AVX-512 code.
+    /// with it.
     fn rows_bf16<const ISA: u8>(&self, first: usize, n_in: usize, out: &mut [half::bf16]);
     /// `y (t, out) = x (t, in) · Wᵀ` by the decode kernel.
     fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32>;
@@ -489,7 +489,7 @@ impl<T: Tile> Layout for Tiles<T> {
                 let tile = &self.0[tile_row * per_row + b];
                 for row in lo..hi {
                     let at = (row - first) * n_in + b * vals;
-                    tile.dequantize_row_bf16::<ISA>(row % TILE_ROWS, &mut out[at..at + vals]);
+                    row_bf16(tile, row % TILE_ROWS, &mut out[at..at + vals]);
                 }
             }
         }

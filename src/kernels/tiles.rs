@@ -26,9 +26,8 @@
 //!
 //! Prefill uses the same kernel on several activation rows at once ([`Tile::dot_vnni`] with
 //! `N = 4`): each register of codes is unpacked once and multiplied into 4 rows' accumulators, so
-//! the product becomes bound by `vpdpbusd` (64 multiply-adds each, twice `vdpbf16ps`). The bf16
-//! GEMM can still read a tile's rows back as bf16 values ([`Tile::dequantize_row_bf16`], AVX-512
-//! for Q4_K and Q5_0); lookups and the reference twins read them as blocks ([`Tile::unpack`]).
+//! the product becomes bound by `vpdpbusd` (64 multiply-adds each, twice `vdpbf16ps`). Lookups and
+//! the reference twins read tiles back as blocks ([`Tile::unpack`]).
 
 use half::f16;
 
@@ -36,7 +35,7 @@ use super::kquant::{scales_mins, BlockQ4K, BlockQ5_0, BlockQ6K, K_SCALE_SIZE, QK
 use super::matvec::{by_output_rows, sum_tree, ROWS_PER_TASK};
 #[cfg(target_arch = "x86_64")]
 use super::quant::AVX512_VNNI;
-use super::quant::{f16_value, BlockQ8_0, QuantBlock, QuantizedRows, AVX2, AVX512, LANES, PORTABLE, QK8_0, SUM_GROUP};
+use super::quant::{BlockQ8_0, QuantBlock, QuantizedRows, AVX2, AVX512, LANES, PORTABLE, QK8_0, SUM_GROUP};
 use super::Simd;
 
 /// Rows per tile: one per 32-bit lane of an AVX-512 register.
@@ -54,12 +53,6 @@ pub trait Tile: Copy + Send + Sync + 'static {
     #[inline(always)]
     fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         self.unpack(r).dequantize(out)
-    }
-    /// Row `r`'s values rounded to bf16 (the prefill GEMM's operand); `ISA >= AVX512` only inside
-    /// code compiled for AVX-512 F/BW.
-    #[inline(always)]
-    fn dequantize_row_bf16<const ISA: u8>(&self, r: usize, out: &mut [half::bf16]) {
-        row_bf16_scalar(self, r, out)
     }
     /// Every row's block.
     #[inline(always)]
@@ -87,10 +80,9 @@ pub struct Codes<'a> {
     pub sums: &'a [i16],
 }
 
-/// Row `r`'s values rounded to bf16 one by one ([`Tile::dequantize_row_bf16`] where no AVX-512
-/// code is written or available).
+/// Row `r`'s values rounded to bf16 (the bf16 GEMM's operand, where it is given tiles).
 #[inline(always)]
-fn row_bf16_scalar<T: Tile>(tile: &T, r: usize, out: &mut [half::bf16]) {
+pub(crate) fn row_bf16<T: Tile>(tile: &T, r: usize, out: &mut [half::bf16]) {
     let mut values = [0f32; QK_K];
     let values = &mut values[..T::Block::VALUES];
     tile.dequantize_row(r, values);
@@ -127,21 +119,6 @@ unsafe fn broadcast4(x: &[i8], o: usize) -> std::arch::x86_64::__m512i {
     debug_assert!(o + 4 <= x.len());
     // SAFETY: the caller's contract.
     unsafe { std::arch::x86_64::_mm512_set1_epi32(x.as_ptr().add(o).cast::<i32>().read_unaligned()) }
-}
-
-/// 16 floats rounded to bf16 as [`super::bf16_round`] rounds one (nearest, ties to even), packed
-/// into 16 bits each. AVX-512 F/BW only.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn bf16_round16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    // SAFETY: called only from code compiled for avx512f/bw (the tiles' `ISA >= AVX512` paths).
-    unsafe {
-        let bits = _mm512_castps_si512(v);
-        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-        let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-        _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(rounded))
-    }
 }
 
 /// Writes `src`'s 4-byte words into `dst` as row `r` of a tile: word `j` at word `16·j + r`.
@@ -220,56 +197,6 @@ impl Tile for TileQ4K {
                 }
             }
         }
-    }
-
-    #[inline(always)]
-    fn dequantize_row_bf16<const ISA: u8>(&self, r: usize, out: &mut [half::bf16]) {
-        #[cfg(target_arch = "x86_64")]
-        if ISA >= AVX512 {
-            use std::arch::x86_64::*;
-            let packed: [u8; K_SCALE_SIZE] = std::array::from_fn(|k| self.scales[TILE_ROWS * k + r]);
-            let (sc, m) = scales_mins(&packed);
-            let (d, dmin) = (f16_value(self.d[r]), f16_value(self.dmin[r]));
-            let out = &mut out[..QK_K];
-            // SAFETY: `ISA >= AVX512` only in code compiled for avx512f/bw. The gathers read row
-            // `r`'s words `16h..16h + 16` (offsets below 2048 within `qs`), the stores write 16
-            // bf16 inside `out` (256 long).
-            unsafe {
-                let offsets = _mm512_add_epi32(
-                    _mm512_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960),
-                    _mm512_set1_epi32(4 * r as i32),
-                );
-                let low4 = _mm256_set1_epi8(0x0f);
-                for h in 0..2 {
-                    // Row r's words 16h..16h + 16: the codes of runs p = 2h and 2h + 1, in order.
-                    let words = _mm512_i32gather_epi32::<1>(offsets, self.qs[1024 * h..].as_ptr().cast());
-                    for pp in 0..2 {
-                        let p = 2 * h + pp;
-                        let codes =
-                            if pp == 0 { _mm512_castsi512_si256(words) } else { _mm512_extracti64x4_epi64::<1>(words) };
-                        let lo = _mm256_and_si256(codes, low4);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(codes), low4);
-                        for (g, nibbles) in [(2 * p, lo), (2 * p + 1, hi)] {
-                            let (scale, min) = (_mm512_set1_ps(d * sc[g] as f32), _mm512_set1_ps(dmin * m[g] as f32));
-                            for half16 in 0..2 {
-                                let bytes = if half16 == 0 {
-                                    _mm256_castsi256_si128(nibbles)
-                                } else {
-                                    _mm256_extracti128_si256::<1>(nibbles)
-                                };
-                                // (Multiply, then subtract: the same rounding as `dequantize_row`.)
-                                let v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
-                                let v = _mm512_sub_ps(_mm512_mul_ps(v, scale), min);
-                                let dst = out[32 * g + 16 * half16..].as_mut_ptr();
-                                _mm256_storeu_si256(dst.cast(), bf16_round16(v));
-                            }
-                        }
-                    }
-                }
-            }
-            return;
-        }
-        row_bf16_scalar(self, r, out)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -641,41 +568,6 @@ impl Tile for TileQ5_0 {
     }
 
     #[inline(always)]
-    fn dequantize_row_bf16<const ISA: u8>(&self, r: usize, out: &mut [half::bf16]) {
-        #[cfg(target_arch = "x86_64")]
-        if ISA >= AVX512 {
-            use std::arch::x86_64::*;
-            let word = |c: usize| {
-                let at = (TILE_ROWS * c + r) * 4;
-                i32::from_le_bytes([self.qs[at], self.qs[at + 1], self.qs[at + 2], self.qs[at + 3]])
-            };
-            let fifth = |m: usize| ((self.qh[8 * m + r / 2] >> (4 * (r % 2))) & 0xf) as u16;
-            let lo_bits = fifth(0) | fifth(1) << 4 | fifth(2) << 8 | fifth(3) << 12;
-            let hi_bits = fifth(4) | fifth(5) << 4 | fifth(6) << 8 | fifth(7) << 12;
-            let d = f16_value(self.d[r]);
-            let out = &mut out[..32];
-            // SAFETY: `ISA >= AVX512` only in code compiled for avx512f/bw/vl; the stores write 16
-            // bf16 each inside `out` (32 long).
-            unsafe {
-                // Row r's 16 code bytes: byte 4c + k holds values 4c + k (low nibble) and 16 + 4c + k.
-                let codes = _mm_setr_epi32(word(0), word(1), word(2), word(3));
-                let low4 = _mm_set1_epi8(0x0f);
-                let lo = _mm_and_si128(codes, low4);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(codes), low4);
-                let fifth = _mm_set1_epi8(0x10);
-                for (half16, nibbles, bits) in [(0, lo, lo_bits), (1, hi, hi_bits)] {
-                    let c = _mm_or_si128(nibbles, _mm_maskz_mov_epi8(bits, fifth));
-                    let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(c), _mm512_set1_epi32(16)));
-                    let v = _mm512_mul_ps(v, _mm512_set1_ps(d));
-                    _mm256_storeu_si256(out[16 * half16..].as_mut_ptr().cast(), bf16_round16(v));
-                }
-            }
-            return;
-        }
-        row_bf16_scalar(self, r, out)
-    }
-
-    #[inline(always)]
     fn unpack(&self, r: usize) -> BlockQ5_0 {
         let mut b = BlockQ5_0 { d: self.d[r], qh: [0; 4], qs: [0; 16] };
         deinterleave_words(&self.qs, r, &mut b.qs);
@@ -866,22 +758,6 @@ mod tests {
     use crate::kernels::quant::matvec_quant_reference;
     use crate::kernels::quant::tests::assert_close_rel;
 
-    /// [`Tile::dequantize_row_bf16`]'s AVX-512 code, compiled for it.
-    fn dequantize_row_bf16_avx512<T: Tile>(tile: &T, r: usize, out: &mut [half::bf16]) {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        unsafe fn wide<T: Tile>(tile: &T, r: usize, out: &mut [half::bf16]) {
-            tile.dequantize_row_bf16::<AVX512>(r, out)
-        }
-        // SAFETY: the caller checked that the CPU has AVX-512 (`Simd::available`).
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            wide(tile, r, out)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (tile, r, out);
-    }
-
     fn check<T: Tile>()
     where
         T::Block: PartialEq,
@@ -907,17 +783,9 @@ mod tests {
                     assert_eq!(got_values, want_values, "{} row {row} block {b}: dequantize_row", T::Block::NAME);
                     let tile = &tiles.0[row / TILE_ROWS * per_row + b];
                     let want_bf16: Vec<half::bf16> = want_values.iter().map(|&v| half::bf16::from_f32(v)).collect();
-                    for isa in [PORTABLE, AVX512] {
-                        let mut got_bf16 = vec![half::bf16::ZERO; k];
-                        if isa == PORTABLE {
-                            tile.dequantize_row_bf16::<PORTABLE>(row % TILE_ROWS, &mut got_bf16);
-                        } else if Simd::available().contains(&Simd::Avx512) {
-                            dequantize_row_bf16_avx512(tile, row % TILE_ROWS, &mut got_bf16);
-                        } else {
-                            continue;
-                        }
-                        assert_eq!(got_bf16, want_bf16, "{} row {row} block {b}: bf16 ({isa})", T::Block::NAME);
-                    }
+                    let mut got_bf16 = vec![half::bf16::ZERO; k];
+                    row_bf16(tile, row % TILE_ROWS, &mut got_bf16);
+                    assert_eq!(got_bf16, want_bf16, "{} row {row} block {b}: bf16", T::Block::NAME);
                     let all = tiles.0[row / TILE_ROWS * per_row + b].unpack_all();
                     assert!(all[row % TILE_ROWS] == want, "{} row {row} block {b}: unpack_all", T::Block::NAME);
                 }
