@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::quant::dot32_vnni;
-use super::quant::{dot32_lanes, f16_scale, QuantBlock, AVX512, AVX512_VNNI, LANES, SUM_GROUP};
+use super::quant::{dot32_lanes, f16_scale, QuantBlock, AVX2, AVX512, AVX512_VNNI, LANES, SUM_GROUP};
 
 /// Values per k-quant super-block.
 pub const QK_K: usize = 256;
@@ -162,17 +162,24 @@ impl QuantBlock for BlockQ4K {
             let _ = extra;
             return;
         }
-        let mut isum = 0i32;
-        for p in 0..4 {
-            let codes = &self.qs[32 * p..32 * p + 32];
-            let (x_lo, x_hi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
-            let (mut lo, mut hi) = (0i32, 0i32);
-            for l in 0..32 {
-                lo += (codes[l] & 0xf) as i32 * x_lo[l] as i32;
-                hi += (codes[l] >> 4) as i32 * x_hi[l] as i32;
+        #[cfg(target_arch = "x86_64")]
+        let wide = (ISA == AVX2).then(|| self.isum_avx2(&sc, q));
+        #[cfg(not(target_arch = "x86_64"))]
+        let wide: Option<i32> = None;
+        let isum = wide.unwrap_or_else(|| {
+            let mut isum = 0i32;
+            for p in 0..4 {
+                let codes = &self.qs[32 * p..32 * p + 32];
+                let (x_lo, x_hi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
+                let (mut lo, mut hi) = (0i32, 0i32);
+                for l in 0..32 {
+                    lo += (codes[l] & 0xf) as i32 * x_lo[l] as i32;
+                    hi += (codes[l] >> 4) as i32 * x_hi[l] as i32;
+                }
+                isum += sc[2 * p] as i32 * lo + sc[2 * p + 1] as i32 * hi;
             }
-            isum += sc[2 * p] as i32 * lo + sc[2 * p + 1] as i32 * hi;
-        }
+            isum
+        });
         let msum: i32 = (0..8).map(|j| m[j] as i32 * (sums[2 * j] as i32 + sums[2 * j + 1] as i32)).sum();
         *extra += dd * isum as f32 - dmin * msum as f32;
     }
@@ -260,6 +267,36 @@ fn scaled_pairs<const ISA: u8>(
     }
 }
 
+impl BlockQ4K {
+    /// `Σ_g sc_g · Σ code·x` over the block, exactly the plain loops' integer, in AVX2:
+    /// `vpmaddubsw` sums two products of a 4-bit code and an activation code (at most
+    /// 2 · 15 · 127), `vpmaddwd` two of those times a 6-bit scale; nothing overflows.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn isum_avx2(&self, sc: &[u8; 8], q: &[i8]) -> i32 {
+        use std::arch::x86_64::*;
+        let q = &q[..QK_K];
+        // SAFETY: called only from the AVX2 variant (avx2 present); loads read 32 bytes inside
+        // `qs` (128) and `q` (256).
+        unsafe {
+            let low4 = _mm256_set1_epi8(0x0f);
+            let mut acc = _mm256_setzero_si256();
+            for p in 0..4 {
+                let c = _mm256_loadu_si256(self.qs[32 * p..].as_ptr().cast());
+                let (lo, hi) = (_mm256_and_si256(c, low4), _mm256_and_si256(_mm256_srli_epi16(c, 4), low4));
+                let x_lo = _mm256_loadu_si256(q[64 * p..].as_ptr().cast());
+                let x_hi = _mm256_loadu_si256(q[64 * p + 32..].as_ptr().cast());
+                let lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_set1_epi16(sc[2 * p] as i16));
+                let hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), _mm256_set1_epi16(sc[2 * p + 1] as i16));
+                acc = _mm256_add_epi32(acc, _mm256_add_epi32(lo, hi));
+            }
+            let mut words = [0i32; 8];
+            _mm256_storeu_si256(words.as_mut_ptr().cast(), acc);
+            words.iter().sum()
+        }
+    }
+}
+
 impl BlockQ6K {
     /// The 6-bit codes (0..64, offset by 32) in value order.
     #[inline(always)]
@@ -276,6 +313,53 @@ impl BlockQ6K {
             }
         }
         out
+    }
+}
+
+impl BlockQ6K {
+    /// `Σ_g scale_g · Σ code·x` over the block, exactly the plain loops' integer, in AVX2: each
+    /// run of 32 codes (stored plus 32) against its activations by `vpmaddubsw` (pairs of at most
+    /// 2 · 63 · 127), then `vpmaddwd` by the two groups' scales; the offset comes back off through
+    /// the activation sums per 16.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn isum_avx2(&self, q: &[i8], sums: &[i16]) -> i32 {
+        use std::arch::x86_64::*;
+        let (q, sums) = (&q[..QK_K], &sums[..QK_K / 16]);
+        // SAFETY: called only from the AVX2 variant (avx2 present); loads read 32 bytes inside
+        // `ql` (128), `qh` (64) and `q` (256).
+        unsafe {
+            let (low4, top2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+            let mut acc = _mm256_setzero_si256();
+            for n in 0..2 {
+                let a = _mm256_loadu_si256(self.ql[64 * n..].as_ptr().cast());
+                let b = _mm256_loadu_si256(self.ql[64 * n + 32..].as_ptr().cast());
+                let h = _mm256_loadu_si256(self.qh[32 * n..].as_ptr().cast());
+                let runs = [
+                    _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), top2)),
+                    _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), top2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(h, top2)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(b, 4), low4),
+                        _mm256_and_si256(_mm256_srli_epi16(h, 2), top2),
+                    ),
+                ];
+                for (j, &run) in runs.iter().enumerate() {
+                    // Values 32r..32r + 32: groups 2r (low 128 bits) and 2r + 1.
+                    let r = 4 * n + j;
+                    let pairs = _mm256_maddubs_epi16(run, _mm256_loadu_si256(q[32 * r..].as_ptr().cast()));
+                    let scales = _mm256_set_m128i(
+                        _mm_set1_epi16(self.scales[2 * r + 1] as i16),
+                        _mm_set1_epi16(self.scales[2 * r] as i16),
+                    );
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scales));
+                }
+            }
+            let mut words = [0i32; 8];
+            _mm256_storeu_si256(words.as_mut_ptr().cast(), acc);
+            let offset: i32 = (0..QK_K / 16).map(|g| self.scales[g] as i32 * sums[g] as i32).sum();
+            words.iter().sum::<i32>() - 32 * offset
+        }
     }
 }
 
@@ -344,6 +428,12 @@ impl QuantBlock for BlockQ6K {
             let _ = extra;
             return;
         }
+        let _ = lanes;
+        #[cfg(target_arch = "x86_64")]
+        if ISA == AVX2 {
+            *extra += dd * self.isum_avx2(q, sums) as f32;
+            return;
+        }
         let codes = self.codes();
         let mut isum = 0i32;
         for g in 0..QK_K / 16 {
@@ -351,7 +441,7 @@ impl QuantBlock for BlockQ6K {
             let s: i32 = w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum();
             isum += self.scales[g] as i32 * s;
         }
-        let _ = (sums, lanes);
+        let _ = sums;
         *extra += dd * isum as f32;
     }
 }
@@ -522,6 +612,32 @@ impl QuantBlock for BlockQ5_0 {
         }
         let _ = sums;
         let mut c = [0i8; 32];
+        #[cfg(target_arch = "x86_64")]
+        if ISA == AVX2 {
+            use std::arch::x86_64::*;
+            // SAFETY: the AVX2 variant only (avx2 present); `qs` is 16 bytes, `c` 32. Byte j of
+            // `bits` is 0xff where bit j of `qh` is set: the word `qh` in every lane, each byte
+            // spread over 8 bytes, and all bits but bit j % 8 of byte j set before the compare.
+            unsafe {
+                let packed = _mm_loadu_si128(self.qs.as_ptr().cast());
+                let nibbles = _mm256_set_m128i(
+                    _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0f)),
+                    _mm_and_si128(packed, _mm_set1_epi8(0x0f)),
+                );
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(qh as i32),
+                    _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
+                );
+                let bits = _mm256_cmpeq_epi8(
+                    _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
+                    _mm256_set1_epi64x(-1),
+                );
+                let codes = _mm256_or_si256(nibbles, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
+                _mm256_storeu_si256(c.as_mut_ptr().cast(), _mm256_sub_epi8(codes, _mm256_set1_epi8(16)));
+            }
+            dot32_lanes::<ISA>(&c, q, s, lanes);
+            return;
+        }
         for j in 0..16 {
             let h0 = (((qh >> j) << 4) & 0x10) as u8;
             let h1 = ((qh >> (j + 12)) & 0x10) as u8;

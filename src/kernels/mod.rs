@@ -42,6 +42,11 @@ pub trait Load16: Widen {
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 
+    /// # Safety
+    /// `p` must point to 8 readable elements, on a CPU with AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
     /// The elements as bf16, if that is what they are.
     fn as_bf16(elements: &[Self]) -> Option<&[half::bf16]> {
         let _ = elements;
@@ -56,6 +61,13 @@ impl Load16 for f32 {
         // SAFETY: the caller's contract.
         unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
 }
 
 impl Load16 for half::bf16 {
@@ -65,6 +77,14 @@ impl Load16 for half::bf16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract; a bf16 is the top half of an f32.
         unsafe { _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())), 16)) }
     }
 
     fn as_bf16(elements: &[half::bf16]) -> Option<&[half::bf16]> {
@@ -103,10 +123,38 @@ pub enum Simd {
 }
 
 impl Simd {
-    /// The best variant the running CPU supports (detected once).
+    /// The best variant the running CPU supports (detected once), or the one the environment
+    /// variable `LATENT_SIMD` names (`portable`, `avx2`, `avx512`, `avx512vnni`) if the CPU has
+    /// it: so the narrower kernels can be measured on a wide CPU.
     pub fn detect() -> Simd {
         static BEST: OnceLock<Simd> = OnceLock::new();
-        *BEST.get_or_init(|| *Simd::available().last().unwrap_or(&Simd::Portable))
+        *BEST.get_or_init(|| {
+            let available = Simd::available();
+            let best = *available.last().unwrap_or(&Simd::Portable);
+            let Ok(wanted) = std::env::var("LATENT_SIMD") else { return best };
+            match available.iter().find(|s| s.name().eq_ignore_ascii_case(wanted.trim())) {
+                Some(&chosen) => chosen,
+                None => {
+                    let names: Vec<&str> = available.iter().map(|s| s.name()).collect();
+                    eprintln!(
+                        "latent: LATENT_SIMD={wanted} is not a variant this CPU runs (it runs {}); using {}",
+                        names.join(", "),
+                        best.name()
+                    );
+                    best
+                }
+            }
+        })
+    }
+
+    /// The variant's name, as `LATENT_SIMD` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Avx512Vnni => "avx512vnni",
+            Simd::Avx512 => "avx512",
+            Simd::Avx2 => "avx2",
+            Simd::Portable => "portable",
+        }
     }
 
     /// Every variant this CPU can run, narrowest first (the tests check each against the reference).

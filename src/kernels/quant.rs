@@ -80,7 +80,8 @@ pub(crate) const AVX512_VNNI: u8 = 3;
 /// `lanes[l] += s_l · (a[2l]·b[2l] + a[2l+1]·b[2l+1])` over 32 codes, with `s_l = s1` for the
 /// lanes of the first 16 codes and `s2` for the rest: pairs of 16-bit products summed in 32 bits,
 /// converted and scaled in 16 lanes. AVX-512 spells it out (sign-extend, multiply-add of word
-/// pairs, convert, FMA: four instructions per 32 codes); elsewhere plain loops.
+/// pairs, convert, FMA: four instructions per 32 codes), AVX2 the same in two halves; the portable
+/// variant is plain loops.
 #[inline(always)]
 pub(crate) fn dot32_scaled<const ISA: u8>(a: &[i8], b: &[i8], s1: f32, s2: f32, lanes: &mut [f32; LANES]) {
     let (a, b) = (&a[..32], &b[..32]);
@@ -97,6 +98,22 @@ pub(crate) fn dot32_scaled<const ISA: u8>(a: &[i8], b: &[i8], s1: f32, s2: f32, 
             let scale = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s1), _mm512_set1_ps(s2));
             let acc = _mm512_loadu_ps(lanes.as_ptr());
             _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_fmadd_ps(p, scale, acc));
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if ISA == AVX2 {
+        use std::arch::x86_64::*;
+        // SAFETY: the AVX2 variant only (avx2 and fma present); `a`, `b` hold 32 bytes (two
+        // 16-byte loads each) and `lanes` 16 f32s. The same sums and FMAs as the loops below.
+        unsafe {
+            for (h, s) in [(0, s1), (1, s2)] {
+                let va = _mm256_cvtepi8_epi16(_mm_loadu_si128(a[16 * h..].as_ptr().cast()));
+                let vb = _mm256_cvtepi8_epi16(_mm_loadu_si128(b[16 * h..].as_ptr().cast()));
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(va, vb));
+                let acc = _mm256_loadu_ps(lanes[8 * h..].as_ptr());
+                _mm256_storeu_ps(lanes[8 * h..].as_mut_ptr(), _mm256_fmadd_ps(p, _mm256_set1_ps(s), acc));
+            }
         }
         return;
     }
