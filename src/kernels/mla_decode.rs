@@ -124,12 +124,13 @@ mod fused {
 
     /// Latent `dim_of(i)` of a 64-latent chunk is accumulator element `i`: register `k = i / 16`
     /// of the tile holds, in 128-bit lane `L`, latents `8L..8L + 4` (`k` even) or `8L + 4..8L + 8`
-    /// (`k` odd) of the chunk's first (`k < 2`) or second 32 (see `weighted_sum`).
+    /// (`k` odd) of the chunk's first (`k < 2`) or second 32 (see the weighted sum in `absorb_run`).
     fn dim_of(i: usize) -> usize {
         let (chunk, k, lane, e) = (i / COLS * COLS, (i % COLS) / 16, (i % 16) / 4, i % 4);
         chunk + [0, 4, 32, 36][k] + 8 * lane + e
     }
 
+    /// [`super::mla_decode`] over a bf16 cache, the queries already rounded to bf16.
     pub fn mla_decode_bf16(
         q_lat: &[bf16],
         q_rope: &[bf16],
