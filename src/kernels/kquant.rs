@@ -298,6 +298,32 @@ impl BlockQ4K {
 }
 
 impl BlockQ6K {
+    /// The four runs of 32 codes (0..64, stored plus 32) of half `n` of the block, values
+    /// `128n + 32j..` in run `j`, as [`BlockQ6K::codes`] spells them. Only in code compiled for
+    /// AVX2 (the AVX2 and AVX-512 variants).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn runs_avx2(&self, n: usize) -> [std::arch::x86_64::__m256i; 4] {
+        use std::arch::x86_64::*;
+        // SAFETY: the callers run only in variants compiled for avx2; the loads read 32 bytes
+        // inside `ql` (128) and `qh` (64).
+        unsafe {
+            let (low4, top2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+            let a = _mm256_loadu_si256(self.ql[64 * n..].as_ptr().cast());
+            let b = _mm256_loadu_si256(self.ql[64 * n + 32..].as_ptr().cast());
+            let h = _mm256_loadu_si256(self.qh[32 * n..].as_ptr().cast());
+            [
+                _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), top2)),
+                _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), top2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(h, top2)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(b, 4), low4),
+                    _mm256_and_si256(_mm256_srli_epi16(h, 2), top2),
+                ),
+            ]
+        }
+    }
+
     /// The 6-bit codes (0..64, offset by 32) in value order.
     #[inline(always)]
     fn codes(&self) -> [i8; QK_K] {
@@ -329,22 +355,9 @@ impl BlockQ6K {
         // SAFETY: called only from the AVX2 variant (avx2 present); loads read 32 bytes inside
         // `ql` (128), `qh` (64) and `q` (256).
         unsafe {
-            let (low4, top2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
             let mut acc = _mm256_setzero_si256();
             for n in 0..2 {
-                let a = _mm256_loadu_si256(self.ql[64 * n..].as_ptr().cast());
-                let b = _mm256_loadu_si256(self.ql[64 * n + 32..].as_ptr().cast());
-                let h = _mm256_loadu_si256(self.qh[32 * n..].as_ptr().cast());
-                let runs = [
-                    _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), top2)),
-                    _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), top2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(h, top2)),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(b, 4), low4),
-                        _mm256_and_si256(_mm256_srli_epi16(h, 2), top2),
-                    ),
-                ];
-                for (j, &run) in runs.iter().enumerate() {
+                for (j, &run) in self.runs_avx2(n).iter().enumerate() {
                     // Values 32r..32r + 32: groups 2r (low 128 bits) and 2r + 1.
                     let r = 4 * n + j;
                     let pairs = _mm256_maddubs_epi16(run, _mm256_loadu_si256(q[32 * r..].as_ptr().cast()));
@@ -389,24 +402,9 @@ impl QuantBlock for BlockQ6K {
             unsafe {
                 let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(self.scales.as_ptr().cast()));
                 let scales512 = _mm512_castsi256_si512(scales);
-                let low4 = _mm256_set1_epi8(0x0f);
-                let top2 = _mm256_set1_epi8(0x30);
                 let mut isum = [_mm512_setzero_si512(); 2];
                 for n in 0..2 {
-                    let a = _mm256_loadu_si256(self.ql[64 * n..].as_ptr().cast());
-                    let b = _mm256_loadu_si256(self.ql[64 * n + 32..].as_ptr().cast());
-                    let h = _mm256_loadu_si256(self.qh[32 * n..].as_ptr().cast());
-                    // The four runs of 32 codes (0..64, stored plus 32) of this half, as
-                    // `BlockQ6K::codes` spells them.
-                    let runs = [
-                        _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), top2)),
-                        _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), top2)),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(h, top2)),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(b, 4), low4),
-                            _mm256_and_si256(_mm256_srli_epi16(h, 2), top2),
-                        ),
-                    ];
+                    let runs = self.runs_avx2(n);
                     for k in 0..2 {
                         let c = 2 * n + k;
                         let w = _mm512_inserti64x4(_mm512_castsi256_si512(runs[2 * k]), runs[2 * k + 1], 1);
