@@ -42,7 +42,9 @@ pub fn mla_decode<W: Load16>(
     #[cfg(target_arch = "x86_64")]
     if let (Some(c), Some(r)) = (W::as_bf16(c_kv), W::as_bf16(k_rope)) {
         if rounds_queries::<W>() && len > 0 {
-            return fused::mla_decode_bf16(&to_bf16(q_lat), &to_bf16(q_rope), c, r, shape, scale);
+            let (q_lat, q_rope) = (to_bf16(q_lat), to_bf16(q_rope));
+            let step = fused::Step { q_lat: &q_lat, q_rope: &q_rope, c_kv: c, k_rope: r, shape, scale };
+            return fused::mla_decode_bf16(step);
         }
     }
     // Elsewhere (an f32 cache, or no AVX-512 BF16): scores by the tiled GEMM, 4 heads x 4 cached
@@ -102,13 +104,13 @@ mod fused {
 
     /// One step's queries (rounded to bf16), cache, sizes and score scale.
     #[derive(Clone, Copy)]
-    struct Step<'a> {
-        q_lat: &'a [bf16],
-        q_rope: &'a [bf16],
-        c_kv: &'a [bf16],
-        k_rope: &'a [bf16],
-        shape: MlaShape,
-        scale: f32,
+    pub struct Step<'a> {
+        pub q_lat: &'a [bf16],
+        pub q_rope: &'a [bf16],
+        pub c_kv: &'a [bf16],
+        pub k_rope: &'a [bf16],
+        pub shape: MlaShape,
+        pub scale: f32,
     }
 
     /// Scratch for one run: its scores (then probabilities), and the probabilities as bf16 pairs.
@@ -131,14 +133,8 @@ mod fused {
     }
 
     /// [`super::mla_decode`] over a bf16 cache, the queries already rounded to bf16.
-    pub fn mla_decode_bf16(
-        q_lat: &[bf16],
-        q_rope: &[bf16],
-        c_kv: &[bf16],
-        k_rope: &[bf16],
-        shape: MlaShape,
-        scale: f32,
-    ) -> Vec<f32> {
+    pub fn mla_decode_bf16(step: Step<'_>) -> Vec<f32> {
+        let Step { q_lat, q_rope, c_kv, k_rope, shape, .. } = step;
         let MlaShape { heads, d_c, d_r, len } = shape;
         assert!(
             q_lat.len() == heads * d_c
@@ -149,7 +145,6 @@ mod fused {
             "mla_decode: shapes disagree"
         );
         assert!(crate::kernels::gemm::has_avx512_bf16(), "mla_decode_bf16 needs AVX-512 BF16");
-        let step = Step { q_lat, q_rope, c_kv, k_rope, shape, scale };
         let (hp, dp) = padded(shape);
         let runs = len.div_ceil(RUN);
         let shares = runs.min(4 * rayon::current_num_threads()).max(1);
