@@ -113,6 +113,8 @@ fn time_prefill(model: &Model, prompt: &[u32]) -> Result<f64> {
 fn time_decode(model: &Model, depth: usize, n_tokens: usize) -> Result<f64> {
     let cfg = model.config();
     let mut cache = model.new_cache()?;
+    // Steady-state decode: the cache does not grow (and copy its rows) while being timed.
+    cache.reserve(depth + n_tokens)?;
     if depth > 0 {
         let (d_c, d_r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
         let c_kv = Tensor::randn(0f32, 1.0, (depth, d_c), model.device())?.to_dtype(model.dtype())?;

@@ -64,27 +64,84 @@ impl LatentCache {
         self.layers.iter_mut().for_each(|l| l.len = l.len.min(len));
     }
 
-    /// Appends `c_kv: (T, d_c)` and `k_rope: (T, d_r)` to `layer`; returns all rows `(S, d_c)`, `(S, d_r)`.
-    pub fn append(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (d_c, d_r, dtype) = (self.d_c, self.d_r, self.dtype);
-        let device = self.device.clone();
-        let rows = &mut self.layers[layer];
-        let t = c_kv.dim(0)?;
-        let needed = rows.len + t;
-        if needed > rows.c_kv.dim(0)? {
-            let capacity = needed.max(2 * rows.c_kv.dim(0)?).max(64);
-            let grown_c = Tensor::zeros((capacity, d_c), dtype, &device)?;
-            let grown_r = Tensor::zeros((capacity, d_r), dtype, &device)?;
-            if rows.len > 0 {
-                grown_c.slice_set(&rows.c_kv.narrow(0, 0, rows.len)?, 0, 0)?;
-                grown_r.slice_set(&rows.k_rope.narrow(0, 0, rows.len)?, 0, 0)?;
-            }
-            rows.c_kv = grown_c;
-            rows.k_rope = grown_r;
+    /// Makes room for `tokens` tokens in every layer without growing again, so a caller that knows
+    /// how long the sequence will get (the prompt plus the tokens to generate) pays for no copy
+    /// of the rows mid-generation.
+    pub fn reserve(&mut self, tokens: usize) -> Result<()> {
+        for layer in 0..self.layers.len() {
+            self.grow(layer, tokens)?;
         }
-        rows.c_kv.slice_set(&c_kv.to_dtype(dtype)?.contiguous()?, 0, rows.len)?;
-        rows.k_rope.slice_set(&k_rope.to_dtype(dtype)?.contiguous()?, 0, rows.len)?;
+        Ok(())
+    }
+
+    /// Ensures `layer` holds at least `capacity` rows, copying the cached ones over.
+    fn grow(&mut self, layer: usize, capacity: usize) -> Result<()> {
+        let rows = &mut self.layers[layer];
+        if capacity <= rows.c_kv.dim(0)? {
+            return Ok(());
+        }
+        let grown_c = Tensor::zeros((capacity, self.d_c), self.dtype, &self.device)?;
+        let grown_r = Tensor::zeros((capacity, self.d_r), self.dtype, &self.device)?;
+        if rows.len > 0 {
+            grown_c.slice_set(&rows.c_kv.narrow(0, 0, rows.len)?, 0, 0)?;
+            grown_r.slice_set(&rows.k_rope.narrow(0, 0, rows.len)?, 0, 0)?;
+        }
+        rows.c_kv = grown_c;
+        rows.k_rope = grown_r;
+        Ok(())
+    }
+
+    /// Appends `c_kv: (T, d_c)` and `k_rope: (T, d_r)` to `layer`; returns all rows `(S, d_c)`, `(S, d_r)`.
+    /// Capacity at least doubles when it runs out.
+    pub fn append(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (len, capacity) = (self.layers[layer].len, self.layers[layer].c_kv.dim(0)?);
+        let needed = len + c_kv.dim(0)?;
+        if needed > capacity {
+            self.grow(layer, needed.max(2 * capacity).max(64))?;
+        }
+        let dtype = self.dtype;
+        let rows = &mut self.layers[layer];
+        rows.c_kv.slice_set(&c_kv.to_dtype(dtype)?.contiguous()?, 0, len)?;
+        rows.k_rope.slice_set(&k_rope.to_dtype(dtype)?.contiguous()?, 0, len)?;
         rows.len = needed;
         Ok((rows.c_kv.narrow(0, 0, needed)?, rows.k_rope.narrow(0, 0, needed)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(first: usize, n: usize, width: usize) -> Tensor {
+        let values: Vec<f32> = (first * width..(first + n) * width).map(|v| v as f32).collect();
+        Tensor::from_vec(values, (n, width), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn rows_survive_reserving_and_growing() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-v2/config.json");
+        let cfg = Config::from_file(&path).unwrap();
+        let (d_c, d_r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
+        let mut cache = LatentCache::new(&cfg, DType::F32, &Device::Cpu).unwrap();
+        cache.append(0, &rows(0, 3, d_c), &rows(0, 3, d_r)).unwrap();
+        cache.reserve(100).unwrap();
+        assert_eq!(cache.layers[0].c_kv.dim(0).unwrap(), 100);
+        assert_eq!(cache.layers[1].c_kv.dim(0).unwrap(), 100, "every layer is reserved");
+        cache.append(0, &rows(3, 97, d_c), &rows(3, 97, d_r)).unwrap();
+        assert_eq!(cache.layers[0].c_kv.dim(0).unwrap(), 100, "appends within the reservation do not grow");
+        // Past the reservation capacity doubles, and every row is kept.
+        let (c, r) = cache.append(0, &rows(100, 1, d_c), &rows(100, 1, d_r)).unwrap();
+        assert_eq!(cache.layers[0].c_kv.dim(0).unwrap(), 200);
+        assert_eq!(
+            c.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            rows(0, 101, d_c).flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(
+            r.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            rows(0, 101, d_r).flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        // A smaller reservation changes nothing.
+        cache.reserve(10).unwrap();
+        assert_eq!(cache.layers[0].c_kv.dim(0).unwrap(), 200);
     }
 }

@@ -71,6 +71,8 @@ pub fn generate(
     let mut sampler = Sampler::new(request.sampling).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let reused = cache.len().min(prompt.len() - 1);
     cache.truncate(reused);
+    // Room for the whole generation up front: growing mid-way copies every cached row.
+    cache.reserve((prompt.len() + request.max_tokens).min(max))?;
 
     let start = Instant::now();
     let mut logits = model.forward(&prompt[reused..], cache, AttentionPath::Expanded, LogitRows::Last)?;
