@@ -1,11 +1,11 @@
 //! Microbenchmark of the quantized products, one weight format at a time.
 //!
-//! `cargo run --release --example kernels -- [IN OUT] [--threads N]` multiplies one activation row
+//! `cargo run --release --example kernels -- [IN OUT] [--threads N] [--mla]` multiplies one activation row
 //! by an `(OUT, IN)` matrix (default 2048 x 11264, a V2-Lite dense MLP's gate and up together)
 //! in Q8_0, Q4_K, Q6_K and Q5_0, as rows and as tiles of 16 rows, and prints the median time and
 //! the GB/s of blocks read. Small matrices stay in cache, so they measure the kernels' compute,
 //! and large ones memory. Then it times one absorbed MLA decode step (16 heads, 512 + 64 latent)
-//! at 4096 and 16384 cached tokens, over a bf16 and an f32 cache, and the prefill product of 48
+//! at 4096 and 16384 cached tokens, over a bf16, an int8 and an f32 cache, and the prefill product of 48
 //! and 512 activation rows in each format: the bf16 GEMM of dequantized rows against the tiles'
 //! 8-bit product.
 
@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use latent::kernels::gemm::gemm_quant;
 use latent::kernels::kquant::{quantize_q4_k, BlockQ5_0, BlockQ6K};
+use latent::kernels::latent_int8::{mla_decode_int8, Int8Rows};
 use latent::kernels::matvec::weighted_rows;
 use latent::kernels::mla_decode::{mla_decode, MlaShape};
 use latent::kernels::quant::{quantize_q8_0, QuantMatrix};
@@ -20,13 +21,15 @@ use latent::kernels::quant::{quantize_q8_0, QuantMatrix};
 fn main() {
     let mut sizes = vec![];
     let mut threads = None;
+    let mut mla_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), a.parse::<usize>()) {
             ("--threads", _) => threads = args.next().and_then(|n| n.parse().ok()),
+            ("--mla", _) => mla_only = true,
             (_, Ok(n)) if n > 0 => sizes.push(n),
             _ => {
-                eprintln!("usage: kernels [IN OUT] [--threads N] (IN a multiple of 256)");
+                eprintln!("usage: kernels [IN OUT] [--threads N] [--mla] (IN a multiple of 256; --mla: only the attention step)");
                 std::process::exit(2);
             }
         }
@@ -41,6 +44,7 @@ fn main() {
     };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build();
     match pool {
+        Ok(pool) if mla_only => pool.install(|| [4096, 16384].into_iter().for_each(mla)),
         Ok(pool) => pool.install(|| run(n_in, n_out)),
         Err(e) => eprintln!("kernels: {e}"),
     }
@@ -76,11 +80,17 @@ fn mla(len: usize) {
     let step = median(50, || drop(std::hint::black_box(mla_decode(&q_lat, &q_rope, &c_kv, &k_rope, shape, 0.1))));
     let step32 = median(50, || drop(std::hint::black_box(mla_decode(&q_lat, &q_rope, &c32, &r32, shape, 0.1))));
     let sum = median(50, || drop(std::hint::black_box(weighted_rows(&p, &c_kv, heads, len, d_c))));
+    let mut rows = Int8Rows::new(d_c, d_r).expect("V2's latent sizes are whole words");
+    for (c, r) in c32.chunks_exact(d_c).zip(r32.chunks_exact(d_r)) {
+        rows.push(c, r);
+    }
+    let step8 = median(50, || drop(std::hint::black_box(mla_decode_int8(&q_lat, &q_rope, &rows, heads, 0.1))));
     let macs = (heads * len * d_c) as f64;
     println!(
-        "MLA decode step over {len} tokens: {:.3} ms with a bf16 cache, {:.3} ms with f32 \
+        "MLA decode step over {len} tokens: {:.3} ms with a bf16 cache, {:.3} ms with int8, {:.3} ms with f32 \
          (the unfused weighted sum of bf16 latents alone {:.3} ms, {:.1} GMAC/s)",
         step * 1e3,
+        step8 * 1e3,
         step32 * 1e3,
         sum * 1e3,
         macs / sum / 1e9

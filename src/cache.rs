@@ -3,11 +3,25 @@
 //!
 //! Rows live in two growable buffers per layer (`c_kv` and `k_rope`), so each read is a contiguous
 //! view of the first `len` rows. Capacity doubles when full; memory is counted in bytes.
+//!
+//! An int8 cache ([`CacheKind::Int8`]) keeps 8-bit codes instead, with a scale per 128 latents
+//! ([`Int8Rows`]): 596 bytes a row at V2's sizes against 1152 in bf16. Its latents are cached
+//! before `kv_a_layernorm`'s gain, which the attention folds into its query and output.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::kernels::latent_int8::Int8Rows;
+
+/// How cached rows are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKind {
+    /// In a float dtype.
+    Dense(DType),
+    /// 8-bit codes, a scale per 128 latents and one for the RoPE part.
+    Int8,
+}
 
 /// One layer's latent rows.
 #[derive(Debug, Clone)]
@@ -21,6 +35,8 @@ struct LayerRows {
 #[derive(Debug, Clone)]
 pub struct LatentCache {
     layers: Vec<LayerRows>,
+    /// The rows of an int8 cache (then `layers` stay empty).
+    int8: Vec<Int8Rows>,
     d_c: usize,
     d_r: usize,
     dtype: DType,
@@ -36,12 +52,55 @@ impl LatentCache {
             k_rope: Tensor::zeros((0, d_r), dtype, device)?,
             len: 0,
         };
-        Ok(LatentCache { layers: vec![empty; cfg.num_hidden_layers], d_c, d_r, dtype, device: device.clone() })
+        Ok(LatentCache {
+            layers: vec![empty; cfg.num_hidden_layers],
+            int8: Vec::new(),
+            d_c,
+            d_r,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// An empty cache for `cfg` of the given kind.
+    pub fn with_kind(cfg: &Config, kind: CacheKind, device: &Device) -> Result<LatentCache> {
+        match kind {
+            CacheKind::Dense(dtype) => LatentCache::new(cfg, dtype, device),
+            CacheKind::Int8 => {
+                let (d_c, d_r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
+                let rows = Int8Rows::new(d_c, d_r).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "an int8 latent cache needs kv_lora_rank and qk_rope_head_dim in multiples of 4, \
+                         the model has {d_c} and {d_r}"
+                    ))
+                })?;
+                Ok(LatentCache {
+                    layers: Vec::new(),
+                    int8: vec![rows; cfg.num_hidden_layers],
+                    d_c,
+                    d_r,
+                    dtype: DType::F32,
+                    device: device.clone(),
+                })
+            }
+        }
+    }
+
+    /// How the rows are stored.
+    pub fn kind(&self) -> CacheKind {
+        if self.int8.is_empty() {
+            CacheKind::Dense(self.dtype)
+        } else {
+            CacheKind::Int8
+        }
     }
 
     /// Tokens cached (the position the next token will take).
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.len)
+        match self.int8.first() {
+            Some(rows) => rows.len(),
+            None => self.layers.first().map_or(0, |l| l.len),
+        }
     }
 
     /// Whether no token is cached.
@@ -49,9 +108,13 @@ impl LatentCache {
         self.len() == 0
     }
 
-    /// Bytes one token occupies across all layers: `n_layers * (d_c + d_r) * dtype size`.
+    /// Bytes one token occupies across all layers: `n_layers * (d_c + d_r) * dtype size`, or
+    /// the codes and scales of an int8 cache.
     pub fn bytes_per_token(&self) -> usize {
-        self.layers.len() * (self.d_c + self.d_r) * self.dtype.size_in_bytes()
+        match self.int8.first() {
+            Some(rows) => self.int8.len() * rows.bytes_per_row(),
+            None => self.layers.len() * (self.d_c + self.d_r) * self.dtype.size_in_bytes(),
+        }
     }
 
     /// Forgets every token, keeping the buffers.
@@ -62,12 +125,14 @@ impl LatentCache {
     /// Keeps only the first `len` tokens (a no-op if fewer are cached).
     pub fn truncate(&mut self, len: usize) {
         self.layers.iter_mut().for_each(|l| l.len = l.len.min(len));
+        self.int8.iter_mut().for_each(|rows| rows.truncate(len));
     }
 
     /// Makes room for `tokens` tokens in every layer without growing again, so a caller that knows
     /// how long the sequence will get (the prompt plus the tokens to generate) pays for no copy
     /// of the rows mid-generation.
     pub fn reserve(&mut self, tokens: usize) -> Result<()> {
+        self.int8.iter_mut().for_each(|rows| rows.reserve(tokens));
         for layer in 0..self.layers.len() {
             self.grow(layer, tokens)?;
         }
@@ -94,6 +159,9 @@ impl LatentCache {
     /// Appends `c_kv: (T, d_c)` and `k_rope: (T, d_r)` to `layer`; returns all rows `(S, d_c)`, `(S, d_r)`.
     /// Capacity at least doubles when it runs out.
     pub fn append(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor) -> Result<(Tensor, Tensor)> {
+        if !self.int8.is_empty() {
+            return Err(Error::InvalidArgument("an int8 latent cache takes rows through append_int8".into()));
+        }
         let (len, capacity) = (self.layers[layer].len, self.layers[layer].c_kv.dim(0)?);
         let needed = len + c_kv.dim(0)?;
         if needed > capacity {
@@ -105,6 +173,39 @@ impl LatentCache {
         rows.k_rope.slice_set(&k_rope.to_dtype(dtype)?.contiguous()?, 0, len)?;
         rows.len = needed;
         Ok((rows.c_kv.narrow(0, 0, needed)?, rows.k_rope.narrow(0, 0, needed)?))
+    }
+}
+
+impl LatentCache {
+    /// Appends to an int8 cache's `layer` the normalized latents `c_hat: (T, d_c)` (before
+    /// `kv_a_layernorm`'s gain) and `k_rope: (T, d_r)`.
+    pub fn append_int8(&mut self, layer: usize, c_hat: &Tensor, k_rope: &Tensor) -> Result<()> {
+        let rows = self
+            .int8
+            .get_mut(layer)
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} has no int8 latent cache")))?;
+        let c: Vec<f32> = c_hat.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let r: Vec<f32> = k_rope.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        for (c, r) in c.chunks_exact(self.d_c).zip(r.chunks_exact(self.d_r)) {
+            rows.push(c, r);
+        }
+        Ok(())
+    }
+
+    /// An int8 cache's rows of `layer`.
+    pub fn int8_rows(&self, layer: usize) -> Option<&Int8Rows> {
+        self.int8.get(layer)
+    }
+
+    /// An int8 cache's rows of `layer` dequantized: `(S, d_c)` normalized latents and `(S, d_r)`, f32.
+    pub fn dequantized(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        let rows = self
+            .int8
+            .get(layer)
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} has no int8 latent cache")))?;
+        let (c, r) = rows.dequantize();
+        let s = rows.len();
+        Ok((Tensor::from_vec(c, (s, self.d_c), &self.device)?, Tensor::from_vec(r, (s, self.d_r), &self.device)?))
     }
 }
 

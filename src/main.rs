@@ -146,6 +146,17 @@ struct ModelArgs {
     /// rows shorter than 256 take Q8_0). GGUF files keep the formats they were written in.
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
+    /// How the latent cache stores rows: auto (the compute dtype; bf16 where weights are
+    /// quantized) or int8 (8-bit codes with a scale per 128 latents: about half of bf16's bytes,
+    /// and faster decode over long contexts on CPUs with AVX-512 VNNI).
+    #[arg(long, value_enum, default_value_t = KvCacheArg::Auto)]
+    kv_cache: KvCacheArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KvCacheArg {
+    Auto,
+    Int8,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -379,7 +390,10 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
         bar.set_position(done as u64);
     });
     bar.finish_and_clear();
-    let (model, report) = loaded.with_context(|| format!("loading the model in {}", dir.display()))?;
+    let (mut model, report) = loaded.with_context(|| format!("loading the model in {}", dir.display()))?;
+    if args.kv_cache == KvCacheArg::Int8 {
+        model.set_int8_cache(true).context("--kv-cache int8")?;
+    }
     let tokenizer = if latent::weights::gguf::is_gguf(&dir) {
         let file = latent::weights::gguf::GgufFile::open(&dir)?;
         latent::weights::gguf_model::tokenizer(&file)

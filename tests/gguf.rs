@@ -226,3 +226,27 @@ fn long_prefill_matches_token_by_token_decode() {
         assert!(e < bound, "{name}: prefill of 100 tokens against decode: relative error {e}");
     }
 }
+
+/// An int8 latent cache: decode (the 8-bit attention kernel) and prefill (attention over the
+/// dequantized rows) both stay close to the f32 cache's logits, and perplexity within 1%.
+#[test]
+fn int8_latent_cache_stays_close_to_the_f32_cache() {
+    let tokens: Vec<u32> = (0..100u32).map(|i| if i == 0 { 0 } else { 4 + (i * 53 + 7) % 300 }).collect();
+    let dir = common::fixtures_dir().join("tiny-v3-256");
+    let dense = load(&dir);
+    let mut int8 = load(&dir);
+    int8.set_int8_cache(true).unwrap();
+    assert_eq!(int8.new_cache().unwrap().kind(), latent::cache::CacheKind::Int8);
+    let want = logits(&dense, &tokens);
+    let decode = relative_error(&stepwise_logits(&int8, &tokens), &want);
+    let prefill = relative_error(&logits(&int8, &tokens), &want);
+    eprintln!("int8 cache: relative logit error, decode {decode}, prefill {prefill}");
+    assert!(decode > 0.0 && decode < 0.02, "int8 cache decode: relative logit error {decode}");
+    assert!(prefill > 0.0 && prefill < 0.02, "int8 cache prefill: relative logit error {prefill}");
+    let (p, p8) = (perplexity(&dense), perplexity(&int8));
+    eprintln!("perplexity: f32 cache {p}, int8 cache {p8}");
+    assert!((p8 - p).abs() < 0.01 * p, "int8 cache perplexity {p8} vs {p}");
+    // 256 + 32 codes and 3 scales a row, per layer, against 288 f32.
+    let cfg = int8.config();
+    assert_eq!(int8.new_cache().unwrap().bytes_per_token(), cfg.num_hidden_layers * (256 + 32 + 3 * 4));
+}

@@ -6,6 +6,7 @@
 
 pub mod gemm;
 pub mod kquant;
+pub mod latent_int8;
 pub mod matvec;
 pub mod mla_decode;
 pub mod quant;

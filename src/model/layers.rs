@@ -333,6 +333,16 @@ impl RmsNorm {
         self.weight.elem_count() * self.weight.dtype().size_in_bytes()
     }
 
+    /// `x / sqrt(mean(x²) + eps)` in f32, without the gain.
+    pub fn normalize(&self, x: &Tensor) -> Result<Tensor> {
+        crate::model::ops::rms_normalize(&x.to_dtype(DType::F32)?, self.eps)
+    }
+
+    /// The gain `w` in f32.
+    pub fn gain_f32(&self) -> Result<Tensor> {
+        Ok(self.weight.to_dtype(DType::F32)?)
+    }
+
     /// Normalises over the last dim; returns the input's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();

@@ -20,9 +20,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use crate::cache::LatentCache;
+use crate::cache::{CacheKind, LatentCache};
 use crate::config::Config;
 use crate::error::Result;
+use crate::kernels::latent_int8::mla_decode_int8;
 use crate::kernels::matvec::{batched_matvec, batched_weighted_rows};
 use crate::kernels::mla_decode::{mla_decode, MlaShape};
 use crate::kernels::quant::QuantMatrix;
@@ -209,9 +210,24 @@ impl Mla {
         let q_rope = rope.apply(&q.narrow(2, d_n, d_r)?.contiguous()?, angles)?; // (H, T, d_r)
 
         let kv = self.kv_a.forward(x)?; // (T, d_c + d_r)
-        let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?; // (T, d_c)
         let k_rope = rope.apply(&kv.narrow(1, d_c, d_r)?.contiguous()?, angles)?; // (T, d_r)
-        let (c_kv, k_rope) = cache.append(layer, &c_kv, &k_rope)?; // (S, d_c), (S, d_r)
+        let (c_kv, k_rope) = match cache.kind() {
+            CacheKind::Dense(_) => {
+                let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?; // (T, d_c)
+                cache.append(layer, &c_kv, &k_rope)? // (S, d_c), (S, d_r)
+            }
+            CacheKind::Int8 => {
+                // The normalized latents, without the norm's gain: the 8-bit codes see values of
+                // one scale, and the gain is folded into the query and the output.
+                cache.append_int8(layer, &self.kv_norm.normalize(&kv.narrow(1, 0, d_c)?)?, &k_rope)?;
+                if path == AttentionPath::Absorbed && t == 1 {
+                    let out = self.int8_step(&q_nope, &q_rope, cache, layer)?; // (H, 1, d_v)
+                    return self.o_proj.forward(&out.transpose(0, 1)?.reshape((t, h * d_v))?);
+                }
+                let (c_hat, k_rope) = cache.dequantized(layer)?; // (S, d_c), (S, d_r), f32
+                (c_hat.broadcast_mul(&self.kv_norm.gain_f32()?)?.to_dtype(x.dtype())?, k_rope.to_dtype(x.dtype())?)
+            }
+        };
         let s = c_kv.dim(0)?;
         // The candle paths compute in the activations' dtype (the cache may be narrower).
         let in_dtype = |t: &Tensor| t.to_dtype(x.dtype());
@@ -294,6 +310,29 @@ impl Mla {
             Some(y) => Ok(Tensor::from_vec(y, (h, 1, d_v), o_lat.device())?.to_dtype(o_lat.dtype())?),
             None => Ok(o_lat.matmul(&self.w_uv.t()?)?),
         }
+    }
+
+    /// One token's absorbed attention over an int8 cache, expanded: `(H, 1, d_v)`. The latents'
+    /// gain `g` (left out of the cache) goes into the query, `(q_lat ⊙ g)·ĉ`, and the output,
+    /// `g ⊙ Σ p ĉ`.
+    fn int8_step(&self, q_nope: &Tensor, q_rope: &Tensor, cache: &LatentCache, layer: usize) -> Result<Tensor> {
+        let (h, d_c) = (self.n_heads, self.d_c);
+        let rows = cache
+            .int8_rows(layer)
+            .ok_or_else(|| crate::error::Error::InvalidArgument(format!("layer {layer} has no int8 latent cache")))?;
+        let gain: Vec<f32> = self.kv_norm.gain_f32()?.to_vec1()?;
+        let scaled = |v: &mut Vec<f32>| {
+            for row in v.chunks_exact_mut(d_c) {
+                row.iter_mut().zip(&gain).for_each(|(x, g)| *x *= g);
+            }
+        };
+        let mut q_lat: Vec<f32> = self.absorb_query(q_nope)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        scaled(&mut q_lat);
+        let q_rope: Vec<f32> = q_rope.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut o_lat = mla_decode_int8(&q_lat, &q_rope, rows, h, self.scale as f32);
+        scaled(&mut o_lat);
+        let o_lat = Tensor::from_vec(o_lat, (h, 1, d_c), q_nope.device())?.to_dtype(q_nope.dtype())?;
+        self.expand_output(&o_lat)
     }
 
     /// One token's absorbed attention by the [`mla_decode`] kernel: `o_lat (H, 1, d_c)`.

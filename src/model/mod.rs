@@ -14,7 +14,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::cache::LatentCache;
+use crate::cache::{CacheKind, LatentCache};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::weights::{names, Quant, Weights};
@@ -119,6 +119,8 @@ pub struct Model {
     dtype: DType,
     device: Device,
     prefill_chunk: usize,
+    /// Whether new caches hold 8-bit rows ([`CacheKind::Int8`]).
+    int8_cache: bool,
     /// GGML formats of the quantized linear weights, e.g. `Q4_K, Q6_K`.
     quant_formats: Option<String>,
 }
@@ -220,6 +222,7 @@ impl Model {
             dtype: w.dtype(),
             device: w.device().clone(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            int8_cache: false,
             quant_formats: w.quant_formats(),
         })
     }
@@ -261,9 +264,30 @@ impl Model {
         &self.device
     }
 
-    /// An empty latent cache for this model, in [`Model::cache_dtype`].
+    /// An empty latent cache for this model: [`Model::cache_kind`].
     pub fn new_cache(&self) -> Result<LatentCache> {
-        LatentCache::new(&self.config, self.cache_dtype(), &self.device)
+        LatentCache::with_kind(&self.config, self.cache_kind(), &self.device)
+    }
+
+    /// How [`Model::new_cache`] stores rows: in [`Model::cache_dtype`], or in 8 bits after
+    /// [`Model::set_int8_cache`].
+    pub fn cache_kind(&self) -> CacheKind {
+        if self.int8_cache {
+            CacheKind::Int8
+        } else {
+            CacheKind::Dense(self.cache_dtype())
+        }
+    }
+
+    /// Makes new caches hold 8-bit rows with a scale per 128 latents (half of bf16's bytes, and
+    /// decode attention by 8-bit products), or not. Fails where the latent sizes are not
+    /// multiples of 4.
+    pub fn set_int8_cache(&mut self, on: bool) -> Result<()> {
+        if on {
+            LatentCache::with_kind(&self.config, CacheKind::Int8, &self.device)?;
+        }
+        self.int8_cache = on;
+        Ok(())
     }
 
     /// The dtype of the latent cache: the compute dtype, except that a model with quantized

@@ -1,0 +1,585 @@
+//! The 8-bit latent cache and the absorbed MLA decode attention over it.
+//!
+//! A cached row is `d_c` latents and the `d_r` rotated RoPE key. Here each is stored as 8-bit
+//! codes with one f32 scale per block of up to [`SCALE_BLOCK`] latents, and one for the RoPE part:
+//! 596 bytes a row at V2's sizes (512 + 64), against 1152 in bf16. DeepSeek's FP8 cache for V3.2
+//! scales per 128 latents too. The latents are cached before `kv_a_layernorm`'s gain: the caller
+//! folds the gain into the query and the output, so the codes see only the normalized values,
+//! not a gain that may differ a lot from channel to channel.
+//!
+//! Rows are kept in tiles of 16 laid out as the weight tiles are ([`super::tiles`]): word `w`
+//! (4 codes) of row `r` at word `16·w + r`, codes stored plus 128. Decode then needs no
+//! horizontal sum:
+//!
+//! - **Scores**: one `vpdpbusd` of a tile's word `w` against a head's 4 query codes (broadcast)
+//!   adds 4 products to each of the 16 rows' lanes. Queries are quantized to 8 bits per head and
+//!   block, as llama.cpp quantizes activations; the codes' offset of 128 comes back off through
+//!   the query's code sums. Each block's integer sums are scaled once per 16 rows.
+//! - **Weighted sum**: one byte shuffle turns a tile word into 4 latents × 4 rows per 128-bit
+//!   lane, so `vpdpbusd` against 4 rows' probabilities adds 4 rows' share to each latent's lane.
+//!   The probabilities, times each row's scale, are quantized to 8 bits per head, block and run
+//!   of [`RUN_TILES`] tiles (relative to the run's largest); the sums stay integers through the
+//!   run.
+//!
+//! Both products do 64 multiply-adds per instruction, twice `vdpbf16ps`, and the cache is half as
+//! many bytes. CPUs without AVX-512 VNNI dequantize the rows and take the f32 kernels.
+
+use super::mla_decode::{mla_decode, MlaShape};
+use super::Simd;
+
+/// Rows per tile: one per 32-bit lane of an AVX-512 register.
+pub const TILE_ROWS: usize = 16;
+/// Latents per scale.
+pub const SCALE_BLOCK: usize = 128;
+/// Tiles per step of the online softmax: 256 rows.
+pub const RUN_TILES: usize = 16;
+
+/// One layer's cached rows in 8-bit codes, tiled.
+#[derive(Debug, Clone)]
+pub struct Int8Rows {
+    d_c: usize,
+    d_r: usize,
+    /// Per tile, `words` rows of 64 bytes: word `w` of the tile's 16 rows, codes plus 128.
+    codes: Vec<u8>,
+    /// Per tile, `blocks` rows of 16 scales.
+    scales: Vec<f32>,
+    len: usize,
+}
+
+impl Int8Rows {
+    /// An empty cache of rows with `d_c` latents and `d_r` RoPE values; both must be multiples
+    /// of 4 (a code word).
+    pub fn new(d_c: usize, d_r: usize) -> Option<Int8Rows> {
+        (d_c.is_multiple_of(4) && d_r.is_multiple_of(4) && d_c > 0 && d_r > 0).then_some(Int8Rows {
+            d_c,
+            d_r,
+            codes: Vec::new(),
+            scales: Vec::new(),
+            len: 0,
+        })
+    }
+
+    /// Rows cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no row is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Code words per row.
+    fn words(&self) -> usize {
+        (self.d_c + self.d_r) / 4
+    }
+
+    /// Scale blocks of the latents.
+    fn latent_blocks(&self) -> usize {
+        self.d_c.div_ceil(SCALE_BLOCK)
+    }
+
+    /// Scale blocks per row: the latents', then the RoPE part's.
+    fn blocks(&self) -> usize {
+        self.latent_blocks() + 1
+    }
+
+    /// The values of block `b`.
+    fn block_values(&self, b: usize) -> std::ops::Range<usize> {
+        if b < self.latent_blocks() {
+            b * SCALE_BLOCK..((b + 1) * SCALE_BLOCK).min(self.d_c)
+        } else {
+            self.d_c..self.d_c + self.d_r
+        }
+    }
+
+    /// Bytes one row takes: its codes and scales.
+    pub fn bytes_per_row(&self) -> usize {
+        self.d_c + self.d_r + 4 * self.blocks()
+    }
+
+    /// Room for `rows` rows.
+    pub fn reserve(&mut self, rows: usize) {
+        let tiles = rows.div_ceil(TILE_ROWS);
+        let (code_len, scale_len) = (tiles * self.words() * 64, tiles * self.blocks() * TILE_ROWS);
+        if self.codes.len() < code_len {
+            // Code 0 (stored as 128) in rows not written yet.
+            self.codes.resize(code_len, 128);
+            self.scales.resize(scale_len, 0.0);
+        }
+    }
+
+    /// Keeps the first `len` rows.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Appends one row: `c` (`d_c` latents) and `r` (`d_r` RoPE values).
+    pub fn push(&mut self, c: &[f32], r: &[f32]) {
+        assert!(c.len() == self.d_c && r.len() == self.d_r, "Int8Rows::push: row sizes disagree");
+        let (tiles, allocated) = (self.len / TILE_ROWS + 1, self.codes.len() / (self.words() * 64));
+        if tiles > allocated {
+            // At least doubling, as a Vec grows.
+            self.reserve(tiles.max(2 * allocated) * TILE_ROWS);
+        }
+        let (tile, row) = (self.len / TILE_ROWS, self.len % TILE_ROWS);
+        let (words, blocks) = (self.words(), self.blocks());
+        for b in 0..blocks {
+            let values = self.block_values(b);
+            let get = |i: usize| if i < self.d_c { c[i] } else { r[i - self.d_c] };
+            let amax = values.clone().map(|i| get(i).abs()).fold(0f32, f32::max);
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            self.scales[(tile * blocks + b) * TILE_ROWS + row] = scale;
+            for i in values {
+                let code = (get(i) * inv).round().clamp(-127.0, 127.0) as i32;
+                let at = (tile * words + i / 4) * 64 + 4 * row + i % 4;
+                self.codes[at] = (code + 128) as u8;
+            }
+        }
+        self.len += 1;
+    }
+
+    /// Row `s` dequantized into `c` (`d_c`) and `r` (`d_r`).
+    pub fn row(&self, s: usize, c: &mut [f32], r: &mut [f32]) {
+        assert!(s < self.len && c.len() == self.d_c && r.len() == self.d_r, "Int8Rows::row: out of range");
+        let (tile, row) = (s / TILE_ROWS, s % TILE_ROWS);
+        let (words, blocks) = (self.words(), self.blocks());
+        for b in 0..blocks {
+            let scale = self.scales[(tile * blocks + b) * TILE_ROWS + row];
+            for i in self.block_values(b) {
+                let code = self.codes[(tile * words + i / 4) * 64 + 4 * row + i % 4] as i32 - 128;
+                let v = code as f32 * scale;
+                if i < self.d_c {
+                    c[i] = v;
+                } else {
+                    r[i - self.d_c] = v;
+                }
+            }
+        }
+    }
+
+    /// Every row dequantized: `(len, d_c)` and `(len, d_r)`, row-major.
+    pub fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
+        let (mut c, mut r) = (vec![0f32; self.len * self.d_c], vec![0f32; self.len * self.d_r]);
+        for (s, (c, r)) in c.chunks_exact_mut(self.d_c).zip(r.chunks_exact_mut(self.d_r)).enumerate() {
+            self.row(s, c, r);
+        }
+        (c, r)
+    }
+}
+
+/// `o_lat (H, d_c)` for `q_lat (H, d_c)` and `q_rope (H, d_r)` over `rows` (as
+/// [`super::mla_decode::mla_decode`] computes it over dequantized rows): the 8-bit kernel on CPUs
+/// with AVX-512 VNNI, elsewhere the f32 kernels over the dequantized rows.
+pub fn mla_decode_int8(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize, scale: f32) -> Vec<f32> {
+    let (d_c, d_r, len) = (rows.d_c, rows.d_r, rows.len);
+    assert!(q_lat.len() == heads * d_c && q_rope.len() == heads * d_r && len > 0, "mla_decode_int8: shapes disagree");
+    #[cfg(target_arch = "x86_64")]
+    if Simd::detect() == Simd::Avx512Vnni {
+        return vnni::decode(&Query::new(q_lat, q_rope, rows, heads), rows, heads, scale);
+    }
+    // The same quantized queries, so that every CPU computes the same scores.
+    let (q_lat, q_rope) = Query::new(q_lat, q_rope, rows, heads).dequantize(rows, heads);
+    let (c, r) = rows.dequantize();
+    mla_decode(&q_lat, &q_rope, &c, &r, MlaShape { heads, d_c, d_r, len }, scale)
+}
+
+/// A step's queries in 8-bit codes, per head and scale block as the rows are, heads padded to
+/// a multiple of [`vnni::HEADS`].
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// Per word of 4 codes, every head's (the heads an 8-head block multiplies side by side).
+    words: Vec<i32>,
+    /// Heads, padded.
+    hp: usize,
+    /// Per head and block, the codes' scale and sum.
+    scales: Vec<f32>,
+    sums: Vec<i32>,
+}
+
+impl Query {
+    /// Quantizes `q_lat (H, d_c)` and `q_rope (H, d_r)` in `rows`' blocks.
+    pub fn new(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize) -> Query {
+        let (d_c, d_r, words, blocks) = (rows.d_c, rows.d_r, rows.words(), rows.blocks());
+        let hp = heads.next_multiple_of(vnni::HEADS);
+        let mut q =
+            Query { words: vec![0; hp * words], hp, scales: vec![0.0; hp * blocks], sums: vec![0; hp * blocks] };
+        for h in 0..heads {
+            let get = |i: usize| if i < d_c { q_lat[h * d_c + i] } else { q_rope[h * d_r + i - d_c] };
+            let mut codes = vec![0i8; d_c + d_r];
+            for b in 0..blocks {
+                let values = rows.block_values(b);
+                let amax = values.clone().map(|i| get(i).abs()).fold(0f32, f32::max);
+                let scale = amax / 127.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                let mut sum = 0;
+                for i in values {
+                    codes[i] = (get(i) * inv).round().clamp(-127.0, 127.0) as i8;
+                    sum += codes[i] as i32;
+                }
+                (q.scales[h * blocks + b], q.sums[h * blocks + b]) = (scale, sum);
+            }
+            for (w, word) in codes.chunks_exact(4).enumerate() {
+                q.words[w * hp + h] = i32::from_le_bytes([word[0] as u8, word[1] as u8, word[2] as u8, word[3] as u8]);
+            }
+        }
+        q
+    }
+
+    /// The queries the codes stand for: `(H, d_c)`, `(H, d_r)` (the reference twin's input).
+    pub fn dequantize(&self, rows: &Int8Rows, heads: usize) -> (Vec<f32>, Vec<f32>) {
+        let (d_c, d_r, blocks) = (rows.d_c, rows.d_r, rows.blocks());
+        let (mut lat, mut rope) = (vec![0f32; heads * d_c], vec![0f32; heads * d_r]);
+        for h in 0..heads {
+            for b in 0..blocks {
+                for i in rows.block_values(b) {
+                    let code = self.words[i / 4 * self.hp + h].to_le_bytes()[i % 4] as i8;
+                    let v = code as f32 * self.scales[h * blocks + b];
+                    if i < d_c {
+                        lat[h * d_c + i] = v;
+                    } else {
+                        rope[h * d_r + i - d_c] = v;
+                    }
+                }
+            }
+        }
+        (lat, rope)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::{Int8Rows, Query, RUN_TILES, TILE_ROWS};
+    use crate::kernels::rows::exp;
+
+    /// Heads per register block of the weighted sum (queries are padded to a multiple).
+    pub const HEADS: usize = 16;
+    /// Heads per register block of the scores (an integer and a float accumulator each).
+    const SCORE_HEADS: usize = 8;
+
+    /// One share's online softmax state: per head the running maximum `m`, the sum `l` of
+    /// `e^(s − m)`, and per latent word and head a register of sums `o` (lane `4k + j`: latent
+    /// `4w + j` over rows `4k..4k + 4` of every tile; heads side by side, 1 KiB per word).
+    struct Partial {
+        m: Vec<f32>,
+        l: Vec<f32>,
+        o: Vec<f32>,
+    }
+
+    /// One run's scores (then probabilities), the probabilities' codes laid out for
+    /// `vpdpbusd` per head, block and tile, and their scales per head and block.
+    struct Scratch {
+        p: Vec<f32>,
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+    }
+
+    /// The byte shuffle within each 128-bit lane that turns 4 rows × 4 latents (a lane's 4 words)
+    /// into 4 latents × 4 rows.
+    const TRANSPOSE: [i8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+
+    pub fn decode(q: &Query, rows: &Int8Rows, heads: usize, scale: f32) -> Vec<f32> {
+        let (d_c, len) = (rows.d_c, rows.len);
+        let hp = heads.next_multiple_of(HEADS);
+        let lw = d_c / 4;
+        let tiles = len.div_ceil(TILE_ROWS);
+        let runs = tiles.div_ceil(RUN_TILES);
+        // Two shares per thread: each share's state is 1 KiB per latent word (64 KiB per head
+        // group at V2's sizes), so more shares cost more to clear and merge than they balance.
+        let shares = runs.min(2 * rayon::current_num_threads()).max(1);
+        let parts: Vec<Partial> = (0..shares)
+            .into_par_iter()
+            .map(|k| {
+                let mut part = Partial { m: vec![f32::NEG_INFINITY; hp], l: vec![0.0; hp], o: vec![0.0; hp * lw * 16] };
+                let mut scratch = Scratch {
+                    p: vec![0.0; hp * RUN_TILES * TILE_ROWS],
+                    codes: vec![0; hp * rows.latent_blocks() * RUN_TILES * 64],
+                    scales: vec![0.0; hp * rows.latent_blocks()],
+                };
+                for run in runs * k / shares..runs * (k + 1) / shares {
+                    let run_tiles = run * RUN_TILES..((run + 1) * RUN_TILES).min(tiles);
+                    // SAFETY: `decode` is only called where `Simd::detect` found AVX-512 VNNI
+                    // (with F, BW); the tiles lie inside `rows`.
+                    unsafe { absorb_run(q, rows, hp, scale, run_tiles, &mut part, &mut scratch) };
+                }
+                part
+            })
+            .collect();
+        // Merged head by head in parallel: each share's sums rescaled to the common maximum, the
+        // 4 row groups of each latent's lanes added, divided by the softmax's sum.
+        let mut out = vec![0f32; heads * d_c];
+        out.par_chunks_mut(d_c).enumerate().for_each(|(h, out)| {
+            let m = parts.iter().map(|p| p.m[h]).fold(f32::NEG_INFINITY, f32::max);
+            let factors: Vec<f32> =
+                parts.iter().map(|p| if p.m[h] > f32::NEG_INFINITY { exp(p.m[h] - m) } else { 0.0 }).collect();
+            let l: f32 = parts.iter().zip(&factors).map(|(p, &f)| f * p.l[h]).sum();
+            let inv = 1.0 / l;
+            for (w, out) in out.chunks_exact_mut(4).enumerate() {
+                let mut lanes = [0f32; 16];
+                for (part, &f) in parts.iter().zip(&factors) {
+                    for (a, &b) in lanes.iter_mut().zip(&part.o[(w * hp + h) * 16..][..16]) {
+                        *a += f * b;
+                    }
+                }
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = (lanes[j] + lanes[4 + j] + lanes[8 + j] + lanes[12 + j]) * inv;
+                }
+            }
+        });
+        out
+    }
+
+    /// Adds the rows of `tiles` to `part`: scores, online softmax, weighted sum.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI; `tiles` inside `rows`, `q` made for `rows` with `hp` heads.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn absorb_run(
+        q: &Query,
+        rows: &Int8Rows,
+        hp: usize,
+        scale: f32,
+        tiles: std::ops::Range<usize>,
+        part: &mut Partial,
+        scratch: &mut Scratch,
+    ) {
+        let (words, blocks, lb, lw) = (rows.words(), rows.blocks(), rows.latent_blocks(), rows.d_c / 4);
+        let n = ((tiles.end * TILE_ROWS).min(rows.len) - tiles.start * TILE_ROWS).min(tiles.len() * TILE_ROWS);
+        let run = RUN_TILES * TILE_ROWS;
+        let code = |t: usize, w: usize| rows.codes[(t * words + w) * 64..].as_ptr();
+        // Probability codes by block, then tile, then head: a block's 16 tiles of 16 heads are
+        // 16 KiB in a row, which stay in L1 through the block's latents.
+        let p_codes_base = scratch.codes.as_mut_ptr();
+        let p_codes = |b: usize, ti: usize, h: usize| p_codes_base.wrapping_add(((b * RUN_TILES + ti) * hp + h) * 64);
+        // SAFETY (whole body): tile `t` of `tiles` holds `words` rows of 64 code bytes and
+        // `blocks` rows of 16 scales; query words, scales and sums are indexed by heads below
+        // `hp` and words or blocks below theirs; scratch holds `hp` heads of a whole run.
+        unsafe {
+            // Scores, scaled: head h's row i of the run at p[h · run + i].
+            for (ti, t) in tiles.clone().enumerate() {
+                let row_scales = |b: usize| _mm512_loadu_ps(rows.scales[(t * blocks + b) * TILE_ROWS..].as_ptr());
+                for h0 in (0..hp).step_by(SCORE_HEADS) {
+                    let mut s = [_mm512_setzero_ps(); SCORE_HEADS];
+                    for b in 0..blocks {
+                        let mut a: [__m512i; SCORE_HEADS] =
+                            std::array::from_fn(|i| _mm512_set1_epi32(-128 * q.sums[(h0 + i) * blocks + b]));
+                        let values = rows.block_values(b);
+                        for w in values.start / 4..values.end / 4 {
+                            let c = _mm512_loadu_si512(code(t, w).cast());
+                            for (i, a) in a.iter_mut().enumerate() {
+                                *a = _mm512_dpbusd_epi32(*a, c, _mm512_set1_epi32(q.words[w * hp + h0 + i]));
+                            }
+                        }
+                        let rs = row_scales(b);
+                        for (i, (s, &a)) in s.iter_mut().zip(&a).enumerate() {
+                            let f = _mm512_mul_ps(rs, _mm512_set1_ps(q.scales[(h0 + i) * blocks + b] * scale));
+                            *s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), f, *s);
+                        }
+                    }
+                    for (i, &s) in s.iter().enumerate() {
+                        _mm512_storeu_ps(scratch.p[(h0 + i) * run + ti * TILE_ROWS..].as_mut_ptr(), s);
+                    }
+                }
+            }
+            // Online softmax: rescale what came before to the new maximum, then e^(s − m) for
+            // the run's rows (none for the tile rows past the end).
+            let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+            let nt = tiles.len();
+            for h in 0..hp {
+                let p = &mut scratch.p[h * run..h * run + nt * TILE_ROWS];
+                p[n..].fill(f32::NEG_INFINITY);
+                let mut top = _mm512_set1_ps(part.m[h]);
+                for chunk in p.chunks_exact(TILE_ROWS) {
+                    top = _mm512_max_ps(top, _mm512_loadu_ps(chunk.as_ptr()));
+                }
+                let m_new = _mm512_reduce_max_ps(top);
+                if m_new > part.m[h] && part.l[h] > 0.0 {
+                    let alpha = exp(part.m[h] - m_new);
+                    part.l[h] *= alpha;
+                    for w in 0..lw {
+                        part.o[(w * hp + h) * 16..][..16].iter_mut().for_each(|v| *v *= alpha);
+                    }
+                }
+                part.m[h] = m_new;
+                for chunk in p.chunks_exact_mut(TILE_ROWS) {
+                    // Fixed-size, so that the exponentials vectorize.
+                    let chunk: &mut [f32; TILE_ROWS] = chunk.try_into().unwrap_or_else(|_| unreachable!());
+                    for v in chunk.iter_mut() {
+                        *v = exp(*v - m_new);
+                    }
+                }
+                p[n..].fill(0.0);
+                let mut total = _mm512_setzero_ps();
+                for chunk in p.chunks_exact(TILE_ROWS) {
+                    total = _mm512_add_ps(total, _mm512_loadu_ps(chunk.as_ptr()));
+                }
+                part.l[h] += _mm512_reduce_add_ps(total);
+                // Per latent block, p · (row scale) in 8 bits relative to the run's largest; the
+                // codes of rows 4k..4k + 4 repeated over the 4 words of 128-bit lane k.
+                for b in 0..lb {
+                    let weighted = |ti: usize| {
+                        let row_scales = rows.scales[((tiles.start + ti) * blocks + b) * TILE_ROWS..].as_ptr();
+                        _mm512_mul_ps(_mm512_loadu_ps(p[ti * TILE_ROWS..].as_ptr()), _mm512_loadu_ps(row_scales))
+                    };
+                    let mut top = _mm512_setzero_ps();
+                    for ti in 0..nt {
+                        top = _mm512_max_ps(top, weighted(ti));
+                    }
+                    let sigma = _mm512_reduce_max_ps(top) / 255.0;
+                    let inv = _mm512_set1_ps(if sigma > 0.0 { 1.0 / sigma } else { 0.0 });
+                    scratch.scales[h * lb + b] = sigma;
+                    for ti in 0..nt {
+                        let codes = _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(weighted(ti), inv)));
+                        let lanes = _mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(codes));
+                        _mm512_storeu_si512(p_codes(b, ti, h).cast(), lanes);
+                    }
+                }
+            }
+            // Weighted sum: per latent word, each tile's word turned into latents × rows and
+            // multiplied by every head's probabilities of those rows.
+            let transpose = _mm512_broadcast_i32x4(_mm_loadu_si128(TRANSPOSE.as_ptr().cast()));
+            let flip = _mm512_set1_epi8(-128);
+            for b in 0..lb {
+                let values = rows.block_values(b);
+                for h0 in (0..hp).step_by(HEADS) {
+                    for w in values.start / 4..values.end / 4 {
+                        let mut a = [_mm512_setzero_si512(); HEADS];
+                        for (ti, t) in tiles.clone().enumerate() {
+                            let c = _mm512_xor_si512(
+                                _mm512_shuffle_epi8(_mm512_loadu_si512(code(t, w).cast()), transpose),
+                                flip,
+                            );
+                            for (i, a) in a.iter_mut().enumerate() {
+                                *a = _mm512_dpbusd_epi32(*a, _mm512_loadu_si512(p_codes(b, ti, h0 + i).cast()), c);
+                            }
+                        }
+                        for (i, &a) in a.iter().enumerate() {
+                            let o = part.o[(w * hp + h0 + i) * 16..].as_mut_ptr();
+                            let sigma = _mm512_set1_ps(scratch.scales[(h0 + i) * lb + b]);
+                            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sigma, _mm512_loadu_ps(o)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The reference twin of the 8-bit kernel in f64, and per output the bound on what quantizing
+/// the probabilities may change: `Σ_runs (max_run p·scale / 510) Σ_run |code|` over `Σ p`.
+/// The queries are those `q` stands for, the rows as dequantized.
+pub fn reference_with_bound(q: &Query, rows: &Int8Rows, heads: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let (d_c, len, blocks) = (rows.d_c, rows.len, rows.blocks());
+    let (q_lat, q_rope) = q.dequantize(rows, heads);
+    let (c, r) = rows.dequantize();
+    let shape = MlaShape { heads, d_c, d_r: rows.d_r, len };
+    let out = super::mla_decode::mla_decode_reference(&q_lat, &q_rope, &c, &r, shape, scale);
+    let mut bound = vec![0f32; heads * d_c];
+    let run = RUN_TILES * TILE_ROWS;
+    for h in 0..heads {
+        let scores: Vec<f64> = (0..len)
+            .map(|s| {
+                let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+                let content = dot(&q_lat[h * d_c..(h + 1) * d_c], &c[s * d_c..(s + 1) * d_c]);
+                let position = dot(&q_rope[h * rows.d_r..(h + 1) * rows.d_r], &r[s * rows.d_r..(s + 1) * rows.d_r]);
+                (content + position) * scale as f64
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let p: Vec<f64> = scores.iter().map(|v| (v - max).exp()).collect();
+        let total: f64 = p.iter().sum();
+        let row_scale =
+            |s: usize, b: usize| rows.scales[((s / TILE_ROWS) * blocks + b) * TILE_ROWS + s % TILE_ROWS] as f64;
+        for i in 0..d_c {
+            let b = i / SCALE_BLOCK;
+            let mut sum = 0f64;
+            for r0 in (0..len).step_by(run) {
+                let span = r0..(r0 + run).min(len);
+                let top = span.clone().map(|s| p[s] * row_scale(s, b)).fold(0f64, f64::max);
+                let codes: f64 =
+                    span.map(|s| (c[s * d_c + i] as f64 / row_scale(s, b).max(f64::MIN_POSITIVE)).abs()).sum();
+                sum += top / 510.0 * codes;
+            }
+            bound[h * d_c + i] = (sum / total) as f32;
+        }
+    }
+    (out, bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::matvec::tests::random;
+
+    #[test]
+    fn rows_round_trip_within_half_a_step_across_tiles() {
+        let (d_c, d_r) = (136, 8); // two latent blocks, the second partial
+        let mut rows = Int8Rows::new(d_c, d_r).unwrap();
+        let n = 40;
+        let (c, r) = (random(n * d_c, 1), random(n * d_r, 2));
+        for s in 0..n {
+            rows.push(&c[s * d_c..(s + 1) * d_c], &r[s * d_r..(s + 1) * d_r]);
+        }
+        assert_eq!(rows.len(), n);
+        let (gc, gr) = rows.dequantize();
+        for s in 0..n {
+            for (b, values) in [(0..128), (128..136), (136..144)].into_iter().enumerate() {
+                let v = |i: usize| {
+                    if i < d_c {
+                        (c[s * d_c + i], gc[s * d_c + i])
+                    } else {
+                        (r[s * d_r + i - d_c], gr[s * d_r + i - d_c])
+                    }
+                };
+                let amax = values.clone().map(|i| v(i).0.abs()).fold(0f32, f32::max);
+                for i in values {
+                    let (want, got) = v(i);
+                    assert!(
+                        (want - got).abs() <= amax / 254.0 * 1.0001,
+                        "row {s} block {b} value {i}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        // Truncating and pushing again overwrites in place.
+        rows.truncate(17);
+        rows.push(&c[..d_c], &r[..d_r]);
+        let (mut c17, mut r17) = (vec![0f32; d_c], vec![0f32; d_r]);
+        rows.row(17, &mut c17, &mut r17);
+        assert_eq!((&c17[..], &r17[..]), (&gc[..d_c], &gr[..d_r]));
+        assert!(Int8Rows::new(30, 8).is_none(), "latents not in whole words");
+    }
+
+    #[test]
+    fn int8_decode_matches_reference_within_the_probability_rounding() {
+        for len in [1, 15, 16, 17, 255, 256, 300, 1000, 3000] {
+            for (heads, d_c, d_r) in [(4, 32, 8), (3, 136, 24), (16, 512, 64)] {
+                let mut rows = Int8Rows::new(d_c, d_r).unwrap();
+                let (c, r) = (random(len * d_c, 3), random(len * d_r, 4));
+                for s in 0..len {
+                    rows.push(&c[s * d_c..(s + 1) * d_c], &r[s * d_r..(s + 1) * d_r]);
+                }
+                // Spread softmaxes, and queries large enough for peaked ones.
+                let gain = if len % 2 == 0 { 4.0 } else { 40.0 };
+                let q_lat: Vec<f32> = random(heads * d_c, 5).iter().map(|v| gain * v).collect();
+                let q_rope: Vec<f32> = random(heads * d_r, 6).iter().map(|v| gain * v).collect();
+                let scale = 1.0 / ((d_c / 4) as f32).sqrt();
+                let q = Query::new(&q_lat, &q_rope, &rows, heads);
+                let got = mla_decode_int8(&q_lat, &q_rope, &rows, heads, scale);
+                let (want, bound) = reference_with_bound(&q, &rows, heads, scale);
+                let what = format!("len {len} heads {heads} d_c {d_c} d_r {d_r}");
+                let vnni = Simd::detect() == Simd::Avx512Vnni;
+                for (i, ((&g, &w), &b)) in got.iter().zip(&want).zip(&bound).enumerate() {
+                    let slack = if vnni { b } else { 0.0 };
+                    let tol = slack + 2e-4 * w.abs() + 2e-5;
+                    assert!((g - w).abs() <= tol, "{what}: [{i}] {g} vs {w} (bound {tol})");
+                }
+            }
+        }
+    }
+}
