@@ -12,6 +12,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::cache::CacheKind;
 use crate::error::{Error, Result};
 use crate::inspect::param_counts;
 use crate::model::{AttentionPath, LogitRows, Model};
@@ -120,7 +121,10 @@ fn time_decode(model: &Model, depth: usize, n_tokens: usize) -> Result<f64> {
         let c_kv = Tensor::randn(0f32, 1.0, (depth, d_c), model.device())?.to_dtype(model.dtype())?;
         let k_rope = Tensor::randn(0f32, 1.0, (depth, d_r), model.device())?.to_dtype(model.dtype())?;
         for layer in 0..cfg.num_hidden_layers {
-            cache.append(layer, &c_kv, &k_rope)?;
+            match cache.kind() {
+                CacheKind::Int8 => cache.append_int8(layer, &c_kv, &k_rope)?,
+                CacheKind::Dense(_) => drop(cache.append(layer, &c_kv, &k_rope)?),
+            }
         }
     }
     let tokens = random_tokens(n_tokens, cfg.vocab_size, depth as u64 + 1);

@@ -48,7 +48,11 @@ pub fn exp(x: f32) -> f32 {
     // Round to nearest by adding and removing 1.5 · 2²³ (`round` is a library call on baseline
     // x86-64, which would stop the vectorizer).
     const ROUND: f32 = 12_582_912.0;
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let shifted = xc * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    // `n` as an integer, read off `shifted`'s mantissa (`1.5 · 2²³ + n` is exact in f32): a
+    // saturating `as i32` is not vectorized, and cost a scalar conversion per value.
+    let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = xc - n * LN2_HI - n * LN2_LO;
     // Taylor coefficients 1/k!, nudged for the interval (minimax).
     let p = 1.987_569_1e-4;
@@ -58,7 +62,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let scaled = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scaled = y * f32::from_bits(((n_int + 127) as u32) << 23);
     if x < -87.0 {
         0.0
     } else {
