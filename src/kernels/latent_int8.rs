@@ -351,7 +351,13 @@ pub(crate) mod vnni {
         let (words, blocks, lb, lw) = (rows.words(), rows.blocks(), rows.latent_blocks(), rows.d_c / 4);
         let n = ((tiles.end * TILE_ROWS).min(rows.len) - tiles.start * TILE_ROWS).min(tiles.len() * TILE_ROWS);
         let run = RUN_TILES * TILE_ROWS;
-        let code = |t: usize, w: usize| rows.codes[(t * words + w) * 64..].as_ptr();
+        assert!(
+            rows.codes.len() >= tiles.end * words * 64 && q.words.len() >= words * hp,
+            "absorb_run: tiles past the cache"
+        );
+        // Raw pointers: a bounds check per load costs more than the `vpdpbusd` it feeds.
+        let codes = rows.codes.as_ptr();
+        let code = |t: usize, w: usize| codes.wrapping_add((t * words + w) * 64);
         // Probability codes by block, then tile, then head: a block's 16 tiles of 16 heads are
         // 16 KiB in a row, which stay in L1 through the block's latents.
         let p_codes_base = scratch.codes.as_mut_ptr();
@@ -371,8 +377,9 @@ pub(crate) mod vnni {
                         let values = rows.block_values(b);
                         for w in values.start / 4..values.end / 4 {
                             let c = _mm512_loadu_si512(code(t, w).cast());
+                            let qw = q.words.as_ptr().add(w * hp + h0);
                             for (i, a) in a.iter_mut().enumerate() {
-                                *a = _mm512_dpbusd_epi32(*a, c, _mm512_set1_epi32(q.words[w * hp + h0 + i]));
+                                *a = _mm512_dpbusd_epi32(*a, c, _mm512_set1_epi32(*qw.add(i)));
                             }
                         }
                         let rs = row_scales(b);
