@@ -3,7 +3,7 @@
 
     python tools/bench_peers.py --model DIR --llama-cpp LLAMA_DIR [--work DIR] [--threads 2]
         [--formats bf16,q8_0,q4_k_m] [--depths 0,4096,16384] [--prompt 512] [--gen 32]
-        [--rounds 1] [--repeats 3] [--transformers] [--json OUT.json]
+        [--rounds 1] [--repeats 3] [--transformers] [--kv-cache int8] [--json OUT.json]
 
 1. Converts the safetensors checkpoint in DIR to GGUF with llama.cpp's own converter
    (tools/convert_gguf.py) in bf16, then llama-quantize makes Q8_0 and Q4_K_M from it. The files
@@ -16,6 +16,10 @@
 3. Prints a table of medians over rounds: prefill tokens/s (prompt of --prompt), decode tokens/s
    at each depth, peak RSS, and latent's ratio to llama.cpp (prefill: to the faster of llama.cpp
    and transformers).
+
+With --kv-cache int8 both engines cache in 8 bits: latent with `--kv-cache int8` (codes and a scale
+per 128 latents), llama.cpp with `-ctk q8_0 -ctv q8_0 -fa 1` (its quantized cache needs flash
+attention).
 
 llama-bench fills the cache at depth d with a real prefill of d tokens; latent bench fills it with
 random latents (the attention cost does not depend on the values). The decode figures time the
@@ -65,6 +69,8 @@ def ensure_gguf(args, fmt):
 def llama_bench(args, path):
     exe = os.path.join(args.llama_cpp, "build", "bin", "llama-bench")
     common = [exe, "-m", path, "-t", str(args.threads), "-o", "json"]
+    if args.kv_cache == "int8":
+        common += ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "1"]
     # Prefill and decode at depth 0: cheap, so --repeats repetitions (llama-bench reports their mean).
     out, rss1 = timed(common + ["-r", str(args.repeats), "-p", str(args.prompt), "-n", str(args.gen)])
     rows = json.loads(out)
@@ -85,6 +91,8 @@ def latent_bench(args, path):
     cmd = [args.latent, "--threads", str(args.threads), "bench", "--model", path, "--prompt-len", str(args.prompt),
            "--depths", ",".join(str(d) for d in args.depths), "--decode-tokens", str(args.gen), "--repeats", str(args.repeats),
            "--json"]
+    if args.kv_cache == "int8":
+        cmd += ["--kv-cache", "int8"]
     out, rss = timed(cmd)
     report = json.loads(out)
     report["peak_rss_bytes"] = rss
@@ -147,6 +155,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="repetitions inside each engine's own bench")
     ap.add_argument("--transformers", action="store_true")
+    ap.add_argument("--kv-cache", choices=["auto", "int8"], default="auto",
+                    help="int8: both engines cache in 8 bits (latent --kv-cache int8, llama.cpp -ctk/-ctv q8_0 -fa 1)")
     ap.add_argument("--json")
     ap.add_argument("--transformers-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -173,7 +183,8 @@ def main():
             hf_runs.append(transformers_bench(args))
             log(f"round {round_ + 1} transformers: {hf_runs[-1]}")
 
-    summary = {"threads": args.threads, "rounds": args.rounds, "prompt": args.prompt, "gen": args.gen, "formats": {}}
+    summary = {"threads": args.threads, "rounds": args.rounds, "prompt": args.prompt, "gen": args.gen,
+               "kv_cache": args.kv_cache, "formats": {}}
     hf_prefill = median_of(hf_runs, "prefill_tok_s") if hf_runs else None
     if hf_runs:
         summary["transformers"] = {"prefill_tok_s": hf_prefill, "decode_tok_s": {"0": median_of(hf_runs, "decode_tok_s", "0")},
