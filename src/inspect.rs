@@ -169,6 +169,19 @@ impl fmt::Display for Report<'_> {
             let ratio = values as f64 / kv.mla as f64;
             writeln!(f, "  {name:<38} {values:>9} values {:>11}  {ratio:>6.2}x MLA", bytes(values * b))?;
         }
+        // `--kv-cache int8`: codes plus a 4-byte scale per 128 latents and one for the RoPE part.
+        if let Some(rows) = crate::kernels::latent_int8::Int8Rows::new(c.kv_lora_rank, c.qk_rope_head_dim) {
+            let int8 = rows.bytes_per_row() * c.num_hidden_layers;
+            writeln!(
+                f,
+                "  {:<38} {:>9} codes  {:>11}  {:>6.2}x MLA in {}",
+                "MLA latent, --kv-cache int8",
+                kv.mla,
+                bytes(int8),
+                int8 as f64 / (kv.mla * b) as f64,
+                self.dtype_name
+            )?;
+        }
         write!(f, "  MLA saves {:.1}% of the MHA cache", 100.0 * (1.0 - kv.mla as f64 / kv.mha as f64))
     }
 }

@@ -145,6 +145,22 @@ fn bench_json_reports_speeds_by_depth_memory_and_the_roofline() {
 }
 
 #[test]
+fn an_int8_cache_generates_and_benches_at_about_half_the_bytes() {
+    let model = fixture("tiny-v2");
+    let out =
+        latent(&["generate", "--model", &model, "--prompt", "hello", "--max-tokens", "6", "--kv-cache", "int8"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("tokens/s"), "{}", text(&out.stderr));
+    let args = ["bench", "--model", &model, "--depths", "0,40", "--prompt-len", "8", "--decode-tokens", "2"];
+    let out = latent(&[&args[..], &["--repeats", "1", "--json", "--kv-cache", "int8"]].concat(), None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert!(v["decode_tok_s"]["40"].as_f64().unwrap() > 0.0, "{v}");
+    // 3 layers x (32 + 8 codes and 2 scales of 4 bytes), against 480 for f32.
+    assert_eq!(v["kv_bytes_per_token"], 3 * (40 + 8));
+}
+
+#[test]
 fn bench_refuses_depths_beyond_the_context() {
     let out = latent(&["bench", "--model", &fixture("tiny-v2"), "--depths", "1000", "--repeats", "1"], None);
     assert_eq!(out.status.code(), Some(1));

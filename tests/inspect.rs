@@ -54,6 +54,9 @@ fn deepseek_v2_caches_576_values_per_layer_against_32768_for_mha() {
     // The latent cache itself: 576 values x 60 layers x 2 bytes in bf16.
     let cache = latent::LatentCache::new(&config, candle_core::DType::BF16, &Device::Cpu).unwrap();
     assert_eq!(cache.bytes_per_token(), 576 * 60 * 2);
+    // The int8 cache: 576 codes, 4 latent scales and a RoPE scale of 4 bytes: 596 bytes a layer.
+    let int8 = latent::LatentCache::with_kind(&config, latent::cache::CacheKind::Int8, &Device::Cpu).unwrap();
+    assert_eq!(int8.bytes_per_token(), 596 * 60);
 }
 
 #[test]
