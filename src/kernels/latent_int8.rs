@@ -24,7 +24,9 @@
 //! Both products do 64 multiply-adds per instruction, twice `vdpbf16ps`, and the cache is half as
 //! many bytes. CPUs without AVX-512 VNNI dequantize the rows and take the f32 kernels.
 
-use super::mla_decode::{mla_decode, MlaShape};
+use rayon::prelude::*;
+
+use super::mla_decode::MlaShape;
 use super::Simd;
 
 /// Rows per tile: one per 32-bit lane of an AVX-512 register.
@@ -159,12 +161,24 @@ impl Int8Rows {
         }
     }
 
-    /// Every row dequantized: `(len, d_c)` and `(len, d_r)`, row-major.
+    /// Every row dequantized: `(len, d_c)` and `(len, d_r)`, row-major; tiles in parallel.
     pub fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
-        let (mut c, mut r) = (vec![0f32; self.len * self.d_c], vec![0f32; self.len * self.d_r]);
-        for (s, (c, r)) in c.chunks_exact_mut(self.d_c).zip(r.chunks_exact_mut(self.d_r)).enumerate() {
-            self.row(s, c, r);
-        }
+        let (d_c, d_r, words, blocks) = (self.d_c, self.d_r, self.words(), self.blocks());
+        let (mut c, mut r) = (vec![0f32; self.len * d_c], vec![0f32; self.len * d_r]);
+        c.par_chunks_mut(TILE_ROWS * d_c).zip(r.par_chunks_mut(TILE_ROWS * d_r)).enumerate().for_each(|(t, (c, r))| {
+            let codes = &self.codes[t * words * 64..(t + 1) * words * 64];
+            let scales = &self.scales[t * blocks * TILE_ROWS..(t + 1) * blocks * TILE_ROWS];
+            for (w, word) in codes.chunks_exact(64).enumerate() {
+                let b = if 4 * w < d_c { 4 * w / SCALE_BLOCK } else { blocks - 1 };
+                let (out, width, at) = if 4 * w < d_c { (&mut *c, d_c, 4 * w) } else { (&mut *r, d_r, 4 * w - d_c) };
+                for (row, out) in out.chunks_exact_mut(width).enumerate() {
+                    let scale = scales[b * TILE_ROWS + row];
+                    for (k, v) in out[at..at + 4].iter_mut().enumerate() {
+                        *v = (word[4 * row + k] as i32 - 128) as f32 * scale;
+                    }
+                }
+            }
+        });
         (c, r)
     }
 }
@@ -181,8 +195,154 @@ pub fn mla_decode_int8(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: us
     }
     // The same quantized queries, so that every CPU computes the same scores.
     let (q_lat, q_rope) = Query::new(q_lat, q_rope, rows, heads).dequantize(rows, heads);
-    let (c, r) = rows.dequantize();
-    mla_decode(&q_lat, &q_rope, &c, &r, MlaShape { heads, d_c, d_r, len }, scale)
+    portable::decode(&q_lat, &q_rope, rows, heads, scale)
+}
+
+/// The decode attention for CPUs without AVX-512 VNNI: the same runs, shares and online softmax
+/// as the 8-bit kernel, each run's rows dequantized to f32 (in the core's caches, never the whole
+/// cache at once) and multiplied in f32, which the compiler vectorizes for AVX2 or AVX-512. The
+/// probabilities stay f32.
+mod portable {
+    use rayon::prelude::*;
+
+    use super::{Int8Rows, RUN_TILES, SCALE_BLOCK, TILE_ROWS};
+    use crate::kernels::rows::exp;
+    use crate::kernels::{dispatch, mul_add, Simd, Widen};
+
+    /// One share's online softmax: per head `m`, `l` and the `d_c` sums `o`.
+    pub(crate) struct Partial {
+        m: Vec<f32>,
+        l: Vec<f32>,
+        o: Vec<f32>,
+    }
+
+    pub fn decode(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize, scale: f32) -> Vec<f32> {
+        let (d_c, len) = (rows.d_c, rows.len);
+        let tiles = len.div_ceil(TILE_ROWS);
+        let runs = tiles.div_ceil(RUN_TILES);
+        let shares = runs.min(2 * rayon::current_num_threads()).max(1);
+        let simd = Simd::detect();
+        let parts: Vec<Partial> = (0..shares)
+            .into_par_iter()
+            .map(|k| {
+                let mut part =
+                    Partial { m: vec![f32::NEG_INFINITY; heads], l: vec![0.0; heads], o: vec![0.0; heads * d_c] };
+                let run = RUN_TILES * TILE_ROWS;
+                let mut scratch = vec![0f32; run * (rows.d_c + rows.d_r) + heads * run];
+                for r in runs * k / shares..runs * (k + 1) / shares {
+                    let first = r * RUN_TILES;
+                    let span = (first, ((r + 1) * RUN_TILES).min(tiles));
+                    absorb_run::<f32>(simd, q_lat, q_rope, rows, heads, scale, span, &mut part, &mut scratch);
+                }
+                part
+            })
+            .collect();
+        let mut out = vec![0f32; heads * d_c];
+        out.par_chunks_mut(d_c).enumerate().for_each(|(h, out)| {
+            let m = parts.iter().map(|p| p.m[h]).fold(f32::NEG_INFINITY, f32::max);
+            let mut l = 0f32;
+            for part in parts.iter().filter(|p| p.m[h] > f32::NEG_INFINITY) {
+                let f = exp(part.m[h] - m);
+                l += f * part.l[h];
+                for (a, &b) in out.iter_mut().zip(&part.o[h * d_c..(h + 1) * d_c]) {
+                    *a += f * b;
+                }
+            }
+            out.iter_mut().for_each(|v| *v /= l);
+        });
+        out
+    }
+
+    /// `Σ a·b` in 16 interleaved sums, so the loop vectorizes.
+    #[inline(always)]
+    fn dot<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 16];
+        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..16 {
+                acc[l] = mul_add::<FUSED>(x[l], y[l], acc[l]);
+            }
+        }
+        let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+        acc.iter().sum::<f32>() + tail
+    }
+
+    dispatch!(
+        /// Adds tiles `span.0..span.1` of `rows` to `part` (see [`decode`]).
+        absorb_run => absorb_run_body(
+            q_lat: &[f32],
+            q_rope: &[f32],
+            rows: &Int8Rows,
+            heads: usize,
+            scale: f32,
+            span: (usize, usize),
+            part: &mut Partial,
+            scratch: &mut [f32]
+        )
+    );
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn absorb_run_body<W: Widen, const FUSED: bool>(
+        q_lat: &[f32],
+        q_rope: &[f32],
+        rows: &Int8Rows,
+        heads: usize,
+        scale: f32,
+        span: (usize, usize),
+        part: &mut Partial,
+        scratch: &mut [f32],
+    ) {
+        let (d_c, d_r, words, blocks) = (rows.d_c, rows.d_r, rows.words(), rows.blocks());
+        let n = (span.1 * TILE_ROWS).min(rows.len) - span.0 * TILE_ROWS;
+        let (c, rest) = scratch.split_at_mut(RUN_TILES * TILE_ROWS * d_c);
+        let (r, p) = rest.split_at_mut(RUN_TILES * TILE_ROWS * d_r);
+        // The run's rows in f32.
+        for t in span.0..span.1 {
+            let codes = &rows.codes[t * words * 64..(t + 1) * words * 64];
+            let scales = &rows.scales[t * blocks * TILE_ROWS..(t + 1) * blocks * TILE_ROWS];
+            let first = (t - span.0) * TILE_ROWS;
+            for (w, word) in codes.chunks_exact(64).enumerate() {
+                let latent = 4 * w < d_c;
+                let b = if latent { 4 * w / SCALE_BLOCK } else { blocks - 1 };
+                for row in 0..TILE_ROWS.min(n - first) {
+                    let scale = scales[b * TILE_ROWS + row];
+                    for k in 0..4 {
+                        let v = (word[4 * row + k] as i32 - 128) as f32 * scale;
+                        if latent {
+                            c[(first + row) * d_c + 4 * w + k] = v;
+                        } else {
+                            r[(first + row) * d_r + 4 * w - d_c + k] = v;
+                        }
+                    }
+                }
+            }
+        }
+        for h in 0..heads {
+            let p = &mut p[h * RUN_TILES * TILE_ROWS..][..n];
+            let (ql, qr) = (&q_lat[h * d_c..(h + 1) * d_c], &q_rope[h * d_r..(h + 1) * d_r]);
+            for (i, s) in p.iter_mut().enumerate() {
+                let content = dot::<FUSED>(ql, &c[i * d_c..(i + 1) * d_c]);
+                *s = (content + dot::<FUSED>(qr, &r[i * d_r..(i + 1) * d_r])) * scale;
+            }
+            let m_new = p.iter().copied().fold(part.m[h], f32::max);
+            let o = &mut part.o[h * d_c..(h + 1) * d_c];
+            if m_new > part.m[h] && part.l[h] > 0.0 {
+                let alpha = exp(part.m[h] - m_new);
+                part.l[h] *= alpha;
+                o.iter_mut().for_each(|v| *v *= alpha);
+            }
+            part.m[h] = m_new;
+            for (i, s) in p.iter_mut().enumerate() {
+                *s = exp(*s - m_new);
+                part.l[h] += *s;
+                for (o, &x) in o.iter_mut().zip(&c[i * d_c..(i + 1) * d_c]) {
+                    *o = mul_add::<FUSED>(*s, x, *o);
+                }
+            }
+        }
+    }
 }
 
 /// A step's queries in 8-bit codes, per head and scale block as the rows are, heads padded to
