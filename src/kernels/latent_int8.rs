@@ -216,7 +216,17 @@ mod portable {
         o: Vec<f32>,
     }
 
+    /// One step's queries (dequantized from their codes), rows, heads and score scale.
+    pub(crate) struct Step<'a> {
+        q_lat: &'a [f32],
+        q_rope: &'a [f32],
+        rows: &'a Int8Rows,
+        heads: usize,
+        scale: f32,
+    }
+
     pub fn decode(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize, scale: f32) -> Vec<f32> {
+        let step = Step { q_lat, q_rope, rows, heads, scale };
         let (d_c, len) = (rows.d_c, rows.len);
         let tiles = len.div_ceil(TILE_ROWS);
         let runs = tiles.div_ceil(RUN_TILES);
@@ -232,7 +242,7 @@ mod portable {
                 for r in runs * k / shares..runs * (k + 1) / shares {
                     let first = r * RUN_TILES;
                     let span = (first, ((r + 1) * RUN_TILES).min(tiles));
-                    absorb_run::<f32>(simd, q_lat, q_rope, rows, heads, scale, span, &mut part, &mut scratch);
+                    absorb_run::<f32>(simd, &step, span, &mut part, &mut scratch);
                 }
                 part
             })
@@ -270,30 +280,19 @@ mod portable {
 
     dispatch!(
         /// Adds tiles `span.0..span.1` of `rows` to `part` (see [`decode`]).
-        absorb_run => absorb_run_body(
-            q_lat: &[f32],
-            q_rope: &[f32],
-            rows: &Int8Rows,
-            heads: usize,
-            scale: f32,
-            span: (usize, usize),
-            part: &mut Partial,
-            scratch: &mut [f32]
-        )
+        absorb_run => absorb_run_body(step: &Step<'_>, span: (usize, usize), part: &mut Partial, scratch: &mut [f32])
     );
 
-    #[allow(clippy::too_many_arguments)]
+    // `dispatch!` passes an element type; the rows here are always codes.
+    #[allow(clippy::extra_unused_type_parameters)]
     #[inline(always)]
     fn absorb_run_body<W: Widen, const FUSED: bool>(
-        q_lat: &[f32],
-        q_rope: &[f32],
-        rows: &Int8Rows,
-        heads: usize,
-        scale: f32,
+        step: &Step<'_>,
         span: (usize, usize),
         part: &mut Partial,
         scratch: &mut [f32],
     ) {
+        let Step { q_lat, q_rope, rows, heads, scale } = *step;
         let (d_c, d_r, words, blocks) = (rows.d_c, rows.d_r, rows.words(), rows.blocks());
         let n = (span.1 * TILE_ROWS).min(rows.len) - span.0 * TILE_ROWS;
         let (c, rest) = scratch.split_at_mut(RUN_TILES * TILE_ROWS * d_c);
