@@ -36,6 +36,18 @@ pub const SCALE_BLOCK: usize = 128;
 /// Tiles per step of the online softmax: 256 rows.
 pub const RUN_TILES: usize = 16;
 
+/// Quantizes `get(i)` for `i` in `values` to codes of ±127 over their largest magnitude, handing
+/// each to `put`; returns the scale (0 for a block of zeros).
+fn quantize_block(get: impl Fn(usize) -> f32, values: std::ops::Range<usize>, mut put: impl FnMut(usize, i8)) -> f32 {
+    let amax = values.clone().map(|i| get(i).abs()).fold(0f32, f32::max);
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for i in values {
+        put(i, (get(i) * inv).round().clamp(-127.0, 127.0) as i8);
+    }
+    scale
+}
+
 /// One layer's cached rows in 8-bit codes, tiled.
 #[derive(Debug, Clone)]
 pub struct Int8Rows {
@@ -126,18 +138,15 @@ impl Int8Rows {
         }
         let (tile, row) = (self.len / TILE_ROWS, self.len % TILE_ROWS);
         let (words, blocks) = (self.words(), self.blocks());
+        let d_c = self.d_c;
+        let get = |i: usize| if i < d_c { c[i] } else { r[i - d_c] };
         for b in 0..blocks {
             let values = self.block_values(b);
-            let get = |i: usize| if i < self.d_c { c[i] } else { r[i - self.d_c] };
-            let amax = values.clone().map(|i| get(i).abs()).fold(0f32, f32::max);
-            let scale = amax / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let codes = &mut self.codes;
+            let scale = quantize_block(get, values, |i, code| {
+                codes[(tile * words + i / 4) * 64 + 4 * row + i % 4] = (code as i32 + 128) as u8;
+            });
             self.scales[(tile * blocks + b) * TILE_ROWS + row] = scale;
-            for i in values {
-                let code = (get(i) * inv).round().clamp(-127.0, 127.0) as i32;
-                let at = (tile * words + i / 4) * 64 + 4 * row + i % 4;
-                self.codes[at] = (code + 128) as u8;
-            }
         }
         self.len += 1;
     }
@@ -161,24 +170,32 @@ impl Int8Rows {
         }
     }
 
-    /// Every row dequantized: `(len, d_c)` and `(len, d_r)`, row-major; tiles in parallel.
-    pub fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
+    /// The first `n` rows of tile `t` dequantized into `c` (`n × d_c`) and `r` (`n × d_r`).
+    fn dequantize_tile(&self, t: usize, n: usize, c: &mut [f32], r: &mut [f32]) {
         let (d_c, d_r, words, blocks) = (self.d_c, self.d_r, self.words(), self.blocks());
-        let (mut c, mut r) = (vec![0f32; self.len * d_c], vec![0f32; self.len * d_r]);
-        c.par_chunks_mut(TILE_ROWS * d_c).zip(r.par_chunks_mut(TILE_ROWS * d_r)).enumerate().for_each(|(t, (c, r))| {
-            let codes = &self.codes[t * words * 64..(t + 1) * words * 64];
-            let scales = &self.scales[t * blocks * TILE_ROWS..(t + 1) * blocks * TILE_ROWS];
-            for (w, word) in codes.chunks_exact(64).enumerate() {
-                let b = if 4 * w < d_c { 4 * w / SCALE_BLOCK } else { blocks - 1 };
-                let (out, width, at) = if 4 * w < d_c { (&mut *c, d_c, 4 * w) } else { (&mut *r, d_r, 4 * w - d_c) };
-                for (row, out) in out.chunks_exact_mut(width).enumerate() {
-                    let scale = scales[b * TILE_ROWS + row];
-                    for (k, v) in out[at..at + 4].iter_mut().enumerate() {
-                        *v = (word[4 * row + k] as i32 - 128) as f32 * scale;
-                    }
+        let codes = &self.codes[t * words * 64..(t + 1) * words * 64];
+        let scales = &self.scales[t * blocks * TILE_ROWS..(t + 1) * blocks * TILE_ROWS];
+        for (w, word) in codes.chunks_exact(64).enumerate() {
+            let latent = 4 * w < d_c;
+            let b = if latent { 4 * w / SCALE_BLOCK } else { blocks - 1 };
+            let (out, width, at) = if latent { (&mut *c, d_c, 4 * w) } else { (&mut *r, d_r, 4 * w - d_c) };
+            for (row, out) in out.chunks_exact_mut(width).take(n).enumerate() {
+                let scale = scales[b * TILE_ROWS + row];
+                for (k, v) in out[at..at + 4].iter_mut().enumerate() {
+                    *v = (word[4 * row + k] as i32 - 128) as f32 * scale;
                 }
             }
-        });
+        }
+    }
+
+    /// Every row dequantized: `(len, d_c)` and `(len, d_r)`, row-major; tiles in parallel.
+    pub fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
+        let (d_c, d_r) = (self.d_c, self.d_r);
+        let (mut c, mut r) = (vec![0f32; self.len * d_c], vec![0f32; self.len * d_r]);
+        c.par_chunks_mut(TILE_ROWS * d_c)
+            .zip(r.par_chunks_mut(TILE_ROWS * d_r))
+            .enumerate()
+            .for_each(|(t, (c, r))| self.dequantize_tile(t, c.len() / d_c, c, r));
         (c, r)
     }
 }
@@ -205,7 +222,7 @@ pub fn mla_decode_int8(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: us
 mod portable {
     use rayon::prelude::*;
 
-    use super::{Int8Rows, RUN_TILES, SCALE_BLOCK, TILE_ROWS};
+    use super::{Int8Rows, RUN_TILES, TILE_ROWS};
     use crate::kernels::rows::exp;
     use crate::kernels::{dispatch, mul_add, Simd, Widen};
 
@@ -293,30 +310,14 @@ mod portable {
         scratch: &mut [f32],
     ) {
         let Step { q_lat, q_rope, rows, heads, scale } = *step;
-        let (d_c, d_r, words, blocks) = (rows.d_c, rows.d_r, rows.words(), rows.blocks());
+        let (d_c, d_r) = (rows.d_c, rows.d_r);
         let n = (span.1 * TILE_ROWS).min(rows.len) - span.0 * TILE_ROWS;
         let (c, rest) = scratch.split_at_mut(RUN_TILES * TILE_ROWS * d_c);
         let (r, p) = rest.split_at_mut(RUN_TILES * TILE_ROWS * d_r);
         // The run's rows in f32.
         for t in span.0..span.1 {
-            let codes = &rows.codes[t * words * 64..(t + 1) * words * 64];
-            let scales = &rows.scales[t * blocks * TILE_ROWS..(t + 1) * blocks * TILE_ROWS];
-            let first = (t - span.0) * TILE_ROWS;
-            for (w, word) in codes.chunks_exact(64).enumerate() {
-                let latent = 4 * w < d_c;
-                let b = if latent { 4 * w / SCALE_BLOCK } else { blocks - 1 };
-                for row in 0..TILE_ROWS.min(n - first) {
-                    let scale = scales[b * TILE_ROWS + row];
-                    for k in 0..4 {
-                        let v = (word[4 * row + k] as i32 - 128) as f32 * scale;
-                        if latent {
-                            c[(first + row) * d_c + 4 * w + k] = v;
-                        } else {
-                            r[(first + row) * d_r + 4 * w - d_c + k] = v;
-                        }
-                    }
-                }
-            }
+            let (first, m) = ((t - span.0) * TILE_ROWS, TILE_ROWS.min(n - (t - span.0) * TILE_ROWS));
+            rows.dequantize_tile(t, m, &mut c[first * d_c..(first + m) * d_c], &mut r[first * d_r..(first + m) * d_r]);
         }
         for h in 0..heads {
             let p = &mut p[h * RUN_TILES * TILE_ROWS..][..n];
@@ -368,15 +369,11 @@ impl Query {
             let get = |i: usize| if i < d_c { q_lat[h * d_c + i] } else { q_rope[h * d_r + i - d_c] };
             let mut codes = vec![0i8; d_c + d_r];
             for b in 0..blocks {
-                let values = rows.block_values(b);
-                let amax = values.clone().map(|i| get(i).abs()).fold(0f32, f32::max);
-                let scale = amax / 127.0;
-                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
                 let mut sum = 0;
-                for i in values {
-                    codes[i] = (get(i) * inv).round().clamp(-127.0, 127.0) as i8;
-                    sum += codes[i] as i32;
-                }
+                let scale = quantize_block(get, rows.block_values(b), |i, code| {
+                    codes[i] = code;
+                    sum += code as i32;
+                });
                 (q.scales[h * blocks + b], q.sums[h * blocks + b]) = (scale, sum);
             }
             for (w, word) in codes.chunks_exact(4).enumerate() {
