@@ -22,7 +22,8 @@
 //!   run.
 //!
 //! Both products do 64 multiply-adds per instruction, twice `vdpbf16ps`, and the cache is half as
-//! many bytes. CPUs without AVX-512 VNNI dequantize the rows and take the f32 kernels.
+//! many bytes. CPUs without AVX-512 VNNI run the same runs and online softmax in f32, each run's
+//! rows dequantized in cache.
 
 use rayon::prelude::*;
 
@@ -151,25 +152,6 @@ impl Int8Rows {
         self.len += 1;
     }
 
-    /// Row `s` dequantized into `c` (`d_c`) and `r` (`d_r`).
-    pub fn row(&self, s: usize, c: &mut [f32], r: &mut [f32]) {
-        assert!(s < self.len && c.len() == self.d_c && r.len() == self.d_r, "Int8Rows::row: out of range");
-        let (tile, row) = (s / TILE_ROWS, s % TILE_ROWS);
-        let (words, blocks) = (self.words(), self.blocks());
-        for b in 0..blocks {
-            let scale = self.scales[(tile * blocks + b) * TILE_ROWS + row];
-            for i in self.block_values(b) {
-                let code = self.codes[(tile * words + i / 4) * 64 + 4 * row + i % 4] as i32 - 128;
-                let v = code as f32 * scale;
-                if i < self.d_c {
-                    c[i] = v;
-                } else {
-                    r[i - self.d_c] = v;
-                }
-            }
-        }
-    }
-
     /// The first `n` rows of tile `t` dequantized into `c` (`n × d_c`) and `r` (`n × d_r`).
     fn dequantize_tile(&self, t: usize, n: usize, c: &mut [f32], r: &mut [f32]) {
         let (d_c, d_r, words, blocks) = (self.d_c, self.d_r, self.words(), self.blocks());
@@ -202,7 +184,7 @@ impl Int8Rows {
 
 /// `o_lat (H, d_c)` for `q_lat (H, d_c)` and `q_rope (H, d_r)` over `rows` (as
 /// [`super::mla_decode::mla_decode`] computes it over dequantized rows): the 8-bit kernel on CPUs
-/// with AVX-512 VNNI, elsewhere the f32 kernels over the dequantized rows.
+/// with AVX-512 VNNI, elsewhere the same runs dequantized to f32 one at a time ([`portable`]).
 pub fn mla_decode_int8(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize, scale: f32) -> Vec<f32> {
     let (d_c, d_r, len) = (rows.d_c, rows.d_r, rows.len);
     assert!(q_lat.len() == heads * d_c && q_rope.len() == heads * d_r && len > 0, "mla_decode_int8: shapes disagree");
@@ -712,9 +694,10 @@ mod tests {
         // Truncating and pushing again overwrites in place.
         rows.truncate(17);
         rows.push(&c[..d_c], &r[..d_r]);
-        let (mut c17, mut r17) = (vec![0f32; d_c], vec![0f32; d_r]);
-        rows.row(17, &mut c17, &mut r17);
-        assert_eq!((&c17[..], &r17[..]), (&gc[..d_c], &gr[..d_r]));
+        assert_eq!(rows.len(), 18);
+        let (c18, r18) = rows.dequantize();
+        assert_eq!((&c18[17 * d_c..], &r18[17 * d_r..]), (&gc[..d_c], &gr[..d_r]));
+        assert_eq!((&c18[..17 * d_c], &r18[..17 * d_r]), (&gc[..17 * d_c], &gr[..17 * d_r]));
         assert!(Int8Rows::new(30, 8).is_none(), "latents not in whole words");
     }
 
