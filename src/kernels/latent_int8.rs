@@ -186,15 +186,66 @@ impl Int8Rows {
 /// [`super::mla_decode::mla_decode`] computes it over dequantized rows): the 8-bit kernel on CPUs
 /// with AVX-512 VNNI, elsewhere the same runs dequantized to f32 one at a time ([`portable`]).
 pub fn mla_decode_int8(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize, scale: f32) -> Vec<f32> {
+    let mut out = vec![0f32; heads * rows.d_c];
+    mla_decode_int8_into(q_lat, q_rope, rows, heads, scale, &mut Int8Scratch::default(), &mut out);
+    out
+}
+
+/// What [`mla_decode_int8_into`] keeps between steps: the quantized query and each share's
+/// online softmax state and run buffers. Sized by the first step, reused by the next ones.
+#[derive(Default)]
+pub struct Int8Scratch {
+    query: Query,
+    #[cfg(target_arch = "x86_64")]
+    vnni: Vec<vnni::Share>,
+    portable: Vec<portable::Share>,
+    q_lat: Vec<f32>,
+    q_rope: Vec<f32>,
+}
+
+/// [`mla_decode_int8`] into `out (H, d_c)`, allocating nothing once `scratch` has seen a step of
+/// this size.
+pub fn mla_decode_int8_into(
+    q_lat: &[f32],
+    q_rope: &[f32],
+    rows: &Int8Rows,
+    heads: usize,
+    scale: f32,
+    scratch: &mut Int8Scratch,
+    out: &mut [f32],
+) {
     let (d_c, d_r, len) = (rows.d_c, rows.d_r, rows.len);
-    assert!(q_lat.len() == heads * d_c && q_rope.len() == heads * d_r && len > 0, "mla_decode_int8: shapes disagree");
+    assert!(
+        q_lat.len() == heads * d_c && q_rope.len() == heads * d_r && out.len() == heads * d_c && len > 0,
+        "mla_decode_int8: shapes disagree"
+    );
+    scratch.query.fill(q_lat, q_rope, rows, heads);
     #[cfg(target_arch = "x86_64")]
     if Simd::detect() == Simd::Avx512Vnni {
-        return vnni::decode(&Query::new(q_lat, q_rope, rows, heads), rows, heads, scale);
+        return vnni::decode(&scratch.query, rows, heads, scale, &mut scratch.vnni, out);
     }
     // The same quantized queries, so that every CPU computes the same scores.
-    let (q_lat, q_rope) = Query::new(q_lat, q_rope, rows, heads).dequantize(rows, heads);
-    portable::decode(&q_lat, &q_rope, rows, heads, scale)
+    scratch.query.dequantize_into(rows, heads, &mut scratch.q_lat, &mut scratch.q_rope);
+    portable::decode(&scratch.q_lat, &scratch.q_rope, rows, heads, scale, &mut scratch.portable, out)
+}
+
+/// Most shares a step's runs are split into (the merge keeps a factor per share on the stack).
+const MAX_SHARES: usize = 64;
+
+/// Makes room for `n` values in `v`.
+fn reserve<T>(v: &mut Vec<T>, n: usize) {
+    v.reserve(n.saturating_sub(v.len()));
+}
+
+/// The factor `e^(m_k − m)` of each share's sums for a head whose shares' maxima are `maxima`
+/// (0 for a share that saw no row), and the common maximum `m`.
+fn share_factors(maxima: impl Iterator<Item = f32> + Clone) -> [f32; MAX_SHARES] {
+    let m = maxima.clone().fold(f32::NEG_INFINITY, f32::max);
+    let mut factors = [0f32; MAX_SHARES];
+    for (f, mk) in factors.iter_mut().zip(maxima) {
+        *f = if mk > f32::NEG_INFINITY { super::rows::exp(mk - m) } else { 0.0 };
+    }
+    factors
 }
 
 /// The decode attention for CPUs without AVX-512 VNNI: the same runs, shares and online softmax
@@ -204,7 +255,7 @@ pub fn mla_decode_int8(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: us
 mod portable {
     use rayon::prelude::*;
 
-    use super::{Int8Rows, RUN_TILES, TILE_ROWS};
+    use super::{reserve, share_factors, Int8Rows, MAX_SHARES, RUN_TILES, TILE_ROWS};
     use crate::kernels::rows::exp;
     use crate::kernels::{dispatch, mul_add, Simd, Widen};
 
@@ -213,6 +264,13 @@ mod portable {
         m: Vec<f32>,
         l: Vec<f32>,
         o: Vec<f32>,
+    }
+
+    /// One share's state and its run of rows in f32 (latents, RoPE parts, then per head the
+    /// run's scores).
+    pub(crate) struct Share {
+        part: Partial,
+        run: Vec<f32>,
     }
 
     /// One step's queries (dequantized from their codes), rows, heads and score scale.
@@ -224,42 +282,62 @@ mod portable {
         scale: f32,
     }
 
-    pub fn decode(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize, scale: f32) -> Vec<f32> {
+    pub fn decode(
+        q_lat: &[f32],
+        q_rope: &[f32],
+        rows: &Int8Rows,
+        heads: usize,
+        scale: f32,
+        shares: &mut Vec<Share>,
+        out: &mut [f32],
+    ) {
         let step = Step { q_lat, q_rope, rows, heads, scale };
         let (d_c, len) = (rows.d_c, rows.len);
         let tiles = len.div_ceil(TILE_ROWS);
         let runs = tiles.div_ceil(RUN_TILES);
-        let shares = runs.min(2 * rayon::current_num_threads()).max(1);
+        let most = (2 * rayon::current_num_threads()).clamp(1, MAX_SHARES);
+        let n = runs.clamp(1, most);
         let simd = Simd::detect();
-        let parts: Vec<Partial> = (0..shares)
-            .into_par_iter()
-            .map(|k| {
-                let mut part =
-                    Partial { m: vec![f32::NEG_INFINITY; heads], l: vec![0.0; heads], o: vec![0.0; heads * d_c] };
-                let run = RUN_TILES * TILE_ROWS;
-                let mut scratch = vec![0f32; run * (rows.d_c + rows.d_r) + heads * run];
-                for r in runs * k / shares..runs * (k + 1) / shares {
-                    let first = r * RUN_TILES;
-                    let span = (first, ((r + 1) * RUN_TILES).min(tiles));
-                    absorb_run::<f32>(simd, &step, span, &mut part, &mut scratch);
-                }
-                part
-            })
-            .collect();
-        let mut out = vec![0f32; heads * d_c];
+        let run = RUN_TILES * TILE_ROWS;
+        // Every share the sequence will use once it is long, sized now (see `vnni::decode`).
+        while shares.len() < most {
+            let part = Partial { m: Vec::new(), l: Vec::new(), o: Vec::new() };
+            shares.push(Share { part, run: Vec::new() });
+        }
+        for Share { part, run: buffer } in shares.iter_mut() {
+            reserve(&mut part.m, heads);
+            reserve(&mut part.l, heads);
+            reserve(&mut part.o, heads * d_c);
+            reserve(buffer, run * (rows.d_c + rows.d_r) + heads * run);
+        }
+        shares[..n].par_iter_mut().enumerate().for_each(|(k, share)| {
+            let part = &mut share.part;
+            part.m.clear();
+            part.m.resize(heads, f32::NEG_INFINITY);
+            part.l.clear();
+            part.l.resize(heads, 0.0);
+            part.o.clear();
+            part.o.resize(heads * d_c, 0.0);
+            share.run.resize(run * (rows.d_c + rows.d_r) + heads * run, 0.0);
+            for r in runs * k / n..runs * (k + 1) / n {
+                let first = r * RUN_TILES;
+                let span = (first, ((r + 1) * RUN_TILES).min(tiles));
+                absorb_run::<f32>(simd, &step, span, part, &mut share.run);
+            }
+        });
+        let shares = &shares[..n];
         out.par_chunks_mut(d_c).enumerate().for_each(|(h, out)| {
-            let m = parts.iter().map(|p| p.m[h]).fold(f32::NEG_INFINITY, f32::max);
+            let factors = share_factors(shares.iter().map(|s| s.part.m[h]));
+            out.fill(0.0);
             let mut l = 0f32;
-            for part in parts.iter().filter(|p| p.m[h] > f32::NEG_INFINITY) {
-                let f = exp(part.m[h] - m);
-                l += f * part.l[h];
-                for (a, &b) in out.iter_mut().zip(&part.o[h * d_c..(h + 1) * d_c]) {
+            for (share, &f) in shares.iter().zip(&factors).filter(|(_, &f)| f > 0.0) {
+                l += f * share.part.l[h];
+                for (a, &b) in out.iter_mut().zip(&share.part.o[h * d_c..(h + 1) * d_c]) {
                     *a += f * b;
                 }
             }
             out.iter_mut().for_each(|v| *v /= l);
         });
-        out
     }
 
     /// `Σ a·b` in 16 interleaved sums, so the loop vectorizes.
@@ -328,8 +406,8 @@ mod portable {
 }
 
 /// A step's queries in 8-bit codes, per head and scale block as the rows are, heads padded to
-/// a multiple of [`vnni::HEADS`].
-#[derive(Debug, Clone)]
+/// a multiple of [`QUERY_HEADS`].
+#[derive(Debug, Clone, Default)]
 pub struct Query {
     /// Per word of 4 codes, every head's (the heads an 8-head block multiplies side by side).
     words: Vec<i32>,
@@ -340,35 +418,56 @@ pub struct Query {
     sums: Vec<i32>,
 }
 
+/// Heads per block of the 8-bit kernel's query (the portable kernel pads alike).
+const QUERY_HEADS: usize = 16;
+
 impl Query {
     /// Quantizes `q_lat (H, d_c)` and `q_rope (H, d_r)` in `rows`' blocks.
     pub fn new(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize) -> Query {
+        let mut q = Query::default();
+        q.fill(q_lat, q_rope, rows, heads);
+        q
+    }
+
+    /// [`Query::new`] into the buffers of `self`.
+    pub fn fill(&mut self, q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize) {
         let (d_c, d_r, words, blocks) = (rows.d_c, rows.d_r, rows.words(), rows.blocks());
-        let hp = heads.next_multiple_of(vnni::HEADS);
-        let mut q =
-            Query { words: vec![0; hp * words], hp, scales: vec![0.0; hp * blocks], sums: vec![0; hp * blocks] };
+        let hp = heads.next_multiple_of(QUERY_HEADS);
+        self.hp = hp;
+        for (v, n) in [(&mut self.words, hp * words), (&mut self.sums, hp * blocks)] {
+            v.clear();
+            v.resize(n, 0);
+        }
+        self.scales.clear();
+        self.scales.resize(hp * blocks, 0.0);
         for h in 0..heads {
             let get = |i: usize| if i < d_c { q_lat[h * d_c + i] } else { q_rope[h * d_r + i - d_c] };
-            let mut codes = vec![0i8; d_c + d_r];
             for b in 0..blocks {
-                let mut sum = 0;
+                let (mut sum, words) = (0, &mut self.words);
                 let scale = quantize_block(get, rows.block_values(b), |i, code| {
-                    codes[i] = code;
+                    let word = &mut words[i / 4 * hp + h];
+                    let mut bytes = word.to_le_bytes();
+                    bytes[i % 4] = code as u8;
+                    *word = i32::from_le_bytes(bytes);
                     sum += code as i32;
                 });
-                (q.scales[h * blocks + b], q.sums[h * blocks + b]) = (scale, sum);
-            }
-            for (w, word) in codes.chunks_exact(4).enumerate() {
-                q.words[w * hp + h] = i32::from_le_bytes([word[0] as u8, word[1] as u8, word[2] as u8, word[3] as u8]);
+                (self.scales[h * blocks + b], self.sums[h * blocks + b]) = (scale, sum);
             }
         }
-        q
     }
 
     /// The queries the codes stand for: `(H, d_c)`, `(H, d_r)` (the reference twin's input).
     pub fn dequantize(&self, rows: &Int8Rows, heads: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mut lat, mut rope) = (Vec::new(), Vec::new());
+        self.dequantize_into(rows, heads, &mut lat, &mut rope);
+        (lat, rope)
+    }
+
+    /// [`Query::dequantize`] into `lat` and `rope` (resized).
+    fn dequantize_into(&self, rows: &Int8Rows, heads: usize, lat: &mut Vec<f32>, rope: &mut Vec<f32>) {
         let (d_c, d_r, blocks) = (rows.d_c, rows.d_r, rows.blocks());
-        let (mut lat, mut rope) = (vec![0f32; heads * d_c], vec![0f32; heads * d_r]);
+        lat.resize(heads * d_c, 0.0);
+        rope.resize(heads * d_r, 0.0);
         for h in 0..heads {
             for b in 0..blocks {
                 for i in rows.block_values(b) {
@@ -382,7 +481,6 @@ impl Query {
                 }
             }
         }
-        (lat, rope)
     }
 }
 
@@ -392,11 +490,11 @@ pub(crate) mod vnni {
 
     use rayon::prelude::*;
 
-    use super::{Int8Rows, Query, RUN_TILES, TILE_ROWS};
+    use super::{reserve, share_factors, Int8Rows, Query, MAX_SHARES, RUN_TILES, TILE_ROWS};
     use crate::kernels::rows::exp;
 
     /// Heads per register block of the weighted sum (queries are padded to a multiple).
-    pub const HEADS: usize = 16;
+    pub const HEADS: usize = super::QUERY_HEADS;
     /// Heads per register block of the scores (an integer and a float accumulator each).
     const SCORE_HEADS: usize = 8;
 
@@ -417,11 +515,23 @@ pub(crate) mod vnni {
         scales: Vec<f32>,
     }
 
+    /// One share's state and run buffers, kept from step to step.
+    pub(crate) struct Share {
+        part: Partial,
+        scratch: Scratch,
+    }
+
     /// The byte shuffle within each 128-bit lane that turns 4 rows × 4 latents (a lane's 4 words)
     /// into 4 latents × 4 rows.
     const TRANSPOSE: [i8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
 
-    pub fn decode(q: &Query, rows: &Int8Rows, heads: usize, scale: f32) -> Vec<f32> {
+    /// Clears `v` to `n` copies of `value`, keeping its buffer.
+    fn reset<T: Copy>(v: &mut Vec<T>, n: usize, value: T) {
+        v.clear();
+        v.resize(n, value);
+    }
+
+    pub fn decode(q: &Query, rows: &Int8Rows, heads: usize, scale: f32, shares: &mut Vec<Share>, out: &mut [f32]) {
         let (d_c, len) = (rows.d_c, rows.len);
         let hp = heads.next_multiple_of(HEADS);
         let lw = d_c / 4;
@@ -429,38 +539,49 @@ pub(crate) mod vnni {
         let runs = tiles.div_ceil(RUN_TILES);
         // Two shares per thread: each share's state is 1 KiB per latent word (64 KiB per head
         // group at V2's sizes), so more shares cost more to clear and merge than they balance.
-        let shares = runs.min(2 * rayon::current_num_threads()).max(1);
-        let parts: Vec<Partial> = (0..shares)
-            .into_par_iter()
-            .map(|k| {
-                let mut part = Partial { m: vec![f32::NEG_INFINITY; hp], l: vec![0.0; hp], o: vec![0.0; hp * lw * 16] };
-                let mut scratch = Scratch {
-                    p: vec![0.0; hp * RUN_TILES * TILE_ROWS],
-                    codes: vec![0; hp * rows.latent_blocks() * RUN_TILES * 64],
-                    scales: vec![0.0; hp * rows.latent_blocks()],
-                };
-                for run in runs * k / shares..runs * (k + 1) / shares {
-                    let run_tiles = run * RUN_TILES..((run + 1) * RUN_TILES).min(tiles);
-                    // SAFETY: `decode` is only called where `Simd::detect` found AVX-512 VNNI
-                    // (with F, BW); the tiles lie inside `rows`.
-                    unsafe { absorb_run(q, rows, hp, scale, run_tiles, &mut part, &mut scratch) };
-                }
-                part
-            })
-            .collect();
+        let most = (2 * rayon::current_num_threads()).clamp(1, MAX_SHARES);
+        let n = runs.clamp(1, most);
+        // Every share the sequence will use once it is long, sized now, so that a growing
+        // sequence allocates nothing when it starts using another one.
+        while shares.len() < most {
+            let part = Partial { m: Vec::new(), l: Vec::new(), o: Vec::new() };
+            let scratch = Scratch { p: Vec::new(), codes: Vec::new(), scales: Vec::new() };
+            shares.push(Share { part, scratch });
+        }
+        for Share { part, scratch } in shares.iter_mut() {
+            reserve(&mut part.m, hp);
+            reserve(&mut part.l, hp);
+            reserve(&mut part.o, hp * lw * 16);
+            reserve(&mut scratch.p, hp * RUN_TILES * TILE_ROWS);
+            reserve(&mut scratch.codes, hp * rows.latent_blocks() * RUN_TILES * 64);
+            reserve(&mut scratch.scales, hp * rows.latent_blocks());
+        }
+        shares[..n].par_iter_mut().enumerate().for_each(|(k, share)| {
+            let Share { part, scratch } = share;
+            reset(&mut part.m, hp, f32::NEG_INFINITY);
+            reset(&mut part.l, hp, 0.0);
+            reset(&mut part.o, hp * lw * 16, 0.0);
+            scratch.p.resize(hp * RUN_TILES * TILE_ROWS, 0.0);
+            scratch.codes.resize(hp * rows.latent_blocks() * RUN_TILES * 64, 0);
+            scratch.scales.resize(hp * rows.latent_blocks(), 0.0);
+            for run in runs * k / n..runs * (k + 1) / n {
+                let run_tiles = run * RUN_TILES..((run + 1) * RUN_TILES).min(tiles);
+                // SAFETY: `decode` is only called where `Simd::detect` found AVX-512 VNNI
+                // (with F, BW); the tiles lie inside `rows`.
+                unsafe { absorb_run(q, rows, hp, scale, run_tiles, part, scratch) };
+            }
+        });
         // Merged head by head in parallel: each share's sums rescaled to the common maximum, the
         // 4 row groups of each latent's lanes added, divided by the softmax's sum.
-        let mut out = vec![0f32; heads * d_c];
+        let shares = &shares[..n];
         out.par_chunks_mut(d_c).enumerate().for_each(|(h, out)| {
-            let m = parts.iter().map(|p| p.m[h]).fold(f32::NEG_INFINITY, f32::max);
-            let factors: Vec<f32> =
-                parts.iter().map(|p| if p.m[h] > f32::NEG_INFINITY { exp(p.m[h] - m) } else { 0.0 }).collect();
-            let l: f32 = parts.iter().zip(&factors).map(|(p, &f)| f * p.l[h]).sum();
+            let factors = share_factors(shares.iter().map(|s| s.part.m[h]));
+            let l: f32 = shares.iter().zip(&factors).map(|(s, &f)| f * s.part.l[h]).sum();
             let inv = 1.0 / l;
             for (w, out) in out.chunks_exact_mut(4).enumerate() {
                 let mut lanes = [0f32; 16];
-                for (part, &f) in parts.iter().zip(&factors) {
-                    for (a, &b) in lanes.iter_mut().zip(&part.o[(w * hp + h) * 16..][..16]) {
+                for (share, &f) in shares.iter().zip(&factors) {
+                    for (a, &b) in lanes.iter_mut().zip(&share.part.o[(w * hp + h) * 16..][..16]) {
                         *a += f * b;
                     }
                 }
@@ -469,7 +590,6 @@ pub(crate) mod vnni {
                 }
             }
         });
-        out
     }
 
     /// Adds the rows of `tiles` to `part`: scores, online softmax, weighted sum.

@@ -158,26 +158,40 @@ pub fn weighted_rows<W: Load16>(p: &[f32], rows: &[W], t: usize, n: usize, d: us
 /// `y (b, n_out)`: row `k` of `x (b, n_in)` times the `k`-th of `b` stored `(n_out, n_in)`
 /// matrices, transposed (MLA decode's per-head `W_UV`); the matrices in parallel, each on one thread.
 pub fn batched_matvec<W: Widen>(x: &[f32], w: &[W], b: usize, n_in: usize, n_out: usize) -> Vec<f32> {
-    assert!(x.len() == b * n_in && w.len() == b * n_out * n_in, "batched_matvec: shapes disagree");
-    let simd = Simd::detect();
     let mut y = vec![0f32; b * n_out];
+    batched_matvec_into(x, w, b, n_in, n_out, &mut y);
+    y
+}
+
+/// [`batched_matvec`] into `y (b, n_out)`.
+pub fn batched_matvec_into<W: Widen>(x: &[f32], w: &[W], b: usize, n_in: usize, n_out: usize, y: &mut [f32]) {
+    assert!(
+        x.len() == b * n_in && w.len() == b * n_out * n_in && y.len() == b * n_out,
+        "batched_matvec: shapes disagree"
+    );
+    let simd = Simd::detect();
     y.par_chunks_mut(n_out).enumerate().for_each(|(k, yk)| {
         dot_block(simd, &x[k * n_in..(k + 1) * n_in], &w[k * n_out * n_in..(k + 1) * n_out * n_in], 1, n_in, yk)
     });
-    y
 }
 
 /// `y (b, d)`: row `k` of `p (b, n)` weighting the rows of the `k`-th of `b` stored `(n, d)`
 /// matrices (MLA decode's per-head absorption of `W_UK` into the query).
 pub fn batched_weighted_rows<W: Widen>(p: &[f32], rows: &[W], b: usize, n: usize, d: usize) -> Vec<f32> {
-    assert!(p.len() == b * n && rows.len() == b * n * d, "batched_weighted_rows: shapes disagree");
-    let simd = Simd::detect();
     let mut y = vec![0f32; b * d];
+    batched_weighted_rows_into(p, rows, b, n, d, &mut y);
+    y
+}
+
+/// [`batched_weighted_rows`] into `y (b, d)`.
+pub fn batched_weighted_rows_into<W: Widen>(p: &[f32], rows: &[W], b: usize, n: usize, d: usize, y: &mut [f32]) {
+    assert!(p.len() == b * n && rows.len() == b * n * d && y.len() == b * d, "batched_weighted_rows: shapes disagree");
+    let simd = Simd::detect();
     y.par_chunks_mut(d).enumerate().for_each(|(k, yk)| {
+        yk.fill(0.0);
         let (pk, rk) = (&p[k * n..(k + 1) * n], &rows[k * n * d..(k + 1) * n * d]);
         axpy_block(simd, pk, rk, Run { first: 0, t: 1, n, d }, yk)
     });
-    y
 }
 
 /// Where a run of stored rows sits: its first row, and the sizes of `p (t, n)` and the rows `(n, d)`.
@@ -253,15 +267,20 @@ dispatch!(
 #[inline(always)]
 fn axpy_block_body<W: Widen, const FUSED: bool>(p: &[f32], run: &[W], shape: Run, out: &mut [f32]) {
     let Run { first, t, n, d } = shape;
-    let mut wide = vec![0f32; d];
+    // Each stored row widened 64 values at a time, on the stack.
+    let mut wide = [0f32; 64];
     for (r, row) in run.chunks_exact(d).enumerate() {
-        for (w, s) in wide.iter_mut().zip(row) {
-            *w = s.widen();
-        }
-        for ti in 0..t {
-            let weight = p[ti * n + first + r];
-            for (o, w) in out[ti * d..(ti + 1) * d].iter_mut().zip(&wide) {
-                *o = mul_add::<FUSED>(weight, *w, *o);
+        for (c, chunk) in row.chunks(wide.len()).enumerate() {
+            let wide = &mut wide[..chunk.len()];
+            for (w, s) in wide.iter_mut().zip(chunk) {
+                *w = s.widen();
+            }
+            for ti in 0..t {
+                let weight = p[ti * n + first + r];
+                let at = ti * d + c * 64;
+                for (o, w) in out[at..at + chunk.len()].iter_mut().zip(wide.iter()) {
+                    *o = mul_add::<FUSED>(weight, *w, *o);
+                }
             }
         }
     }

@@ -38,13 +38,45 @@ pub fn mla_decode<W: Load16>(
     shape: MlaShape,
     scale: f32,
 ) -> Vec<f32> {
+    let mut out = vec![0f32; shape.heads * shape.d_c];
+    mla_decode_into(q_lat, q_rope, c_kv, k_rope, shape, scale, &mut MlaScratch::default(), &mut out);
+    out
+}
+
+/// What [`mla_decode_into`] keeps between steps: the queries in bf16 and each share's online
+/// softmax state and run buffers. Sized by the first step, reused by the next ones.
+#[derive(Default)]
+pub struct MlaScratch {
+    q_lat: Vec<half::bf16>,
+    q_rope: Vec<half::bf16>,
+    #[cfg(target_arch = "x86_64")]
+    shares: Vec<fused::Share>,
+    o: Vec<f32>,
+}
+
+/// [`mla_decode`] into `out (H, d_c)`. Over a bf16 cache with AVX-512 BF16 (the fused kernel) it
+/// allocates nothing once `scratch` has seen a step of this size; elsewhere it computes into
+/// temporaries.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_decode_into<W: Load16>(
+    q_lat: &[f32],
+    q_rope: &[f32],
+    c_kv: &[W],
+    k_rope: &[W],
+    shape: MlaShape,
+    scale: f32,
+    scratch: &mut MlaScratch,
+    out: &mut [f32],
+) {
     let MlaShape { heads, d_c, d_r, len } = shape;
+    assert_eq!(out.len(), heads * d_c, "mla_decode: output size");
     #[cfg(target_arch = "x86_64")]
     if let (Some(c), Some(r)) = (W::as_bf16(c_kv), W::as_bf16(k_rope)) {
         if rounds_queries::<W>() && len > 0 {
-            let (q_lat, q_rope) = (to_bf16(q_lat), to_bf16(q_rope));
-            let step = fused::Step { q_lat: &q_lat, q_rope: &q_rope, c_kv: c, k_rope: r, shape, scale };
-            return fused::mla_decode_bf16(step);
+            to_bf16_into(q_lat, &mut scratch.q_lat);
+            to_bf16_into(q_rope, &mut scratch.q_rope);
+            let step = fused::Step { q_lat: &scratch.q_lat, q_rope: &scratch.q_rope, c_kv: c, k_rope: r, shape, scale };
+            return fused::mla_decode_bf16(step, &mut scratch.shares, &mut scratch.o, out);
         }
     }
     // Elsewhere (an f32 cache, or no AVX-512 BF16): scores by the tiled GEMM, 4 heads x 4 cached
@@ -55,7 +87,7 @@ pub fn mla_decode<W: Load16>(
         row.iter_mut().for_each(|v| *v *= scale);
         softmax_in_place(row)
     });
-    weighted_rows(&probs, c_kv, heads, len, d_c) // (H, d_c)
+    out.copy_from_slice(&weighted_rows(&probs, c_kv, heads, len, d_c)); // (H, d_c)
 }
 
 /// The fused decode attention over a bf16 cache (AVX-512 BF16): flash decoding on the CPU.
@@ -132,8 +164,26 @@ mod fused {
         chunk + [0, 4, 32, 36][k] + 8 * lane + e
     }
 
-    /// [`super::mla_decode`] over a bf16 cache, the queries already rounded to bf16.
-    pub fn mla_decode_bf16(step: Step<'_>) -> Vec<f32> {
+    /// One share's state and run buffers, kept from step to step.
+    pub struct Share {
+        part: Partial,
+        scratch: Scratch,
+    }
+
+    /// Clears `v` to `n` copies of `value`, keeping its buffer.
+    fn reset<T: Copy>(v: &mut Vec<T>, n: usize, value: T) {
+        v.clear();
+        v.resize(n, value);
+    }
+
+    /// Makes room for `n` values in `v`.
+    fn reserve<T>(v: &mut Vec<T>, n: usize) {
+        v.reserve(n.saturating_sub(v.len()));
+    }
+
+    /// [`super::mla_decode`] over a bf16 cache, the queries already rounded to bf16, into `out`;
+    /// `shares` and `o` are reused.
+    pub fn mla_decode_bf16(step: Step<'_>, shares: &mut Vec<Share>, o: &mut Vec<f32>, out: &mut [f32]) {
         let Step { q_lat, q_rope, c_kv, k_rope, shape, .. } = step;
         let MlaShape { heads, d_c, d_r, len } = shape;
         assert!(
@@ -141,34 +191,49 @@ mod fused {
                 && q_rope.len() == heads * d_r
                 && c_kv.len() == len * d_c
                 && k_rope.len() == len * d_r
+                && out.len() == heads * d_c
                 && len > 0,
             "mla_decode: shapes disagree"
         );
         assert!(crate::kernels::gemm::has_avx512_bf16(), "mla_decode_bf16 needs AVX-512 BF16");
         let (hp, dp) = padded(shape);
         let runs = len.div_ceil(RUN);
-        let shares = runs.min(4 * rayon::current_num_threads()).max(1);
-        let parts: Vec<Partial> = (0..shares)
-            .into_par_iter()
-            .map(|k| {
-                let mut part = Partial { m: vec![f32::NEG_INFINITY; hp], l: vec![0.0; hp], o: vec![0.0; hp * dp] };
-                let mut scratch = Scratch { p: vec![0.0; hp * RUN], pairs: vec![0; hp * RUN / 2] };
-                for run in runs * k / shares..runs * (k + 1) / shares {
-                    let rows = run * RUN..((run + 1) * RUN).min(len);
-                    // SAFETY: `has_avx512_bf16` was checked above; the shapes were checked
-                    // against the slices, and `rows` lies inside the cache.
-                    unsafe { absorb_run(&step, rows, &mut part, &mut scratch) };
-                }
-                part
-            })
-            .collect();
-        let mut out = vec![0f32; heads * d_c];
-        let mut o = vec![0f32; dp];
+        let most = 4 * rayon::current_num_threads();
+        let n = runs.min(most).max(1);
+        // Every share the sequence will use once it is long, sized now, so that a growing
+        // sequence allocates nothing when it starts using another one.
+        while shares.len() < most {
+            let part = Partial { m: Vec::new(), l: Vec::new(), o: Vec::new() };
+            shares.push(Share { part, scratch: Scratch { p: Vec::new(), pairs: Vec::new() } });
+        }
+        for Share { part, scratch } in shares.iter_mut() {
+            reserve(&mut part.m, hp);
+            reserve(&mut part.l, hp);
+            reserve(&mut part.o, hp * dp);
+            reserve(&mut scratch.p, hp * RUN);
+            reserve(&mut scratch.pairs, hp * RUN / 2);
+        }
+        shares[..n].par_iter_mut().enumerate().for_each(|(k, share)| {
+            let Share { part, scratch } = share;
+            reset(&mut part.m, hp, f32::NEG_INFINITY);
+            reset(&mut part.l, hp, 0.0);
+            reset(&mut part.o, hp * dp, 0.0);
+            scratch.p.resize(hp * RUN, 0.0);
+            scratch.pairs.resize(hp * RUN / 2, 0);
+            for run in runs * k / n..runs * (k + 1) / n {
+                let rows = run * RUN..((run + 1) * RUN).min(len);
+                // SAFETY: `has_avx512_bf16` was checked above; the shapes were checked
+                // against the slices, and `rows` lies inside the cache.
+                unsafe { absorb_run(&step, rows, part, scratch) };
+            }
+        });
+        let parts = &shares[..n];
+        reset(o, dp, 0.0);
         for h in 0..heads {
-            let m = parts.iter().map(|p| p.m[h]).fold(f32::NEG_INFINITY, f32::max);
+            let m = parts.iter().map(|p| p.part.m[h]).fold(f32::NEG_INFINITY, f32::max);
             let mut l = 0f32;
             o.fill(0.0);
-            for part in parts.iter().filter(|p| p.m[h] > f32::NEG_INFINITY) {
+            for part in parts.iter().map(|p| &p.part).filter(|p| p.m[h] > f32::NEG_INFINITY) {
                 let f = exp(part.m[h] - m);
                 l += f * part.l[h];
                 for (a, &b) in o.iter_mut().zip(&part.o[h * dp..(h + 1) * dp]) {
@@ -183,7 +248,6 @@ mod fused {
                 }
             }
         }
-        out
     }
 
     /// Loads `n` (at most 32) bf16 from `p`, zeros beyond.
@@ -348,6 +412,12 @@ pub fn rounds_queries<W: Load16>() -> bool {
 
 fn to_bf16(v: &[f32]) -> Vec<half::bf16> {
     v.iter().map(|&x| super::bf16_round(x)).collect()
+}
+
+/// `v` rounded to bf16 into `out` (resized, its buffer kept).
+fn to_bf16_into(v: &[f32], out: &mut Vec<half::bf16>) {
+    out.clear();
+    out.extend(v.iter().map(|&x| super::bf16_round(x)));
 }
 
 /// Plain loops in f64: the definition `mla_decode` must match (queries rounded to bf16 where

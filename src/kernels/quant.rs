@@ -266,15 +266,14 @@ pub struct QuantizedRows {
 impl QuantizedRows {
     /// Quantizes `x` (rows of a multiple of `group` values) with one scale per `group`.
     pub fn new(x: &[f32], group: usize) -> QuantizedRows {
-        let mut q = vec![0i8; x.len() / group * group];
-        let sum = |c: &[i8]| c.iter().map(|&v| v as i16).sum();
         // (A prefill's rows in parallel; one decode row is too small to share out.)
         if x.len() < PARALLEL_VALUES {
-            let d =
-                x.chunks_exact(group).zip(q.chunks_exact_mut(group)).map(|(g, c)| quantize_activations(g, c)).collect();
-            let sums = q.chunks_exact(SUM_GROUP).map(sum).collect();
-            return QuantizedRows { group, q, d, sums };
+            let mut rows = QuantizedRows::empty(group);
+            rows.quantize(x, group);
+            return rows;
         }
+        let mut q = vec![0i8; x.len() / group * group];
+        let sum = |c: &[i8]| c.iter().map(|&v| v as i16).sum();
         let d = x
             .par_chunks_exact(group)
             .zip(q.par_chunks_exact_mut(group))
@@ -282,6 +281,24 @@ impl QuantizedRows {
             .collect();
         let sums = q.par_chunks_exact(SUM_GROUP).map(sum).collect();
         QuantizedRows { group, q, d, sums }
+    }
+
+    /// No rows yet, in groups of `group`.
+    pub fn empty(group: usize) -> QuantizedRows {
+        QuantizedRows { group, q: Vec::new(), d: Vec::new(), sums: Vec::new() }
+    }
+
+    /// Quantizes `x` into `self`'s buffers, on the calling thread (a decode row): what
+    /// [`QuantizedRows::new`] gives, allocating nothing once the buffers have held as many values.
+    pub fn quantize(&mut self, x: &[f32], group: usize) {
+        self.group = group;
+        self.q.clear();
+        self.q.resize(x.len() / group * group, 0);
+        self.d.clear();
+        self.d
+            .extend(x.chunks_exact(group).zip(self.q.chunks_exact_mut(group)).map(|(g, c)| quantize_activations(g, c)));
+        self.sums.clear();
+        self.sums.extend(self.q.chunks_exact(SUM_GROUP).map(|c| c.iter().map(|&v| v as i16).sum::<i16>()));
     }
 
     /// The values the codes stand for.
@@ -626,15 +643,37 @@ impl QuantMatrix {
     /// in one parallel pass. A tiled matrix needs runs of whole tiles (`n_out / groups` a multiple
     /// of 16; [`QuantMatrix::groups_fit`]).
     pub fn grouped_matvec(&self, x: &[f32], groups: usize, n_in: usize, n_out: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n_out];
+        self.grouped_matvec_into(x, groups, n_in, &mut Vec::new(), &mut out);
+        out
+    }
+
+    /// [`QuantMatrix::grouped_matvec`] into `out (n_out)`, the groups' 8-bit activations kept in
+    /// `xq` (reused from step to step).
+    pub fn grouped_matvec_into(
+        &self,
+        x: &[f32],
+        groups: usize,
+        n_in: usize,
+        xq: &mut Vec<QuantizedRows>,
+        out: &mut [f32],
+    ) {
+        let n_out = out.len();
         assert!(
             x.len() == groups * n_in && self.rows(n_in) == n_out && n_out.is_multiple_of(groups),
             "grouped_matvec: shapes disagree"
         );
         assert!(self.groups_fit(n_out / groups), "grouped_matvec: runs of {} rows split tiles", n_out / groups);
         let act = with_layout!(self, b => act_group_of(b));
-        let xq: Vec<QuantizedRows> = x.chunks_exact(n_in).map(|row| QuantizedRows::new(row, act)).collect();
-        let (simd, per_group) = (Simd::detect(), n_out / groups);
-        by_output_rows(ROWS_PER_TASK, 1, n_out, |first, n, out| {
+        while xq.len() < groups {
+            xq.push(QuantizedRows::empty(act));
+        }
+        for (row, q) in x.chunks_exact(n_in).zip(xq.iter_mut()) {
+            q.quantize(row, act);
+        }
+        let (simd, per_group, xq) = (Simd::detect(), n_out / groups, &xq[..groups]);
+        out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, out)| {
+            let (first, n) = (task * ROWS_PER_TASK, out.len());
             let mut row = first;
             while row < first + n {
                 let g = row / per_group;
@@ -642,7 +681,7 @@ impl QuantMatrix {
                 with_layout!(self, b => b.run(simd, &xq[g], row, n_in, &mut out[row - first..end - first]));
                 row = end;
             }
-        })
+        });
     }
 
     /// Values per activation scale the decode kernel reads its input in (32, or 256 for the
@@ -674,9 +713,15 @@ impl QuantMatrix {
     pub fn dequantize_rows(&self, ids: &[usize], n_in: usize) -> Vec<f32> {
         let mut out = vec![0f32; ids.len() * n_in];
         for (o, &id) in out.chunks_mut(n_in).zip(ids) {
-            with_layout!(self, b => rows_into(b, id, n_in, o))
+            self.dequantize_row(id, o);
         }
         out
+    }
+
+    /// The values of row `id` into `out` (`n_in` long).
+    pub fn dequantize_row(&self, id: usize, out: &mut [f32]) {
+        let n_in = out.len();
+        with_layout!(self, b => rows_into(b, id, n_in, out))
     }
 
     /// The values of rows `first..first + n` (each `n_in` long), rounded to bf16, into `out`
