@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::cache::CacheKind;
 use crate::error::{Error, Result};
 use crate::inspect::param_counts;
-use crate::model::{AttentionPath, LogitRows, Model};
+use crate::model::{AttentionPath, LogitRows, Model, Workspace};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -128,9 +128,10 @@ fn time_decode(model: &Model, depth: usize, n_tokens: usize) -> Result<f64> {
         }
     }
     let tokens = random_tokens(n_tokens, cfg.vocab_size, depth as u64 + 1);
+    let mut ws = Workspace::default();
     let start = Instant::now();
     for &t in &tokens {
-        model.forward(&[t], &mut cache, AttentionPath::Absorbed, LogitRows::Last)?;
+        model.decode_step(t, &mut cache, &mut ws)?;
     }
     Ok(n_tokens as f64 / start.elapsed().as_secs_f64())
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::cache::LatentCache;
 use crate::error::{Error, Result};
-use crate::model::{AttentionPath, LogitRows, Model};
+use crate::model::{AttentionPath, LogitRows, Model, Workspace};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{Message, TextStream, Tokenizer};
 
@@ -75,8 +75,12 @@ pub fn generate(
     cache.reserve((prompt.len() + request.max_tokens).min(max))?;
 
     let start = Instant::now();
-    let mut logits = model.forward(&prompt[reused..], cache, AttentionPath::Expanded, LogitRows::Last)?;
+    let prefilled = model.forward(&prompt[reused..], cache, AttentionPath::Expanded, LogitRows::Last)?;
+    let prefilled: Vec<f32> = prefilled.flatten_all()?.to_vec1()?;
     let prompt_secs = start.elapsed().as_secs_f64();
+    // Decode steps over buffers kept from token to token.
+    let mut ws = Workspace::default();
+    let mut stepped = false;
 
     let start = Instant::now();
     let mut history = prompt.to_vec();
@@ -87,7 +91,8 @@ pub fn generate(
         if tokens.len() >= request.max_tokens {
             break StopReason::MaxTokens;
         }
-        let next = sampler.sample(&logits.flatten_all()?.to_vec1::<f32>()?, &history);
+        let logits = if stepped { ws.logits() } else { &prefilled };
+        let next = sampler.sample(logits, &history);
         if tokenizer.eos_ids().contains(&next) {
             break StopReason::Eos;
         }
@@ -102,7 +107,8 @@ pub fn generate(
             break StopReason::ContextFull;
         }
         if tokens.len() < request.max_tokens {
-            logits = model.forward(&[next], cache, AttentionPath::Absorbed, LogitRows::Last)?;
+            model.decode_step(next, cache, &mut ws)?;
+            stepped = true;
         }
     };
     if !matches!(stop, StopReason::StopString(_)) {

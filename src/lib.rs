@@ -25,7 +25,7 @@ pub mod weights;
 pub use cache::LatentCache;
 pub use config::Config;
 pub use error::{Error, Result};
-pub use model::{AttentionPath, LogitRows, Model};
+pub use model::{AttentionPath, LogitRows, Model, Workspace};
 pub mod generate;
 pub mod inspect;
 pub mod kernels;

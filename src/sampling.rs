@@ -55,47 +55,58 @@ impl SamplingParams {
     }
 }
 
-/// A seeded sampler for one sequence.
+/// A seeded sampler for one sequence. Its buffers are kept from token to token.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: Xoshiro,
+    logits: Vec<f32>,
+    seen: Vec<u32>,
+    order: Vec<usize>,
+    probs: Vec<f64>,
 }
 
 impl Sampler {
     /// A sampler with validated `params`.
     pub fn new(params: SamplingParams) -> Result<Sampler, InvalidParams> {
         let params = params.validate()?;
-        Ok(Sampler { params, rng: Xoshiro::new(params.seed) })
+        let (logits, seen, order, probs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        Ok(Sampler { params, rng: Xoshiro::new(params.seed), logits, seen, order, probs })
     }
 
     /// The next token given `logits` (one per vocabulary id) and the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = self.params;
-        let mut logits = logits.to_vec();
+        let Sampler { logits: l, seen, order, probs, .. } = self;
+        l.clear();
+        l.extend_from_slice(logits);
+        let logits = l;
         if p.repeat_penalty != 1.0 {
             let start = history.len().saturating_sub(p.repeat_last_n);
-            let mut seen = history[start..].to_vec();
+            seen.clear();
+            seen.extend_from_slice(&history[start..]);
             seen.sort_unstable();
             seen.dedup();
-            for id in seen {
+            for &id in seen.iter() {
                 if let Some(l) = logits.get_mut(id as usize) {
                     *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
                 }
             }
         }
         if p.temperature == 0.0 {
-            return argmax(&logits);
+            return argmax(logits);
         }
         let best_first = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.clear();
+        order.extend(0..logits.len());
         if p.top_k > 0 && p.top_k < order.len() {
             order.select_nth_unstable_by(p.top_k - 1, best_first); // the k best, in any order
             order.truncate(p.top_k);
         }
         order.sort_unstable_by(best_first);
         let max = logits[order[0]];
-        let mut probs: Vec<f64> = order.iter().map(|&i| (((logits[i] - max) / p.temperature) as f64).exp()).collect();
+        probs.clear();
+        probs.extend(order.iter().map(|&i| (((logits[i] - max) / p.temperature) as f64).exp()));
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         if p.top_p < 1.0 {
@@ -112,7 +123,7 @@ impl Sampler {
         }
         let total: f64 = probs.iter().sum();
         let mut target = self.rng.next_f64() * total;
-        for (&id, q) in order.iter().zip(&probs) {
+        for (&id, q) in order.iter().zip(probs.iter()) {
             target -= q;
             if target <= 0.0 {
                 return id as u32;

@@ -90,47 +90,62 @@ impl Linear {
         self.quant.as_ref().map(|q| q.blocks.name())
     }
 
-    /// Rows of `y = W x` per task in [`Linear::token_rows`] (tiles of 16 rows fit whole).
+    /// Rows of `y = W x` per task in [`Linear::token_rows_into`] (tiles of 16 rows fit whole).
     const TOKEN_TASK_ROWS: usize = 32;
 
-    /// Whether [`Linear::token_rows`] can take this weight: no bias, not tracking gradients, a
-    /// quantized or contiguous bf16/f32 weight, whole tasks of rows.
-    fn takes_token_rows(&self) -> bool {
+    /// Whether [`Linear::token_rows_into`] can take this weight: no bias, not tracking gradients,
+    /// quantized or a contiguous bf16/f32 weight.
+    pub(crate) fn takes_token_rows(&self) -> bool {
         if self.bias.is_some() {
             return false;
         }
+        self.quant.is_some() || (!self.weight.track_op() && with_stored(&self.weight, |_| ()).is_some())
+    }
+
+    /// Output features.
+    pub(crate) fn n_out(&self) -> usize {
         match &self.quant {
-            Some(q) => q.n_out.is_multiple_of(Self::TOKEN_TASK_ROWS),
-            None => {
-                !self.weight.track_op()
-                    && self.weight.dims2().is_ok_and(|(out, _)| out.is_multiple_of(Self::TOKEN_TASK_ROWS))
-                    && with_stored(&self.weight, |_| ()).is_some()
-            }
+            Some(q) => q.n_out,
+            None => self.weight.dims2().map_or(0, |(o, _)| o),
         }
     }
 
     /// The activation group a quantized weight reads its input in.
-    fn act_group(&self) -> Option<usize> {
+    pub(crate) fn act_group(&self) -> Option<usize> {
         self.quant.as_ref().map(|q| q.blocks.act_group())
     }
 
-    /// `W x` for every `(W, x)` of `jobs` (one token each), in one parallel pass over runs of
-    /// 32 rows of all the weights; the weights must pass [`Linear::takes_token_rows`].
-    fn token_rows(jobs: &[(&Linear, &TokenInput)]) -> Vec<Vec<f32>> {
-        let n_out = |l: &Linear| match &l.quant {
-            Some(q) => q.n_out,
-            None => l.weight.dims2().map_or(0, |(o, _)| o),
-        };
-        let mut starts = vec![0];
-        for (l, _) in jobs {
-            starts.push(starts[starts.len() - 1] + n_out(l));
+    /// `W x` for each of `n` jobs `job(j) = (W, x)` (one token each) into `out` (`out.get(j)`),
+    /// in one parallel pass over runs of 32 rows of all the weights, allocating nothing once
+    /// `out` has held as many rows. The weights must pass [`Linear::takes_token_rows`].
+    pub(crate) fn token_rows_into<'a>(
+        n: usize,
+        job: impl Fn(usize) -> (&'a Linear, &'a TokenInput) + Sync,
+        out: &mut JobOutputs,
+    ) {
+        const TASK: usize = Linear::TOKEN_TASK_ROWS;
+        let JobOutputs { starts, lens, all } = out;
+        starts.clear();
+        lens.clear();
+        let mut end = 0;
+        for j in 0..n {
+            let rows = job(j).0.n_out();
+            starts.push(end);
+            lens.push(rows);
+            // Each job's rows start a task, so that no task spans two weights.
+            end += rows.next_multiple_of(TASK);
         }
-        let simd = Simd::detect();
-        let mut all = vec![0f32; starts[jobs.len()]];
-        all.par_chunks_mut(Self::TOKEN_TASK_ROWS).enumerate().for_each(|(task, out)| {
-            let row = task * Self::TOKEN_TASK_ROWS;
+        all.resize(end, 0.0);
+        let (starts, lens, simd) = (&*starts, &*lens, Simd::detect());
+        all.par_chunks_mut(TASK).enumerate().for_each(|(task, out)| {
+            let row = task * TASK;
             let j = starts.partition_point(|&s| s <= row) - 1;
-            let ((l, input), first) = (jobs[j], row - starts[j]);
+            let first = row - starts[j];
+            if first >= lens[j] {
+                return; // padding
+            }
+            let out = &mut out[..(lens[j] - first).min(TASK)];
+            let (l, input) = job(j);
             match &l.quant {
                 Some(q) => {
                     if let Some(xq) = input.quantized(q.blocks.act_group()) {
@@ -147,7 +162,6 @@ impl Linear {
                 }
             }
         });
-        starts.windows(2).map(|w| all[w[0]..w[1]].to_vec()).collect()
     }
 
     /// `x Wᵀ` from quantized blocks: the decode kernel for up to `MAX_ROWS_QUANT` rows, and for
@@ -284,6 +298,30 @@ impl Embedding {
         }
     }
 
+    /// Row `id` into `out` (`hidden` values, f32); `None` where the table is neither quantized
+    /// nor stored bf16 or f32.
+    pub(crate) fn row_into(&self, id: usize, out: &mut [f32]) -> Option<()> {
+        match (&self.dense, &self.quant) {
+            (Some(t), _) => with_stored(t, |w| match w {
+                Stored::Bf16(w) => out.iter_mut().zip(&w[id * self.hidden..]).for_each(|(o, v)| *o = v.to_f32()),
+                Stored::F32(w) => out.copy_from_slice(&w[id * self.hidden..(id + 1) * self.hidden]),
+            }),
+            (None, Some(q)) => {
+                q.dequantize_row(id, out);
+                Some(())
+            }
+            (None, None) => None,
+        }
+    }
+
+    /// Whether [`Embedding::row_into`] can read the table.
+    pub(crate) fn takes_rows(&self) -> bool {
+        match &self.dense {
+            Some(t) => !t.track_op() && with_stored(t, |_| ()).is_some(),
+            None => self.quant.is_some(),
+        }
+    }
+
     /// The same table as an output head (tied embeddings).
     pub fn as_linear(&self) -> Result<Linear> {
         Ok(match (&self.dense, &self.quant) {
@@ -319,13 +357,17 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
+    /// The weight in f32, for decode's slices (inference only: training moves `weight`).
+    gain: Vec<f32>,
     eps: f64,
 }
 
 impl RmsNorm {
     /// Loads the `(dim,)` weight `name`.
     pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm { weight: w.get(name, &[dim])?, eps })
+        let weight = w.get(name, &[dim])?;
+        let gain = weight.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(RmsNorm { weight, gain, eps })
     }
 
     /// Bytes of the weight.
@@ -343,11 +385,55 @@ impl RmsNorm {
         Ok(self.weight.to_dtype(DType::F32)?)
     }
 
+    /// The gain `w` in f32, as loaded.
+    pub(crate) fn gain(&self) -> &[f32] {
+        &self.gain
+    }
+
+    /// Whether the weight is a training variable (then [`RmsNorm::gain`] may be stale).
+    pub(crate) fn tracks(&self) -> bool {
+        self.weight.track_op()
+    }
+
+    /// [`RmsNorm::normalize`] of one row `x` into `out`.
+    pub(crate) fn normalize_row(&self, x: &[f32], out: &mut [f32]) {
+        crate::kernels::rows::rms_rows(x, x.len(), self.eps as f32, out);
+    }
+
+    /// [`RmsNorm::forward`] of one row `x` into `out`, rounded as a `dtype` model rounds: the
+    /// normalized values, then their product with the gain.
+    pub(crate) fn forward_row(&self, x: &[f32], out: &mut [f32], dtype: DType) {
+        self.normalize_row(x, out);
+        round_to(dtype, out);
+        out.iter_mut().zip(&self.gain).for_each(|(o, g)| *o *= g);
+        round_to(dtype, out);
+    }
+
     /// Normalises over the last dim; returns the input's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let normed = crate::model::ops::rms_normalize(&x.to_dtype(DType::F32)?, self.eps)?.to_dtype(dtype)?;
         Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Rounds `v` to `dtype` and back (what storing an f32 result in a `dtype` tensor does).
+#[inline]
+pub(crate) fn round_to(dtype: DType, v: &mut [f32]) {
+    match dtype {
+        DType::BF16 => v.iter_mut().for_each(|x| *x = crate::kernels::bf16_round(*x).to_f32()),
+        DType::F16 => v.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        _ => {}
+    }
+}
+
+/// [`round_to`] of one value (inlined, so that loops over values test `dtype` once).
+#[inline(always)]
+pub(crate) fn round_one(dtype: DType, v: f32) -> f32 {
+    match dtype {
+        DType::BF16 => crate::kernels::bf16_round(v).to_f32(),
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
     }
 }
 
@@ -386,67 +472,158 @@ impl Mlp {
     }
 
     /// Decode's SwiGLU of several MLPs (the chosen experts and the shared ones) on one token
-    /// `x (1, hidden)`, in two parallel passes: every gate and up product, then every down
-    /// product, instead of three passes and a dozen tensor ops per MLP. Each output is what
-    /// [`Mlp::forward`] gives (rounded alike in a bf16 model, step by step). `None` for more than
-    /// one token or where a weight takes no decode kernel (training, biases, odd sizes).
+    /// `x (1, hidden)` ([`Mlp::run_token`]). Each output is what [`Mlp::forward`] gives (rounded
+    /// alike in a bf16 model, step by step). `None` for more than one token or where a weight
+    /// takes no decode kernel (training, biases).
     pub fn forward_token(mlps: &[&Mlp], x: &Tensor) -> Result<Option<Vec<Vec<f32>>>> {
         let (t, _) = x.dims2()?;
-        let linears = || mlps.iter().flat_map(|m| [&m.gate_proj, &m.up_proj, &m.down_proj]);
-        if t != 1 || !linears().all(Linear::takes_token_rows) {
+        if t != 1 || !mlps.iter().all(|m| m.takes_token()) {
             return Ok(None);
         }
-        let bf16 = x.dtype() == DType::BF16;
-        let round = |v: f32| if bf16 { super::super::kernels::bf16_round(v).to_f32() } else { v };
         let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let input = TokenInput::new(xs, linears().map(Linear::act_group));
-        let firsts: Vec<(&Linear, &TokenInput)> =
-            mlps.iter().flat_map(|m| [(&m.gate_proj, &input), (&m.up_proj, &input)]).collect();
-        let products = Linear::token_rows(&firsts);
-        // silu(gate) · up, with candle's bf16 roundings where the model is bf16: each output, the
-        // exponential, the sum and the quotient of silu, and the product.
-        let hidden: Vec<TokenInput> = products
-            .chunks_exact(2)
-            .zip(mlps)
-            .map(|(pair, m)| {
-                let h = pair[0]
-                    .iter()
-                    .zip(&pair[1])
-                    .map(|(&g, &u)| {
-                        let (g, u) = (round(g), round(u));
-                        round(round(g / round(1.0 + round((-g).exp()))) * u)
-                    })
-                    .collect();
-                TokenInput::new(h, [m.down_proj.act_group()])
-            })
-            .collect();
-        let downs: Vec<(&Linear, &TokenInput)> = mlps.iter().zip(&hidden).map(|(m, h)| (&m.down_proj, h)).collect();
-        let mut out = Linear::token_rows(&downs);
-        for y in &mut out {
-            y.iter_mut().for_each(|v| *v = round(*v));
+        let mut input = TokenInput::default();
+        input.set(&xs, mlps.iter().flat_map(|m| m.input_groups()));
+        let mut scratch = MlpScratch::default();
+        Mlp::run_token(mlps.len(), |i| mlps[i], &input, x.dtype(), &mut scratch);
+        Ok(Some((0..mlps.len()).map(|i| scratch.output(i).to_vec()).collect()))
+    }
+
+    /// Whether every weight takes [`Mlp::run_token`].
+    pub(crate) fn takes_token(&self) -> bool {
+        [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|l| l.takes_token_rows())
+    }
+
+    /// The activation groups the gate and up products read the input in.
+    pub(crate) fn input_groups(&self) -> [Option<usize>; 2] {
+        [self.gate_proj.act_group(), self.up_proj.act_group()]
+    }
+
+    /// The SwiGLU of the MLPs `mlp(0..n)` on one token `input` (its codes made for every
+    /// [`Mlp::input_groups`]), in two parallel passes: every gate and up product, then every
+    /// down product, instead of three passes per MLP. Output `i` is `scratch.output(i)`,
+    /// rounded to `dtype` as [`Mlp::forward`] rounds. Allocates nothing once `scratch` has
+    /// served as many MLPs of these sizes.
+    pub(crate) fn run_token<'a>(
+        n: usize,
+        mlp: impl Fn(usize) -> &'a Mlp + Sync,
+        input: &TokenInput,
+        dtype: DType,
+        scratch: &mut MlpScratch,
+    ) {
+        let MlpScratch { firsts, hidden, downs } = scratch;
+        let first = |j: usize| {
+            let m = mlp(j / 2);
+            (if j.is_multiple_of(2) { &m.gate_proj } else { &m.up_proj }, input)
+        };
+        Linear::token_rows_into(2 * n, first, firsts);
+        while hidden.len() < n {
+            hidden.push(TokenInput::default());
         }
-        Ok(Some(out))
+        // silu(gate) · up, with candle's roundings where the model is bf16 or f16: each output,
+        // the exponential, the sum and the quotient of silu, and the product.
+        let round = |v: f32| round_one(dtype, v);
+        for (i, h) in hidden.iter_mut().enumerate().take(n) {
+            let (g, u) = (firsts.get(2 * i), firsts.get(2 * i + 1));
+            let x = h.x_mut();
+            x.clear();
+            x.extend(g.iter().zip(u).map(|(&g, &u)| {
+                let (g, u) = (round(g), round(u));
+                round(round(g / round(1.0 + round((-g).exp()))) * u)
+            }));
+            h.requantize([mlp(i).down_proj.act_group()]);
+        }
+        let hidden = &hidden[..n];
+        Linear::token_rows_into(n, |i| (&mlp(i).down_proj, &hidden[i]), downs);
+        downs.round(dtype);
     }
 }
 
-/// One token's activations for [`Linear::token_rows`], with their 8-bit forms for the quantized
-/// weights that read them (one per activation group in use).
+/// Where [`Mlp::run_token`] keeps its products between steps.
+#[derive(Default)]
+pub(crate) struct MlpScratch {
+    firsts: JobOutputs,
+    hidden: Vec<TokenInput>,
+    downs: JobOutputs,
+}
+
+impl MlpScratch {
+    /// The output of MLP `i` of the last [`Mlp::run_token`].
+    pub(crate) fn output(&self, i: usize) -> &[f32] {
+        self.downs.get(i)
+    }
+}
+
+/// The outputs of [`Linear::token_rows_into`]: job `j`'s rows at `get(j)`.
+#[derive(Default)]
+pub(crate) struct JobOutputs {
+    starts: Vec<usize>,
+    lens: Vec<usize>,
+    all: Vec<f32>,
+}
+
+impl JobOutputs {
+    /// Whether no job has run.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.starts.is_empty()
+    }
+
+    /// Job `j`'s output.
+    pub(crate) fn get(&self, j: usize) -> &[f32] {
+        &self.all[self.starts[j]..self.starts[j] + self.lens[j]]
+    }
+
+    /// Rounds every output to `dtype`, as a `dtype` model stores a product.
+    pub(crate) fn round(&mut self, dtype: DType) {
+        round_to(dtype, &mut self.all);
+    }
+}
+
+/// One token's activations for [`Linear::token_rows_into`], with their 8-bit forms for the
+/// quantized weights that read them (one per activation group in use). Reusable: its buffers
+/// are kept from token to token.
+#[derive(Default)]
 pub(crate) struct TokenInput {
     x: Vec<f32>,
     quantized: Vec<QuantizedRows>,
+    /// The first `used` of `quantized` hold the codes of `x`.
+    used: usize,
 }
 
 impl TokenInput {
-    fn new(x: Vec<f32>, groups: impl IntoIterator<Item = Option<usize>>) -> TokenInput {
-        let mut wanted: Vec<usize> = groups.into_iter().flatten().collect();
-        wanted.sort_unstable();
-        wanted.dedup();
-        let quantized = wanted.into_iter().map(|g| QuantizedRows::new(&x, g)).collect();
-        TokenInput { x, quantized }
+    /// Takes `x`, quantized for each of `groups`.
+    pub(crate) fn set(&mut self, x: &[f32], groups: impl IntoIterator<Item = Option<usize>>) {
+        self.x.clear();
+        self.x.extend_from_slice(x);
+        self.requantize(groups);
+    }
+
+    /// The values, to write before [`TokenInput::requantize`].
+    pub(crate) fn x_mut(&mut self) -> &mut Vec<f32> {
+        &mut self.x
+    }
+
+    /// The values.
+    pub(crate) fn x(&self) -> &[f32] {
+        &self.x
+    }
+
+    /// Quantizes the values for each of `groups` (once per distinct group).
+    pub(crate) fn requantize(&mut self, groups: impl IntoIterator<Item = Option<usize>>) {
+        self.used = 0;
+        for group in groups.into_iter().flatten() {
+            if self.quantized[..self.used].iter().any(|q| q.group == group) {
+                continue;
+            }
+            if self.used == self.quantized.len() {
+                self.quantized.push(QuantizedRows::empty(group));
+            }
+            self.quantized[self.used].quantize(&self.x, group);
+            self.used += 1;
+        }
     }
 
     fn quantized(&self, group: usize) -> Option<&QuantizedRows> {
-        self.quantized.iter().find(|q| q.group == group)
+        self.quantized[..self.used].iter().find(|q| q.group == group)
     }
 }
 

@@ -22,16 +22,18 @@ use candle_core::{DType, Tensor};
 
 use crate::cache::{CacheKind, LatentCache};
 use crate::config::Config;
-use crate::error::Result;
-use crate::kernels::latent_int8::mla_decode_int8;
-use crate::kernels::matvec::{batched_matvec, batched_weighted_rows};
-use crate::kernels::mla_decode::{mla_decode, MlaShape};
-use crate::kernels::quant::QuantMatrix;
-use crate::model::layers::{quantize_rows, softmax_last_dim, with_stored, Linear, RmsNorm, Stored};
+use crate::error::{Error, Result};
+use crate::kernels::latent_int8::{mla_decode_int8, mla_decode_int8_into, Int8Scratch};
+use crate::kernels::matvec::{batched_matvec, batched_matvec_into, batched_weighted_rows, batched_weighted_rows_into};
+use crate::kernels::mla_decode::{mla_decode, mla_decode_into, MlaScratch, MlaShape};
+use crate::kernels::quant::{QuantMatrix, QuantizedRows};
+use crate::model::layers::{
+    quantize_rows, round_to, softmax_last_dim, with_stored, JobOutputs, Linear, RmsNorm, Stored, TokenInput,
+};
 use crate::model::rope::{Angles, Rope};
 use crate::weights::{names::LayerNames, Quant, Weights};
 
-/// Which MLA algorithm a forward pass runs. Both give the same numbers (tests/decode.rs).
+/// Which MLA algorithm a forward pass runs. Both give the same numbers (tests/golden.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionPath {
     /// Expand K/V per head: compute-bound prefill and training.
@@ -265,6 +267,161 @@ impl Mla {
         self.o_proj.forward(&out)
     }
 
+    /// Whether [`Mla::step`] can run this layer: every projection takes the decode kernels,
+    /// and the absorption weights are blocks or stored bf16/f32 (not training variables).
+    pub(crate) fn takes_step(&self) -> bool {
+        let q = match &self.q {
+            QProj::Full(p) => p.takes_token_rows(),
+            QProj::LowRank { a, norm, b } => a.takes_token_rows() && !norm.tracks() && b.takes_token_rows(),
+        };
+        let stored = |t: &Tensor| !t.track_op() && with_stored(t, |_| ()).is_some();
+        q && self.kv_a.takes_token_rows()
+            && !self.kv_norm.tracks()
+            && self.o_proj.takes_token_rows()
+            && (self.absorb_blocks.is_some() || (stored(&self.w_uk) && stored(&self.w_uv)))
+    }
+
+    /// The activation groups the first projections read the layer's input in.
+    pub(crate) fn input_groups(&self) -> [Option<usize>; 2] {
+        let q = match &self.q {
+            QProj::Full(p) => p.act_group(),
+            QProj::LowRank { a, .. } => a.act_group(),
+        };
+        [q, self.kv_a.act_group()]
+    }
+
+    /// One token's attention over `cache`'s `layer` (appending its row) into `out (hidden)`,
+    /// from `input`, the normed hidden state with its codes for [`Mla::input_groups`]; `angles`
+    /// are the token's cos and sin. Computes what [`Mla::forward`] computes for one token on the
+    /// absorbed path, rounded alike in a `dtype` model, over slices that `s` keeps from token to
+    /// token. Needs [`Mla::takes_step`] and a bf16, f32 or int8 cache.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn step(
+        &self,
+        input: &TokenInput,
+        layer: usize,
+        cache: &mut LatentCache,
+        rope: &Rope,
+        angles: (&[f32], &[f32]),
+        dtype: DType,
+        s: &mut AttnScratch,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
+        let (cos, sin) = angles;
+        let AttnScratch { proj, q_in, q_b, q_nope, q_rope, c, k_rope, q_lat, o_lat, xq, heads, o, mla, int8 } = s;
+        // The query's first projection and the latents' share the input: one pass.
+        let first = match &self.q {
+            QProj::Full(p) => p,
+            QProj::LowRank { a, .. } => a,
+        };
+        Linear::token_rows_into(2, |j| ([first, &self.kv_a][j], input), proj);
+        proj.round(dtype);
+        let q = match &self.q {
+            QProj::Full(_) => proj.get(0),
+            QProj::LowRank { norm, b, .. } => {
+                let q_a = proj.get(0);
+                let x = q_in.x_mut();
+                x.resize(q_a.len(), 0.0);
+                norm.forward_row(q_a, x, dtype);
+                q_in.requantize([b.act_group()]);
+                Linear::token_rows_into(1, |_| (b, &*q_in), q_b);
+                q_b.round(dtype);
+                q_b.get(0)
+            }
+        };
+        q_nope.clear();
+        q_rope.clear();
+        for head in q.chunks_exact(d_n + d_r) {
+            q_nope.extend_from_slice(&head[..d_n]);
+            q_rope.extend_from_slice(&head[d_n..]);
+        }
+        for head in q_rope.chunks_exact_mut(d_r) {
+            rope.rotate(head, cos, sin);
+        }
+        round_to(dtype, q_rope);
+        let kv = proj.get(1);
+        k_rope.clear();
+        k_rope.extend_from_slice(&kv[d_c..]);
+        rope.rotate(k_rope, cos, sin);
+        round_to(dtype, k_rope);
+        c.resize(d_c, 0.0);
+        let int8 = match cache.kind() {
+            CacheKind::Int8 => {
+                // Normalized without the gain, which goes into the query and the output.
+                self.kv_norm.normalize_row(&kv[..d_c], c);
+                Some(int8)
+            }
+            CacheKind::Dense(_) => {
+                self.kv_norm.forward_row(&kv[..d_c], c, dtype);
+                None
+            }
+        };
+        cache.push_row(layer, c, k_rope)?;
+
+        // q_lat = W_UKᵀ q_nope per head.
+        q_lat.resize(h * d_c, 0.0);
+        match &self.absorb_blocks {
+            Some(blocks) => blocks.0.grouped_matvec_into(q_nope, h, d_n, xq, q_lat),
+            None => with_stored(&self.w_uk, |w| match w {
+                Stored::Bf16(w) => batched_weighted_rows_into(q_nope, w, h, d_n, d_c, q_lat),
+                Stored::F32(w) => batched_weighted_rows_into(q_nope, w, h, d_n, d_c, q_lat),
+            })
+            .ok_or_else(|| Error::InvalidArgument("W_UK is not stored bf16 or f32".into()))?,
+        }
+        round_to(dtype, q_lat);
+        o_lat.resize(h * d_c, 0.0);
+        let scale = self.scale as f32;
+        match int8 {
+            Some(scratch) => {
+                let rows = cache
+                    .int8_rows(layer)
+                    .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} has no int8 latent cache")))?;
+                let gain = self.kv_norm.gain();
+                for head in q_lat.chunks_exact_mut(d_c) {
+                    head.iter_mut().zip(gain).for_each(|(x, g)| *x *= g);
+                }
+                mla_decode_int8_into(q_lat, q_rope, rows, h, scale, scratch, o_lat);
+                for head in o_lat.chunks_exact_mut(d_c) {
+                    head.iter_mut().zip(gain).for_each(|(x, g)| *x *= g);
+                }
+            }
+            None => {
+                let shape = MlaShape { heads: h, d_c, d_r, len: cache.len() };
+                cache
+                    .with_dense_rows(layer, |c, r| match (c, r) {
+                        (Stored::Bf16(c), Stored::Bf16(r)) => {
+                            mla_decode_into(q_lat, q_rope, c, r, shape, scale, mla, o_lat)
+                        }
+                        (Stored::F32(c), Stored::F32(r)) => {
+                            mla_decode_into(q_lat, q_rope, c, r, shape, scale, mla, o_lat)
+                        }
+                        _ => unreachable!("with_dense_rows pairs rows of one dtype"),
+                    })
+                    .ok_or_else(|| Error::InvalidArgument("the latent cache is neither bf16 nor f32".into()))?;
+            }
+        }
+        round_to(dtype, o_lat);
+
+        // Per head W_UV o_lat, then o_proj.
+        let x = heads.x_mut();
+        x.resize(h * d_v, 0.0);
+        match &self.absorb_blocks {
+            Some(blocks) => blocks.1.grouped_matvec_into(o_lat, h, d_c, xq, x),
+            None => with_stored(&self.w_uv, |w| match w {
+                Stored::Bf16(w) => batched_matvec_into(o_lat, w, h, d_c, d_v, x),
+                Stored::F32(w) => batched_matvec_into(o_lat, w, h, d_c, d_v, x),
+            })
+            .ok_or_else(|| Error::InvalidArgument("W_UV is not stored bf16 or f32".into()))?,
+        }
+        round_to(dtype, x);
+        heads.requantize([self.o_proj.act_group()]);
+        Linear::token_rows_into(1, |_| (&self.o_proj, &*heads), o);
+        o.round(dtype);
+        out.copy_from_slice(o.get(0));
+        Ok(())
+    }
+
     fn decode_kernel_fits(&self, c_kv: &Tensor, k_rope: &Tensor) -> bool {
         with_stored(c_kv, |c| {
             with_stored(k_rope, |r| {
@@ -364,6 +521,25 @@ impl Mla {
         };
         Ok(softmax_last_dim(&scores)?.to_dtype(dtype)?)
     }
+}
+
+/// The buffers of [`Mla::step`], kept from token to token (and layer to layer).
+#[derive(Default)]
+pub(crate) struct AttnScratch {
+    proj: JobOutputs,
+    q_in: TokenInput,
+    q_b: JobOutputs,
+    q_nope: Vec<f32>,
+    q_rope: Vec<f32>,
+    c: Vec<f32>,
+    k_rope: Vec<f32>,
+    q_lat: Vec<f32>,
+    o_lat: Vec<f32>,
+    xq: Vec<QuantizedRows>,
+    heads: TokenInput,
+    o: JobOutputs,
+    mla: MlaScratch,
+    int8: Int8Scratch,
 }
 
 /// `kv_b_proj (H (d_n + d_v), d_c)` -> `W_UK (H, d_n, d_c)`, `W_UV (H, d_v, d_c)`.

@@ -9,6 +9,7 @@ pub mod mla;
 pub mod moe;
 pub mod ops;
 pub mod rope;
+pub mod step;
 
 use std::path::Path;
 
@@ -23,6 +24,7 @@ pub use mla::AttentionPath;
 use mla::{Mla, Positions};
 use moe::{Moe, MoeTrace, MoeTraining};
 use rope::Rope;
+pub use step::Workspace;
 
 /// A layer's feed-forward block.
 #[derive(Debug, Clone)]
@@ -121,6 +123,8 @@ pub struct Model {
     prefill_chunk: usize,
     /// Whether new caches hold 8-bit rows ([`CacheKind::Int8`]).
     int8_cache: bool,
+    /// Whether [`Model::decode_step`] runs its own step ([`Model::takes_step`], found at load).
+    steps: bool,
     /// GGML formats of the quantized linear weights, e.g. `Q4_K, Q6_K`.
     quant_formats: Option<String>,
 }
@@ -211,7 +215,7 @@ impl Model {
             Linear::load(w, names::LM_HEAD, vocab, hidden, None)?
         };
         let rope = Rope::new(&config.rope, config.qk_rope_head_dim);
-        Ok(Model {
+        let mut model = Model {
             config,
             embed_tokens,
             layers,
@@ -223,8 +227,11 @@ impl Model {
             device: w.device().clone(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             int8_cache: false,
+            steps: false,
             quant_formats: w.quant_formats(),
-        })
+        };
+        model.steps = model.takes_step();
+        Ok(model)
     }
 
     /// Bytes the weights occupy in memory as loaded (quantized linears at their block size).

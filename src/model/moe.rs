@@ -17,7 +17,11 @@ use candle_core::{DType, Tensor};
 
 use crate::config::{Config, ModelType, MoeConfig, ScoringFunc, TopkMethod};
 use crate::error::Result;
-use crate::model::layers::{sigmoid, softmax_last_dim, Mlp};
+use rayon::prelude::*;
+
+use crate::kernels::matvec::dot_block;
+use crate::kernels::Simd;
+use crate::model::layers::{round_one, sigmoid, softmax_last_dim, with_stored, Mlp, MlpScratch, Stored, TokenInput};
 use crate::weights::{names::LayerNames, Weights};
 
 /// Everything `route_token` needs to know about the router.
@@ -61,37 +65,73 @@ pub struct Routed {
 
 /// Chooses `spec.k` experts for one token, best first. `bias` (V3) affects which, never their weights.
 pub fn route_token(logits: &[f32], spec: &RouterSpec, bias: Option<&[f32]>) -> Vec<Routed> {
-    let scores: Vec<f32> = match spec.scoring_func {
-        ScoringFunc::Softmax => softmax(logits),
-        ScoringFunc::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
-    };
-    let mut choice = scores.clone();
+    let mut routed = Vec::new();
+    route_token_into(logits, spec, bias, &mut RouteScratch::default(), &mut routed);
+    routed
+}
+
+/// The buffers [`route_token_into`] works in, kept from token to token.
+#[derive(Debug, Default)]
+pub struct RouteScratch {
+    scores: Vec<f32>,
+    choice: Vec<f32>,
+    groups: Vec<f32>,
+    allowed: Vec<bool>,
+    order: Vec<usize>,
+}
+
+/// [`route_token`] into `routed` (cleared), allocating nothing once `scratch` has routed a token.
+pub fn route_token_into(
+    logits: &[f32],
+    spec: &RouterSpec,
+    bias: Option<&[f32]>,
+    scratch: &mut RouteScratch,
+    routed: &mut Vec<Routed>,
+) {
+    let RouteScratch { scores, choice, groups, allowed, order } = scratch;
+    scores.clear();
+    match spec.scoring_func {
+        ScoringFunc::Softmax => {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            scores.extend(logits.iter().map(|v| (v - max).exp()));
+            let sum: f32 = scores.iter().sum();
+            scores.iter_mut().for_each(|v| *v /= sum);
+        }
+        ScoringFunc::Sigmoid => scores.extend(logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp()))),
+    }
+    choice.clear();
+    choice.extend_from_slice(scores);
     if let Some(bias) = bias {
         choice.iter_mut().zip(bias).for_each(|(c, b)| *c += b);
     }
     let per_group = spec.n_routed_experts / spec.n_group;
-    let allowed_groups: Vec<bool> = match spec.topk_method {
-        TopkMethod::Greedy => vec![true; spec.n_group],
+    allowed.clear();
+    match spec.topk_method {
+        TopkMethod::Greedy => allowed.resize(spec.n_group, true),
         TopkMethod::GroupLimitedGreedy | TopkMethod::NoauxTc => {
-            let group_scores: Vec<f32> = choice
-                .chunks(per_group)
-                .map(|g| match spec.topk_method {
+            groups.clear();
+            for g in choice.chunks(per_group) {
+                groups.push(match spec.topk_method {
                     TopkMethod::GroupLimitedGreedy => g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-                    _ => top_indices(g, 2).iter().map(|&i| g[i]).sum(),
-                })
-                .collect();
-            let mut allowed = vec![false; spec.n_group];
-            top_indices(&group_scores, spec.topk_group).into_iter().for_each(|g| allowed[g] = true);
-            allowed
+                    _ => {
+                        top_indices(g, 2, order);
+                        order.iter().map(|&i| g[i]).sum()
+                    }
+                });
+            }
+            allowed.resize(spec.n_group, false);
+            top_indices(groups, spec.topk_group, order);
+            order.iter().for_each(|&g| allowed[g] = true);
         }
-    };
-    let masked: Vec<f32> = choice
-        .iter()
-        .enumerate()
-        .map(|(e, &c)| if allowed_groups[e / per_group] { c } else { f32::NEG_INFINITY })
-        .collect();
-    let mut routed: Vec<Routed> =
-        top_indices(&masked, spec.k).into_iter().map(|e| Routed { expert: e, weight: scores[e] }).collect();
+    }
+    for (e, c) in choice.iter_mut().enumerate() {
+        if !allowed[e / per_group] {
+            *c = f32::NEG_INFINITY;
+        }
+    }
+    top_indices(choice, spec.k, order);
+    routed.clear();
+    routed.extend(order.iter().map(|&e| Routed { expert: e, weight: scores[e] }));
     let normalise = spec.norm_topk_prob && spec.k > 1;
     if normalise {
         let sum: f32 = routed.iter().map(|r| r.weight).sum::<f32>() + 1e-20;
@@ -100,22 +140,14 @@ pub fn route_token(logits: &[f32], spec: &RouterSpec, bias: Option<&[f32]>) -> V
     if spec.scale_after_norm || !normalise {
         routed.iter_mut().for_each(|r| r.weight *= spec.routed_scaling_factor);
     }
-    routed
 }
 
-/// Indices of the `k` largest values, largest first; ties go to the lower index.
-fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+/// Indices of the `k` largest values into `idx`, largest first; ties go to the lower index.
+fn top_indices(values: &[f32], k: usize, idx: &mut Vec<usize>) {
+    idx.clear();
+    idx.extend(0..values.len());
+    idx.sort_unstable_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
     idx.truncate(k);
-    idx
-}
-
-fn softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
-    let sum: f32 = e.iter().sum();
-    e.into_iter().map(|v| v / sum).collect()
 }
 
 /// One MoE layer: router, routed experts, shared experts.
@@ -286,6 +318,55 @@ impl Moe {
         Ok(Some(Tensor::from_vec(out, (1, x.dim(1)?), x.device())?.to_dtype(x.dtype())?))
     }
 
+    /// Whether [`Moe::step`] can run this layer: an f32 router and experts that take the decode
+    /// kernels (not training variables).
+    pub(crate) fn takes_step(&self) -> bool {
+        !self.gate.track_op()
+            && with_stored(&self.gate, |w| matches!(w, Stored::F32(_))).unwrap_or(false)
+            && self.experts.iter().chain(&self.shared).all(Mlp::takes_token)
+    }
+
+    /// One token's layer into `out (hidden)`: `input` holds the normed hidden state (its codes
+    /// are made here, for the chosen experts). What [`Moe::forward`] computes for one token,
+    /// rounded alike in a `dtype` model, over buffers that `s` keeps from token to token. Needs
+    /// [`Moe::takes_step`].
+    pub(crate) fn step(&self, input: &mut TokenInput, dtype: DType, s: &mut FfnScratch, out: &mut [f32]) {
+        let FfnScratch { logits, route, routed, chosen, mlp } = s;
+        let (n_experts, hidden) = (self.spec.n_routed_experts, input.x().len());
+        logits.resize(n_experts, 0.0);
+        let simd = Simd::detect();
+        with_stored(&self.gate, |w| {
+            if let Stored::F32(w) = w {
+                logits.par_chunks_mut(16).enumerate().for_each(|(i, out)| {
+                    let rows = &w[i * 16 * hidden..(i * 16 + out.len()) * hidden];
+                    dot_block(simd, input.x(), rows, 1, hidden, out);
+                });
+            }
+        });
+        route_token_into(logits, &self.spec, self.bias.as_deref(), route, routed);
+        chosen.clear();
+        chosen.extend(routed.iter().map(|r| (r.expert, r.weight)));
+        chosen.sort_unstable_by_key(|&(e, _)| e);
+        let (experts, shared, chosen) = (&self.experts, self.shared.as_ref(), &*chosen);
+        let n = chosen.len() + usize::from(shared.is_some());
+        let expert = |i: usize| match chosen.get(i) {
+            Some(&(e, _)) => &experts[e],
+            None => shared.unwrap_or(&experts[0]),
+        };
+        input.requantize((0..n).flat_map(|i| expert(i).input_groups()));
+        Mlp::run_token(n, expert, input, dtype, mlp);
+        // Routed experts by index, each output weighted in f32 and added in the model's dtype,
+        // then the shared experts (the order and roundings of `run_experts`).
+        let round = |v: f32| round_one(dtype, v);
+        out.fill(0.0);
+        for i in 0..n {
+            let weight = chosen.get(i).map(|&(_, w)| w);
+            for (o, &v) in out.iter_mut().zip(mlp.output(i)) {
+                *o = round(*o + weight.map_or(v, |w| round(v * w)));
+            }
+        }
+    }
+
     /// Runs expert `e` on the rows `groups[e].0` of `x`, scales its outputs by the f32 weights
     /// `groups[e].1 (m, 1)`, sums them into their rows, and adds the shared experts.
     fn run_experts(&self, x: &Tensor, groups: Vec<(Vec<u32>, Option<Tensor>)>) -> Result<Tensor> {
@@ -302,6 +383,23 @@ impl Moe {
             Some(shared) => Ok((out + shared.forward(x)?)?),
             None => Ok(out),
         }
+    }
+}
+
+/// The buffers of [`Moe::step`], kept from token to token (and layer to layer).
+#[derive(Default)]
+pub(crate) struct FfnScratch {
+    logits: Vec<f32>,
+    route: RouteScratch,
+    routed: Vec<Routed>,
+    chosen: Vec<(usize, f32)>,
+    mlp: MlpScratch,
+}
+
+impl FfnScratch {
+    /// The SwiGLU buffers (for a dense layer's MLP).
+    pub(crate) fn mlp(&mut self) -> &mut MlpScratch {
+        &mut self.mlp
     }
 }
 

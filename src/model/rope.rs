@@ -46,19 +46,43 @@ impl Rope {
     /// Angles for positions `start..start + len`.
     pub fn angles(&self, start: usize, len: usize, device: &Device) -> Result<Angles> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
+        let (mut cos, mut sin) = (Vec::with_capacity(len * half), Vec::with_capacity(len * half));
         for pos in start..start + len {
-            for &f in &self.inv_freq {
-                let angle = pos as f32 * f; // f32 product, as the reference computes it
-                cos.push(angle.cos() * self.attention_factor);
-                sin.push(angle.sin() * self.attention_factor);
-            }
+            self.push_angles(pos, &mut cos, &mut sin);
         }
         Ok(Angles {
             cos: Tensor::from_vec(cos, (len, half), device)?,
             sin: Tensor::from_vec(sin, (len, half), device)?,
         })
+    }
+
+    /// Appends the cos and sin of every pair's angle at `pos` (`d_r / 2` each).
+    fn push_angles(&self, pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        for &f in &self.inv_freq {
+            let angle = pos as f32 * f; // f32 product, as the reference computes it
+            cos.push(angle.cos() * self.attention_factor);
+            sin.push(angle.sin() * self.attention_factor);
+        }
+    }
+
+    /// The cos and sin of every pair's angle at `pos` into `cos` and `sin` (cleared, their
+    /// buffers kept): one decode step's angles.
+    pub(crate) fn angles_at(&self, pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        cos.clear();
+        sin.clear();
+        self.push_angles(pos, cos, sin);
+    }
+
+    /// Rotates one vector `x (d_r)` in place by the angles of [`Rope::angles_at`], as
+    /// [`Rope::apply`] rotates each row (in f32).
+    pub(crate) fn rotate(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = x.len() / 2;
+        for (i, (&c, &s)) in cos.iter().zip(sin).enumerate().take(half) {
+            let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (x0, x1) = (x[a], x[b]);
+            x[a] = x0 * c - x1 * s;
+            x[b] = x1 * c + x0 * s;
+        }
     }
 
     /// Rotates `x: (.., T, d_r)` by `angles` (T rows); computes in f32, returns `x`'s dtype.
