@@ -497,6 +497,11 @@ pub(crate) mod vnni {
     pub const HEADS: usize = super::QUERY_HEADS;
     /// Heads per register block of the scores (an integer and a float accumulator each).
     const SCORE_HEADS: usize = 8;
+    /// Heads and latent words per register block of the weighted sum: each loaded probability
+    /// register feeds `SUM_WORDS` products, each transposed word `SUM_HEADS`.
+    const SUM_HEADS: usize = 4;
+    const SUM_WORDS: usize = 4;
+    const _: () = assert!(HEADS.is_multiple_of(SUM_HEADS), "the padded heads split into whole blocks");
 
     /// One share's online softmax state: per head the running maximum `m`, the sum `l` of
     /// `e^(s − m)`, and per latent word and head a register of sums `o` (lane `4k + j`: latent
@@ -711,23 +716,32 @@ pub(crate) mod vnni {
             let flip = _mm512_set1_epi8(-128);
             for b in 0..lb {
                 let values = rows.block_values(b);
-                for h0 in (0..hp).step_by(HEADS) {
-                    for w in values.start / 4..values.end / 4 {
-                        let mut a = [_mm512_setzero_si512(); HEADS];
+                for h0 in (0..hp).step_by(SUM_HEADS) {
+                    let mut w = values.start / 4;
+                    while w < values.end / 4 {
+                        // Words in register blocks of SUM_WORDS; a partial block's last words alone.
+                        let n = if values.end / 4 - w >= SUM_WORDS { SUM_WORDS } else { 1 };
+                        let mut a = [[_mm512_setzero_si512(); SUM_WORDS]; SUM_HEADS];
                         for (ti, t) in tiles.clone().enumerate() {
-                            let c = _mm512_xor_si512(
-                                _mm512_shuffle_epi8(_mm512_loadu_si512(code(t, w).cast()), transpose),
-                                flip,
-                            );
+                            let c: [__m512i; SUM_WORDS] = std::array::from_fn(|k| {
+                                let word = _mm512_loadu_si512(code(t, w + k.min(n - 1)).cast());
+                                _mm512_xor_si512(_mm512_shuffle_epi8(word, transpose), flip)
+                            });
                             for (i, a) in a.iter_mut().enumerate() {
-                                *a = _mm512_dpbusd_epi32(*a, _mm512_loadu_si512(p_codes(b, ti, h0 + i).cast()), c);
+                                let p = _mm512_loadu_si512(p_codes(b, ti, h0 + i).cast());
+                                for (a, &c) in a.iter_mut().zip(&c).take(n) {
+                                    *a = _mm512_dpbusd_epi32(*a, p, c);
+                                }
                             }
                         }
-                        for (i, &a) in a.iter().enumerate() {
-                            let o = part.o[(w * hp + h0 + i) * 16..].as_mut_ptr();
+                        for (i, a) in a.iter().enumerate() {
                             let sigma = _mm512_set1_ps(scratch.scales[(h0 + i) * lb + b]);
-                            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sigma, _mm512_loadu_ps(o)));
+                            for (k, &a) in a.iter().enumerate().take(n) {
+                                let o = part.o[((w + k) * hp + h0 + i) * 16..].as_mut_ptr();
+                                _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sigma, _mm512_loadu_ps(o)));
+                            }
                         }
+                        w += n;
                     }
                 }
             }
