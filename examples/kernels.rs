@@ -16,6 +16,7 @@ use latent::kernels::kquant::{quantize_q4_k, BlockQ5_0, BlockQ6K};
 use latent::kernels::latent_int8::{mla_decode_int8, Int8Rows};
 use latent::kernels::matvec::weighted_rows;
 use latent::kernels::mla_decode::{mla_decode, MlaShape};
+use latent::kernels::peak::dot_peaks;
 use latent::kernels::quant::{quantize_q8_0, QuantMatrix};
 
 fn main() {
@@ -98,7 +99,8 @@ fn mla(len: usize) {
     // Against the arithmetic ceiling: per cached row, every head's score (d_c + d_r) and its
     // share of the weighted sum (d_c).
     let step_macs = (heads * len * (2 * d_c + d_r)) as f64;
-    let (int8_peak, bf16_peak) = dot_peaks();
+    let peaks = dot_peaks();
+    let (int8_peak, bf16_peak) = (peaks.int8_gmac_s, peaks.bf16_gmac_s);
     for (what, secs, peak) in [("int8", step8, int8_peak), ("bf16", step, bf16_peak)] {
         let rate = step_macs / secs / 1e9;
         match peak {
@@ -110,67 +112,6 @@ fn mla(len: usize) {
             None => println!("  {what} step: {rate:.1} GMAC/s"),
         }
     }
-}
-
-/// Multiply-adds per second of `vpdpbusd` (8-bit, 64 per instruction) and `vdpbf16ps` (bf16, 32)
-/// on 512-bit registers, 16 independent chains on every thread of the pool at once: the
-/// arithmetic ceilings of the int8 and bf16 decode attention. `None` where the CPU lacks them.
-fn dot_peaks() -> (Option<f64>, Option<f64>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        const N: usize = 10_000_000;
-        #[target_feature(enable = "avx512f,avx512vnni")]
-        fn int8_chains() -> i32 {
-            let (a, b) = (std::hint::black_box(_mm512_set1_epi8(3)), std::hint::black_box(_mm512_set1_epi8(5)));
-            let mut acc = [_mm512_setzero_si512(); 16];
-            for _ in 0..N {
-                for x in acc.iter_mut() {
-                    *x = _mm512_dpbusd_epi32(*x, a, b);
-                }
-            }
-            acc.iter().map(|&x| _mm512_reduce_add_epi32(x)).fold(0, i32::wrapping_add)
-        }
-        #[target_feature(enable = "avx512f,avx512bf16")]
-        fn bf16_chains() -> f32 {
-            let ones = std::hint::black_box(_mm512_set1_epi16(0x3f80));
-            // SAFETY: a bit-for-bit reinterpretation of 512 bits.
-            let (a, b) = unsafe {
-                (std::mem::transmute::<__m512i, __m512bh>(ones), std::mem::transmute::<__m512i, __m512bh>(ones))
-            };
-            let mut acc = [_mm512_setzero_ps(); 16];
-            for _ in 0..N {
-                for x in acc.iter_mut() {
-                    *x = _mm512_dpbf16_ps(*x, a, b);
-                }
-            }
-            acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
-        }
-        let rate = |macs: f64, run: &(dyn Fn() + Sync)| {
-            rayon::broadcast(|_| {
-                let start = Instant::now();
-                run();
-                16.0 * N as f64 * macs / start.elapsed().as_secs_f64() / 1e9
-            })
-            .into_iter()
-            .sum::<f64>()
-        };
-        let int8 = is_x86_feature_detected!("avx512vnni").then(|| {
-            // SAFETY: the CPU has AVX-512 VNNI.
-            rate(64.0, &|| {
-                std::hint::black_box(unsafe { int8_chains() });
-            })
-        });
-        let bf16 = is_x86_feature_detected!("avx512bf16").then(|| {
-            // SAFETY: the CPU has AVX-512 BF16.
-            rate(32.0, &|| {
-                std::hint::black_box(unsafe { bf16_chains() });
-            })
-        });
-        (int8, bf16)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    (None, None)
 }
 
 fn run(n_in: usize, n_out: usize) {

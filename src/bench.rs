@@ -1,5 +1,9 @@
 //! `latent bench`: prefill and decode speed, memory, and how close decode comes to the memory
 //! roofline (the bytes one decoded token must read, divided by the bandwidth this machine shows).
+//! At depth the attention adds arithmetic the bytes do not show (`heads × (2 d_c + d_r)`
+//! multiply-adds per cached row and layer), so where the attention kernel has a dot-product
+//! instruction whose throughput can be measured ([`crate::kernels::peak`]), a second roofline
+//! counts it too.
 //!
 //! Decode at depth `d` runs over a latent cache of `d` rows filled with random latents: attention
 //! costs the same whatever the values, and a 16K-token prefill is not needed to time it. Every
@@ -52,7 +56,28 @@ pub struct BenchReport {
     pub memory_bandwidth_gb_s: f64,
     /// Achieved decode tokens/s over the roofline `bandwidth / bytes per token`, by depth.
     pub roofline_share: BTreeMap<usize, f64>,
+    /// Multiply-adds of the decode attention per token at each depth: layers × heads × cached rows
+    /// × `(2 kv_lora_rank + qk_rope_head_dim)`.
+    pub attention_macs_per_token: BTreeMap<usize, u64>,
+    /// Measured throughput of the attention kernel's dot-product instruction, all threads
+    /// (`vpdpbusd` for an int8 cache, `vdpbf16ps` for a bf16 one), G multiply-adds/s; `null` where
+    /// the kernel has none.
+    pub attention_peak_gmac_s: Option<f64>,
+    /// Achieved decode tokens/s over a roofline that counts the attention's arithmetic too: the
+    /// weights at the bandwidth, then the slower of the cache's bytes at the bandwidth and the
+    /// attention at its peak. Empty without a peak.
+    pub roofline_with_attention_share: BTreeMap<usize, f64>,
     pub threads: usize,
+}
+
+/// The measured peak of the instruction `model`'s decode attention multiplies with, over a new cache.
+fn attention_peak(model: &Model) -> Option<f64> {
+    use crate::kernels::{mla_decode::rounds_queries, peak::dot_peaks, Simd};
+    match model.cache_kind() {
+        CacheKind::Int8 if Simd::detect() == Simd::Avx512Vnni => dot_peaks().int8_gmac_s,
+        CacheKind::Dense(candle_core::DType::BF16) if rounds_queries::<half::bf16>() => dot_peaks().bf16_gmac_s,
+        _ => None,
+    }
 }
 
 /// Runs every measurement of `config` on `model`.
@@ -81,15 +106,30 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
     let active_bytes = (counts.active as f64 * bytes_per_param) as usize + cfg.hidden_size * dtype_bytes;
     let bandwidth = memory_bandwidth_gb_s();
 
+    let peak = attention_peak(model);
+    let macs_per_row =
+        (cfg.num_hidden_layers * cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)) as u64;
+
     let (mut decode, mut bytes, mut share) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    let (mut macs, mut share_with_attention) = (BTreeMap::new(), BTreeMap::new());
     for &depth in &config.depths {
         let runs = (0..repeats).map(|_| time_decode(model, depth, config.decode_tokens)).collect::<Result<Vec<_>>>()?;
         let tok_s = median(runs);
-        let per_token = active_bytes + (depth + config.decode_tokens / 2) * kv_bytes_per_token;
+        // The cache as it stands halfway through the timed tokens.
+        let rows = depth + config.decode_tokens / 2;
+        let per_token = active_bytes + rows * kv_bytes_per_token;
         let roofline = bandwidth * 1e9 / per_token as f64;
         decode.insert(depth, tok_s);
         bytes.insert(depth, per_token);
         share.insert(depth, tok_s / roofline);
+        let attention_macs = macs_per_row * rows as u64;
+        macs.insert(depth, attention_macs);
+        if let Some(peak) = peak {
+            let (weights_s, cache_s) =
+                (active_bytes as f64 / (bandwidth * 1e9), (rows * kv_bytes_per_token) as f64 / (bandwidth * 1e9));
+            let floor_s = weights_s + cache_s.max(attention_macs as f64 / (peak * 1e9));
+            share_with_attention.insert(depth, tok_s * floor_s);
+        }
     }
     Ok(BenchReport {
         prefill_tok_s: prefill,
@@ -100,6 +140,9 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
         decode_bytes_per_token: bytes,
         memory_bandwidth_gb_s: bandwidth,
         roofline_share: share,
+        attention_macs_per_token: macs,
+        attention_peak_gmac_s: peak,
+        roofline_with_attention_share: share_with_attention,
         threads: rayon::current_num_threads(),
     })
 }

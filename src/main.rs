@@ -558,8 +558,16 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     for (depth, tok_s) in &report.decode_tok_s {
         let bytes = report.decode_bytes_per_token[depth];
         let share = report.roofline_share[depth];
+        let with_attention = match (report.roofline_with_attention_share.get(depth), report.attention_peak_gmac_s) {
+            (Some(s), Some(peak)) if *depth > 0 => format!(
+                "; {:.0}% counting the attention's {:.2} G multiply-adds at {peak:.0} GMAC/s",
+                100.0 * s,
+                report.attention_macs_per_token[depth] as f64 / 1e9
+            ),
+            _ => String::new(),
+        };
         println!(
-            "decode @{depth:<6} {tok_s:.1} tokens/s, {} read per token, {:.0}% of the roofline",
+            "decode @{depth:<6} {tok_s:.1} tokens/s, {} read per token, {:.0}% of the roofline{with_attention}",
             bytes_str(bytes),
             100.0 * share
         );

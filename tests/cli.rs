@@ -142,6 +142,25 @@ fn bench_json_reports_speeds_by_depth_memory_and_the_roofline() {
     assert_eq!(deeper, 16 * 480);
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
     assert!(v["memory_bandwidth_gb_s"].as_f64().unwrap() > 0.0);
+    // 3 layers x 4 heads x (2 x 32 + 8) multiply-adds per cached row, the cache halfway through
+    // the timed tokens holding depth + 1 rows.
+    assert_eq!(v["attention_macs_per_token"]["16"], 3 * 4 * 72 * 17);
+    assert_eq!(v["attention_macs_per_token"]["0"], 3 * 4 * 72);
+    // An f32 cache's attention has no dot-product instruction to measure.
+    assert!(v["attention_peak_gmac_s"].is_null(), "{v}");
+    assert_eq!(v["roofline_with_attention_share"], serde_json::json!({}));
+}
+
+/// Where the attention kernel's instruction was measured, the roofline that counts the
+/// attention's arithmetic too is never below the bytes-only one, at any depth.
+fn check_attention_roofline(v: &serde_json::Value) {
+    let Some(peak) = v["attention_peak_gmac_s"].as_f64() else { return };
+    assert!(peak > 0.0, "{v}");
+    let shares = v["roofline_with_attention_share"].as_object().unwrap();
+    assert_eq!(shares.len(), v["decode_tok_s"].as_object().unwrap().len(), "{v}");
+    for (depth, s) in shares {
+        assert!(s.as_f64().unwrap() >= v["roofline_share"][depth].as_f64().unwrap() * 0.999, "{v}");
+    }
 }
 
 #[test]
@@ -158,6 +177,8 @@ fn an_int8_cache_generates_and_benches_at_about_half_the_bytes() {
     assert!(v["decode_tok_s"]["40"].as_f64().unwrap() > 0.0, "{v}");
     // 3 layers x (32 + 8 codes and 2 scales of 4 bytes), against 480 for f32.
     assert_eq!(v["kv_bytes_per_token"], 3 * (40 + 8));
+    // With AVX-512 VNNI the int8 kernel's `vpdpbusd` is measured and counted.
+    check_attention_roofline(&v);
 }
 
 #[test]

@@ -9,6 +9,7 @@ pub mod kquant;
 pub mod latent_int8;
 pub mod matvec;
 pub mod mla_decode;
+pub mod peak;
 pub mod quant;
 pub mod rows;
 pub mod tiles;
