@@ -106,7 +106,8 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
     let active_bytes = (counts.active as f64 * bytes_per_param) as usize + cfg.hidden_size * dtype_bytes;
     let bandwidth = memory_bandwidth_gb_s();
 
-    let peak = attention_peak(model);
+    // (Only where a depth has a cache to attend over.)
+    let peak = if deepest > 0 { attention_peak(model) } else { None };
     let macs_per_row =
         (cfg.num_hidden_layers * cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)) as u64;
 
