@@ -387,14 +387,15 @@ impl Mla {
                 }
             }
             None => {
-                let shape = MlaShape { heads: h, d_c, d_r, len: cache.len() };
+                // This layer's rows, however many the others hold.
+                let shape = |len: usize| MlaShape { heads: h, d_c, d_r, len };
                 cache
                     .with_dense_rows(layer, |c, r| match (c, r) {
                         (Stored::Bf16(c), Stored::Bf16(r)) => {
-                            mla_decode_into(q_lat, q_rope, c, r, shape, scale, mla, o_lat)
+                            mla_decode_into(q_lat, q_rope, c, r, shape(c.len() / d_c), scale, mla, o_lat)
                         }
                         (Stored::F32(c), Stored::F32(r)) => {
-                            mla_decode_into(q_lat, q_rope, c, r, shape, scale, mla, o_lat)
+                            mla_decode_into(q_lat, q_rope, c, r, shape(c.len() / d_c), scale, mla, o_lat)
                         }
                         _ => unreachable!("with_dense_rows pairs rows of one dtype"),
                     })
