@@ -559,11 +559,11 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         let bytes = report.decode_bytes_per_token[depth];
         let share = report.roofline_share[depth];
         let with_attention = match (report.roofline_with_attention_share.get(depth), report.attention_peak_gmac_s) {
-            (Some(s), Some(peak)) if *depth > 0 => format!(
-                "; {:.0}% counting the attention's {:.2} G multiply-adds at {peak:.0} GMAC/s",
-                100.0 * s,
-                report.attention_macs_per_token[depth] as f64 / 1e9
-            ),
+            (Some(s), Some(peak)) if *depth > 0 => {
+                let macs = report.attention_macs_per_token[depth] as f64;
+                let macs = if macs >= 1e9 { format!("{:.2} G", macs / 1e9) } else { format!("{:.1} M", macs / 1e6) };
+                format!("; {:.0}% counting the attention's {macs} multiply-adds at {peak:.0} GMAC/s", 100.0 * s)
+            }
             _ => String::new(),
         };
         println!(
