@@ -232,11 +232,6 @@ pub fn mla_decode_int8_into(
 /// Most shares a step's runs are split into (the merge keeps a factor per share on the stack).
 const MAX_SHARES: usize = 64;
 
-/// Makes room for `n` values in `v`.
-fn reserve<T>(v: &mut Vec<T>, n: usize) {
-    v.reserve(n.saturating_sub(v.len()));
-}
-
 /// The factor `e^(m_k − m)` of each share's sums for a head whose shares' maxima are `maxima`
 /// (0 for a share that saw no row), and the common maximum `m`.
 fn share_factors(maxima: impl Iterator<Item = f32> + Clone) -> [f32; MAX_SHARES] {
@@ -255,9 +250,9 @@ fn share_factors(maxima: impl Iterator<Item = f32> + Clone) -> [f32; MAX_SHARES]
 mod portable {
     use rayon::prelude::*;
 
-    use super::{reserve, share_factors, Int8Rows, MAX_SHARES, RUN_TILES, TILE_ROWS};
+    use super::{share_factors, Int8Rows, MAX_SHARES, RUN_TILES, TILE_ROWS};
     use crate::kernels::rows::exp;
-    use crate::kernels::{dispatch, mul_add, Simd, Widen};
+    use crate::kernels::{dispatch, mul_add, reserve_to, reset, Simd, Widen};
 
     /// One share's online softmax: per head `m`, `l` and the `d_c` sums `o`.
     pub(crate) struct Partial {
@@ -305,19 +300,16 @@ mod portable {
             shares.push(Share { part, run: Vec::new() });
         }
         for Share { part, run: buffer } in shares.iter_mut() {
-            reserve(&mut part.m, heads);
-            reserve(&mut part.l, heads);
-            reserve(&mut part.o, heads * d_c);
-            reserve(buffer, run * (rows.d_c + rows.d_r) + heads * run);
+            reserve_to(&mut part.m, heads);
+            reserve_to(&mut part.l, heads);
+            reserve_to(&mut part.o, heads * d_c);
+            reserve_to(buffer, run * (rows.d_c + rows.d_r) + heads * run);
         }
         shares[..n].par_iter_mut().enumerate().for_each(|(k, share)| {
             let part = &mut share.part;
-            part.m.clear();
-            part.m.resize(heads, f32::NEG_INFINITY);
-            part.l.clear();
-            part.l.resize(heads, 0.0);
-            part.o.clear();
-            part.o.resize(heads * d_c, 0.0);
+            reset(&mut part.m, heads, f32::NEG_INFINITY);
+            reset(&mut part.l, heads, 0.0);
+            reset(&mut part.o, heads * d_c, 0.0);
             share.run.resize(run * (rows.d_c + rows.d_r) + heads * run, 0.0);
             for r in runs * k / n..runs * (k + 1) / n {
                 let first = r * RUN_TILES;
@@ -490,8 +482,9 @@ pub(crate) mod vnni {
 
     use rayon::prelude::*;
 
-    use super::{reserve, share_factors, Int8Rows, Query, MAX_SHARES, RUN_TILES, TILE_ROWS};
+    use super::{share_factors, Int8Rows, Query, MAX_SHARES, RUN_TILES, TILE_ROWS};
     use crate::kernels::rows::exp;
+    use crate::kernels::{reserve_to, reset};
 
     /// Heads per register block of the weighted sum (queries are padded to a multiple).
     pub const HEADS: usize = super::QUERY_HEADS;
@@ -530,12 +523,6 @@ pub(crate) mod vnni {
     /// into 4 latents × 4 rows.
     const TRANSPOSE: [i8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
 
-    /// Clears `v` to `n` copies of `value`, keeping its buffer.
-    fn reset<T: Copy>(v: &mut Vec<T>, n: usize, value: T) {
-        v.clear();
-        v.resize(n, value);
-    }
-
     pub fn decode(q: &Query, rows: &Int8Rows, heads: usize, scale: f32, shares: &mut Vec<Share>, out: &mut [f32]) {
         let (d_c, len) = (rows.d_c, rows.len);
         let hp = heads.next_multiple_of(HEADS);
@@ -554,12 +541,12 @@ pub(crate) mod vnni {
             shares.push(Share { part, scratch });
         }
         for Share { part, scratch } in shares.iter_mut() {
-            reserve(&mut part.m, hp);
-            reserve(&mut part.l, hp);
-            reserve(&mut part.o, hp * lw * 16);
-            reserve(&mut scratch.p, hp * RUN_TILES * TILE_ROWS);
-            reserve(&mut scratch.codes, hp * rows.latent_blocks() * RUN_TILES * 64);
-            reserve(&mut scratch.scales, hp * rows.latent_blocks());
+            reserve_to(&mut part.m, hp);
+            reserve_to(&mut part.l, hp);
+            reserve_to(&mut part.o, hp * lw * 16);
+            reserve_to(&mut scratch.p, hp * RUN_TILES * TILE_ROWS);
+            reserve_to(&mut scratch.codes, hp * rows.latent_blocks() * RUN_TILES * 64);
+            reserve_to(&mut scratch.scales, hp * rows.latent_blocks());
         }
         shares[..n].par_iter_mut().enumerate().for_each(|(k, share)| {
             let Share { part, scratch } = share;

@@ -117,6 +117,7 @@ mod fused {
 
     use super::MlaShape;
     use crate::kernels::rows::exp;
+    use crate::kernels::{reserve_to, reset};
 
     /// Cached rows per step of the online softmax: their scores, probabilities and latents stay
     /// in the core's caches between the two products.
@@ -170,17 +171,6 @@ mod fused {
         scratch: Scratch,
     }
 
-    /// Clears `v` to `n` copies of `value`, keeping its buffer.
-    fn reset<T: Copy>(v: &mut Vec<T>, n: usize, value: T) {
-        v.clear();
-        v.resize(n, value);
-    }
-
-    /// Makes room for `n` values in `v`.
-    fn reserve<T>(v: &mut Vec<T>, n: usize) {
-        v.reserve(n.saturating_sub(v.len()));
-    }
-
     /// [`super::mla_decode`] over a bf16 cache, the queries already rounded to bf16, into `out`;
     /// `shares` and `o` are reused.
     pub fn mla_decode_bf16(step: Step<'_>, shares: &mut Vec<Share>, o: &mut Vec<f32>, out: &mut [f32]) {
@@ -207,11 +197,11 @@ mod fused {
             shares.push(Share { part, scratch: Scratch { p: Vec::new(), pairs: Vec::new() } });
         }
         for Share { part, scratch } in shares.iter_mut() {
-            reserve(&mut part.m, hp);
-            reserve(&mut part.l, hp);
-            reserve(&mut part.o, hp * dp);
-            reserve(&mut scratch.p, hp * RUN);
-            reserve(&mut scratch.pairs, hp * RUN / 2);
+            reserve_to(&mut part.m, hp);
+            reserve_to(&mut part.l, hp);
+            reserve_to(&mut part.o, hp * dp);
+            reserve_to(&mut scratch.p, hp * RUN);
+            reserve_to(&mut scratch.pairs, hp * RUN / 2);
         }
         shares[..n].par_iter_mut().enumerate().for_each(|(k, share)| {
             let Share { part, scratch } = share;

@@ -113,6 +113,17 @@ pub(crate) fn mul_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// Clears `v` to `n` copies of `value`, keeping its buffer (a kernel's scratch, reused per step).
+pub(crate) fn reset<T: Copy>(v: &mut Vec<T>, n: usize, value: T) {
+    v.clear();
+    v.resize(n, value);
+}
+
+/// Makes room for `n` values in `v` in all, so that a later [`reset`] to `n` allocates nothing.
+pub(crate) fn reserve_to<T>(v: &mut Vec<T>, n: usize) {
+    v.reserve(n.saturating_sub(v.len()));
+}
+
 /// The instruction-set variants the kernels are compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Simd {
