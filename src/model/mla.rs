@@ -24,7 +24,7 @@ use crate::cache::{CacheKind, LatentCache};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kernels::latent_int8::{mla_decode_int8, mla_decode_int8_into, Int8Scratch};
-use crate::kernels::matvec::{batched_matvec, batched_matvec_into, batched_weighted_rows, batched_weighted_rows_into};
+use crate::kernels::matvec::{batched_matvec_into, batched_weighted_rows_into};
 use crate::kernels::mla_decode::{mla_decode, mla_decode_into, MlaScratch, MlaShape};
 use crate::kernels::quant::{QuantMatrix, QuantizedRows};
 use crate::model::layers::{
@@ -361,14 +361,8 @@ impl Mla {
 
         // q_lat = W_UKᵀ q_nope per head.
         q_lat.resize(h * d_c, 0.0);
-        match &self.absorb_blocks {
-            Some(blocks) => blocks.0.grouped_matvec_into(q_nope, h, d_n, xq, q_lat),
-            None => with_stored(&self.w_uk, |w| match w {
-                Stored::Bf16(w) => batched_weighted_rows_into(q_nope, w, h, d_n, d_c, q_lat),
-                Stored::F32(w) => batched_weighted_rows_into(q_nope, w, h, d_n, d_c, q_lat),
-            })
-            .ok_or_else(|| Error::InvalidArgument("W_UK is not stored bf16 or f32".into()))?,
-        }
+        self.absorb_into(q_nope, xq, q_lat)
+            .ok_or_else(|| Error::InvalidArgument("W_UK is not stored bf16 or f32".into()))?;
         round_to(dtype, q_lat);
         o_lat.resize(h * d_c, 0.0);
         let scale = self.scale as f32;
@@ -407,14 +401,8 @@ impl Mla {
         // Per head W_UV o_lat, then o_proj.
         let x = heads.x_mut();
         x.resize(h * d_v, 0.0);
-        match &self.absorb_blocks {
-            Some(blocks) => blocks.1.grouped_matvec_into(o_lat, h, d_c, xq, x),
-            None => with_stored(&self.w_uv, |w| match w {
-                Stored::Bf16(w) => batched_matvec_into(o_lat, w, h, d_c, d_v, x),
-                Stored::F32(w) => batched_matvec_into(o_lat, w, h, d_c, d_v, x),
-            })
-            .ok_or_else(|| Error::InvalidArgument("W_UV is not stored bf16 or f32".into()))?,
-        }
+        self.expand_into(o_lat, xq, x)
+            .ok_or_else(|| Error::InvalidArgument("W_UV is not stored bf16 or f32".into()))?;
         round_to(dtype, x);
         heads.requantize([self.o_proj.act_group()]);
         Linear::token_rows_into(1, |_| (&self.o_proj, &*heads), o);
@@ -433,39 +421,53 @@ impl Mla {
         .unwrap_or(false)
     }
 
-    /// `q_nope (H, 1, d_n) · W_UK (H, d_n, d_c)` for one token, by the batched kernel where
-    /// `W_UK` is stored bf16 or f32 (candle's batched GEMM costs several times the bytes).
-    fn absorb_query(&self, q_nope: &Tensor) -> Result<Tensor> {
+    /// `q_lat = W_UKᵀ q_nope` per head for one token, `q_nope (H d_n)` into `out (H d_c)`: over the
+    /// absorption blocks, or `W_UK` stored bf16 or f32 (`None` otherwise). `xq` keeps the blocks'
+    /// 8-bit activations.
+    fn absorb_into(&self, q_nope: &[f32], xq: &mut Vec<QuantizedRows>, out: &mut [f32]) -> Option<()> {
         let (h, d_n, d_c) = (self.n_heads, self.d_n, self.d_c);
-        let q: Vec<f32> = q_nope.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         if let Some(blocks) = &self.absorb_blocks {
-            let y = blocks.0.grouped_matvec(&q, h, d_n, h * d_c);
-            return Ok(Tensor::from_vec(y, (h, 1, d_c), q_nope.device())?.to_dtype(q_nope.dtype())?);
+            blocks.0.grouped_matvec_into(q_nope, h, d_n, xq, out);
+            return Some(());
         }
-        let y = with_stored(&self.w_uk, |w| match w {
-            Stored::Bf16(w) => batched_weighted_rows(&q, w, h, d_n, d_c),
-            Stored::F32(w) => batched_weighted_rows(&q, w, h, d_n, d_c),
-        });
-        match y {
-            Some(y) => Ok(Tensor::from_vec(y, (h, 1, d_c), q_nope.device())?.to_dtype(q_nope.dtype())?),
+        with_stored(&self.w_uk, |w| match w {
+            Stored::Bf16(w) => batched_weighted_rows_into(q_nope, w, h, d_n, d_c, out),
+            Stored::F32(w) => batched_weighted_rows_into(q_nope, w, h, d_n, d_c, out),
+        })
+    }
+
+    /// `W_UV o_lat` per head for one token, `o_lat (H d_c)` into `out (H d_v)`, as
+    /// [`Mla::absorb_into`] does for the query.
+    fn expand_into(&self, o_lat: &[f32], xq: &mut Vec<QuantizedRows>, out: &mut [f32]) -> Option<()> {
+        let (h, d_v, d_c) = (self.n_heads, self.d_v, self.d_c);
+        if let Some(blocks) = &self.absorb_blocks {
+            blocks.1.grouped_matvec_into(o_lat, h, d_c, xq, out);
+            return Some(());
+        }
+        with_stored(&self.w_uv, |w| match w {
+            Stored::Bf16(w) => batched_matvec_into(o_lat, w, h, d_c, d_v, out),
+            Stored::F32(w) => batched_matvec_into(o_lat, w, h, d_c, d_v, out),
+        })
+    }
+
+    /// `q_nope (H, 1, d_n) · W_UK (H, d_n, d_c)` for one token ([`Mla::absorb_into`], else candle).
+    fn absorb_query(&self, q_nope: &Tensor) -> Result<Tensor> {
+        let (h, d_c) = (self.n_heads, self.d_c);
+        let q: Vec<f32> = q_nope.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut y = vec![0f32; h * d_c];
+        match self.absorb_into(&q, &mut Vec::new(), &mut y) {
+            Some(()) => Ok(Tensor::from_vec(y, (h, 1, d_c), q_nope.device())?.to_dtype(q_nope.dtype())?),
             None => Ok(q_nope.matmul(&self.w_uk)?),
         }
     }
 
-    /// `o_lat (H, 1, d_c) · W_UVᵀ` for one token, by the batched kernel where it can.
+    /// `o_lat (H, 1, d_c) · W_UVᵀ` for one token ([`Mla::expand_into`], else candle).
     fn expand_output(&self, o_lat: &Tensor) -> Result<Tensor> {
-        let (h, d_v, d_c) = (self.n_heads, self.d_v, self.d_c);
+        let (h, d_v) = (self.n_heads, self.d_v);
         let o: Vec<f32> = o_lat.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        if let Some(blocks) = &self.absorb_blocks {
-            let y = blocks.1.grouped_matvec(&o, h, d_c, h * d_v);
-            return Ok(Tensor::from_vec(y, (h, 1, d_v), o_lat.device())?.to_dtype(o_lat.dtype())?);
-        }
-        let y = with_stored(&self.w_uv, |w| match w {
-            Stored::Bf16(w) => batched_matvec(&o, w, h, d_c, d_v),
-            Stored::F32(w) => batched_matvec(&o, w, h, d_c, d_v),
-        });
-        match y {
-            Some(y) => Ok(Tensor::from_vec(y, (h, 1, d_v), o_lat.device())?.to_dtype(o_lat.dtype())?),
+        let mut y = vec![0f32; h * d_v];
+        match self.expand_into(&o, &mut Vec::new(), &mut y) {
+            Some(()) => Ok(Tensor::from_vec(y, (h, 1, d_v), o_lat.device())?.to_dtype(o_lat.dtype())?),
             None => Ok(o_lat.matmul(&self.w_uv.t()?)?),
         }
     }
