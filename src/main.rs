@@ -257,13 +257,20 @@ fn run(cli: Cli) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         pool = pool.num_threads(n);
     }
+    // candle runs elementwise ops on a pool of its own whose workers spin for a while after each
+    // op, while the matrix products run on the rayon pool: on a small machine the two fight for the
+    // same cores.
     if matches!(cli.command, Command::Train(_)) && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // candle runs elementwise ops on a pool of its own whose workers spin between ops, while its
-        // matrix products run on the rayon pool: on a small machine the two fight for the same
-        // cores. Training is matrix-product bound, so elementwise ops stay on the calling thread
-        // (1.3x the tokens/s on 2 cores; tools/bench_train.py).
+        // Training is matrix-product bound, so elementwise ops stay on the calling thread (1.3x the
+        // tokens/s on 2 cores; tools/bench_train.py).
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Elsewhere its workers sleep as soon as an op is done (a 512-token bf16 prefill on 2 cores
+        // spent 6% of its samples in their spinning).
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
+    keep_freed_memory();
     // The whole command runs on a worker of the pool: a parallel product called from there shares
     // its work with the other workers directly, where one called from outside the pool would hand
     // it over and sleep until it is done (two thread switches per product, about 35 us: a quarter
@@ -305,7 +312,6 @@ fn run_command(cli: Cli) -> Result<()> {
 }
 
 fn run_train(args: TrainArgs) -> Result<()> {
-    keep_freed_memory();
     let mut overrides = args.overrides.clone();
     if let Some(out) = &args.out {
         overrides.push(format!("run.out={:?}", out.to_string_lossy()));
@@ -618,13 +624,17 @@ fn run_inspect(args: ModelArgs) -> Result<()> {
     Ok(())
 }
 
-/// Training allocates and frees the same large activation buffers every step. glibc serves
-/// blocks above its mmap threshold with fresh mappings, so each step would page-fault and zero
-/// them again; keep them in the heap for reuse instead.
+/// Has the allocator keep freed memory for reuse instead of giving it back to the system.
+///
+/// Training steps and prefills allocate and free activations of a few to tens of MiB per op.
+/// glibc serves blocks above its mmap threshold with fresh mappings and unmaps them when freed,
+/// so every op would page-fault and have the kernel zero each 4 KiB it touches again: 7% of a
+/// 512-token bf16 prefill on 2 cores. Kept in the heap, they are reused warm. Peak memory stays
+/// that of the largest working set (about 1% more RSS in `latent bench`).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning parameters; it is called before training
-    // starts allocating, and both values are valid for these options.
+    // SAFETY: mallopt only changes allocator tuning parameters (under the allocator's locks), and
+    // both values are valid for these options.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
