@@ -7,11 +7,12 @@
 //! and large ones memory. Then it times one absorbed MLA decode step (16 heads, 512 + 64 latent)
 //! at 4096 and 16384 cached tokens, over a bf16, an int8 and an f32 cache, and the prefill product of 48
 //! and 512 activation rows in each format: the bf16 GEMM of dequantized rows against the tiles'
-//! 8-bit product.
+//! 8-bit product. `--gemm` times only the bf16 GEMM of a bf16 model's prefill at its shapes, as
+//! a share of the measured peak of `vdpbf16ps`.
 
 use std::time::Instant;
 
-use latent::kernels::gemm::gemm_quant;
+use latent::kernels::gemm::{gemm_bf16, gemm_quant};
 use latent::kernels::kquant::{quantize_q4_k, BlockQ5_0, BlockQ6K};
 use latent::kernels::latent_int8::{mla_decode_int8, Int8Rows};
 use latent::kernels::matvec::weighted_rows;
@@ -23,14 +24,16 @@ fn main() {
     let mut sizes = vec![];
     let mut threads = None;
     let mut mla_only = false;
+    let mut gemm_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), a.parse::<usize>()) {
             ("--threads", _) => threads = args.next().and_then(|n| n.parse().ok()),
             ("--mla", _) => mla_only = true,
+            ("--gemm", _) => gemm_only = true,
             (_, Ok(n)) if n > 0 => sizes.push(n),
             _ => {
-                eprintln!("usage: kernels [IN OUT] [--threads N] [--mla] (IN a multiple of 256; --mla: only the attention step)");
+                eprintln!("usage: kernels [IN OUT] [--threads N] [--mla | --gemm] (IN a multiple of 256; --mla: only the attention step; --gemm: only the bf16 GEMM)");
                 std::process::exit(2);
             }
         }
@@ -46,6 +49,7 @@ fn main() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build();
     match pool {
         Ok(pool) if mla_only => pool.install(|| [4096, 16384].into_iter().for_each(mla)),
+        Ok(pool) if gemm_only => pool.install(gemm_shapes),
         Ok(pool) => pool.install(|| run(n_in, n_out)),
         Err(e) => eprintln!("kernels: {e}"),
     }
@@ -65,6 +69,28 @@ fn median(runs: usize, mut f: impl FnMut()) -> f64 {
         .collect();
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
+}
+
+/// The bf16 GEMM (`gemm_bf16`) at a V2-Lite prefill's shapes: a routed expert's 48 rows, the
+/// whole 512-token prompt through an expert's gate, its down projection, and the dense MLP.
+fn gemm_shapes() {
+    let peak = dot_peaks().bf16_gmac_s;
+    let bf = |n: usize, seed: u64| -> Vec<half::bf16> {
+        (0..n).map(|i| half::bf16::from_f32(((i as u64 * 2654435761 + seed) % 1000) as f32 / 1000.0 - 0.5)).collect()
+    };
+    for (t, n_in, n_out) in [(48, 2048, 1408), (512, 2048, 1408), (512, 1408, 2048), (512, 2048, 10944)] {
+        let (x, w) = (bf(t * n_in, 1), bf(n_in * n_out, 2));
+        let macs = (t * n_in * n_out) as f64;
+        let runs = (20.0 * 512.0 * 2048.0 * 11264.0 / macs).clamp(5.0, 200.0) as usize;
+        let secs = median(runs, || drop(std::hint::black_box(gemm_bf16(&x, &w, t, n_in, n_out))));
+        let share =
+            peak.map_or(String::new(), |p| format!(", {:.0}% of vdpbf16ps' {p:.0}", 100.0 * macs / secs / 1e9 / p));
+        println!(
+            "gemm_bf16 {t:3} x {n_in:5} -> {n_out:5}: {:7.3} ms, {:6.1} GMAC/s{share}",
+            secs * 1e3,
+            macs / secs / 1e9
+        );
+    }
 }
 
 fn mla(len: usize) {

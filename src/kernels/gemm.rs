@@ -66,7 +66,7 @@ pub(crate) fn tiles<W: Load16>(simd: Simd, x: &[f32], rows: &[W], t: usize, n_in
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     unsafe fn avx512<W: Load16>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
         // SAFETY: this variant runs only where the CPU has AVX-512 (the caller's `simd`).
-        tiles_body(t, rows.len() / n_in, out, |xi, wi| unsafe {
+        tiles_body(t, rows.len() / n_in, 4 * n_in, out, |xi, wi| unsafe {
             tile_avx512(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)
         })
     }
@@ -74,7 +74,7 @@ pub(crate) fn tiles<W: Load16>(simd: Simd, x: &[f32], rows: &[W], t: usize, n_in
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2<W: Load16>(x: &[f32], rows: &[W], t: usize, n_in: usize, out: &mut [f32]) {
         // SAFETY: this variant runs only where the CPU has AVX2 and FMA (the caller's `simd`).
-        tiles_body(t, rows.len() / n_in, out, |xi, wi| unsafe {
+        tiles_body(t, rows.len() / n_in, 4 * n_in, out, |xi, wi| unsafe {
             tile_avx2(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)
         })
     }
@@ -85,7 +85,7 @@ pub(crate) fn tiles<W: Load16>(simd: Simd, x: &[f32], rows: &[W], t: usize, n_in
         Simd::Avx512 | Simd::Avx512Vnni => unsafe { avx512(x, rows, t, n_in, out) },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => unsafe { avx2(x, rows, t, n_in, out) },
-        _ => tiles_body(t, rows.len() / n_in, out, |xi, wi| {
+        _ => tiles_body(t, rows.len() / n_in, 4 * n_in, out, |xi, wi| {
             tile::<W, false>(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)
         }),
     }
@@ -94,20 +94,38 @@ pub(crate) fn tiles<W: Load16>(simd: Simd, x: &[f32], rows: &[W], t: usize, n_in
 /// Runs `tile(x_rows, w_rows)` over every 4 × 4 tile of `t` activation rows and `n` weight rows
 /// (row indices; a ragged tile repeats its last row and drops the repeated results) into the
 /// transposed `out (n, t)`.
+///
+/// The activations go in blocks of about [`X_BLOCK_BYTES`] (`x_row_bytes` each row), each
+/// multiplied by all `n` weight rows before the next: the block stays in the core's L2 while the
+/// weight rows pass, where walking all of a long prompt's rows for every 4 weight rows streamed
+/// them from L3 each time.
 #[inline(always)]
-fn tiles_body(t: usize, n: usize, out: &mut [f32], tile: impl Fn([usize; TILE], [usize; TILE]) -> [[f32; TILE]; TILE]) {
-    for r0 in (0..n).step_by(TILE) {
-        let w_rows: [usize; TILE] = std::array::from_fn(|k| (r0 + k).min(n - 1));
-        for t0 in (0..t).step_by(TILE) {
-            let x_rows: [usize; TILE] = std::array::from_fn(|k| (t0 + k).min(t - 1));
-            let sums = tile(x_rows, w_rows);
-            let take = TILE.min(t - t0);
-            for (r, s) in sums.iter().enumerate().take(n - r0) {
-                out[(r0 + r) * t + t0..(r0 + r) * t + t0 + take].copy_from_slice(&s[..take]);
+fn tiles_body(
+    t: usize,
+    n: usize,
+    x_row_bytes: usize,
+    out: &mut [f32],
+    tile: impl Fn([usize; TILE], [usize; TILE]) -> [[f32; TILE]; TILE],
+) {
+    let block = (X_BLOCK_BYTES / x_row_bytes.max(1)).next_multiple_of(TILE).max(TILE);
+    for b0 in (0..t).step_by(block) {
+        for r0 in (0..n).step_by(TILE) {
+            let w_rows: [usize; TILE] = std::array::from_fn(|k| (r0 + k).min(n - 1));
+            for t0 in (b0..(b0 + block).min(t)).step_by(TILE) {
+                let x_rows: [usize; TILE] = std::array::from_fn(|k| (t0 + k).min(t - 1));
+                let sums = tile(x_rows, w_rows);
+                let take = TILE.min(t - t0);
+                for (r, s) in sums.iter().enumerate().take(n - r0) {
+                    out[(r0 + r) * t + t0..(r0 + r) * t + t0 + take].copy_from_slice(&s[..take]);
+                }
             }
         }
     }
 }
+
+/// Activation bytes per block of [`tiles_body`]: with a task's 64 weight rows, well inside a
+/// 1 MiB L2.
+const X_BLOCK_BYTES: usize = 128 << 10;
 
 /// Rows `idx` of a row-major buffer of `width`-long rows.
 #[inline(always)]
@@ -259,7 +277,7 @@ pub fn gemm_pair<W: Load16>(first: Part<'_, W>, second: Part<'_, W>, t: usize, n
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
         unsafe fn run<W: Load16>(first: Part<'_, W>, second: Part<'_, W>, t: usize, out: &mut [f32]) {
             let ((x, w, n_in), (x2, w2, n_in2)) = (first, second);
-            tiles_body(t, w.len() / n_in, out, |xi, wi| {
+            tiles_body(t, w.len() / n_in, 4 * (n_in + n_in2), out, |xi, wi| {
                 let a = (rows4(x, xi, n_in), rows4(w, wi, n_in), n_in);
                 let b = (rows4(x2, xi, n_in2), rows4(w2, wi, n_in2), n_in2);
                 // SAFETY: AVX-512 is present (checked by the caller); rows are sliced to length.
@@ -314,7 +332,7 @@ pub(crate) fn has_avx512_bf16() -> bool {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn bf16_tiles(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) {
     // SAFETY: the caller's contract.
-    tiles_body(t, rows.len() / n_in, out, |xi, wi| unsafe {
+    tiles_body(t, rows.len() / n_in, 2 * n_in, out, |xi, wi| unsafe {
         tile_bf16(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)
     })
 }
@@ -350,7 +368,13 @@ unsafe fn tile_bf16(x: [&[half::bf16]; TILE], w: [&[half::bf16]; TILE], n_in: us
         }
         c += 32;
     }
-    std::array::from_fn(|r| std::array::from_fn(|i| _mm512_reduce_add_ps(acc[r][i])))
+    let mut sums = [[0f32; TILE]; TILE];
+    // SAFETY: AVX-512 F is present; `sums` holds the 16 lanes.
+    unsafe {
+        let all = super::reduce16(std::array::from_fn(|k| acc[k / TILE][k % TILE]));
+        _mm512_storeu_ps(sums.as_mut_ptr().cast(), all);
+    }
+    sums
 }
 
 /// The 4 × 4 dot products of weight rows `w` with activation rows `x` (each `n_in` long):

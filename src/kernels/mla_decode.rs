@@ -117,7 +117,7 @@ mod fused {
 
     use super::MlaShape;
     use crate::kernels::rows::exp;
-    use crate::kernels::{reserve_to, reset};
+    use crate::kernels::{reduce16, reserve_to, reset};
 
     /// Cached rows per step of the online softmax: their scores, probabilities and latents stay
     /// in the core's caches between the two products.
@@ -255,27 +255,6 @@ mod fused {
     fn bh(v: __m512i) -> __m512bh {
         // SAFETY: a bit-for-bit reinterpretation of 512 bits.
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
-    }
-
-    /// One register whose lane `k` is the sum of the lanes of `v[k]`: pairs interleaved and added
-    /// within 128-bit lanes, then quads, then the 128-bit lanes themselves.
-    #[inline(always)]
-    unsafe fn reduce16(v: [__m512; 16]) -> __m512 {
-        // SAFETY: register-only instructions of AVX-512 F, present in every caller.
-        unsafe {
-            let s1: [__m512; 8] = std::array::from_fn(|k| {
-                _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]))
-            });
-            let s2: [__m512; 4] = std::array::from_fn(|k| {
-                let (a, b) = (_mm512_castps_pd(s1[2 * k]), _mm512_castps_pd(s1[2 * k + 1]));
-                _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)))
-            });
-            let fold = |a: __m512, b: __m512| {
-                _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
-            };
-            let s3 = [fold(s2[0], s2[1]), fold(s2[2], s2[3])];
-            fold(s3[0], s3[1])
-        }
     }
 
     /// Adds cache rows `rows` to `part`: scores, online softmax, weighted sum.

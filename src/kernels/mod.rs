@@ -114,6 +114,33 @@ pub(crate) fn mul_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
 }
 
 /// Clears `v` to `n` copies of `value`, keeping its buffer (a kernel's scratch, reused per step).
+/// One register whose lane `k` is the sum of the lanes of `v[k]`: pairs interleaved and added
+/// within 128-bit lanes, then quads, then the 128-bit lanes themselves (about 3 instructions per
+/// sum, where reducing each register alone takes 8).
+///
+/// # Safety
+/// AVX-512 F must be present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn reduce16(v: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: register-only instructions of AVX-512 F, present per the caller's contract.
+    unsafe {
+        let s1: [__m512; 8] = std::array::from_fn(|k| {
+            _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]))
+        });
+        let s2: [__m512; 4] = std::array::from_fn(|k| {
+            let (a, b) = (_mm512_castps_pd(s1[2 * k]), _mm512_castps_pd(s1[2 * k + 1]));
+            _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)))
+        });
+        let fold = |a: __m512, b: __m512| {
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
+        };
+        let s3 = [fold(s2[0], s2[1]), fold(s2[2], s2[3])];
+        fold(s3[0], s3[1])
+    }
+}
+
 pub(crate) fn reset<T: Copy>(v: &mut Vec<T>, n: usize, value: T) {
     v.clear();
     v.resize(n, value);
