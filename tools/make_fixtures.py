@@ -4,6 +4,8 @@
 Each tiny model folder holds a checkpoint in the original DeepSeek layout (per-expert tensor names),
 its tokenizer, and what transformers computes for it:
   reference.safetensors  logits (T, V) of the prompt and `layers.{i}.out`, each decoder layer's output
+  reference_bf16.safetensors  the prompt's logits with the model loaded in bf16 (what a bf16 model
+                         computes, rounding after every op), for tiny-v2, tiny-v2-lite and tiny-v3
   meta.json              versions, prompt tokens, 20 greedy tokens, perplexity of tests/fixtures/ppl.txt
 
 Fixtures:
@@ -17,6 +19,7 @@ Fixtures:
 
 Run from the repository root with the pinned packages of tools/requirements.txt:
   python3 tools/make_fixtures.py
+  python3 tools/make_fixtures.py --bf16-references   (only those, from the checkpoints already written)
 """
 
 import gzip
@@ -186,6 +189,14 @@ def write_reference(model, prompt, out_dir):
     }
 
 
+def write_bf16_reference(model_cls, out_dir, prompt):
+    """Writes reference_bf16.safetensors: the prompt's logits with the checkpoint loaded in bf16."""
+    model = model_cls.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), use_cache=False).logits[0].float()
+    save_file({"logits": logits.contiguous()}, os.path.join(out_dir, "reference_bf16.safetensors"))
+
+
 GRAD_BATCH, GRAD_LEN = 2, 16
 
 
@@ -338,6 +349,7 @@ def make_model(name, config, model_cls, seed, tok, ppl_tokens, bias_std=0.0, sha
     g = torch.Generator().manual_seed(seed + 7)
     prompt = [0] + torch.randint(4, config.vocab_size, (PROMPT_LEN - 1,), generator=g).tolist()
     meta = write_reference(model, prompt, out_dir)
+    write_bf16_reference(model_cls, out_dir, prompt)
     count, nll = perplexity(model, ppl_tokens, PPL_CONTEXT)
     meta["perplexity"] = {"file": "../ppl.txt", "context": PPL_CONTEXT, "tokens": count, "nll": nll, "ppl": math.exp(nll)}
     margin = meta["greedy_min_margin"]
@@ -398,6 +410,7 @@ def make_fp8(src_name, name, seed):
     with open(os.path.join(src, "meta.json")) as f:
         prompt = json.load(f)["prompt_tokens"]
     meta = write_reference(model, prompt, out_dir)
+    write_bf16_reference(model_cls, out_dir, prompt)
     meta["fp8_tensors"] = sum(k.endswith("_scale_inv") for k in quantized)
     margin = meta["greedy_min_margin"]
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
@@ -456,8 +469,17 @@ def make_deepseek_tokenizer():
         json.dump(meta, f, indent=1, ensure_ascii=False)
 
 
+BF16_REFERENCES = {"tiny-v2": DeepseekV2ForCausalLM, "tiny-v2-lite": DeepseekV2ForCausalLM, "tiny-v3": DeepseekV3ForCausalLM}
+
+
 def main():
     torch.set_num_threads(2)
+    if sys.argv[1:] == ["--bf16-references"]:
+        for name, model_cls in BF16_REFERENCES.items():
+            out_dir = os.path.join(ROOT, name)
+            with open(os.path.join(out_dir, "meta.json")) as f:
+                write_bf16_reference(model_cls, out_dir, json.load(f)["prompt_tokens"])
+        return
     tok_dir = os.path.join(ROOT, "tokenizer")
     os.makedirs(tok_dir, exist_ok=True)
     tok = make_tokenizer(tok_dir)

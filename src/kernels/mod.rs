@@ -4,6 +4,7 @@
 //! multiply-adds fuse, and compiled three times: AVX-512, AVX2 + FMA, and portable. [`Simd::detect`]
 //! picks the widest the running CPU supports.
 
+pub mod attention;
 pub mod gemm;
 pub mod kquant;
 pub mod latent_int8;

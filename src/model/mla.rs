@@ -23,6 +23,9 @@ use candle_core::{DType, Tensor};
 use crate::cache::{CacheKind, LatentCache};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kernels::attention::{prefill_attention_bf16, PrefillShape};
+use crate::kernels::bf16_round;
+use crate::kernels::gemm::gemm_bf16;
 use crate::kernels::latent_int8::{mla_decode_int8, mla_decode_int8_into, Int8Scratch};
 use crate::kernels::matvec::{batched_matvec_into, batched_weighted_rows_into};
 use crate::kernels::mla_decode::{mla_decode, mla_decode_into, MlaScratch, MlaShape};
@@ -237,17 +240,13 @@ impl Mla {
         // The positional part of the scores, q_rope·k_rope, for the paths that take candle ops.
         let position = || q_rope.reshape((h * t, d_r))?.matmul(&in_dtype(&k_rope)?.t()?)?.reshape((h, t, s)); // (H, T, S)
         let out = match path {
-            AttentionPath::Expanded => {
-                let position = position()?;
-                let c_kv = in_dtype(&c_kv)?;
-                let k_nope = c_kv.matmul(&self.w_uk.reshape((h * d_n, d_c))?.t()?)?; // (S, H d_n)
-                let k_nope = k_nope.reshape((s, h, d_n))?.transpose(0, 1)?.contiguous()?; // (H, S, d_n)
-                let v = c_kv.matmul(&self.w_uv.reshape((h * d_v, d_c))?.t()?)?; // (S, H d_v)
-                let v = v.reshape((s, h, d_v))?.transpose(0, 1)?.contiguous()?; // (H, S, d_v)
-                let content = q_nope.matmul(&k_nope.t()?)?; // (H, T, S)
-                let probs = self.probs(&content, &position, pos.mask.as_ref(), x.dtype())?;
-                probs.matmul(&v)? // (H, T, d_v)
+            AttentionPath::Expanded if x.dtype() == DType::BF16 => {
+                match self.expanded_bf16(&q_nope, &q_rope, &c_kv, &k_rope)? {
+                    Some(out) => return self.o_proj.forward(&out),
+                    None => self.expanded(&q_nope, &position()?, &c_kv, pos, x.dtype())?,
+                }
             }
+            AttentionPath::Expanded => self.expanded(&q_nope, &position()?, &c_kv, pos, x.dtype())?,
             AttentionPath::Absorbed if t == 1 && self.decode_kernel_fits(&c_kv, &k_rope) => {
                 let q_lat = self.absorb_query(&q_nope)?; // (H, 1, d_c)
                 let o_lat = self.absorbed_step(&q_lat, &q_rope, &c_kv, &k_rope)?; // (H, 1, d_c)
@@ -265,6 +264,78 @@ impl Mla {
         };
         let out = out.transpose(0, 1)?.reshape((t, h * d_v))?; // (T, H d_v)
         self.o_proj.forward(&out)
+    }
+
+    /// The expanded attention by candle ops: `(H, T, d_v)`.
+    fn expanded(
+        &self,
+        q_nope: &Tensor,
+        position: &Tensor,
+        c_kv: &Tensor,
+        pos: &Positions<'_>,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let (h, d_n, d_v, d_c) = (self.n_heads, self.d_n, self.d_v, self.d_c);
+        let c_kv = c_kv.to_dtype(dtype)?;
+        let s = c_kv.dim(0)?;
+        let k_nope = c_kv.matmul(&self.w_uk.reshape((h * d_n, d_c))?.t()?)?; // (S, H d_n)
+        let k_nope = k_nope.reshape((s, h, d_n))?.transpose(0, 1)?.contiguous()?; // (H, S, d_n)
+        let v = c_kv.matmul(&self.w_uv.reshape((h * d_v, d_c))?.t()?)?; // (S, H d_v)
+        let v = v.reshape((s, h, d_v))?.transpose(0, 1)?.contiguous()?; // (H, S, d_v)
+        let content = q_nope.matmul(&k_nope.t()?)?; // (H, T, S)
+        let probs = self.probs(&content, position, pos.mask.as_ref(), dtype)?;
+        Ok(probs.matmul(&v)?) // (H, T, d_v)
+    }
+
+    /// The expanded attention of a bf16 chunk by latent's kernels ([`prefill_attention_bf16`]):
+    /// `(T, H d_v)`, rounded where transformers' bf16 attention rounds (one score from the
+    /// concatenated `[q_nope; q_rope]·[k_nope; k_rope]`, where the candle ops round the two parts
+    /// apart). `None` where they do not apply: another dtype, weights that track gradients, a
+    /// CPU without AVX-512 BF16.
+    fn expanded_bf16(
+        &self,
+        q_nope: &Tensor,
+        q_rope: &Tensor,
+        c_kv: &Tensor,
+        k_rope: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
+        let tensors = [q_nope, q_rope, c_kv, k_rope, &self.w_uk, &self.w_uv];
+        if tensors.iter().any(|t| t.dtype() != DType::BF16 || t.track_op()) {
+            return Ok(None);
+        }
+        let (t, s, d_qk) = (q_nope.dim(1)?, c_kv.dim(0)?, d_n + d_r);
+        // k_nope (S, H d_n) = c_kv W_UKᵀ and vᵀ (H d_v, S) = W_UV c_kvᵀ, as kv_b_proj's output.
+        let products = with_stored(c_kv, |c| {
+            with_stored(&self.w_uk, |wk| {
+                with_stored(&self.w_uv, |wv| match (c, wk, wv) {
+                    (Stored::Bf16(c), Stored::Bf16(wk), Stored::Bf16(wv)) => {
+                        Some((gemm_bf16(c, wk, s, d_c, h * d_n)?, gemm_bf16(wv, c, h * d_v, d_c, s)?))
+                    }
+                    _ => None,
+                })
+            })
+        });
+        let Some(Some(Some(Some((k_nope, v_t))))) = products else { return Ok(None) };
+        let rows = |x: &Tensor| -> Result<Vec<half::bf16>> { Ok(x.flatten_all()?.to_vec1()?) };
+        let (q_nope, q_rope, k_rope) = (rows(q_nope)?, rows(q_rope)?, rows(k_rope)?);
+        let mut q = Vec::with_capacity(h * t * d_qk); // (H, T, d_qk)
+        for (n, r) in q_nope.chunks(d_n).zip(q_rope.chunks(d_r)) {
+            q.extend_from_slice(n);
+            q.extend_from_slice(r);
+        }
+        let mut k = Vec::with_capacity(h * s * d_qk); // (H, S, d_qk)
+        for head in 0..h {
+            for (j, r) in k_rope.chunks(d_r).enumerate() {
+                let n = &k_nope[(j * h + head) * d_n..(j * h + head + 1) * d_n];
+                k.extend(n.iter().map(|&v| bf16_round(v)));
+                k.extend_from_slice(r);
+            }
+        }
+        let v_t: Vec<half::bf16> = v_t.iter().map(|&v| bf16_round(v)).collect(); // (H, d_v, S)
+        let shape = PrefillShape { heads: h, t, s, d_qk, d_v };
+        let Some(out) = prefill_attention_bf16(&q, &k, &v_t, shape, self.scale as f32) else { return Ok(None) };
+        Ok(Some(Tensor::from_vec(out, (t, h * d_v), c_kv.device())?))
     }
 
     /// Whether [`Mla::step`] can run this layer: every projection takes the decode kernels,
