@@ -39,31 +39,42 @@ pub fn matvec<W: Widen>(x: &[f32], w: &[W], t: usize, n_in: usize, n_out: usize)
 }
 
 /// `y (t, n_out)` from tasks over runs of `rows_per_task` output rows: `f(first, n, out)` fills
-/// the transposed `out (n, t)` of rows `first..first + n`, so each task writes one contiguous run.
+/// the transposed `out (n, t)` of rows `first..first + n` (so a task's kernel writes one
+/// contiguous run), which the task then writes into its columns of `y` while they are still in
+/// its core's cache: no transposing pass over all of `y` on one thread after the products.
 pub(crate) fn by_output_rows(
     rows_per_task: usize,
     t: usize,
     n_out: usize,
     f: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut y_t = vec![0f32; n_out * t];
-    y_t.par_chunks_mut(rows_per_task * t).enumerate().for_each(|(task, out)| {
-        f(task * rows_per_task, out.len() / t, out);
-    });
-    if t == 1 {
-        return y_t;
-    }
     let mut y = vec![0f32; t * n_out];
-    // Transposed in blocks of 16 x 16, so neither side is walked with a large stride.
-    for o0 in (0..n_out).step_by(16) {
-        for t0 in (0..t).step_by(16) {
-            for o in o0..(o0 + 16).min(n_out) {
-                for ti in t0..(t0 + 16).min(t) {
-                    y[ti * n_out + o] = y_t[o * t + ti];
-                }
+    if t == 1 {
+        y.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, out)| {
+            f(task * rows_per_task, out.len(), out);
+        });
+        return y;
+    }
+    /// `y`'s elements, written by tasks that own disjoint columns.
+    struct Columns(*mut f32);
+    // SAFETY: every task writes only its own columns (below), so no element is shared.
+    unsafe impl Sync for Columns {}
+    let columns = Columns(y.as_mut_ptr());
+    let columns = &columns;
+    (0..n_out.div_ceil(rows_per_task)).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, task| {
+        let first = task * rows_per_task;
+        let n = rows_per_task.min(n_out - first);
+        buf.clear();
+        buf.resize(n * t, 0.0);
+        f(first, n, buf);
+        for ti in 0..t {
+            for (o, &v) in buf[ti..].iter().step_by(t).enumerate() {
+                // SAFETY: `ti < t` and `first + o < n_out`, so the index lies inside `y`
+                // (`t * n_out` long); columns `first..first + n` belong to this task alone.
+                unsafe { *columns.0.add(ti * n_out + first + o) = v };
             }
         }
-    }
+    });
     y
 }
 
