@@ -23,9 +23,7 @@ use candle_core::{DType, Tensor};
 use crate::cache::{CacheKind, LatentCache};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kernels::attention::{prefill_attention_bf16, PrefillShape};
-use crate::kernels::bf16_round;
-use crate::kernels::gemm::gemm_bf16;
+use crate::kernels::attention::{prefill_attention, AttnElem, PrefillShape};
 use crate::kernels::latent_int8::{mla_decode_int8, mla_decode_int8_into, Int8Scratch};
 use crate::kernels::matvec::{batched_matvec_into, batched_weighted_rows_into};
 use crate::kernels::mla_decode::{mla_decode, mla_decode_into, MlaScratch, MlaShape};
@@ -240,13 +238,12 @@ impl Mla {
         // The positional part of the scores, q_rope·k_rope, for the paths that take candle ops.
         let position = || q_rope.reshape((h * t, d_r))?.matmul(&in_dtype(&k_rope)?.t()?)?.reshape((h, t, s)); // (H, T, S)
         let out = match path {
-            AttentionPath::Expanded if x.dtype() == DType::BF16 => {
-                match self.expanded_bf16(&q_nope, &q_rope, &c_kv, &k_rope)? {
+            AttentionPath::Expanded => {
+                match self.expanded_fast(&q_nope, &q_rope, &in_dtype(&c_kv)?, &in_dtype(&k_rope)?)? {
                     Some(out) => return self.o_proj.forward(&out),
                     None => self.expanded(&q_nope, &position()?, &c_kv, pos, x.dtype())?,
                 }
             }
-            AttentionPath::Expanded => self.expanded(&q_nope, &position()?, &c_kv, pos, x.dtype())?,
             AttentionPath::Absorbed if t == 1 && self.decode_kernel_fits(&c_kv, &k_rope) => {
                 let q_lat = self.absorb_query(&q_nope)?; // (H, 1, d_c)
                 let o_lat = self.absorbed_step(&q_lat, &q_rope, &c_kv, &k_rope)?; // (H, 1, d_c)
@@ -287,12 +284,31 @@ impl Mla {
         Ok(probs.matmul(&v)?) // (H, T, d_v)
     }
 
-    /// The expanded attention of a bf16 chunk by latent's kernels ([`prefill_attention_bf16`]):
-    /// `(T, H d_v)`, rounded where transformers' bf16 attention rounds (one score from the
-    /// concatenated `[q_nope; q_rope]·[k_nope; k_rope]`, where the candle ops round the two parts
-    /// apart). `None` where they do not apply: another dtype, weights that track gradients, a
-    /// CPU without AVX-512 BF16.
-    fn expanded_bf16(
+    /// The expanded attention of a chunk by latent's kernels ([`prefill_attention`]) in the
+    /// model's dtype: `(T, H d_v)`. In bf16 it rounds where transformers' bf16 attention rounds
+    /// (one score from the concatenated `[q_nope; q_rope]·[k_nope; k_rope]`, where the candle ops
+    /// round the two parts apart). `None` where they do not apply: an f16 model, weights that
+    /// track gradients, bf16 on a CPU without AVX-512 BF16.
+    fn expanded_fast(
+        &self,
+        q_nope: &Tensor,
+        q_rope: &Tensor,
+        c_kv: &Tensor,
+        k_rope: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let tensors = [q_nope, q_rope, c_kv, k_rope, &self.w_uk, &self.w_uv];
+        if tensors.iter().any(|t| t.track_op() || t.dtype() != q_nope.dtype()) {
+            return Ok(None);
+        }
+        match q_nope.dtype() {
+            DType::BF16 => self.expanded_in::<half::bf16>(q_nope, q_rope, c_kv, k_rope),
+            DType::F32 => self.expanded_in::<f32>(q_nope, q_rope, c_kv, k_rope),
+            _ => Ok(None),
+        }
+    }
+
+    /// [`Mla::expanded_fast`] in `E`, the dtype of every tensor given and of `W_UK`, `W_UV`.
+    fn expanded_in<E: AttnElem + Element>(
         &self,
         q_nope: &Tensor,
         q_rope: &Tensor,
@@ -300,24 +316,21 @@ impl Mla {
         k_rope: &Tensor,
     ) -> Result<Option<Tensor>> {
         let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
-        let tensors = [q_nope, q_rope, c_kv, k_rope, &self.w_uk, &self.w_uv];
-        if tensors.iter().any(|t| t.dtype() != DType::BF16 || t.track_op()) {
-            return Ok(None);
-        }
         let (t, s, d_qk) = (q_nope.dim(1)?, c_kv.dim(0)?, d_n + d_r);
         // k_nope (S, H d_n) = c_kv W_UKᵀ and vᵀ (H d_v, S) = W_UV c_kvᵀ, as kv_b_proj's output.
         let products = with_stored(c_kv, |c| {
             with_stored(&self.w_uk, |wk| {
-                with_stored(&self.w_uv, |wv| match (c, wk, wv) {
-                    (Stored::Bf16(c), Stored::Bf16(wk), Stored::Bf16(wv)) => {
-                        Some((gemm_bf16(c, wk, s, d_c, h * d_n)?, gemm_bf16(wv, c, h * d_v, d_c, s)?))
+                with_stored(&self.w_uv, |wv| {
+                    let (c, wk, wv) = (E::of(c)?, E::of(wk)?, E::of(wv)?);
+                    if c.len() != s * d_c || wk.len() != h * d_n * d_c || wv.len() != h * d_v * d_c {
+                        return None;
                     }
-                    _ => None,
+                    Some((E::gemm(c, wk, s, d_c, h * d_n)?, E::gemm(wv, c, h * d_v, d_c, s)?))
                 })
             })
         });
         let Some(Some(Some(Some((k_nope, v_t))))) = products else { return Ok(None) };
-        let rows = |x: &Tensor| -> Result<Vec<half::bf16>> { Ok(x.flatten_all()?.to_vec1()?) };
+        let rows = |x: &Tensor| -> Result<Vec<E>> { Ok(x.flatten_all()?.to_vec1()?) };
         let (q_nope, q_rope, k_rope) = (rows(q_nope)?, rows(q_rope)?, rows(k_rope)?);
         let mut q = Vec::with_capacity(h * t * d_qk); // (H, T, d_qk)
         for (n, r) in q_nope.chunks(d_n).zip(q_rope.chunks(d_r)) {
@@ -328,13 +341,13 @@ impl Mla {
         for head in 0..h {
             for (j, r) in k_rope.chunks(d_r).enumerate() {
                 let n = &k_nope[(j * h + head) * d_n..(j * h + head + 1) * d_n];
-                k.extend(n.iter().map(|&v| bf16_round(v)));
+                k.extend(n.iter().map(|&v| E::from_f32(v)));
                 k.extend_from_slice(r);
             }
         }
-        let v_t: Vec<half::bf16> = v_t.iter().map(|&v| bf16_round(v)).collect(); // (H, d_v, S)
+        let v_t: Vec<E> = v_t.iter().map(|&v| E::from_f32(v)).collect(); // (H, d_v, S)
         let shape = PrefillShape { heads: h, t, s, d_qk, d_v };
-        let Some(out) = prefill_attention_bf16(&q, &k, &v_t, shape, self.scale as f32) else { return Ok(None) };
+        let Some(out) = prefill_attention(&q, &k, &v_t, shape, self.scale as f32) else { return Ok(None) };
         Ok(Some(Tensor::from_vec(out, (t, h * d_v), c_kv.device())?))
     }
 
@@ -594,6 +607,29 @@ impl Mla {
             None => scores,
         };
         Ok(softmax_last_dim(&scores)?.to_dtype(dtype)?)
+    }
+}
+
+/// An element type [`Mla::expanded_fast`] reads from a stored tensor.
+trait Element: candle_core::WithDType {
+    fn of(stored: Stored<'_>) -> Option<&[Self]>;
+}
+
+impl Element for half::bf16 {
+    fn of(stored: Stored<'_>) -> Option<&[half::bf16]> {
+        match stored {
+            Stored::Bf16(v) => Some(v),
+            Stored::F32(_) => None,
+        }
+    }
+}
+
+impl Element for f32 {
+    fn of(stored: Stored<'_>) -> Option<&[f32]> {
+        match stored {
+            Stored::F32(v) => Some(v),
+            Stored::Bf16(_) => None,
+        }
     }
 }
 
