@@ -716,16 +716,24 @@ pub(crate) mod vnni {
                             });
                             for (i, a) in a.iter_mut().enumerate() {
                                 let p = _mm512_loadu_si512(p_codes(b, ti, h0 + i).cast());
-                                for (a, &c) in a.iter_mut().zip(&c).take(n) {
+                                // All SUM_WORDS words even in a partial block (its last word
+                                // repeated, the repeats dropped below): a loop of fixed length
+                                // keeps the block in registers, where one of `n` spilled it.
+                                for (a, &c) in a.iter_mut().zip(&c) {
                                     *a = _mm512_dpbusd_epi32(*a, p, c);
                                 }
                             }
                         }
                         for (i, a) in a.iter().enumerate() {
                             let sigma = _mm512_set1_ps(scratch.scales[(h0 + i) * lb + b]);
-                            for (k, &a) in a.iter().enumerate().take(n) {
-                                let o = part.o[((w + k) * hp + h0 + i) * 16..].as_mut_ptr();
-                                _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sigma, _mm512_loadu_ps(o)));
+                            for (k, &a) in a.iter().enumerate() {
+                                if k < n {
+                                    let o = part.o[((w + k) * hp + h0 + i) * 16..].as_mut_ptr();
+                                    _mm512_storeu_ps(
+                                        o,
+                                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sigma, _mm512_loadu_ps(o)),
+                                    );
+                                }
                             }
                         }
                         w += n;
