@@ -77,10 +77,15 @@ fn bf16_compute_matches_transformers_in_bf16() {
             // In the V2 fixtures bf16 moves the logits well away from f32: latent's bf16 must
             // follow transformers' bf16 there, not merely land near both. (tiny-v3's bf16 and f32
             // logits are too close to tell apart this way.)
+            // Where the prefill attention runs latent's bf16 kernel (AVX-512 BF16), which rounds as
+            // transformers does, closer still (measured 0.18 to 0.19 of it; 0.30 when its scores and
+            // silu were rounded as candle's ops round them).
+            let fused = path == AttentionPath::Expanded && latent::kernels::mla_decode::rounds_queries::<half::bf16>();
             if name != "tiny-v3" {
                 let (ours, theirs) = (mean_abs(&logits, &want), mean_abs(&want, f32_reference));
+                let bound = if fused { 0.25 } else { 0.5 };
                 assert!(
-                    ours < 0.5 * theirs,
+                    ours < bound * theirs,
                     "{name} {path:?}: {ours} from transformers' bf16, which is {theirs} from f32"
                 );
             }

@@ -466,7 +466,13 @@ impl Mlp {
             let hidden = y[0].len();
             return Ok(Tensor::from_vec(y.swap_remove(0), (1, hidden), x.device())?.to_dtype(x.dtype())?);
         }
-        let gate = self.gate_proj.forward(x)?.silu()?; // (T, inter)
+        let gate = self.gate_proj.forward(x)?; // (T, inter)
+                                               // silu in f32 and rounded once, as torch computes it for bf16 and f16 tensors (candle's own
+                                               // bf16 silu rounds the exponential, the sum and the quotient apart).
+        let gate = match gate.dtype() {
+            DType::BF16 | DType::F16 => gate.to_dtype(DType::F32)?.silu()?.to_dtype(gate.dtype())?,
+            _ => gate.silu()?,
+        };
         let up = self.up_proj.forward(x)?; // (T, inter)
         self.down_proj.forward(&(gate * up)?)
     }
@@ -519,8 +525,8 @@ impl Mlp {
         while hidden.len() < n {
             hidden.push(TokenInput::default());
         }
-        // silu(gate) · up, with candle's roundings where the model is bf16 or f16: each output,
-        // the exponential, the sum and the quotient of silu, and the product.
+        // silu(gate) · up, rounded where [`Mlp::forward`] rounds in a bf16 or f16 model: each
+        // product, silu (computed in f32), and their product.
         let round = |v: f32| round_one(dtype, v);
         for (i, h) in hidden.iter_mut().enumerate().take(n) {
             let (g, u) = (firsts.get(2 * i), firsts.get(2 * i + 1));
@@ -528,7 +534,7 @@ impl Mlp {
             x.clear();
             x.extend(g.iter().zip(u).map(|(&g, &u)| {
                 let (g, u) = (round(g), round(u));
-                round(round(g / round(1.0 + round((-g).exp()))) * u)
+                round(round(g / (1.0 + (-g).exp())) * u)
             }));
             h.requantize([mlp(i).down_proj.act_group()]);
         }
