@@ -14,9 +14,9 @@ use std::time::Instant;
 
 use latent::kernels::gemm::{gemm_bf16, gemm_quant};
 use latent::kernels::kquant::{quantize_q4_k, BlockQ5_0, BlockQ6K};
-use latent::kernels::latent_int8::{mla_decode_int8, Int8Rows};
+use latent::kernels::latent_int8::{mla_decode_int8_into, Int8Rows, Int8Scratch};
 use latent::kernels::matvec::weighted_rows;
-use latent::kernels::mla_decode::{mla_decode, MlaShape};
+use latent::kernels::mla_decode::{mla_decode_into, MlaScratch, MlaShape};
 use latent::kernels::peak::dot_peaks;
 use latent::kernels::quant::{quantize_q8_0, QuantMatrix};
 
@@ -104,14 +104,18 @@ fn mla(len: usize) {
     let (c32, r32) = (values(len * d_c, 3), values(len * d_r, 4));
     let (c_kv, k_rope) = (bf(&c32), bf(&r32));
     let p = values(heads * len, 5);
-    let step = median(50, || drop(std::hint::black_box(mla_decode(&q_lat, &q_rope, &c_kv, &k_rope, shape, 0.1))));
-    let step32 = median(50, || drop(std::hint::black_box(mla_decode(&q_lat, &q_rope, &c32, &r32, shape, 0.1))));
+    // As the decode step calls them: into one output, with scratch kept from call to call.
+    let mut out = vec![0f32; heads * d_c];
+    let mut scratch = MlaScratch::default();
+    let step = median(50, || mla_decode_into(&q_lat, &q_rope, &c_kv, &k_rope, shape, 0.1, &mut scratch, &mut out));
+    let step32 = median(50, || mla_decode_into(&q_lat, &q_rope, &c32, &r32, shape, 0.1, &mut scratch, &mut out));
     let sum = median(50, || drop(std::hint::black_box(weighted_rows(&p, &c_kv, heads, len, d_c))));
     let mut rows = Int8Rows::new(d_c, d_r).expect("V2's latent sizes are whole words");
     for (c, r) in c32.chunks_exact(d_c).zip(r32.chunks_exact(d_r)) {
         rows.push(c, r);
     }
-    let step8 = median(50, || drop(std::hint::black_box(mla_decode_int8(&q_lat, &q_rope, &rows, heads, 0.1))));
+    let mut scratch8 = Int8Scratch::default();
+    let step8 = median(50, || mla_decode_int8_into(&q_lat, &q_rope, &rows, heads, 0.1, &mut scratch8, &mut out));
     let macs = (heads * len * d_c) as f64;
     println!(
         "MLA decode step over {len} tokens: {:.3} ms with a bf16 cache, {:.3} ms with int8, {:.3} ms with f32 \
