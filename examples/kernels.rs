@@ -5,7 +5,8 @@
 //! in Q8_0, Q4_K, Q6_K and Q5_0, as rows and as tiles of 16 rows, and prints the median time and
 //! the GB/s of blocks read. Small matrices stay in cache, so they measure the kernels' compute,
 //! and large ones memory. Then it times one absorbed MLA decode step (16 heads, 512 + 64 latent)
-//! at 4096 and 16384 cached tokens, over a bf16, an int8 and an f32 cache, and the prefill product of 48
+//! at 4096 and 16384 cached tokens, over a bf16, an int8 and an f32 cache (6 layers' caches read in turn,
+//! each from memory as in a model), and the prefill product of 48
 //! and 512 activation rows in each format: the bf16 GEMM of dequantized rows against the tiles'
 //! 8-bit product. `--gemm` times only the bf16 GEMM of a bf16 model's prefill at its shapes, as
 //! a share of the measured peak of `vdpbf16ps`.
@@ -93,32 +94,56 @@ fn gemm_shapes() {
     }
 }
 
+/// Caches the MLA step is timed over in turn, as a model's layers read theirs: each comes from
+/// memory, not from a cache that a repeated call over one layer's rows would leave in L3.
+const LAYERS: usize = 6;
+
 fn mla(len: usize) {
     let (heads, d_c, d_r) = (16, 512, 64);
     let shape = MlaShape { heads, d_c, d_r, len };
     let values = |n: usize, seed: u64| -> Vec<f32> {
-        (0..n).map(|i| ((i as u64 * 2654435761 + seed) % 1000) as f32 / 1000.0 - 0.5).collect()
+        (0..n).map(|i| ((i as u64 * 2654435761 + seed * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()
     };
     let bf = |v: &[f32]| -> Vec<half::bf16> { v.iter().map(|&x| half::bf16::from_f32(x)).collect() };
     let (q_lat, q_rope) = (values(heads * d_c, 1), values(heads * d_r, 2));
-    let (c32, r32) = (values(len * d_c, 3), values(len * d_r, 4));
-    let (c_kv, k_rope) = (bf(&c32), bf(&r32));
+    let layers: Vec<(Vec<f32>, Vec<f32>)> =
+        (0..LAYERS as u64).map(|l| (values(len * d_c, 3 + l), values(len * d_r, 40 + l))).collect();
+    let bf_layers: Vec<_> = layers.iter().map(|(c, r)| (bf(c), bf(r))).collect();
     let p = values(heads * len, 5);
-    // As the decode step calls them: into one output, with scratch kept from call to call.
+    // As the decode step calls them: into one output, with scratch kept from call to call; the
+    // median over steps of one layer each, the layers in turn.
     let mut out = vec![0f32; heads * d_c];
     let mut scratch = MlaScratch::default();
-    let step = median(50, || mla_decode_into(&q_lat, &q_rope, &c_kv, &k_rope, shape, 0.1, &mut scratch, &mut out));
-    let step32 = median(50, || mla_decode_into(&q_lat, &q_rope, &c32, &r32, shape, 0.1, &mut scratch, &mut out));
-    let sum = median(50, || drop(std::hint::black_box(weighted_rows(&p, &c_kv, heads, len, d_c))));
-    let mut rows = Int8Rows::new(d_c, d_r).expect("V2's latent sizes are whole words");
-    for (c, r) in c32.chunks_exact(d_c).zip(r32.chunks_exact(d_r)) {
-        rows.push(c, r);
-    }
+    let mut layer = 0;
+    let mut turn = || {
+        layer = (layer + 1) % LAYERS;
+        layer
+    };
+    let step = median(60, || {
+        let (c_kv, k_rope) = &bf_layers[turn()];
+        mla_decode_into(&q_lat, &q_rope, c_kv, k_rope, shape, 0.1, &mut scratch, &mut out)
+    });
+    let step32 = median(24, || {
+        let (c32, r32) = &layers[turn()];
+        mla_decode_into(&q_lat, &q_rope, c32, r32, shape, 0.1, &mut scratch, &mut out)
+    });
+    let sum = median(24, || drop(std::hint::black_box(weighted_rows(&p, &bf_layers[turn()].0, heads, len, d_c))));
+    let int8: Vec<Int8Rows> = layers
+        .iter()
+        .map(|(c32, r32)| {
+            let mut rows = Int8Rows::new(d_c, d_r).expect("V2's latent sizes are whole words");
+            for (c, r) in c32.chunks_exact(d_c).zip(r32.chunks_exact(d_r)) {
+                rows.push(c, r);
+            }
+            rows
+        })
+        .collect();
     let mut scratch8 = Int8Scratch::default();
-    let step8 = median(50, || mla_decode_int8_into(&q_lat, &q_rope, &rows, heads, 0.1, &mut scratch8, &mut out));
+    let step8 =
+        median(60, || mla_decode_int8_into(&q_lat, &q_rope, &int8[turn()], heads, 0.1, &mut scratch8, &mut out));
     let macs = (heads * len * d_c) as f64;
     println!(
-        "MLA decode step over {len} tokens: {:.3} ms with a bf16 cache, {:.3} ms with int8, {:.3} ms with f32 \
+        "MLA decode step over {len} tokens (one of {LAYERS} layers' caches in turn): {:.3} ms with a bf16 cache, {:.3} ms with int8, {:.3} ms with f32 \
          (the unfused weighted sum of bf16 latents alone {:.3} ms, {:.1} GMAC/s)",
         step * 1e3,
         step8 * 1e3,

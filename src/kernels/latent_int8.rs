@@ -484,7 +484,7 @@ pub(crate) mod vnni {
 
     use super::{share_factors, Int8Rows, Query, MAX_SHARES, RUN_TILES, TILE_ROWS};
     use crate::kernels::rows::exp;
-    use crate::kernels::{reserve_to, reset};
+    use crate::kernels::{reserve_to, reset, Prefetch};
 
     /// Heads per register block of the weighted sum (queries are padded to a multiple).
     pub const HEADS: usize = super::QUERY_HEADS;
@@ -556,11 +556,14 @@ pub(crate) mod vnni {
             scratch.p.resize(hp * RUN_TILES * TILE_ROWS, 0.0);
             scratch.codes.resize(hp * rows.latent_blocks() * RUN_TILES * 64, 0);
             scratch.scales.resize(hp * rows.latent_blocks(), 0.0);
-            for run in runs * k / n..runs * (k + 1) / n {
-                let run_tiles = run * RUN_TILES..((run + 1) * RUN_TILES).min(tiles);
+            let mine = runs * k / n..runs * (k + 1) / n;
+            let tiles_of = |run: usize| (run * RUN_TILES).min(tiles)..((run + 1) * RUN_TILES).min(tiles);
+            for run in mine.clone() {
+                // The share's next run, fetched while this one is summed.
+                let next = if run + 1 < mine.end { tiles_of(run + 1) } else { tiles..tiles };
                 // SAFETY: `decode` is only called where `Simd::detect` found AVX-512 VNNI
                 // (with F, BW); the tiles lie inside `rows`.
-                unsafe { absorb_run(q, rows, hp, scale, run_tiles, part, scratch) };
+                unsafe { absorb_run(q, rows, hp, scale, (tiles_of(run), next), part, scratch) };
             }
         });
         // Merged head by head in parallel: each share's sums rescaled to the common maximum, the
@@ -594,11 +597,18 @@ pub(crate) mod vnni {
         rows: &Int8Rows,
         hp: usize,
         scale: f32,
-        tiles: std::ops::Range<usize>,
+        (tiles, next): (std::ops::Range<usize>, std::ops::Range<usize>),
         part: &mut Partial,
         scratch: &mut Scratch,
     ) {
         let (words, blocks, lb, lw) = (rows.words(), rows.blocks(), rows.latent_blocks(), rows.d_c / 4);
+        // The next run's tiles, fetched into L2 while this run's weighted sum computes from
+        // cache, one slice per register block of words (see `Prefetch`).
+        let spans = [
+            Prefetch::span(&rows.codes[next.start * words * 64..next.end * words * 64]),
+            Prefetch::span(&rows.scales[next.start * blocks * TILE_ROWS..next.end * blocks * TILE_ROWS]),
+        ];
+        let mut ahead = Prefetch::new(spans, lw.div_ceil(SUM_WORDS) * (hp / SUM_HEADS));
         let n = ((tiles.end * TILE_ROWS).min(rows.len) - tiles.start * TILE_ROWS).min(tiles.len() * TILE_ROWS);
         let run = RUN_TILES * TILE_ROWS;
         assert!(
@@ -708,6 +718,7 @@ pub(crate) mod vnni {
                     while w < values.end / 4 {
                         // Words in register blocks of SUM_WORDS; a partial block's last words alone.
                         let n = if values.end / 4 - w >= SUM_WORDS { SUM_WORDS } else { 1 };
+                        ahead.tick();
                         let mut a = [[_mm512_setzero_si512(); SUM_WORDS]; SUM_HEADS];
                         for (ti, t) in tiles.clone().enumerate() {
                             let c: [__m512i; SUM_WORDS] = std::array::from_fn(|k| {

@@ -111,13 +111,14 @@ pub fn mla_decode_into<W: Load16>(
 #[cfg(target_arch = "x86_64")]
 mod fused {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     use half::bf16;
     use rayon::prelude::*;
 
     use super::MlaShape;
     use crate::kernels::rows::exp;
-    use crate::kernels::{reduce16, reserve_to, reset};
+    use crate::kernels::{reduce16, reserve_to, reset, Prefetch};
 
     /// Cached rows per step of the online softmax: their scores, probabilities and latents stay
     /// in the core's caches between the two products.
@@ -210,11 +211,14 @@ mod fused {
             reset(&mut part.o, hp * dp, 0.0);
             scratch.p.resize(hp * RUN, 0.0);
             scratch.pairs.resize(hp * RUN / 2, 0);
-            for run in runs * k / n..runs * (k + 1) / n {
-                let rows = run * RUN..((run + 1) * RUN).min(len);
+            let mine = runs * k / n..runs * (k + 1) / n;
+            let rows_of = |run: usize| (run * RUN).min(len)..((run + 1) * RUN).min(len);
+            for run in mine.clone() {
+                // The share's next run, fetched while this one is summed.
+                let next = if run + 1 < mine.end { rows_of(run + 1) } else { len..len };
                 // SAFETY: `has_avx512_bf16` was checked above; the shapes were checked
                 // against the slices, and `rows` lies inside the cache.
-                unsafe { absorb_run(&step, rows, part, scratch) };
+                unsafe { absorb_run(&step, rows_of(run), next, part, scratch) };
             }
         });
         let parts = &shares[..n];
@@ -262,11 +266,22 @@ mod fused {
     /// # Safety
     /// AVX-512 F/BW/BF16; the slices as [`mla_decode_bf16`] checked them, `rows` inside `0..len`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn absorb_run(step: &Step<'_>, rows: std::ops::Range<usize>, part: &mut Partial, scratch: &mut Scratch) {
+    unsafe fn absorb_run(
+        step: &Step<'_>,
+        rows: Range<usize>,
+        next: Range<usize>,
+        part: &mut Partial,
+        scratch: &mut Scratch,
+    ) {
         let Step { q_lat, q_rope, c_kv, k_rope, shape, scale } = *step;
         let MlaShape { heads, d_c, d_r, .. } = shape;
         let (hp, dp) = padded(shape);
         let (s0, n) = (rows.start, rows.len());
+        // The share's next run, fetched into L2 while this one's weighted sum computes from
+        // cache: its scores would otherwise wait on memory, since a model reads each layer's
+        // cache once per token (the prefetch one tile ahead below does not cover that latency).
+        let rows_of = |v: &[bf16], d: usize| Prefetch::span(&v[next.start * d..next.end * d]);
+        let mut ahead = Prefetch::new([rows_of(c_kv, d_c), rows_of(k_rope, d_r)], d_c.div_ceil(COLS) * (hp / TILE));
         // SAFETY (whole body): every row index is clamped into `rows` and every head index into
         // `0..heads`, so loads stay inside the slices (a partial step loads with a mask); stores
         // go to `part` and `scratch`, sized for `hp` heads, `dp` latents and `RUN` rows.
@@ -334,6 +349,7 @@ mod fused {
             for c0 in (0..d_c).step_by(COLS) {
                 let width = (d_c - c0).min(COLS);
                 for h0 in (0..hp).step_by(TILE) {
+                    ahead.tick();
                     let base = part.o.as_mut_ptr();
                     let at = |i: usize, k: usize| base.add((h0 + i) * dp + c0 + 16 * k);
                     let mut acc: [[__m512; 4]; TILE] =

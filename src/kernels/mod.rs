@@ -254,6 +254,51 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+/// Prefetches byte ranges into L2 a slice at a time, spread over the iterations of a loop that
+/// computes from cache: so that the next piece of work finds its data there instead of waiting
+/// on memory. The decode attention kernels fetch a run's cached rows this way while they sum the
+/// run before it.
+pub(crate) struct Prefetch {
+    /// Start and length in bytes: addresses only, never read through (a prefetch of any
+    /// address is harmless), so no borrow is held.
+    spans: [(*const u8, usize); 2],
+    at: usize,
+    per_tick: usize,
+}
+
+impl Prefetch {
+    /// Two spans ([`Prefetch::span`]) laid end to end, over `ticks` calls of [`Prefetch::tick`].
+    pub(crate) fn new(spans: [(*const u8, usize); 2], ticks: usize) -> Self {
+        let total: usize = spans.iter().map(|s| s.1).sum();
+        Prefetch { spans, at: 0, per_tick: total.div_ceil(ticks.max(1)).next_multiple_of(64) }
+    }
+
+    /// Where `v` lies in memory, as a span for [`Prefetch::new`].
+    pub(crate) fn span<T>(v: &[T]) -> (*const u8, usize) {
+        (v.as_ptr().cast(), std::mem::size_of_val(v))
+    }
+
+    /// Prefetches the next slice, a cache line at a time.
+    #[inline(always)]
+    pub(crate) fn tick(&mut self) {
+        let (to, mut start) = (self.at + self.per_tick, 0);
+        for (p, len) in self.spans {
+            let (lo, hi) = (self.at.max(start), to.min(start + len));
+            for _a in (lo..hi).step_by(64) {
+                // SAFETY: a prefetch is a hint: it reads nothing into the program and never
+                // faults, whatever the address (this one lies inside the span anyway).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(_a - start).cast())
+                };
+            }
+            start += len;
+        }
+        self.at = to;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
