@@ -32,11 +32,13 @@ pub struct BenchConfig {
     pub decode_tokens: usize,
     /// Runs per figure (the median is kept).
     pub repeats: usize,
+    /// How the cache stores rows (`None`: [`Model::cache_kind`]).
+    pub cache_kind: Option<CacheKind>,
 }
 
 impl Default for BenchConfig {
     fn default() -> Self {
-        BenchConfig { prompt_len: 512, depths: vec![0, 4096, 16384], decode_tokens: 32, repeats: 3 }
+        BenchConfig { prompt_len: 512, depths: vec![0, 4096, 16384], decode_tokens: 32, repeats: 3, cache_kind: None }
     }
 }
 
@@ -71,9 +73,9 @@ pub struct BenchReport {
 }
 
 /// The measured peak of the instruction `model`'s decode attention multiplies with, over a new cache.
-fn attention_peak(model: &Model) -> Option<f64> {
+fn attention_peak(kind: CacheKind) -> Option<f64> {
     use crate::kernels::{mla_decode::rounds_queries, peak::dot_peaks, Simd};
-    match model.cache_kind() {
+    match kind {
         CacheKind::Int8 if Simd::detect() == Simd::Avx512Vnni => dot_peaks().int8_gmac_s,
         CacheKind::Dense(candle_core::DType::BF16) if rounds_queries::<half::bf16>() => dot_peaks().bf16_gmac_s,
         _ => None,
@@ -92,8 +94,9 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
         )));
     }
     let repeats = config.repeats.max(1);
+    let kind = config.cache_kind.unwrap_or(model.cache_kind());
     let prompt = random_tokens(config.prompt_len, cfg.vocab_size, 0x5eed);
-    let prefill = median((0..repeats).map(|_| time_prefill(model, &prompt)).collect::<Result<Vec<_>>>()?);
+    let prefill = median((0..repeats).map(|_| time_prefill(model, kind, &prompt)).collect::<Result<Vec<_>>>()?);
 
     let dtype_bytes = model.dtype().size_in_bytes();
     let counts = param_counts(cfg);
@@ -101,20 +104,21 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
     // are the active parameters at the model's average bytes per parameter.
     let weight_bytes = model.weight_bytes();
     let bytes_per_param = weight_bytes as f64 / counts.total.max(1) as f64;
-    let cache = model.new_cache()?;
+    let cache = model.new_cache_of(kind)?;
     let kv_bytes_per_token = cache.bytes_per_token();
     let active_bytes = (counts.active as f64 * bytes_per_param) as usize + cfg.hidden_size * dtype_bytes;
     let bandwidth = memory_bandwidth_gb_s();
 
     // (Only where a depth has a cache to attend over.)
-    let peak = if deepest > 0 { attention_peak(model) } else { None };
+    let peak = if deepest > 0 { attention_peak(kind) } else { None };
     let macs_per_row =
         (cfg.num_hidden_layers * cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)) as u64;
 
     let (mut decode, mut bytes, mut share) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     let (mut macs, mut share_with_attention) = (BTreeMap::new(), BTreeMap::new());
     for &depth in &config.depths {
-        let runs = (0..repeats).map(|_| time_decode(model, depth, config.decode_tokens)).collect::<Result<Vec<_>>>()?;
+        let runs =
+            (0..repeats).map(|_| time_decode(model, kind, depth, config.decode_tokens)).collect::<Result<Vec<_>>>()?;
         let tok_s = median(runs);
         // The cache as it stands halfway through the timed tokens.
         let rows = depth + config.decode_tokens / 2;
@@ -148,16 +152,16 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
     })
 }
 
-fn time_prefill(model: &Model, prompt: &[u32]) -> Result<f64> {
-    let mut cache = model.new_cache()?;
+fn time_prefill(model: &Model, kind: CacheKind, prompt: &[u32]) -> Result<f64> {
+    let mut cache = model.new_cache_of(kind)?;
     let start = Instant::now();
     model.forward(prompt, &mut cache, AttentionPath::Expanded, LogitRows::Last)?;
     Ok(prompt.len() as f64 / start.elapsed().as_secs_f64())
 }
 
-fn time_decode(model: &Model, depth: usize, n_tokens: usize) -> Result<f64> {
+fn time_decode(model: &Model, kind: CacheKind, depth: usize, n_tokens: usize) -> Result<f64> {
     let cfg = model.config();
-    let mut cache = model.new_cache()?;
+    let mut cache = model.new_cache_of(kind)?;
     // Steady-state decode: the cache does not grow (and copy its rows) while being timed.
     cache.reserve(depth + n_tokens)?;
     if depth > 0 {

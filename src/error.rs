@@ -29,14 +29,51 @@ pub enum Error {
     PromptTooLong { n_tokens: usize, max: usize },
     #[error("{0}")]
     InvalidArgument(String),
+    /// A failure of latent itself, not of what it was given (a kernel met a layout it does not
+    /// take, a tensor op failed).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+}
+
+/// Whose fault an [`Error`] is: what a server answers it with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request: a bad parameter or token, a prompt longer than the context (HTTP 400).
+    Request,
+    /// The files a model or tokenizer was loaded from, or a file a command was given.
+    Input,
+    /// latent itself (HTTP 500).
+    Internal,
 }
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whose fault this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidArgument(_) | Error::PromptTooLong { .. } | Error::Template(_) => ErrorKind::Request,
+            Error::Internal(_) | Error::Tensor(_) => ErrorKind::Internal,
+            Error::Io { .. }
+            | Error::Config { .. }
+            | Error::Safetensors { .. }
+            | Error::MissingTensor { .. }
+            | Error::TensorShape { .. }
+            | Error::TensorDtype { .. }
+            | Error::DuplicateTensor { .. }
+            | Error::Gguf { .. }
+            | Error::Tokenizer { .. } => ErrorKind::Input,
+        }
+    }
+
+    /// A failure of latent itself ([`ErrorKind::Internal`]).
+    pub fn internal(reason: impl Into<String>) -> Self {
+        Error::Internal(reason.into())
+    }
+
     /// An I/O error on `path`.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io { path: path.to_path_buf(), err: source }

@@ -134,11 +134,23 @@ pub struct ChatSession<'m> {
 impl<'m> ChatSession<'m> {
     /// A conversation, opened by `system` if given.
     pub fn new(model: &'m Model, tokenizer: &'m Tokenizer, system: Option<&str>) -> Result<ChatSession<'m>> {
+        ChatSession::with_cache(model, tokenizer, system, model.new_cache()?)
+    }
+
+    /// [`ChatSession::new`] keeping the conversation in `cache` (empty; of the kind the caller
+    /// chose, e.g. [`crate::cache::CacheKind::Int8`]).
+    pub fn with_cache(
+        model: &'m Model,
+        tokenizer: &'m Tokenizer,
+        system: Option<&str>,
+        mut cache: LatentCache,
+    ) -> Result<ChatSession<'m>> {
+        cache.clear();
         if !tokenizer.has_chat_template() {
             return Err(Error::Template("tokenizer_config.json has no `chat_template`; use `generate` instead".into()));
         }
         let messages = system.map(|s| vec![Message::new("system", s)]).unwrap_or_default();
-        Ok(ChatSession { model, tokenizer, messages, cache: model.new_cache()?, cached: Vec::new() })
+        Ok(ChatSession { model, tokenizer, messages, cache, cached: Vec::new() })
     }
 
     /// The messages so far.

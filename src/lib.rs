@@ -24,8 +24,8 @@ pub mod weights;
 
 pub use cache::LatentCache;
 pub use config::Config;
-pub use error::{Error, Result};
-pub use model::{AttentionPath, LogitRows, Model, Workspace};
+pub use error::{Error, ErrorKind, Result};
+pub use model::{AttentionPath, LogitRows, Model, Span, Workspace};
 pub mod generate;
 pub mod inspect;
 pub mod kernels;

@@ -10,9 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use latent::bench::{self, BenchConfig};
+use latent::cache::CacheKind;
 use latent::generate::{generate, ChatSession, Generation, Request, StopReason};
 use latent::inspect::{bytes as bytes_str, Report};
-use latent::perplexity::perplexity;
+use latent::model::DEFAULT_PREFILL_CHUNK;
+use latent::perplexity::perplexity_with;
 use latent::weights::Weights;
 use latent::{Config, Model, SamplingParams, Tokenizer};
 
@@ -382,6 +384,17 @@ fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
+/// The kind of latent cache `--kv-cache` asks of `model` (checked against its sizes).
+fn cache_kind(args: &ModelArgs, model: &Model) -> Result<CacheKind> {
+    match args.kv_cache {
+        KvCacheArg::Int8 => {
+            model.new_cache_of(CacheKind::Int8).context("--kv-cache int8")?;
+            Ok(CacheKind::Int8)
+        }
+        _ => Ok(model.cache_kind()),
+    }
+}
+
 fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
     let dir = model_dir(args)?;
     let start = Instant::now();
@@ -396,10 +409,8 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
         bar.set_position(done as u64);
     });
     bar.finish_and_clear();
-    let (mut model, report) = loaded.with_context(|| format!("loading the model in {}", dir.display()))?;
-    if args.kv_cache == KvCacheArg::Int8 {
-        model.set_int8_cache(true).context("--kv-cache int8")?;
-    }
+    let (model, report) = loaded.with_context(|| format!("loading the model in {}", dir.display()))?;
+    cache_kind(args, &model)?;
     let tokenizer = if latent::weights::gguf::is_gguf(&dir) {
         let file = latent::weights::gguf::GgufFile::open(&dir)?;
         latent::weights::gguf_model::tokenizer(&file)
@@ -493,7 +504,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let request = request(&args.sampling)?;
     let (model, tokenizer) = load(&args.model)?;
     let ids = tokenizer.encode(&prompt)?;
-    let mut cache = model.new_cache()?;
+    let mut cache = model.new_cache_of(cache_kind(&args.model, &model)?)?;
     let generation = generate(&model, &tokenizer, &mut cache, &ids, &request, print_piece)?;
     report_speed(&generation);
     Ok(())
@@ -502,7 +513,8 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 fn run_chat(args: ChatArgs) -> Result<()> {
     let request = request(&args.sampling)?;
     let (model, tokenizer) = load(&args.model)?;
-    let mut session = ChatSession::new(&model, &tokenizer, args.system.as_deref())?;
+    let cache = model.new_cache_of(cache_kind(&args.model, &model)?)?;
+    let mut session = ChatSession::with_cache(&model, &tokenizer, args.system.as_deref(), cache)?;
     eprintln!("latent: chat; an empty line or end of input quits");
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -534,7 +546,8 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} tokens  {per_sec}  ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let result = perplexity(&model, &tokens, context, |done, total| {
+    let kind = cache_kind(&args.model, &model)?;
+    let result = perplexity_with(&model, &tokens, context, kind, DEFAULT_PREFILL_CHUNK, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -554,6 +567,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         depths: args.depths,
         decode_tokens: args.decode_tokens,
         repeats: args.repeats,
+        cache_kind: Some(cache_kind(&args.model, &model)?),
     };
     let report = bench::run(&model, &config)?;
     if args.json {

@@ -4,8 +4,9 @@
 
 use serde::Serialize;
 
+use crate::cache::CacheKind;
 use crate::error::{Error, Result};
-use crate::model::{AttentionPath, LogitRows, Model};
+use crate::model::{AttentionPath, LogitRows, Model, DEFAULT_PREFILL_CHUNK};
 
 /// Mean negative log-likelihood (nats) over `tokens` predictions, and `exp(nll)`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -20,6 +21,19 @@ pub fn perplexity(
     model: &Model,
     tokens: &[u32],
     context: usize,
+    progress: impl FnMut(usize, usize),
+) -> Result<Perplexity> {
+    perplexity_with(model, tokens, context, model.cache_kind(), DEFAULT_PREFILL_CHUNK, progress)
+}
+
+/// [`perplexity`] with the latent cache stored as `kind`, running at most `chunk` tokens per
+/// forward pass.
+pub fn perplexity_with(
+    model: &Model,
+    tokens: &[u32],
+    context: usize,
+    kind: CacheKind,
+    chunk: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Perplexity> {
     let max = model.config().max_position_embeddings;
@@ -36,21 +50,22 @@ pub fn perplexity(
         )));
     }
     let total: usize = windows.iter().map(|w| w.len()).sum();
-    let mut cache = model.new_cache()?;
+    let mut cache = model.new_cache_of(kind)?;
     let (mut nll, mut count, mut done) = (0f64, 0usize, 0usize);
     for window in windows {
         cache.clear();
         // Chunk by chunk, so that neither attention scores nor logits grow with the window.
-        for (c, chunk) in window.chunks(model.prefill_chunk()).enumerate() {
-            let start = c * model.prefill_chunk();
-            let logits = model.forward(chunk, &mut cache, AttentionPath::Expanded, LogitRows::All)?;
+        let per = chunk.max(1);
+        for (c, part) in window.chunks(per).enumerate() {
+            let start = c * per;
+            let logits = model.forward_chunked(part, &mut cache, AttentionPath::Expanded, LogitRows::All, per)?;
             for (i, row) in logits.to_vec2::<f32>()?.iter().enumerate() {
                 if let Some(&target) = window.get(start + i + 1) {
                     nll -= log_softmax_at(row, target as usize);
                     count += 1;
                 }
             }
-            done += chunk.len();
+            done += part.len();
             progress(done, total);
         }
     }

@@ -6,6 +6,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device};
+use latent::cache::CacheKind;
 use latent::weights::Quant;
 use latent::{AttentionPath, LogitRows, Model, Workspace};
 
@@ -56,9 +57,9 @@ fn tokens() -> Vec<u32> {
 
 /// Allocations while decoding `MEASURED` tokens after a prompt and `WARM` tokens, by the step
 /// (`step`) or by `forward`.
-fn count(model: &Model, step: bool) -> usize {
+fn count(model: &Model, kind: CacheKind, step: bool) -> usize {
     let tokens = tokens();
-    let mut cache = model.new_cache().unwrap();
+    let mut cache = model.new_cache_of(kind).unwrap();
     cache.reserve(tokens.len()).unwrap();
     model.forward(&tokens[..PROMPT], &mut cache, AttentionPath::Expanded, LogitRows::Last).unwrap();
     let mut ws = Workspace::default();
@@ -82,7 +83,7 @@ fn decode_steps_allocate_nothing_per_token() {
     let load = |name: &str, dtype: DType, quant: Option<Quant>| {
         Model::load_quantized(&dir.join(name), Some(dtype), quant, &Device::Cpu, |_, _| {}).unwrap().0
     };
-    let mut models = vec![
+    let models = vec![
         ("tiny-v3-256 Q4_K", load("tiny-v3-256", DType::F32, Some(Quant::Q4K))),
         ("gguf Q8_0", load("gguf/tiny-v3-256-q8_0.gguf", DType::F32, None)),
         ("tiny-v2 bf16", load("tiny-v2", DType::BF16, None)),
@@ -90,19 +91,54 @@ fn decode_steps_allocate_nothing_per_token() {
     // A bf16 cache is read by the fused kernel where the CPU has AVX-512 BF16; elsewhere by a
     // fallback that allocates. The int8 cache has an allocation-free kernel on every CPU.
     let fused = latent::kernels::mla_decode::rounds_queries::<half::bf16>();
-    for (name, model) in &mut models {
+    for (name, model) in &models {
         for int8 in [false, true] {
-            model.set_int8_cache(int8).unwrap();
-            let tensors = count(model, false);
+            let kind = if int8 { CacheKind::Int8 } else { model.cache_kind() };
+            let tensors = count(model, kind, false);
             assert!(tensors >= 10 * MEASURED, "{name}: the counter sees forward's tensors ({tensors})");
             if int8 || fused {
-                let step = count(model, true);
+                let step = count(model, kind, true);
                 // The thread pool's shared queue takes one block per 63 tasks handed to it.
                 assert!(
                     step <= MEASURED.div_ceil(63) + 1,
                     "{name} (int8 cache: {int8}): {step} allocations in {MEASURED} decode steps"
                 );
+                // Four sequences a step: the step's buffers reach their size for any routing
+                // of the batch on the first step.
+                let batched = count_batched(model, kind, 4);
+                assert!(
+                    batched <= MEASURED.div_ceil(63) + 1,
+                    "{name} (int8 cache: {int8}): {batched} allocations in {MEASURED} steps of 4 sequences"
+                );
             }
         }
     }
+}
+
+/// Allocations while `B` sequences decode `MEASURED` steps together, after `WARM` steps.
+fn count_batched(model: &Model, kind: CacheKind, b: usize) -> usize {
+    let tokens = tokens();
+    let mut caches: Vec<latent::LatentCache> = (0..b).map(|_| model.new_cache_of(kind).unwrap()).collect();
+    for (s, cache) in caches.iter_mut().enumerate() {
+        cache.reserve(tokens.len()).unwrap();
+        model.forward(&tokens[s..s + PROMPT], cache, AttentionPath::Expanded, LogitRows::Last).unwrap();
+    }
+    let mut ws = Workspace::default();
+    let mut step_tokens = vec![0u32; b];
+    let mut refs: Vec<&mut latent::LatentCache> = caches.iter_mut().collect();
+    let mut step = |k: usize, refs: &mut Vec<&mut latent::LatentCache>, ws: &mut Workspace| {
+        for (s, t) in step_tokens.iter_mut().enumerate() {
+            *t = tokens[(PROMPT + k + 7 * s) % tokens.len()];
+        }
+        let logits = model.decode(&step_tokens, refs, ws).unwrap();
+        assert_eq!(logits.len(), step_tokens.len() * model.config().vocab_size);
+    };
+    for k in 0..WARM {
+        step(k, &mut refs, &mut ws);
+    }
+    let before = allocations();
+    for k in WARM..WARM + MEASURED {
+        step(k, &mut refs, &mut ws);
+    }
+    allocations() - before
 }

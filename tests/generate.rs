@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::{assert_close, load_model, Fixture, Tol, MODELS};
 use latent::generate::{generate, ChatSession, Request, StopReason};
-use latent::perplexity::perplexity;
+use latent::perplexity::{perplexity, perplexity_with};
 use latent::tokenizer::Message;
 use latent::{AttentionPath, LogitRows, Model, SamplingParams};
 
@@ -131,17 +131,19 @@ fn the_same_seed_gives_the_same_sampled_text() {
 
 #[test]
 fn chunked_prefill_and_chunked_perplexity_give_the_reference_numbers() {
-    let (fx, mut model, tokenizer) = load_model("tiny-v2");
-    model.set_prefill_chunk(5); // the 12-token prompt runs as 5 + 5 + 2
+    let (fx, model, tokenizer) = load_model("tiny-v2");
+    let chunk = 5; // the 12-token prompt runs as 5 + 5 + 2
     let mut cache = model.new_cache().unwrap();
-    let logits = model.forward(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Expanded, LogitRows::All).unwrap();
+    let tokens = &fx.meta.prompt_tokens;
+    let logits = model.forward_chunked(tokens, &mut cache, AttentionPath::Expanded, LogitRows::All, chunk).unwrap();
     assert_close("chunked logits", &logits, fx.reference("logits"), Tol::F32);
     let mut cache = model.new_cache().unwrap();
-    let last = model.forward(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Expanded, LogitRows::Last).unwrap();
+    let last = model.forward_chunked(tokens, &mut cache, AttentionPath::Expanded, LogitRows::Last, chunk).unwrap();
     assert_close("chunked last row", &last, &fx.reference("logits").narrow(0, 11, 1).unwrap(), Tol::F32);
     let reference = fx.meta.perplexity.as_ref().unwrap();
     let text = std::fs::read_to_string(fx.dir.join(&reference.file)).unwrap();
-    let p = perplexity(&model, &tokenizer.encode(&text).unwrap(), reference.context, |_, _| {}).unwrap();
+    let ids = tokenizer.encode(&text).unwrap();
+    let p = perplexity_with(&model, &ids, reference.context, model.cache_kind(), chunk, |_, _| {}).unwrap();
     assert_eq!(p.tokens, reference.tokens);
     assert!(((p.ppl - reference.ppl) / reference.ppl).abs() < 1e-5, "{} vs {}", p.ppl, reference.ppl);
 }

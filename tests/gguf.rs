@@ -7,6 +7,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+use latent::cache::CacheKind;
 use latent::weights::gguf::GgufFile;
 use latent::weights::{gguf_model, Weights};
 use latent::{AttentionPath, LogitRows, Model};
@@ -20,7 +21,11 @@ fn load(path: &std::path::Path) -> Model {
 }
 
 fn logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
-    let mut cache = m.new_cache().unwrap();
+    logits_in(m, m.cache_kind(), tokens)
+}
+
+fn logits_in(m: &Model, kind: CacheKind, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = m.new_cache_of(kind).unwrap();
     let l = m.forward(tokens, &mut cache, AttentionPath::Absorbed, LogitRows::All).unwrap();
     l.flatten_all().unwrap().to_vec1().unwrap()
 }
@@ -36,10 +41,14 @@ fn prompt() -> Vec<u32> {
 }
 
 fn perplexity(m: &Model) -> f64 {
+    perplexity_in(m, m.cache_kind())
+}
+
+fn perplexity_in(m: &Model, kind: CacheKind) -> f64 {
     let dir = common::fixtures_dir();
     let tok = latent::Tokenizer::load(&dir.join("tiny-v3-256"), None).unwrap();
     let ids = tok.encode(&std::fs::read_to_string(dir.join("ppl.txt")).unwrap()).unwrap();
-    latent::perplexity::perplexity(m, &ids, 64, |_, _| {}).unwrap().ppl
+    latent::perplexity::perplexity_with(m, &ids, 64, kind, 512, |_, _| {}).unwrap().ppl
 }
 
 #[test]
@@ -186,7 +195,11 @@ fn bad_gguf_files_are_refused_with_the_file_named() {
 
 /// Logits of each token fed one at a time (the decode kernels), for comparison with a prefill.
 fn stepwise_logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
-    let mut cache = m.new_cache().unwrap();
+    stepwise_logits_in(m, m.cache_kind(), tokens)
+}
+
+fn stepwise_logits_in(m: &Model, kind: CacheKind, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = m.new_cache_of(kind).unwrap();
     let mut out = vec![];
     for &t in tokens {
         let l = m.forward(&[t], &mut cache, AttentionPath::Absorbed, LogitRows::All).unwrap();
@@ -234,19 +247,19 @@ fn int8_latent_cache_stays_close_to_the_f32_cache() {
     let tokens: Vec<u32> = (0..100u32).map(|i| if i == 0 { 0 } else { 4 + (i * 53 + 7) % 300 }).collect();
     let dir = common::fixtures_dir().join("tiny-v3-256");
     let dense = load(&dir);
-    let mut int8 = load(&dir);
-    int8.set_int8_cache(true).unwrap();
-    assert_eq!(int8.new_cache().unwrap().kind(), latent::cache::CacheKind::Int8);
+    let int8 = load(&dir);
+    let kind = CacheKind::Int8;
+    assert_eq!(int8.new_cache_of(kind).unwrap().kind(), kind);
     let want = logits(&dense, &tokens);
-    let decode = relative_error(&stepwise_logits(&int8, &tokens), &want);
-    let prefill = relative_error(&logits(&int8, &tokens), &want);
+    let decode = relative_error(&stepwise_logits_in(&int8, kind, &tokens), &want);
+    let prefill = relative_error(&logits_in(&int8, kind, &tokens), &want);
     eprintln!("int8 cache: relative logit error, decode {decode}, prefill {prefill}");
     assert!(decode > 0.0 && decode < 0.02, "int8 cache decode: relative logit error {decode}");
     assert!(prefill > 0.0 && prefill < 0.02, "int8 cache prefill: relative logit error {prefill}");
-    let (p, p8) = (perplexity(&dense), perplexity(&int8));
+    let (p, p8) = (perplexity(&dense), perplexity_in(&int8, kind));
     eprintln!("perplexity: f32 cache {p}, int8 cache {p8}");
     assert!((p8 - p).abs() < 0.01 * p, "int8 cache perplexity {p8} vs {p}");
     // 256 + 32 codes and 3 scales a row, per layer, against 288 f32.
     let cfg = int8.config();
-    assert_eq!(int8.new_cache().unwrap().bytes_per_token(), cfg.num_hidden_layers * (256 + 32 + 3 * 4));
+    assert_eq!(int8.new_cache_of(kind).unwrap().bytes_per_token(), cfg.num_hidden_layers * (256 + 32 + 3 * 4));
 }

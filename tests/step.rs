@@ -7,13 +7,14 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, Fixture, Tol, MODELS};
+use latent::cache::CacheKind;
 use latent::weights::Quant;
 use latent::{AttentionPath, LogitRows, Model, Workspace};
 
 /// Logits of `tokens[prefill..]` decoded one at a time after an expanded prefill of
 /// `tokens[..prefill]`: by `decode_step` if `step`, else by `forward`.
-fn decoded(m: &Model, tokens: &[u32], prefill: usize, step: bool) -> Vec<Vec<f32>> {
-    let mut cache = m.new_cache().unwrap();
+fn decoded(m: &Model, kind: CacheKind, tokens: &[u32], prefill: usize, step: bool) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache_of(kind).unwrap();
     m.forward(&tokens[..prefill], &mut cache, AttentionPath::Expanded, LogitRows::Last).unwrap();
     let mut ws = Workspace::default();
     tokens[prefill..]
@@ -62,8 +63,8 @@ fn the_step_decodes_the_parity_fixtures_as_transformers_does() {
         let stepped = Tensor::cat(&rows, 0).unwrap();
         assert_close(&format!("{name} stepped logits"), &stepped, fx.reference("logits"), Tol::F32);
         // And the tensor path agrees to rounding.
-        let forward = decoded(&model, tokens, 4, false);
-        let step = decoded(&model, tokens, 4, true);
+        let forward = decoded(&model, model.cache_kind(), tokens, 4, false);
+        let step = decoded(&model, model.cache_kind(), tokens, 4, true);
         let err = worst_relative(&step, &forward);
         assert!(err < 1e-5, "{name}: step against forward {err}");
     }
@@ -88,13 +89,15 @@ fn the_step_matches_forward_in_bf16_quantized_and_with_an_int8_cache() {
         ("gguf Q8_0", load("gguf/tiny-v3-256-q8_0.gguf", DType::F32, None), 1e-5),
         ("gguf F16", load("gguf/tiny-v2-lite-f16.gguf", DType::F32, None), 1e-5),
     ];
-    for (what, mut model, tol) in cases {
+    for (what, model, tol) in cases {
         assert!(model.takes_step(), "{what}: runs the step");
         for int8 in [false, true] {
-            if int8 && model.set_int8_cache(true).is_err() {
+            let kind = if int8 { CacheKind::Int8 } else { model.cache_kind() };
+            if model.new_cache_of(kind).is_err() {
                 continue;
             }
-            let err = worst_relative(&decoded(&model, &tokens, 5, true), &decoded(&model, &tokens, 5, false));
+            let err =
+                worst_relative(&decoded(&model, kind, &tokens, 5, true), &decoded(&model, kind, &tokens, 5, false));
             assert!(err < tol, "{what} (int8 cache: {int8}): step against forward {err}");
         }
     }
@@ -120,6 +123,9 @@ fn the_step_is_not_the_tensor_path_by_accident() {
     let trainable = params.build_model(model.config()).unwrap();
     assert!(!trainable.takes_step(), "training variables take the fallback");
     let tokens = prompt(12);
-    let err = worst_relative(&decoded(&trainable, &tokens, 3, true), &decoded(&model, &tokens, 3, true));
+    let err = worst_relative(
+        &decoded(&trainable, trainable.cache_kind(), &tokens, 3, true),
+        &decoded(&model, model.cache_kind(), &tokens, 3, true),
+    );
     assert!(err < 1e-4, "fallback against step {err}");
 }

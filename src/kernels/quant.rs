@@ -470,8 +470,8 @@ trait Layout: Sync {
     fn rows_bf16<const ISA: u8>(&self, first: usize, n_in: usize, out: &mut [half::bf16]);
     /// `y (t, out) = x (t, in) · Wᵀ` by the decode kernel.
     fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32>;
-    /// `out (rows) = rows · x` for the run of rows `first..first + out.len()` (one activation row).
-    fn run(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, out: &mut [f32]);
+    /// `out (rows, t) = rows · x (t, in)ᵀ` for the run of rows `first..first + out.len() / t`.
+    fn run(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, t: usize, out: &mut [f32]);
 }
 
 impl<B: QuantBlock> Layout for Vec<B> {
@@ -502,9 +502,9 @@ impl<B: QuantBlock> Layout for Vec<B> {
     fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
         matvec_quant(x, self, t, n_in, n_out)
     }
-    fn run(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, out: &mut [f32]) {
-        let per_row = n_in / B::VALUES;
-        quant_rows(simd, x, &self[first * per_row..(first + out.len()) * per_row], 1, n_in, out)
+    fn run(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, t: usize, out: &mut [f32]) {
+        let (per_row, n) = (n_in / B::VALUES, out.len() / t);
+        quant_rows(simd, x, &self[first * per_row..(first + n) * per_row], t, n_in, out)
     }
 }
 
@@ -544,14 +544,15 @@ impl<T: Tile> Layout for Tiles<T> {
     fn product(&self, x: &[f32], t: usize, n_in: usize, n_out: usize) -> Vec<f32> {
         self.matvec(x, t, n_in, n_out)
     }
-    fn run(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, out: &mut [f32]) {
+    fn run(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, t: usize, out: &mut [f32]) {
+        let n = out.len() / t;
         assert!(
-            first.is_multiple_of(TILE_ROWS) && out.len().is_multiple_of(TILE_ROWS),
+            first.is_multiple_of(TILE_ROWS) && n.is_multiple_of(TILE_ROWS),
             "tiled rows: runs must cover whole tiles"
         );
         let per_row = n_in / T::Block::VALUES;
-        let tiles = &self.0[first / TILE_ROWS * per_row..(first + out.len()) / TILE_ROWS * per_row];
-        tile_rows(simd, x, tiles, 1, n_in, out)
+        let tiles = &self.0[first / TILE_ROWS * per_row..(first + n) / TILE_ROWS * per_row];
+        tile_rows(simd, x, tiles, t, n_in, out)
     }
 }
 
@@ -678,7 +679,7 @@ impl QuantMatrix {
             while row < first + n {
                 let g = row / per_group;
                 let end = ((g + 1) * per_group).min(first + n);
-                with_layout!(self, b => b.run(simd, &xq[g], row, n_in, &mut out[row - first..end - first]));
+                with_layout!(self, b => b.run(simd, &xq[g], row, n_in, 1, &mut out[row - first..end - first]));
                 row = end;
             }
         });
@@ -690,10 +691,11 @@ impl QuantMatrix {
         with_layout!(self, b => act_group_of(b))
     }
 
-    /// `out = W[first..first + out.len()] · x` for one activation row quantized with
-    /// [`QuantMatrix::act_group`], on the calling thread (a tiled matrix takes whole tiles).
-    pub fn run_rows(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, out: &mut [f32]) {
-        with_layout!(self, b => b.run(simd, x, first, n_in, out))
+    /// `out (rows, t) = W[first..first + out.len() / t] · x (t, in)ᵀ` for `t` activation rows
+    /// quantized with [`QuantMatrix::act_group`], on the calling thread (a tiled matrix takes
+    /// whole tiles): each run of weight rows is read once for all `t`.
+    pub fn run_rows(&self, simd: Simd, x: &QuantizedRows, first: usize, n_in: usize, t: usize, out: &mut [f32]) {
+        with_layout!(self, b => b.run(simd, x, first, n_in, t, out))
     }
 
     /// Whether [`QuantMatrix::grouped_matvec`] can take runs of `rows_per_group` rows.

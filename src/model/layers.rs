@@ -115,53 +115,90 @@ impl Linear {
         self.quant.as_ref().map(|q| q.blocks.act_group())
     }
 
-    /// `W x` for each of `n` jobs `job(j) = (W, x)` (one token each) into `out` (`out.get(j)`),
-    /// in one parallel pass over runs of 32 rows of all the weights, allocating nothing once
-    /// `out` has held as many rows. The weights must pass [`Linear::takes_token_rows`].
+    /// Input features.
+    pub(crate) fn n_in(&self) -> usize {
+        match &self.quant {
+            Some(q) => q.n_in,
+            None => self.weight.dims2().map_or(0, |(_, i)| i),
+        }
+    }
+
+    /// `x Wᵀ` for each of `n` jobs `job(j) = (W, x)` into `out` (`out.get(j)`, `(t_j, out)` where
+    /// `x` holds `t_j` rows), in one parallel pass over runs of 32 rows of all the weights: each
+    /// run of a weight is read once for all of its job's rows (a batched decode step's tokens, or
+    /// the tokens an expert was chosen by). Allocates nothing once `out` has held as many values.
+    /// The weights must pass [`Linear::takes_token_rows`].
     pub(crate) fn token_rows_into<'a>(
         n: usize,
         job: impl Fn(usize) -> (&'a Linear, &'a TokenInput) + Sync,
         out: &mut JobOutputs,
     ) {
         const TASK: usize = Linear::TOKEN_TASK_ROWS;
-        let JobOutputs { starts, lens, all } = out;
+        let JobOutputs { tasks, starts, lens, ts, all, rows, row_starts } = out;
+        tasks.clear();
         starts.clear();
         lens.clear();
-        let mut end = 0;
+        ts.clear();
+        row_starts.clear();
+        let (mut end, mut rows_end) = (0, 0);
         for j in 0..n {
-            let rows = job(j).0.n_out();
+            let (l, input) = job(j);
+            let (n_out, n_in) = (l.n_out(), l.n_in());
+            let t = input.x.len().checked_div(n_in).unwrap_or(0);
             starts.push(end);
-            lens.push(rows);
+            lens.push(n_out);
+            ts.push(t);
+            row_starts.push(rows_end);
             // Each job's rows start a task, so that no task spans two weights.
-            end += rows.next_multiple_of(TASK);
+            tasks.extend((0..n_out.div_ceil(TASK)).map(|r| (j, r * TASK)));
+            end += n_out.next_multiple_of(TASK) * t;
+            if t > 1 {
+                rows_end += n_out * t;
+            }
         }
         all.resize(end, 0.0);
-        let (starts, lens, simd) = (&*starts, &*lens, Simd::detect());
-        all.par_chunks_mut(TASK).enumerate().for_each(|(task, out)| {
-            let row = task * TASK;
-            let j = starts.partition_point(|&s| s <= row) - 1;
-            let first = row - starts[j];
-            if first >= lens[j] {
-                return; // padding
-            }
-            let out = &mut out[..(lens[j] - first).min(TASK)];
+        rows.resize(rows_end, 0.0);
+        /// `all`'s values, written by tasks over disjoint runs.
+        struct Values(*mut f32);
+        // SAFETY: every task writes only its own run of `all` (below), so no value is shared.
+        unsafe impl Sync for Values {}
+        let values = Values(all.as_mut_ptr());
+        let (values, starts, lens, ts, simd) = (&values, &*starts, &*lens, &*ts, Simd::detect());
+        tasks.par_iter().for_each(|&(j, first)| {
+            let (t, n) = (ts[j], (lens[j] - first).min(TASK));
+            // SAFETY: job `j`'s runs of `TASK` rows by `t` columns tile `starts[j]..` without
+            // overlap (the lengths above), inside `all`, which outlives the parallel loop.
+            let out = unsafe { std::slice::from_raw_parts_mut(values.0.add(starts[j] + first * t), n * t) };
             let (l, input) = job(j);
             match &l.quant {
                 Some(q) => {
                     if let Some(xq) = input.quantized(q.blocks.act_group()) {
-                        q.blocks.run_rows(simd, xq, first, q.n_in, out);
+                        q.blocks.run_rows(simd, xq, first, q.n_in, t, out);
                     }
                 }
                 None => {
-                    let n_in = input.x.len();
-                    let rows = first * n_in..(first + out.len()) * n_in;
+                    let n_in = l.n_in();
+                    let w_rows = first * n_in..(first + n) * n_in;
                     with_stored(&l.weight, |w| match w {
-                        Stored::Bf16(w) => dot_block(simd, &input.x, &w[rows], 1, n_in, out),
-                        Stored::F32(w) => dot_block(simd, &input.x, &w[rows], 1, n_in, out),
+                        Stored::Bf16(w) => dot_block(simd, &input.x, &w[w_rows], t, n_in, out),
+                        Stored::F32(w) => dot_block(simd, &input.x, &w[w_rows], t, n_in, out),
                     });
                 }
             }
         });
+        // Jobs of several rows: `(out, t)` as the kernels write it, to `(t, out)`.
+        for j in 0..n {
+            let (t, n_out) = (ts[j], lens[j]);
+            if t > 1 {
+                let src = &all[starts[j]..starts[j] + n_out * t];
+                let dst = &mut rows[row_starts[j]..row_starts[j] + n_out * t];
+                for (o, col) in src.chunks_exact(t).enumerate() {
+                    for (ti, &v) in col.iter().enumerate() {
+                        dst[ti * n_out + o] = v;
+                    }
+                }
+            }
+        }
     }
 
     /// `x Wᵀ` from quantized blocks: the decode kernel for up to `MAX_ROWS_QUANT` rows, and for
@@ -462,10 +499,6 @@ impl Mlp {
 
     /// `x: (T, hidden)` -> `(T, hidden)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(mut y) = Mlp::forward_token(&[self], x)? {
-            let hidden = y[0].len();
-            return Ok(Tensor::from_vec(y.swap_remove(0), (1, hidden), x.device())?.to_dtype(x.dtype())?);
-        }
         let gate = self.gate_proj.forward(x)?; // (T, inter)
                                                // silu in f32 and rounded once, as torch computes it for bf16 and f16 tensors (candle's own
                                                // bf16 silu rounds the exponential, the sum and the quotient apart).
@@ -477,21 +510,9 @@ impl Mlp {
         self.down_proj.forward(&(gate * up)?)
     }
 
-    /// Decode's SwiGLU of several MLPs (the chosen experts and the shared ones) on one token
-    /// `x (1, hidden)` ([`Mlp::run_token`]). Each output is what [`Mlp::forward`] gives (rounded
-    /// alike in a bf16 model, step by step). `None` for more than one token or where a weight
-    /// takes no decode kernel (training, biases).
-    pub fn forward_token(mlps: &[&Mlp], x: &Tensor) -> Result<Option<Vec<Vec<f32>>>> {
-        let (t, _) = x.dims2()?;
-        if t != 1 || !mlps.iter().all(|m| m.takes_token()) {
-            return Ok(None);
-        }
-        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let mut input = TokenInput::default();
-        input.set(&xs, mlps.iter().flat_map(|m| m.input_groups()));
-        let mut scratch = MlpScratch::default();
-        Mlp::run_token(mlps.len(), |i| mlps[i], &input, x.dtype(), &mut scratch);
-        Ok(Some((0..mlps.len()).map(|i| scratch.output(i).to_vec()).collect()))
+    /// The intermediate size.
+    pub(crate) fn inter(&self) -> usize {
+        self.gate_proj.n_out()
     }
 
     /// Whether every weight takes [`Mlp::run_token`].
@@ -504,21 +525,22 @@ impl Mlp {
         [self.gate_proj.act_group(), self.up_proj.act_group()]
     }
 
-    /// The SwiGLU of the MLPs `mlp(0..n)` on one token `input` (its codes made for every
-    /// [`Mlp::input_groups`]), in two parallel passes: every gate and up product, then every
-    /// down product, instead of three passes per MLP. Output `i` is `scratch.output(i)`,
-    /// rounded to `dtype` as [`Mlp::forward`] rounds. Allocates nothing once `scratch` has
-    /// served as many MLPs of these sizes.
+    /// The SwiGLU of the MLPs `job(0..n) = (mlp, input)`, each on its own rows of input (codes
+    /// made for every [`Mlp::input_groups`]): the chosen experts of a decode step, each on the
+    /// tokens that chose it, and the shared or dense MLP on every token. Two parallel passes:
+    /// every gate and up product, then every down product, each weight read once for all of
+    /// its rows. Output `i` is `scratch.output(i)`, `(rows, hidden)`, rounded to `dtype` as
+    /// [`Mlp::forward`] rounds. Allocates nothing once `scratch` has served as many MLPs of
+    /// these sizes and rows.
     pub(crate) fn run_token<'a>(
         n: usize,
-        mlp: impl Fn(usize) -> &'a Mlp + Sync,
-        input: &TokenInput,
+        job: impl Fn(usize) -> (&'a Mlp, &'a TokenInput) + Sync,
         dtype: DType,
         scratch: &mut MlpScratch,
     ) {
         let MlpScratch { firsts, hidden, downs } = scratch;
         let first = |j: usize| {
-            let m = mlp(j / 2);
+            let (m, input) = job(j / 2);
             (if j.is_multiple_of(2) { &m.gate_proj } else { &m.up_proj }, input)
         };
         Linear::token_rows_into(2 * n, first, firsts);
@@ -536,10 +558,10 @@ impl Mlp {
                 let (g, u) = (round(g), round(u));
                 round(round(g / (1.0 + (-g).exp())) * u)
             }));
-            h.requantize([mlp(i).down_proj.act_group()]);
+            h.requantize([job(i).0.down_proj.act_group()]);
         }
         let hidden = &hidden[..n];
-        Linear::token_rows_into(n, |i| (&mlp(i).down_proj, &hidden[i]), downs);
+        Linear::token_rows_into(n, |i| (&job(i).0.down_proj, &hidden[i]), downs);
         downs.round(dtype);
     }
 }
@@ -557,14 +579,38 @@ impl MlpScratch {
     pub(crate) fn output(&self, i: usize) -> &[f32] {
         self.downs.get(i)
     }
+
+    /// Sizes the buffers for up to `jobs` MLPs like `mlp` (intermediate size at most `inter`)
+    /// over `rows` rows in all, at most `per_job` each, so that no later [`Mlp::run_token`]
+    /// within those bounds allocates, however a batch's tokens fall on its experts.
+    pub(crate) fn reserve(&mut self, mlp: &Mlp, inter: usize, jobs: usize, rows: usize, per_job: usize) {
+        const TASK: usize = Linear::TOKEN_TASK_ROWS;
+        let hidden = mlp.down_proj.n_out();
+        self.firsts.reserve(2 * jobs, 2 * jobs * inter.div_ceil(TASK), 2 * inter.next_multiple_of(TASK) * rows);
+        self.downs.reserve(jobs, jobs * hidden.div_ceil(TASK), hidden.next_multiple_of(TASK) * rows);
+        while self.hidden.len() < jobs {
+            self.hidden.push(TokenInput::default());
+        }
+        for h in &mut self.hidden[..jobs] {
+            h.reserve(per_job * inter, [mlp.down_proj.act_group()]);
+        }
+    }
 }
 
 /// The outputs of [`Linear::token_rows_into`]: job `j`'s rows at `get(j)`.
 #[derive(Default)]
 pub(crate) struct JobOutputs {
+    /// `(job, first row)` of each task.
+    tasks: Vec<(usize, usize)>,
     starts: Vec<usize>,
     lens: Vec<usize>,
+    /// Rows of input per job.
+    ts: Vec<usize>,
+    /// Each job's products as the kernels write them: `(out, t)`.
     all: Vec<f32>,
+    /// Jobs of more than one row, transposed to `(t, out)`.
+    rows: Vec<f32>,
+    row_starts: Vec<usize>,
 }
 
 impl JobOutputs {
@@ -573,20 +619,36 @@ impl JobOutputs {
         self.starts.is_empty()
     }
 
-    /// Job `j`'s output.
+    /// Job `j`'s output, `(t_j, out)`.
     pub(crate) fn get(&self, j: usize) -> &[f32] {
-        &self.all[self.starts[j]..self.starts[j] + self.lens[j]]
+        let n = self.lens[j] * self.ts[j];
+        match self.ts[j] {
+            1 => &self.all[self.starts[j]..self.starts[j] + n],
+            _ => &self.rows[self.row_starts[j]..self.row_starts[j] + n],
+        }
+    }
+
+    /// Room for `jobs` jobs, `tasks` tasks and `values` products in all.
+    pub(crate) fn reserve(&mut self, jobs: usize, tasks: usize, values: usize) {
+        use crate::kernels::reserve_to;
+        reserve_to(&mut self.tasks, tasks);
+        for v in [&mut self.starts, &mut self.lens, &mut self.ts, &mut self.row_starts] {
+            reserve_to(v, jobs);
+        }
+        reserve_to(&mut self.all, values);
+        reserve_to(&mut self.rows, values);
     }
 
     /// Rounds every output to `dtype`, as a `dtype` model stores a product.
     pub(crate) fn round(&mut self, dtype: DType) {
         round_to(dtype, &mut self.all);
+        round_to(dtype, &mut self.rows);
     }
 }
 
-/// One token's activations for [`Linear::token_rows_into`], with their 8-bit forms for the
-/// quantized weights that read them (one per activation group in use). Reusable: its buffers
-/// are kept from token to token.
+/// Rows of activations for [`Linear::token_rows_into`] (one per token of a decode step), with
+/// their 8-bit forms for the quantized weights that read them (one per activation group in
+/// use). Reusable: its buffers are kept from step to step.
 #[derive(Default)]
 pub(crate) struct TokenInput {
     x: Vec<f32>,
@@ -596,13 +658,6 @@ pub(crate) struct TokenInput {
 }
 
 impl TokenInput {
-    /// Takes `x`, quantized for each of `groups`.
-    pub(crate) fn set(&mut self, x: &[f32], groups: impl IntoIterator<Item = Option<usize>>) {
-        self.x.clear();
-        self.x.extend_from_slice(x);
-        self.requantize(groups);
-    }
-
     /// The values, to write before [`TokenInput::requantize`].
     pub(crate) fn x_mut(&mut self) -> &mut Vec<f32> {
         &mut self.x
@@ -611,6 +666,18 @@ impl TokenInput {
     /// The values.
     pub(crate) fn x(&self) -> &[f32] {
         &self.x
+    }
+
+    /// Sizes the buffers for `values` values and their codes for each of `groups`, keeping no
+    /// values.
+    pub(crate) fn reserve(&mut self, values: usize, groups: impl IntoIterator<Item = Option<usize>> + Clone) {
+        if self.x.capacity() >= values && self.used > 0 {
+            return;
+        }
+        self.x.clear();
+        self.x.resize(values, 0.0);
+        self.requantize(groups);
+        self.x.clear();
     }
 
     /// Quantizes the values for each of `groups` (once per distinct group).

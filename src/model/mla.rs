@@ -158,11 +158,21 @@ impl Mla {
             + self.o_proj.weight_bytes()
     }
 
-    /// Training's expanded attention: `x: (B T, hidden)` holds `b` sequences of `t` tokens each,
-    /// at positions `0..t` (`pos` built for them), no cache. Differentiable in every weight.
-    pub fn forward_batch(&self, x: &Tensor, b: usize, t: usize, pos: &Positions<'_>) -> Result<Tensor> {
-        let (rope, angles) = (pos.rope, &pos.angles);
+    /// The attention of a batch's rows, `x: (N, hidden)`, span after span: each span's tokens
+    /// attend to its own sequence only: the rows its cache holds (this layer's, to which the
+    /// span's are appended) and its own, causally; a span without a cache (training) to its own
+    /// rows from position 0. The projections run once over all `N` rows. Differentiable in
+    /// every weight that tracks gradients (training takes the candle ops then).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        spans: &mut [SpanRows<'_, '_>],
+        path: AttentionPath,
+    ) -> Result<Tensor> {
         let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
+        // Training moves `kv_b_proj` itself: its split must follow, so that its gradient is the
+        // stored tensor's.
         let (w_uk, w_uv) = if self.kv_b.track_op() {
             split_kv_b(&self.kv_b, h, d_n, d_v, d_c)?
         } else {
@@ -171,96 +181,89 @@ impl Mla {
         let q = match &self.q {
             QProj::Full(proj) => proj.forward(x)?,
             QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
-        }; // (B T, H (d_n + d_r))
-        let q = q.reshape((b, t, h, d_n + d_r))?.transpose(1, 2)?; // (B, H, T, d_n + d_r)
-        let q_nope = q.narrow(3, 0, d_n)?.contiguous()?; // (B, H, T, d_n)
-        let q_rope = rope.apply(&q.narrow(3, d_n, d_r)?.contiguous()?, angles)?; // (B, H, T, d_r)
-
-        let kv = self.kv_a.forward(x)?; // (B T, d_c + d_r)
-        let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?; // (B T, d_c)
-        let k_rope = rope.apply(&kv.narrow(1, d_c, d_r)?.reshape((b, t, d_r))?, angles)?; // (B, T, d_r)
-        let k_nope = c_kv.matmul(&w_uk.reshape((h * d_n, d_c))?.t()?)?; // (B T, H d_n)
-        let k_nope = k_nope.reshape((b, t, h, d_n))?.transpose(1, 2)?.contiguous()?; // (B, H, T, d_n)
-        let v = c_kv.matmul(&w_uv.reshape((h * d_v, d_c))?.t()?)?; // (B T, H d_v)
-        let v = v.reshape((b, t, h, d_v))?.transpose(1, 2)?.contiguous()?; // (B, H, T, d_v)
-
-        let content = q_nope.matmul(&k_nope.t()?)?; // (B, H, T, T)
-        let position = q_rope.reshape((b, h * t, d_r))?.matmul(&k_rope.t()?)?.reshape((b, h, t, t))?;
-        let probs = self.probs(&content, &position, pos.mask.as_ref(), x.dtype())?;
-        let out = probs.matmul(&v)?; // (B, H, T, d_v)
-        let out = out.transpose(1, 2)?.reshape((b * t, h * d_v))?; // (B T, H d_v)
+        }; // (N, H (d_n + d_r))
+        let kv = self.kv_a.forward(x)?; // (N, d_c + d_r)
+        let mut outs = Vec::with_capacity(spans.len());
+        let mut at = 0;
+        for span in spans.iter_mut() {
+            let t = span.len;
+            let (rope, angles) = (span.pos.rope, &span.pos.angles);
+            let q = q.narrow(0, at, t)?.reshape((t, h, d_n + d_r))?.transpose(0, 1)?; // (H, T, d_n + d_r)
+            let q_nope = q.narrow(2, 0, d_n)?.contiguous()?; // (H, T, d_n)
+            let q_rope = rope.apply(&q.narrow(2, d_n, d_r)?.contiguous()?, angles)?; // (H, T, d_r)
+            let kv = kv.narrow(0, at, t)?;
+            let k_rope = rope.apply(&kv.narrow(1, d_c, d_r)?.contiguous()?, angles)?; // (T, d_r)
+            at += t;
+            let (c_kv, k_rope) = match (span.cache.as_deref_mut().map(|c| (c.kind(), c)), path) {
+                (None, _) => (self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?, k_rope),
+                (Some((CacheKind::Dense(_), cache)), _) => {
+                    let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?; // (T, d_c)
+                    cache.append(layer, &c_kv, &k_rope)? // (S, d_c), (S, d_r)
+                }
+                (Some((CacheKind::Int8, cache)), _) => {
+                    // The normalized latents, without the norm's gain: the 8-bit codes see values
+                    // of one scale, and the gain is folded into the query and the output.
+                    cache.append_int8(layer, &self.kv_norm.normalize(&kv.narrow(1, 0, d_c)?)?, &k_rope)?;
+                    if path == AttentionPath::Absorbed && t == 1 {
+                        let out = self.int8_step(&q_nope, &q_rope, cache, layer)?; // (H, 1, d_v)
+                        outs.push(out.transpose(0, 1)?.reshape((t, h * d_v))?);
+                        continue;
+                    }
+                    let (c_hat, k_rope) = cache.dequantized(layer)?; // (S, d_c), (S, d_r), f32
+                    let c_kv = c_hat.broadcast_mul(&self.kv_norm.gain_f32()?)?.to_dtype(x.dtype())?;
+                    (c_kv, k_rope.to_dtype(x.dtype())?)
+                }
+            };
+            outs.push(self.attend(&q_nope, &q_rope, &c_kv, &k_rope, (&w_uk, &w_uv), &span.pos, path, x.dtype())?);
+        }
+        let out = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? }; // (N, H d_v)
         self.o_proj.forward(&out)
     }
 
-    /// `x: (T, hidden)` at positions `cache.len()..`; appends this layer's latents to `cache`.
-    pub fn forward(
+    /// One span's attention, `(T, H d_v)`: `q_nope (H, T, d_n)` and `q_rope (H, T, d_r)` over
+    /// the `S` latent rows `c_kv (S, d_c)` and `k_rope (S, d_r)` the span sees, the last `T`
+    /// of them its own, through `w_uk`, `w_uv` (the split of `kv_b_proj`).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
         &self,
-        x: &Tensor,
-        layer: usize,
-        cache: &mut LatentCache,
+        q_nope: &Tensor,
+        q_rope: &Tensor,
+        c_kv: &Tensor,
+        k_rope: &Tensor,
+        (w_uk, w_uv): (&Tensor, &Tensor),
         pos: &Positions<'_>,
         path: AttentionPath,
+        dtype: DType,
     ) -> Result<Tensor> {
-        let (rope, angles) = (pos.rope, &pos.angles);
-        let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
-        let t = x.dim(0)?;
-        let q = match &self.q {
-            QProj::Full(proj) => proj.forward(x)?,
-            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
-        }; // (T, H (d_n + d_r))
-        let q = q.reshape((t, h, d_n + d_r))?.transpose(0, 1)?; // (H, T, d_n + d_r)
-        let q_nope = q.narrow(2, 0, d_n)?.contiguous()?; // (H, T, d_n)
-        let q_rope = rope.apply(&q.narrow(2, d_n, d_r)?.contiguous()?, angles)?; // (H, T, d_r)
-
-        let kv = self.kv_a.forward(x)?; // (T, d_c + d_r)
-        let k_rope = rope.apply(&kv.narrow(1, d_c, d_r)?.contiguous()?, angles)?; // (T, d_r)
-        let (c_kv, k_rope) = match cache.kind() {
-            CacheKind::Dense(_) => {
-                let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?; // (T, d_c)
-                cache.append(layer, &c_kv, &k_rope)? // (S, d_c), (S, d_r)
-            }
-            CacheKind::Int8 => {
-                // The normalized latents, without the norm's gain: the 8-bit codes see values of
-                // one scale, and the gain is folded into the query and the output.
-                cache.append_int8(layer, &self.kv_norm.normalize(&kv.narrow(1, 0, d_c)?)?, &k_rope)?;
-                if path == AttentionPath::Absorbed && t == 1 {
-                    let out = self.int8_step(&q_nope, &q_rope, cache, layer)?; // (H, 1, d_v)
-                    return self.o_proj.forward(&out.transpose(0, 1)?.reshape((t, h * d_v))?);
-                }
-                let (c_hat, k_rope) = cache.dequantized(layer)?; // (S, d_c), (S, d_r), f32
-                (c_hat.broadcast_mul(&self.kv_norm.gain_f32()?)?.to_dtype(x.dtype())?, k_rope.to_dtype(x.dtype())?)
-            }
-        };
-        let s = c_kv.dim(0)?;
+        let (h, d_r, d_v, d_c) = (self.n_heads, self.d_r, self.d_v, self.d_c);
+        let (t, s) = (q_nope.dim(1)?, c_kv.dim(0)?);
         // The candle paths compute in the activations' dtype (the cache may be narrower).
-        let in_dtype = |t: &Tensor| t.to_dtype(x.dtype());
-
+        let in_dtype = |x: &Tensor| x.to_dtype(dtype);
         // The positional part of the scores, q_rope·k_rope, for the paths that take candle ops.
-        let position = || q_rope.reshape((h * t, d_r))?.matmul(&in_dtype(&k_rope)?.t()?)?.reshape((h, t, s)); // (H, T, S)
+        let position = || q_rope.reshape((h * t, d_r))?.matmul(&in_dtype(k_rope)?.t()?)?.reshape((h, t, s)); // (H, T, S)
         let out = match path {
             AttentionPath::Expanded => {
-                match self.expanded_fast(&q_nope, &q_rope, &in_dtype(&c_kv)?, &in_dtype(&k_rope)?)? {
-                    Some(out) => return self.o_proj.forward(&out),
-                    None => self.expanded(&q_nope, &position()?, &c_kv, pos, x.dtype())?,
+                match self.expanded_fast(q_nope, q_rope, &in_dtype(c_kv)?, &in_dtype(k_rope)?)? {
+                    Some(out) => return Ok(out),
+                    None => self.expanded(q_nope, &position()?, c_kv, (w_uk, w_uv), pos, dtype)?,
                 }
             }
-            AttentionPath::Absorbed if t == 1 && self.decode_kernel_fits(&c_kv, &k_rope) => {
-                let q_lat = self.absorb_query(&q_nope)?; // (H, 1, d_c)
-                let o_lat = self.absorbed_step(&q_lat, &q_rope, &c_kv, &k_rope)?; // (H, 1, d_c)
+            AttentionPath::Absorbed if t == 1 && self.decode_kernel_fits(c_kv, k_rope) => {
+                let q_lat = self.absorb_query(q_nope)?; // (H, 1, d_c)
+                let o_lat = self.absorbed_step(&q_lat, q_rope, c_kv, k_rope)?; // (H, 1, d_c)
                 self.expand_output(&o_lat)? // (H, 1, d_v)
             }
             AttentionPath::Absorbed => {
                 let position = position()?;
-                let c_kv = in_dtype(&c_kv)?;
-                let q_lat = q_nope.matmul(&self.w_uk)?; // (H, T, d_c)
+                let c_kv = in_dtype(c_kv)?;
+                let q_lat = q_nope.matmul(w_uk)?; // (H, T, d_c)
                 let content = q_lat.reshape((h * t, d_c))?.matmul(&c_kv.t()?)?.reshape((h, t, s))?; // (H, T, S)
-                let probs = self.probs(&content, &position, pos.mask.as_ref(), x.dtype())?;
+                let probs = self.probs(&content, &position, pos.mask.as_ref(), dtype)?;
                 let o_lat = probs.reshape((h * t, s))?.matmul(&c_kv)?.reshape((h, t, d_c))?; // (H, T, d_c)
-                o_lat.matmul(&self.w_uv.t()?)? // (H, T, d_v)
+                o_lat.matmul(&w_uv.t()?)? // (H, T, d_v)
             }
         };
-        let out = out.transpose(0, 1)?.reshape((t, h * d_v))?; // (T, H d_v)
-        self.o_proj.forward(&out)
+        Ok(out.transpose(0, 1)?.reshape((t, h * d_v))?) // (T, H d_v)
     }
 
     /// The expanded attention by candle ops: `(H, T, d_v)`.
@@ -269,15 +272,16 @@ impl Mla {
         q_nope: &Tensor,
         position: &Tensor,
         c_kv: &Tensor,
+        (w_uk, w_uv): (&Tensor, &Tensor),
         pos: &Positions<'_>,
         dtype: DType,
     ) -> Result<Tensor> {
         let (h, d_n, d_v, d_c) = (self.n_heads, self.d_n, self.d_v, self.d_c);
         let c_kv = c_kv.to_dtype(dtype)?;
         let s = c_kv.dim(0)?;
-        let k_nope = c_kv.matmul(&self.w_uk.reshape((h * d_n, d_c))?.t()?)?; // (S, H d_n)
+        let k_nope = c_kv.matmul(&w_uk.reshape((h * d_n, d_c))?.t()?)?; // (S, H d_n)
         let k_nope = k_nope.reshape((s, h, d_n))?.transpose(0, 1)?.contiguous()?; // (H, S, d_n)
-        let v = c_kv.matmul(&self.w_uv.reshape((h * d_v, d_c))?.t()?)?; // (S, H d_v)
+        let v = c_kv.matmul(&w_uv.reshape((h * d_v, d_c))?.t()?)?; // (S, H d_v)
         let v = v.reshape((s, h, d_v))?.transpose(0, 1)?.contiguous()?; // (H, S, d_v)
         let content = q_nope.matmul(&k_nope.t()?)?; // (H, T, S)
         let probs = self.probs(&content, position, pos.mask.as_ref(), dtype)?;
@@ -374,17 +378,20 @@ impl Mla {
         [q, self.kv_a.act_group()]
     }
 
-    /// One token's attention over `cache`'s `layer` (appending its row) into `out (hidden)`,
-    /// from `input`, the normed hidden state with its codes for [`Mla::input_groups`]; `angles`
-    /// are the token's cos and sin. Computes what [`Mla::forward`] computes for one token on the
-    /// absorbed path, rounded alike in a `dtype` model, over slices that `s` keeps from token to
-    /// token. Needs [`Mla::takes_step`] and a bf16, f32 or int8 cache.
+    /// A decode step's attention: one token per sequence, `input` holding their `B` normed
+    /// hidden states with codes for [`Mla::input_groups`], token `b` at the end of `caches[b]`
+    /// (its row is appended to that cache's `layer`), `angles` their cos and sin (`B` rows of
+    /// `d_r / 2`), into `out (B, hidden)`. The projections read each weight once for all `B`
+    /// rows; each token's attention runs over its own sequence's cached rows only. Computes
+    /// what [`Mla::forward`] computes for each token on the absorbed path, rounded alike in a
+    /// `dtype` model, over slices that `s` keeps from step to step. Needs [`Mla::takes_step`]
+    /// and bf16, f32 or int8 caches.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn step(
         &self,
         input: &TokenInput,
         layer: usize,
-        cache: &mut LatentCache,
+        caches: &mut [&mut LatentCache],
         rope: &Rope,
         angles: (&[f32], &[f32]),
         dtype: DType,
@@ -392,7 +399,7 @@ impl Mla {
         out: &mut [f32],
     ) -> Result<()> {
         let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
-        let (cos, sin) = angles;
+        let (b, half) = (caches.len(), d_r / 2);
         let AttnScratch { proj, q_in, q_b, q_nope, q_rope, c, k_rope, q_lat, o_lat, xq, heads, o, mla, int8 } = s;
         // The query's first projection and the latents' share the input: one pass.
         let first = match &self.q {
@@ -401,93 +408,98 @@ impl Mla {
         };
         Linear::token_rows_into(2, |j| ([first, &self.kv_a][j], input), proj);
         proj.round(dtype);
-        let q = match &self.q {
+        let q_all = match &self.q {
             QProj::Full(_) => proj.get(0),
-            QProj::LowRank { norm, b, .. } => {
+            QProj::LowRank { norm, b: q_b_proj, .. } => {
                 let q_a = proj.get(0);
+                let r = q_a.len() / b;
                 let x = q_in.x_mut();
                 x.resize(q_a.len(), 0.0);
-                norm.forward_row(q_a, x, dtype);
-                q_in.requantize([b.act_group()]);
-                Linear::token_rows_into(1, |_| (b, &*q_in), q_b);
+                for (row, x) in q_a.chunks_exact(r).zip(x.chunks_exact_mut(r)) {
+                    norm.forward_row(row, x, dtype);
+                }
+                q_in.requantize([q_b_proj.act_group()]);
+                Linear::token_rows_into(1, |_| (q_b_proj, &*q_in), q_b);
                 q_b.round(dtype);
                 q_b.get(0)
             }
         };
-        q_nope.clear();
-        q_rope.clear();
-        for head in q.chunks_exact(d_n + d_r) {
-            q_nope.extend_from_slice(&head[..d_n]);
-            q_rope.extend_from_slice(&head[d_n..]);
-        }
-        for head in q_rope.chunks_exact_mut(d_r) {
-            rope.rotate(head, cos, sin);
-        }
-        round_to(dtype, q_rope);
-        let kv = proj.get(1);
-        k_rope.clear();
-        k_rope.extend_from_slice(&kv[d_c..]);
-        rope.rotate(k_rope, cos, sin);
-        round_to(dtype, k_rope);
-        c.resize(d_c, 0.0);
-        let int8 = match cache.kind() {
-            CacheKind::Int8 => {
-                // Normalized without the gain, which goes into the query and the output.
-                self.kv_norm.normalize_row(&kv[..d_c], c);
-                Some(int8)
-            }
-            CacheKind::Dense(_) => {
-                self.kv_norm.forward_row(&kv[..d_c], c, dtype);
-                None
-            }
-        };
-        cache.push_row(layer, c, k_rope)?;
-
-        // q_lat = W_UKᵀ q_nope per head.
-        q_lat.resize(h * d_c, 0.0);
-        self.absorb_into(q_nope, xq, q_lat)
-            .ok_or_else(|| Error::InvalidArgument("W_UK is not stored bf16 or f32".into()))?;
-        round_to(dtype, q_lat);
-        o_lat.resize(h * d_c, 0.0);
+        let heads_x = heads.x_mut();
+        heads_x.resize(b * h * d_v, 0.0);
         let scale = self.scale as f32;
-        match int8 {
-            Some(scratch) => {
-                let rows = cache
-                    .int8_rows(layer)
-                    .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} has no int8 latent cache")))?;
-                let gain = self.kv_norm.gain();
-                for head in q_lat.chunks_exact_mut(d_c) {
-                    head.iter_mut().zip(gain).for_each(|(x, g)| *x *= g);
-                }
-                mla_decode_int8_into(q_lat, q_rope, rows, h, scale, scratch, o_lat);
-                for head in o_lat.chunks_exact_mut(d_c) {
-                    head.iter_mut().zip(gain).for_each(|(x, g)| *x *= g);
-                }
+        let per_q = h * (d_n + d_r);
+        for (token, cache) in caches.iter_mut().enumerate() {
+            let (cos, sin) = (&angles.0[token * half..(token + 1) * half], &angles.1[token * half..(token + 1) * half]);
+            q_nope.clear();
+            q_rope.clear();
+            for head in q_all[token * per_q..(token + 1) * per_q].chunks_exact(d_n + d_r) {
+                q_nope.extend_from_slice(&head[..d_n]);
+                q_rope.extend_from_slice(&head[d_n..]);
             }
-            None => {
-                // This layer's rows, however many the others hold.
-                let shape = |len: usize| MlaShape { heads: h, d_c, d_r, len };
-                cache
-                    .with_dense_rows(layer, |c, r| match (c, r) {
-                        (Stored::Bf16(c), Stored::Bf16(r)) => {
-                            mla_decode_into(q_lat, q_rope, c, r, shape(c.len() / d_c), scale, mla, o_lat)
-                        }
-                        (Stored::F32(c), Stored::F32(r)) => {
-                            mla_decode_into(q_lat, q_rope, c, r, shape(c.len() / d_c), scale, mla, o_lat)
-                        }
-                        _ => unreachable!("with_dense_rows pairs rows of one dtype"),
-                    })
-                    .ok_or_else(|| Error::InvalidArgument("the latent cache is neither bf16 nor f32".into()))?;
+            for head in q_rope.chunks_exact_mut(d_r) {
+                rope.rotate(head, cos, sin);
             }
-        }
-        round_to(dtype, o_lat);
+            round_to(dtype, q_rope);
+            let kv = &proj.get(1)[token * (d_c + d_r)..(token + 1) * (d_c + d_r)];
+            k_rope.clear();
+            k_rope.extend_from_slice(&kv[d_c..]);
+            rope.rotate(k_rope, cos, sin);
+            round_to(dtype, k_rope);
+            c.resize(d_c, 0.0);
+            let int8 = match cache.kind() {
+                CacheKind::Int8 => {
+                    // Normalized without the gain, which goes into the query and the output.
+                    self.kv_norm.normalize_row(&kv[..d_c], c);
+                    Some(&mut *int8)
+                }
+                CacheKind::Dense(_) => {
+                    self.kv_norm.forward_row(&kv[..d_c], c, dtype);
+                    None
+                }
+            };
+            cache.push_row(layer, c, k_rope)?;
 
-        // Per head W_UV o_lat, then o_proj.
-        let x = heads.x_mut();
-        x.resize(h * d_v, 0.0);
-        self.expand_into(o_lat, xq, x)
-            .ok_or_else(|| Error::InvalidArgument("W_UV is not stored bf16 or f32".into()))?;
-        round_to(dtype, x);
+            // q_lat = W_UKᵀ q_nope per head.
+            q_lat.resize(h * d_c, 0.0);
+            self.absorb_into(q_nope, xq, q_lat).ok_or_else(|| Error::internal("W_UK is not stored bf16 or f32"))?;
+            round_to(dtype, q_lat);
+            o_lat.resize(h * d_c, 0.0);
+            match int8 {
+                Some(scratch) => {
+                    let rows = cache
+                        .int8_rows(layer)
+                        .ok_or_else(|| Error::internal(format!("layer {layer} has no int8 latent cache")))?;
+                    let gain = self.kv_norm.gain();
+                    for head in q_lat.chunks_exact_mut(d_c) {
+                        head.iter_mut().zip(gain).for_each(|(x, g)| *x *= g);
+                    }
+                    mla_decode_int8_into(q_lat, q_rope, rows, h, scale, scratch, o_lat);
+                    for head in o_lat.chunks_exact_mut(d_c) {
+                        head.iter_mut().zip(gain).for_each(|(x, g)| *x *= g);
+                    }
+                }
+                None => {
+                    // This layer's rows of this sequence, however many the others hold.
+                    let shape = |len: usize| MlaShape { heads: h, d_c, d_r, len };
+                    cache
+                        .with_dense_rows(layer, |c, r| match (c, r) {
+                            (Stored::Bf16(c), Stored::Bf16(r)) => {
+                                mla_decode_into(q_lat, q_rope, c, r, shape(c.len() / d_c), scale, mla, o_lat)
+                            }
+                            (Stored::F32(c), Stored::F32(r)) => {
+                                mla_decode_into(q_lat, q_rope, c, r, shape(c.len() / d_c), scale, mla, o_lat)
+                            }
+                            _ => unreachable!("with_dense_rows pairs rows of one dtype"),
+                        })
+                        .ok_or_else(|| Error::internal("the latent cache is neither bf16 nor f32"))?;
+                }
+            }
+            round_to(dtype, o_lat);
+            // Per head W_UV o_lat.
+            let x = &mut heads_x[token * h * d_v..(token + 1) * h * d_v];
+            self.expand_into(o_lat, xq, x).ok_or_else(|| Error::internal("W_UV is not stored bf16 or f32"))?;
+        }
+        round_to(dtype, heads_x);
         heads.requantize([self.o_proj.act_group()]);
         Linear::token_rows_into(1, |_| (&self.o_proj, &*heads), o);
         o.round(dtype);
@@ -656,6 +668,14 @@ pub(crate) struct AttnScratch {
 fn split_kv_b(kv_b: &Tensor, h: usize, d_n: usize, d_v: usize, d_c: usize) -> Result<(Tensor, Tensor)> {
     let kv_b = kv_b.reshape((h, d_n + d_v, d_c))?;
     Ok((kv_b.narrow(1, 0, d_n)?.contiguous()?, kv_b.narrow(1, d_n, d_v)?.contiguous()?))
+}
+
+/// One span of a tensor pass as [`Mla::forward`] sees it: `len` new tokens at `pos`, after
+/// what `cache` holds (no cache: a training sequence, on its own rows from position 0).
+pub struct SpanRows<'p, 'c> {
+    pub len: usize,
+    pub pos: Positions<'p>,
+    pub cache: Option<&'c mut LatentCache>,
 }
 
 /// Where the new tokens sit, shared by every layer of one step: their RoPE angles and, for more

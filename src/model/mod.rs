@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::weights::{names, Quant, Weights};
 use layers::{Embedding, Linear, Mlp, RmsNorm};
 pub use mla::AttentionPath;
-use mla::{Mla, Positions};
+use mla::{Mla, Positions, SpanRows};
 use moe::{Moe, MoeTrace, MoeTraining};
 use rope::Rope;
 pub use step::Workspace;
@@ -43,25 +43,87 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Training's layer: `x: (B T, hidden)`, `b` sequences of `t` tokens; the MoE trace if any.
-    fn forward_batch(
-        &self,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        pos: &Positions<'_>,
-        moe: &MoeTraining<'_>,
-    ) -> Result<(Tensor, Option<MoeTrace>)> {
-        let x = (x + self.attn.forward_batch(&self.input_layernorm.forward(x)?, b, t, pos)?)?;
-        let normed = self.post_attention_layernorm.forward(&x)?;
-        let (ffn, trace) = match &self.ffn {
-            Ffn::Dense(mlp) => (mlp.forward(&normed)?, None),
-            Ffn::Moe(layer) => {
-                let (y, trace) = layer.forward_train(&normed, moe)?;
-                (y, Some(trace))
+    /// The layer over whatever holds the batch's rows: `x + MLA(norm x)`, then `x + FFN(norm x)`.
+    /// `index` is the layer's cache (and trace) index.
+    fn run(&self, index: usize, pass: &mut impl Pass) -> Result<()> {
+        pass.attention(index, &self.input_layernorm, &self.attn)?;
+        pass.feed_forward(index, &self.post_attention_layernorm, &self.ffn)
+    }
+}
+
+/// What the layer loop runs on: the residual stream of every row of a batch, and each
+/// sublayer's way of computing over it. Two kinds exist: [`TensorPass`] over candle tensors
+/// (training with autograd, prefill, and decoding where the slice kernels do not apply) and
+/// `step::StepPass` over reused slices (decode steps that allocate nothing). Both are driven by
+/// the one loop in [`DecoderLayer::run`] and [`Model::run_layers`].
+trait Pass {
+    /// `x += attn(norm(x))` for layer `index`.
+    fn attention(&mut self, index: usize, norm: &RmsNorm, attn: &Mla) -> Result<()>;
+    /// `x += ffn(norm(x))` for layer `index`.
+    fn feed_forward(&mut self, index: usize, norm: &RmsNorm, ffn: &Ffn) -> Result<()>;
+}
+
+/// A pass over candle tensors: `x (N, hidden)` holds the spans' rows back to back.
+struct TensorPass<'p, 'c> {
+    x: Tensor,
+    spans: Vec<SpanRows<'p, 'c>>,
+    path: AttentionPath,
+    /// Training's MoE settings; `None` for inference.
+    training: Option<&'p MoeTraining<'p>>,
+    /// `(layer index, trace)` of every MoE layer run in training.
+    moe: Vec<(usize, MoeTrace)>,
+    /// Each layer's output, in f32 (`Model::forward_traced`).
+    trace: Option<Vec<Tensor>>,
+}
+
+impl Pass for TensorPass<'_, '_> {
+    fn attention(&mut self, index: usize, norm: &RmsNorm, attn: &Mla) -> Result<()> {
+        let y = attn.forward(&norm.forward(&self.x)?, index, &mut self.spans, self.path)?;
+        self.x = (&self.x + y)?;
+        Ok(())
+    }
+
+    fn feed_forward(&mut self, index: usize, norm: &RmsNorm, ffn: &Ffn) -> Result<()> {
+        let normed = norm.forward(&self.x)?;
+        let y = match ffn {
+            Ffn::Dense(mlp) => mlp.forward(&normed)?,
+            Ffn::Moe(moe) => {
+                let (y, trace) = moe.forward(&normed, self.training)?;
+                self.moe.extend(trace.map(|t| (index, t)));
+                y
             }
         };
-        Ok(((x + ffn)?, trace))
+        self.x = (&self.x + y)?;
+        if let Some(trace) = &mut self.trace {
+            trace.push(self.x.to_dtype(DType::F32)?);
+        }
+        Ok(())
+    }
+}
+
+/// One sequence's part of a [`Model::forward_spans`] batch.
+pub struct Span<'a> {
+    /// The new tokens.
+    pub tokens: &'a [u32],
+    /// The sequence's latent cache: the span attends to its rows and appends its own; the
+    /// span's first token sits at position `cache.len()`. `None` runs the span on its own rows
+    /// from position 0 and keeps nothing (training, scoring).
+    pub cache: Option<&'a mut LatentCache>,
+}
+
+impl<'a> Span<'a> {
+    /// `tokens` after what `cache` holds.
+    pub fn new(tokens: &'a [u32], cache: &'a mut LatentCache) -> Span<'a> {
+        Span { tokens, cache: Some(cache) }
+    }
+
+    /// `tokens` alone, from position 0.
+    pub fn fresh(tokens: &'a [u32]) -> Span<'a> {
+        Span { tokens, cache: None }
+    }
+
+    fn start(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.len())
     }
 }
 
@@ -120,16 +182,14 @@ pub struct Model {
     rope: Rope,
     dtype: DType,
     device: Device,
-    prefill_chunk: usize,
-    /// Whether new caches hold 8-bit rows ([`CacheKind::Int8`]).
-    int8_cache: bool,
-    /// Whether [`Model::decode_step`] runs its own step ([`Model::takes_step`], found at load).
+    /// Whether [`Model::decode`] runs its own step ([`Model::takes_step`], found at load).
     steps: bool,
     /// GGML formats of the quantized linear weights, e.g. `Q4_K, Q6_K`.
     quant_formats: Option<String>,
 }
 
-/// Tokens run per step of a long prefill: attention scores then take `H x chunk x S` values, not `H x T x S`.
+/// Tokens [`Model::forward`] runs per pass of a long prefill: attention scores then take
+/// `H x chunk x S` values, not `H x T x S` ([`Model::forward_chunked`] takes the caller's).
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 impl Model {
@@ -225,8 +285,6 @@ impl Model {
             rope,
             dtype: w.dtype(),
             device: w.device().clone(),
-            prefill_chunk: DEFAULT_PREFILL_CHUNK,
-            int8_cache: false,
             steps: false,
             quant_formats: w.quant_formats(),
         };
@@ -271,30 +329,21 @@ impl Model {
         &self.device
     }
 
-    /// An empty latent cache for this model: [`Model::cache_kind`].
+    /// An empty latent cache for this model, in [`Model::cache_dtype`].
     pub fn new_cache(&self) -> Result<LatentCache> {
-        LatentCache::with_kind(&self.config, self.cache_kind(), &self.device)
+        self.new_cache_of(self.cache_kind())
     }
 
-    /// How [`Model::new_cache`] stores rows: in [`Model::cache_dtype`], or in 8 bits after
-    /// [`Model::set_int8_cache`].
+    /// An empty latent cache of `kind`: 8-bit rows ([`CacheKind::Int8`]: half of bf16's bytes,
+    /// and decode attention by 8-bit products) fail where the latent sizes are not multiples
+    /// of 4.
+    pub fn new_cache_of(&self, kind: CacheKind) -> Result<LatentCache> {
+        LatentCache::with_kind(&self.config, kind, &self.device)
+    }
+
+    /// The default kind of cache: rows in [`Model::cache_dtype`].
     pub fn cache_kind(&self) -> CacheKind {
-        if self.int8_cache {
-            CacheKind::Int8
-        } else {
-            CacheKind::Dense(self.cache_dtype())
-        }
-    }
-
-    /// Makes new caches hold 8-bit rows with a scale per 128 latents (half of bf16's bytes, and
-    /// decode attention by 8-bit products), or not. Fails where the latent sizes are not
-    /// multiples of 4.
-    pub fn set_int8_cache(&mut self, on: bool) -> Result<()> {
-        if on {
-            LatentCache::with_kind(&self.config, CacheKind::Int8, &self.device)?;
-        }
-        self.int8_cache = on;
-        Ok(())
+        CacheKind::Dense(self.cache_dtype())
     }
 
     /// The dtype of the latent cache: the compute dtype, except that a model with quantized
@@ -309,7 +358,7 @@ impl Model {
     }
 
     /// Runs `tokens` after what `cache` holds, appends their latents, returns f32 logits `(rows, V)`.
-    /// More than `prefill_chunk` tokens are run chunk by chunk; the result is the same.
+    /// More than [`DEFAULT_PREFILL_CHUNK`] tokens are run chunk by chunk; the result is the same.
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -317,20 +366,90 @@ impl Model {
         path: AttentionPath,
         rows: LogitRows,
     ) -> Result<Tensor> {
+        self.forward_chunked(tokens, cache, path, rows, DEFAULT_PREFILL_CHUNK)
+    }
+
+    /// [`Model::forward`] in passes of at most `chunk` tokens (at least 1).
+    pub fn forward_chunked(
+        &self,
+        tokens: &[u32],
+        cache: &mut LatentCache,
+        path: AttentionPath,
+        rows: LogitRows,
+        chunk: usize,
+    ) -> Result<Tensor> {
         self.check_tokens(tokens, cache.len())?;
-        let chunks: Vec<&[u32]> = tokens.chunks(self.prefill_chunk).collect();
+        let chunks: Vec<&[u32]> = tokens.chunks(chunk.max(1)).collect();
         let mut logits = Vec::with_capacity(chunks.len());
-        for (i, chunk) in chunks.iter().enumerate() {
-            let hidden = self.hidden_states(chunk, cache, path, None)?;
-            match rows {
-                LogitRows::All => logits.push(self.logits(&hidden)?),
-                LogitRows::Last if i + 1 == chunks.len() => {
-                    logits.push(self.logits(&hidden.narrow(0, chunk.len() - 1, 1)?)?)
-                }
-                LogitRows::Last => {}
+        for (i, part) in chunks.iter().enumerate() {
+            let rows = match rows {
+                LogitRows::Last if i + 1 < chunks.len() => None,
+                rows => Some(rows),
+            };
+            let mut spans = [Span::new(part, cache)];
+            let out = self.forward_spans(&mut spans, path, rows.unwrap_or(LogitRows::Last))?;
+            if rows.is_some() {
+                logits.push(out);
             }
         }
         Ok(Tensor::cat(&logits, 0)?)
+    }
+
+    /// One forward over a batch of sequences: each span's tokens after what its cache holds
+    /// (or alone from position 0), every span over its own rows only. Returns f32 logits of the
+    /// rows asked for, span after span: every token's (`All`) or each span's last (`Last`).
+    /// Every linear layer multiplies all the batch's rows per pass over its weight; each MoE
+    /// expert runs once on the rows routed to it.
+    pub fn forward_spans(&self, spans: &mut [Span<'_>], path: AttentionPath, rows: LogitRows) -> Result<Tensor> {
+        let (x, _) = self.tensor_pass(spans, path, None, false)?;
+        let logits = match rows {
+            LogitRows::All => x,
+            LogitRows::Last => {
+                let mut last = Vec::with_capacity(spans.len());
+                let mut at = 0;
+                for span in spans.iter() {
+                    at += span.tokens.len();
+                    last.push(x.narrow(0, at - 1, 1)?);
+                }
+                Tensor::cat(&last, 0)?
+            }
+        };
+        self.logits(&logits)
+    }
+
+    /// The layer loop over `spans` by candle tensors: the last hidden states `(N, hidden)` and
+    /// the pass (its MoE traces and layer outputs).
+    fn tensor_pass<'p, 'c>(
+        &'p self,
+        spans: &'c mut [Span<'_>],
+        path: AttentionPath,
+        training: Option<&'p MoeTraining<'p>>,
+        traced: bool,
+    ) -> Result<(Tensor, TensorPass<'p, 'c>)> {
+        if spans.is_empty() {
+            return Err(Error::InvalidArgument("forward needs at least one sequence".into()));
+        }
+        let mut ids = Vec::new();
+        let mut rows = Vec::with_capacity(spans.len());
+        for span in spans.iter_mut() {
+            let start = span.start();
+            self.check_tokens(span.tokens, start)?;
+            ids.extend_from_slice(span.tokens);
+            let pos = Positions::new(&self.rope, start, span.tokens.len(), &self.device)?;
+            rows.push(SpanRows { len: span.tokens.len(), pos, cache: span.cache.as_deref_mut() });
+        }
+        let x = self.embed_tokens.forward(&ids, &self.device)?; // (N, hidden)
+        let mut pass = TensorPass { x, spans: rows, path, training, moe: Vec::new(), trace: traced.then(Vec::new) };
+        self.run_layers(&mut pass)?;
+        Ok((pass.x.clone(), pass))
+    }
+
+    /// The one layer loop, over any [`Pass`].
+    fn run_layers(&self, pass: &mut impl Pass) -> Result<()> {
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.run(i, pass)?;
+        }
+        Ok(())
     }
 
     /// Training's forward: `tokens` holds `b` sequences of `t` tokens back to back, each starting at
@@ -342,23 +461,15 @@ impl Model {
                 tokens.len()
             )));
         }
-        // Each sequence must fit the context; every token must be in the vocabulary.
-        for seq in tokens.chunks(t) {
-            self.check_tokens(seq, 0)?;
-        }
-        let embedded = self.embed_tokens.forward(tokens, &self.device)?; // (B T, hidden)
-        let pos = Positions::new(&self.rope, 0, t, &self.device)?;
-        let mut traces = Vec::new();
-        let mut x = embedded.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (y, trace) = layer.forward_batch(&x, b, t, &pos, moe)?;
-            x = y;
-            traces.extend(trace.map(|tr| (i, tr)));
-        }
+        let mut spans: Vec<Span<'_>> = tokens.chunks(t).map(Span::fresh).collect();
+        let moe_main = MoeTraining { seq_len: t, ..moe.clone() };
+        let (x, pass) = self.tensor_pass(&mut spans, AttentionPath::Expanded, Some(&moe_main), false)?;
+        let mut traces = pass.moe;
         let normed = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&normed)?.to_dtype(DType::F32)?;
 
         let hidden = self.config.hidden_size;
+        let embedded = self.embed_tokens.forward(tokens, &self.device)?.reshape((b, t, hidden))?;
         let mut mtp_logits = Vec::with_capacity(self.mtp.len());
         let mut prev = normed.reshape((b, t, hidden))?; // h_0: the main model's output
         for (k, module) in self.mtp.iter().enumerate() {
@@ -367,7 +478,7 @@ impl Model {
                 break;
             }
             let len = t - depth;
-            let emb = embedded.reshape((b, t, hidden))?.narrow(1, depth, len)?; // embed(t_{i+k})
+            let emb = embedded.narrow(1, depth, len)?; // embed(t_{i+k})
             let h = prev.narrow(1, 0, len)?;
             let cat = Tensor::cat(
                 &[
@@ -377,10 +488,23 @@ impl Model {
                 1,
             )?;
             let x = module.eh_proj.forward(&cat)?;
-            let pos = Positions::new(&self.rope, 0, len, &self.device)?;
             let moe_k = MoeTraining { seq_len: len, ..moe.clone() };
-            let (y, trace) = module.block.forward_batch(&x, b, len, &pos, &moe_k)?;
-            traces.extend(trace.map(|tr| (self.layers.len() + k, tr)));
+            let mut rows = Vec::with_capacity(b);
+            for _ in 0..b {
+                let pos = Positions::new(&self.rope, 0, len, &self.device)?;
+                rows.push(SpanRows { len, pos, cache: None });
+            }
+            let mut pass = TensorPass {
+                x,
+                spans: rows,
+                path: AttentionPath::Expanded,
+                training: Some(&moe_k),
+                moe: Vec::new(),
+                trace: None,
+            };
+            module.block.run(self.layers.len() + k, &mut pass)?;
+            traces.append(&mut pass.moe);
+            let y = pass.x;
             mtp_logits.push(self.lm_head.forward(&module.head_norm.forward(&y)?)?.to_dtype(DType::F32)?);
             prev = y.reshape((b, len, hidden))?;
         }
@@ -405,16 +529,6 @@ impl Model {
         self.mtp.len()
     }
 
-    /// Tokens a long `forward` runs per step (bounds the attention scores' memory).
-    pub fn prefill_chunk(&self) -> usize {
-        self.prefill_chunk
-    }
-
-    /// Sets the prefill chunk (at least 1 token).
-    pub fn set_prefill_chunk(&mut self, tokens: usize) {
-        self.prefill_chunk = tokens.max(1);
-    }
-
     /// Like `forward` with every row, also returning each decoder layer's output `(T, hidden)`.
     pub fn forward_traced(
         &self,
@@ -422,40 +536,14 @@ impl Model {
         cache: &mut LatentCache,
         path: AttentionPath,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut trace = Vec::with_capacity(self.layers.len());
-        let hidden = self.hidden_states(tokens, cache, path, Some(&mut trace))?;
-        Ok((self.logits(&hidden)?, trace))
+        let mut spans = [Span::new(tokens, cache)];
+        let (x, pass) = self.tensor_pass(&mut spans, path, None, true)?;
+        Ok((self.logits(&x)?, pass.trace.unwrap_or_default()))
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let normed = self.norm.forward(hidden)?;
         Ok(self.lm_head.forward(&normed)?.to_dtype(DType::F32)?)
-    }
-
-    fn hidden_states(
-        &self,
-        tokens: &[u32],
-        cache: &mut LatentCache,
-        path: AttentionPath,
-        mut trace: Option<&mut Vec<Tensor>>,
-    ) -> Result<Tensor> {
-        self.check_tokens(tokens, cache.len())?;
-        let mut x = self.embed_tokens.forward(tokens, &self.device)?; // (T, hidden)
-        let pos = Positions::new(&self.rope, cache.len(), tokens.len(), &self.device)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let attn = layer.attn.forward(&layer.input_layernorm.forward(&x)?, i, cache, &pos, path)?;
-            x = (x + attn)?;
-            let normed = layer.post_attention_layernorm.forward(&x)?;
-            let ffn = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&normed)?,
-                Ffn::Moe(moe) => moe.forward(&normed)?,
-            };
-            x = (x + ffn)?;
-            if let Some(trace) = trace.as_deref_mut() {
-                trace.push(x.to_dtype(DType::F32)?);
-            }
-        }
-        Ok(x)
     }
 
     fn check_tokens(&self, tokens: &[u32], past: usize) -> Result<()> {

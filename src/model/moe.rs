@@ -208,22 +208,39 @@ impl Moe {
         &self.gate
     }
 
-    /// Training's forward: the same routing as `forward`, but the chosen weights are taken from the
-    /// differentiable scores, so the router learns; optionally drops tokens of over-full devices.
-    /// `x: (N, hidden)` holds whole sequences of `opts.seq_len` tokens.
-    pub fn forward_train(&self, x: &Tensor, opts: &MoeTraining<'_>) -> Result<(Tensor, MoeTrace)> {
+    /// The layer over the rows of `x: (N, hidden)`: each expert runs once on the rows routed to
+    /// it. With `training`, the chosen weights are taken from the differentiable scores, so the
+    /// router learns, tokens of over-full devices may be dropped, and the trace the balance
+    /// losses need comes back; `x` then holds whole sequences of `training.seq_len` tokens.
+    pub fn forward(&self, x: &Tensor, training: Option<&MoeTraining<'_>>) -> Result<(Tensor, Option<MoeTrace>)> {
         let spec = &self.spec;
         let (n, e, k) = (x.dim(0)?, spec.n_routed_experts, spec.k);
         let logits = x.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?; // (N, E)
+        let logit_rows = logits.to_vec2::<f32>()?;
+        let routes: Vec<Vec<Routed>> =
+            logit_rows.iter().map(|row| route_token(row, spec, self.bias.as_deref())).collect();
+        let Some(opts) = training else {
+            let mut groups: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); e];
+            for (t, chosen) in routes.iter().enumerate() {
+                for r in chosen {
+                    groups[r.expert].0.push(t as u32);
+                    groups[r.expert].1.push(r.weight);
+                }
+            }
+            let groups = groups
+                .into_iter()
+                .map(|(rows, w)| {
+                    let m = w.len();
+                    Ok((rows, if m == 0 { None } else { Some(Tensor::from_vec(w, (m, 1), x.device())?) }))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok((self.run_experts(x, groups)?, None));
+        };
         let scores = match spec.scoring_func {
             ScoringFunc::Softmax => softmax_last_dim(&logits)?,
             ScoringFunc::Sigmoid => sigmoid(&logits)?,
         };
-        let logit_rows = logits.to_vec2::<f32>()?;
-        let chosen: Vec<Vec<usize>> = logit_rows
-            .iter()
-            .map(|row| route_token(row, spec, self.bias.as_deref()).into_iter().map(|r| r.expert).collect())
-            .collect();
+        let chosen: Vec<Vec<usize>> = routes.iter().map(|r| r.iter().map(|r| r.expert).collect()).collect();
         // Weights of the chosen experts, from the scores tensor so the gradient reaches the gate.
         let flat: Vec<u32> =
             chosen.iter().enumerate().flat_map(|(t, c)| c.iter().map(move |&x| (t * e + x) as u32)).collect();
@@ -264,58 +281,13 @@ impl Moe {
         }
         let out = self.run_experts(x, groups)?;
         let dropped = kept.iter().flatten().filter(|&&k| !k).count();
-        Ok((out, MoeTrace { scores, chosen, dropped, seq_len: opts.seq_len }))
+        Ok((out, Some(MoeTrace { scores, chosen, dropped, seq_len: opts.seq_len })))
     }
 
     /// Routing decisions for every row of `x: (T, hidden)`.
     pub fn route(&self, x: &Tensor) -> Result<Vec<Vec<Routed>>> {
         let logits = x.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?.to_vec2::<f32>()?; // (T, E)
         Ok(logits.iter().map(|row| route_token(row, &self.spec, self.bias.as_deref())).collect())
-    }
-
-    /// `x: (T, hidden)` -> `(T, hidden)`: each expert runs once on the tokens routed to it.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let routes = self.route(x)?;
-        if let Some(y) = self.forward_token(x, &routes)? {
-            return Ok(y);
-        }
-        let mut tokens: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
-        for (t, chosen) in routes.iter().enumerate() {
-            for r in chosen {
-                tokens[r.expert].0.push(t as u32);
-                tokens[r.expert].1.push(r.weight);
-            }
-        }
-        let mut groups = Vec::with_capacity(tokens.len());
-        for (rows, weights) in tokens {
-            let n = weights.len();
-            let w = if n == 0 { None } else { Some(Tensor::from_vec(weights, (n, 1), x.device())?) };
-            groups.push((rows, w));
-        }
-        self.run_experts(x, groups)
-    }
-
-    /// One token's layer (decode): the chosen and shared experts' products in two parallel passes
-    /// ([`Mlp::forward_token`]), then the weighted sum in the order and precision of
-    /// [`Moe::run_experts`]: routed experts by index, each output weighted in f32 and added in
-    /// the model's dtype, then the shared experts. `None` where the fused products do not apply.
-    fn forward_token(&self, x: &Tensor, routes: &[Vec<Routed>]) -> Result<Option<Tensor>> {
-        let [chosen] = routes else { return Ok(None) };
-        let mut chosen: Vec<(usize, f32)> = chosen.iter().map(|r| (r.expert, r.weight)).collect();
-        chosen.sort_by_key(|&(e, _)| e);
-        let mut mlps: Vec<&Mlp> = chosen.iter().map(|&(e, _)| &self.experts[e]).collect();
-        mlps.extend(self.shared.as_ref());
-        let Some(outputs) = Mlp::forward_token(&mlps, x)? else { return Ok(None) };
-        let bf16 = x.dtype() == DType::BF16;
-        let round = |v: f32| if bf16 { crate::kernels::bf16_round(v).to_f32() } else { v };
-        let mut out = vec![0f32; x.dim(1)?];
-        for (i, y) in outputs.iter().enumerate() {
-            let weight = chosen.get(i).map(|&(_, w)| w);
-            for (o, &v) in out.iter_mut().zip(y) {
-                *o = round(*o + weight.map_or(v, |w| round(v * w)));
-            }
-        }
-        Ok(Some(Tensor::from_vec(out, (1, x.dim(1)?), x.device())?.to_dtype(x.dtype())?))
     }
 
     /// Whether [`Moe::step`] can run this layer: an f32 router and experts that take the decode
@@ -326,43 +298,99 @@ impl Moe {
             && self.experts.iter().chain(&self.shared).all(Mlp::takes_token)
     }
 
-    /// One token's layer into `out (hidden)`: `input` holds the normed hidden state (its codes
-    /// are made here, for the chosen experts). What [`Moe::forward`] computes for one token,
-    /// rounded alike in a `dtype` model, over buffers that `s` keeps from token to token. Needs
+    /// A decode step's layer into `out (B, hidden)`: `input` holds the step's `B` normed hidden
+    /// states, one per sequence (their codes are made here). Each token is routed alone; the
+    /// tokens are then grouped by expert, so that each expert any of them chose runs once, on
+    /// the rows of the tokens that chose it, and the shared experts once on all rows: every
+    /// weight is read once per step. Each token's output is what [`Moe::forward`] computes for
+    /// it, rounded alike in a `dtype` model (routed experts by index, each output weighted in
+    /// f32 and added in the model's dtype, then the shared experts), whatever else the batch
+    /// holds. Allocates nothing once `s` has served a step of this size. Needs
     /// [`Moe::takes_step`].
     pub(crate) fn step(&self, input: &mut TokenInput, dtype: DType, s: &mut FfnScratch, out: &mut [f32]) {
-        let FfnScratch { logits, route, routed, chosen, mlp } = s;
-        let (n_experts, hidden) = (self.spec.n_routed_experts, input.x().len());
-        logits.resize(n_experts, 0.0);
+        let FfnScratch { logits, row, route, routed, members, chosen, inputs, mlp, rows_ready } = s;
+        let n_experts = self.spec.n_routed_experts;
+        let hidden = self.gate.dims2().map_or(1, |(_, h)| h.max(1));
+        let b = input.x().len() / hidden;
+        if b > *rows_ready {
+            // Every buffer at its size for any routing of `b` tokens, so that no later step of
+            // as many allocates (each token picks k experts: at most `b k` distinct ones).
+            let most = n_experts.min(b * self.spec.k);
+            members.resize_with(n_experts, Vec::new);
+            members.iter_mut().for_each(|m| crate::kernels::reserve_to(m, b));
+            while inputs.len() < most {
+                inputs.push(TokenInput::default());
+            }
+            if let Some(expert) = self.experts.first() {
+                for x in &mut inputs[..most] {
+                    x.reserve(b * hidden, expert.input_groups());
+                }
+                let jobs = most + usize::from(self.shared.is_some());
+                let inter = self.shared.as_ref().map_or(0, Mlp::inter).max(expert.inter());
+                mlp.reserve(expert, inter, jobs, b * (self.spec.k + 1), b);
+            }
+            crate::kernels::reserve_to(chosen, most);
+            *rows_ready = b;
+        }
+        // Router logits of every token, `(E, B)`: each run of 16 gate rows read once.
+        logits.resize(n_experts * b, 0.0);
         let simd = Simd::detect();
         with_stored(&self.gate, |w| {
             if let Stored::F32(w) = w {
-                logits.par_chunks_mut(16).enumerate().for_each(|(i, out)| {
-                    let rows = &w[i * 16 * hidden..(i * 16 + out.len()) * hidden];
-                    dot_block(simd, input.x(), rows, 1, hidden, out);
+                logits.par_chunks_mut(16 * b).enumerate().for_each(|(i, out)| {
+                    let rows = &w[i * 16 * hidden..(i * 16 + out.len() / b) * hidden];
+                    dot_block(simd, input.x(), rows, b, hidden, out);
                 });
             }
         });
-        route_token_into(logits, &self.spec, self.bias.as_deref(), route, routed);
+        members.resize_with(n_experts, Vec::new);
+        members.iter_mut().for_each(Vec::clear);
+        for token in 0..b {
+            row.clear();
+            row.extend(logits.iter().skip(token).step_by(b));
+            route_token_into(row, &self.spec, self.bias.as_deref(), route, routed);
+            for r in routed.iter() {
+                members[r.expert].push((token, r.weight));
+            }
+        }
         chosen.clear();
-        chosen.extend(routed.iter().map(|r| (r.expert, r.weight)));
-        chosen.sort_unstable_by_key(|&(e, _)| e);
-        let (experts, shared, chosen) = (&self.experts, self.shared.as_ref(), &*chosen);
-        let n = chosen.len() + usize::from(shared.is_some());
-        let expert = |i: usize| match chosen.get(i) {
-            Some(&(e, _)) => &experts[e],
-            None => shared.unwrap_or(&experts[0]),
+        chosen.extend((0..n_experts).filter(|&e| !members[e].is_empty()));
+        while inputs.len() < chosen.len() {
+            inputs.push(TokenInput::default());
+        }
+        for (&e, x) in chosen.iter().zip(inputs.iter_mut()) {
+            let x_rows = x.x_mut();
+            x_rows.clear();
+            for &(token, _) in &members[e] {
+                x_rows.extend_from_slice(&input.x()[token * hidden..(token + 1) * hidden]);
+            }
+            x.requantize(self.experts[e].input_groups());
+        }
+        if let Some(shared) = &self.shared {
+            input.requantize(shared.input_groups());
+        }
+        let (experts, shared, chosen_ref, inputs_ref, input_ref) =
+            (&self.experts, self.shared.as_ref(), &*chosen, &*inputs, &*input);
+        let n = chosen_ref.len() + usize::from(shared.is_some());
+        let job = |i: usize| match chosen_ref.get(i) {
+            Some(&e) => (&experts[e], &inputs_ref[i]),
+            None => (shared.unwrap_or(&experts[0]), input_ref),
         };
-        input.requantize((0..n).flat_map(|i| expert(i).input_groups()));
-        Mlp::run_token(n, expert, input, dtype, mlp);
-        // Routed experts by index, each output weighted in f32 and added in the model's dtype,
-        // then the shared experts (the order and roundings of `run_experts`).
+        Mlp::run_token(n, job, dtype, mlp);
         let round = |v: f32| round_one(dtype, v);
         out.fill(0.0);
-        for i in 0..n {
-            let weight = chosen.get(i).map(|&(_, w)| w);
-            for (o, &v) in out.iter_mut().zip(mlp.output(i)) {
-                *o = round(*o + weight.map_or(v, |w| round(v * w)));
+        for (i, &e) in chosen_ref.iter().enumerate() {
+            let y = mlp.output(i);
+            for (k, &(token, w)) in members[e].iter().enumerate() {
+                let o = &mut out[token * hidden..(token + 1) * hidden];
+                for (o, &v) in o.iter_mut().zip(&y[k * hidden..(k + 1) * hidden]) {
+                    *o = round(*o + round(v * w));
+                }
+            }
+        }
+        if shared.is_some() {
+            for (o, &v) in out.iter_mut().zip(mlp.output(chosen_ref.len())) {
+                *o = round(*o + v);
             }
         }
     }
@@ -389,11 +417,21 @@ impl Moe {
 /// The buffers of [`Moe::step`], kept from token to token (and layer to layer).
 #[derive(Default)]
 pub(crate) struct FfnScratch {
+    /// Router logits, `(E, B)`.
     logits: Vec<f32>,
+    /// One token's logits.
+    row: Vec<f32>,
     route: RouteScratch,
     routed: Vec<Routed>,
-    chosen: Vec<(usize, f32)>,
+    /// Per expert, the step's `(token, weight)` that chose it.
+    members: Vec<Vec<(usize, f32)>>,
+    /// The experts chosen by any token, ascending.
+    chosen: Vec<usize>,
+    /// Their input rows.
+    inputs: Vec<TokenInput>,
     mlp: MlpScratch,
+    /// The most tokens a step has sized the buffers for.
+    rows_ready: usize,
 }
 
 impl FfnScratch {

@@ -1,54 +1,115 @@
-//! Decode without allocating: one token through every layer over slices of a [`Workspace`].
+//! Decode without allocating: one token of each of `B` sequences through every layer over slices
+//! of a [`Workspace`].
 //!
-//! [`Model::decode_step`] computes what [`Model::forward`] computes for one token on the absorbed
-//! path (tests/step.rs holds them together, and the parity fixtures decode through it), but
-//! over buffers sized by the first token and reused by the next ones, instead of a candle tensor
-//! per op. The products are the same kernels; the step only drops the tensors around them, so
-//! at depth 0 it is a few percent faster and its memory does not churn.
+//! [`Model::decode`] computes what [`Model::forward_spans`] computes for `B` one-token spans on
+//! the absorbed path (tests/step.rs and tests/batch.rs hold them together, and the parity
+//! fixtures decode through it), but over buffers sized by the first step and reused by the next
+//! ones, instead of a candle tensor per op. It runs the same layer loop
+//! ([`super::DecoderLayer::run`]) through [`StepPass`]. Each linear layer multiplies the `B`
+//! rows in one pass over its weight, each MoE expert runs once on the tokens that chose it, and
+//! each token attends to its own sequence's cache only.
 //!
-//! What still allocates per token: the thread pool's queue, a block per 63 tasks it is handed
-//! (one per token: the whole step runs as one task of the pool), and the kernels' fallbacks
+//! What still allocates per step: the thread pool's queue, a block per 63 tasks it is handed
+//! (one per step: the whole step runs as one task of the pool), and the kernels' fallbacks
 //! where the fast ones do not apply (an f32 latent cache, or a CPU without AVX-512 BF16 for a
 //! bf16 one).
 
 use candle_core::DType;
 
-use super::layers::{round_to, JobOutputs, Linear, Mlp, TokenInput};
-use super::mla::{AttentionPath, AttnScratch};
+use super::layers::{round_to, JobOutputs, Linear, Mlp, RmsNorm, TokenInput};
+use super::mla::{AttnScratch, Mla};
 use super::moe::FfnScratch;
-use super::{Ffn, LogitRows, Model};
+use super::{AttentionPath, Ffn, LogitRows, Model, Pass, Span};
 use crate::cache::{CacheKind, LatentCache};
 use crate::error::{Error, Result};
 
-/// The buffers of [`Model::decode_step`], kept from token to token. One per sequence being
-/// decoded at a time; [`Workspace::default`] makes an empty one, sized by its first step.
+/// The buffers of [`Model::decode`], kept from step to step. One per batch being decoded at a
+/// time; [`Workspace::default`] makes an empty one, sized by its first step.
 #[derive(Default)]
 pub struct Workspace {
-    /// The residual stream.
+    /// The residual stream, `(B, hidden)`.
     x: Vec<f32>,
     /// A sublayer's normed input, with its codes.
     normed: TokenInput,
     /// A sublayer's output.
     out: Vec<f32>,
+    /// Each token's RoPE angles, `(B, d_r / 2)`.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// One token's angles.
+    cos1: Vec<f32>,
+    sin1: Vec<f32>,
     attn: AttnScratch,
     ffn: FfnScratch,
     logits: JobOutputs,
-    /// The logits where the step falls back to [`Model::forward`].
+    /// The logits where the step falls back to [`Model::forward_spans`].
     fallback: Vec<f32>,
     /// Whether the last step fell back.
     fell_back: bool,
 }
 
 impl Workspace {
-    /// The logits of the last [`Model::decode_step`] (empty before the first).
+    /// The logits of the last [`Model::decode`], `(B, V)` (empty before the first).
     pub fn logits(&self) -> &[f32] {
         if self.fell_back || self.logits.is_empty() {
             &self.fallback
         } else {
             self.logits.get(0)
         }
+    }
+}
+
+/// The layer loop's pass over a [`Workspace`]'s slices: `B` tokens, one per cache.
+struct StepPass<'a, 'c> {
+    ws: &'a mut Workspace,
+    caches: &'a mut [&'c mut LatentCache],
+    model: &'a Model,
+}
+
+impl StepPass<'_, '_> {
+    /// `normed = norm(x)` row by row, and `x += out` rounded as a `dtype` model adds.
+    fn norm(&mut self, norm: &RmsNorm) {
+        let (hidden, dtype) = (self.model.config.hidden_size, self.model.dtype);
+        let Workspace { x, normed, .. } = &mut *self.ws;
+        let input = normed.x_mut();
+        input.resize(x.len(), 0.0);
+        for (x, y) in x.chunks_exact(hidden).zip(input.chunks_exact_mut(hidden)) {
+            norm.forward_row(x, y, dtype);
+        }
+    }
+
+    fn add(&mut self) {
+        let Workspace { x, out, .. } = &mut *self.ws;
+        x.iter_mut().zip(out.iter()).for_each(|(a, &b)| *a += b);
+        round_to(self.model.dtype, x);
+    }
+}
+
+impl Pass for StepPass<'_, '_> {
+    fn attention(&mut self, index: usize, norm: &RmsNorm, attn: &Mla) -> Result<()> {
+        self.norm(norm);
+        let Workspace { normed, out, cos, sin, attn: scratch, .. } = &mut *self.ws;
+        normed.requantize(attn.input_groups());
+        attn.step(normed, index, self.caches, &self.model.rope, (cos, sin), self.model.dtype, scratch, out)?;
+        self.add();
+        Ok(())
+    }
+
+    fn feed_forward(&mut self, _index: usize, norm: &RmsNorm, ffn: &Ffn) -> Result<()> {
+        self.norm(norm);
+        let dtype = self.model.dtype;
+        let Workspace { normed, out, ffn: scratch, .. } = &mut *self.ws;
+        match ffn {
+            Ffn::Dense(mlp) => {
+                normed.requantize(mlp.input_groups());
+                let mlp_scratch = scratch.mlp();
+                Mlp::run_token(1, |_| (mlp, &*normed), dtype, mlp_scratch);
+                out.copy_from_slice(mlp_scratch.output(0));
+            }
+            Ffn::Moe(moe) => moe.step(normed, dtype, scratch, out),
+        }
+        self.add();
+        Ok(())
     }
 }
 
@@ -73,63 +134,75 @@ impl Model {
     }
 
     /// Decodes `token` after what `cache` holds: appends its latents and returns its logits
-    /// (f32, `vocab_size`), which live in `ws` until the next step. The same logits as
-    /// `forward(&[token], cache, AttentionPath::Absorbed, LogitRows::Last)`, computed without a
-    /// tensor per op: once `ws` has seen a token and `cache` has room
-    /// ([`LatentCache::reserve`]), the step allocates nothing (see the module's notes).
+    /// (f32, `vocab_size`), which live in `ws` until the next step: [`Model::decode`] of one
+    /// sequence.
     pub fn decode_step<'w>(&self, token: u32, cache: &mut LatentCache, ws: &'w mut Workspace) -> Result<&'w [f32]> {
-        self.check_tokens(&[token], cache.len())?;
-        let dense_ok = matches!(cache.kind(), CacheKind::Int8 | CacheKind::Dense(DType::BF16 | DType::F32));
-        if !dense_ok || !self.steps {
-            let logits = self.forward(&[token], cache, AttentionPath::Absorbed, LogitRows::Last)?;
-            ws.fallback = logits.flatten_all()?.to_vec1()?;
+        self.decode(&[token], &mut [cache], ws)
+    }
+
+    /// One decode step of `B` sequences: `tokens[b]` after what `caches[b]` holds. Appends each
+    /// token's latents to its cache and returns the logits, `(B, vocab_size)` f32, which live in
+    /// `ws` until the next step. Each sequence's logits are those it gets decoded alone, and
+    /// those of `forward_spans` over one-token spans on the absorbed path; computed without a
+    /// tensor per op: once `ws` has seen a step of `B` tokens and the caches have room
+    /// ([`LatentCache::reserve`]), the step allocates nothing (see the module's notes). Every
+    /// weight is read once per step for all `B` tokens.
+    pub fn decode<'w>(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut LatentCache],
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32]> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "a decode step takes one token per cache, got {} tokens for {} caches",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        for (&token, cache) in tokens.iter().zip(caches.iter()) {
+            self.check_tokens(&[token], cache.len())?;
+        }
+        let kinds_ok = caches.iter().all(|c| c.kind() == caches[0].kind());
+        let dense_ok = matches!(caches[0].kind(), CacheKind::Int8 | CacheKind::Dense(DType::BF16 | DType::F32));
+        if !kinds_ok || !dense_ok || !self.steps {
+            let mut spans: Vec<Span<'_>> =
+                tokens.iter().zip(caches.iter_mut()).map(|(t, c)| Span::new(std::slice::from_ref(t), c)).collect();
+            let logits = self.forward_spans(&mut spans, AttentionPath::Absorbed, LogitRows::All)?;
+            ws.fallback.clear();
+            ws.fallback.extend(logits.flatten_all()?.to_vec1::<f32>()?);
             ws.fell_back = true;
             return Ok(&ws.fallback);
         }
         ws.fell_back = false;
         // The whole step as one task of the thread pool: its parallel loops then queue their
         // tasks on the pool's own deques, not on the shared queue that allocates as it goes.
-        rayon::scope(|_| self.step(token, cache, ws))?;
+        rayon::scope(|_| self.step(tokens, caches, ws))?;
         Ok(ws.logits.get(0))
     }
 
-    fn step(&self, token: u32, cache: &mut LatentCache, ws: &mut Workspace) -> Result<()> {
-        let (hidden, dtype) = (self.config.hidden_size, self.dtype);
-        let Workspace { x, normed, out, cos, sin, attn, ffn, logits, .. } = ws;
-        x.resize(hidden, 0.0);
-        out.resize(hidden, 0.0);
-        self.embed_tokens
-            .row_into(token as usize, x)
-            .ok_or_else(|| Error::InvalidArgument("the embedding is neither quantized nor bf16/f32".into()))?;
-        round_to(dtype, x);
-        self.rope.angles_at(cache.len(), cos, sin);
-        let add = |x: &mut Vec<f32>, out: &[f32]| {
-            x.iter_mut().zip(out).for_each(|(a, &b)| *a += b);
-            round_to(dtype, x);
-        };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let input = normed.x_mut();
-            input.resize(hidden, 0.0);
-            layer.input_layernorm.forward_row(x, input, dtype);
-            normed.requantize(layer.attn.input_groups());
-            layer.attn.step(normed, i, cache, &self.rope, (cos, sin), dtype, attn, out)?;
-            add(x, out);
-
-            let input = normed.x_mut();
-            layer.post_attention_layernorm.forward_row(x, input, dtype);
-            match &layer.ffn {
-                Ffn::Dense(mlp) => {
-                    normed.requantize(mlp.input_groups());
-                    let scratch = ffn.mlp();
-                    Mlp::run_token(1, |_| mlp, normed, dtype, scratch);
-                    out.copy_from_slice(scratch.output(0));
-                }
-                Ffn::Moe(moe) => moe.step(normed, dtype, ffn, out),
+    fn step(&self, tokens: &[u32], caches: &mut [&mut LatentCache], ws: &mut Workspace) -> Result<()> {
+        let (hidden, dtype, b) = (self.config.hidden_size, self.dtype, tokens.len());
+        {
+            let Workspace { x, out, cos, sin, cos1, sin1, .. } = &mut *ws;
+            x.resize(b * hidden, 0.0);
+            out.resize(b * hidden, 0.0);
+            cos.clear();
+            sin.clear();
+            for ((&token, cache), x) in tokens.iter().zip(caches.iter()).zip(x.chunks_exact_mut(hidden)) {
+                self.embed_tokens
+                    .row_into(token as usize, x)
+                    .ok_or_else(|| Error::internal("the embedding is neither quantized nor bf16/f32"))?;
+                self.rope.angles_at(cache.len(), cos1, sin1);
+                cos.extend_from_slice(cos1);
+                sin.extend_from_slice(sin1);
             }
-            add(x, out);
+            round_to(dtype, x);
         }
-        let input = normed.x_mut();
-        self.norm.forward_row(x, input, dtype);
+        let mut pass = StepPass { ws, caches, model: self };
+        self.run_layers(&mut pass)?;
+        pass.norm(&self.norm);
+        let Workspace { normed, logits, .. } = ws;
         normed.requantize([self.lm_head.act_group()]);
         Linear::token_rows_into(1, |_| (&self.lm_head, &*normed), logits);
         logits.round(dtype);

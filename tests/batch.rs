@@ -1,0 +1,169 @@
+//! One forward over a batch of sequences: each sequence decoded or prefilled in a batch gets the
+//! logits it gets alone, and attends to its own rows only.
+
+mod common;
+
+use candle_core::{DType, Device};
+use latent::cache::{CacheKind, LatentCache};
+use latent::weights::Quant;
+use latent::{AttentionPath, ErrorKind, LogitRows, Model, Span, Workspace};
+
+/// Prompts of ragged lengths (one of a single token), all different.
+fn prompts() -> Vec<Vec<u32>> {
+    [3usize, 9, 1, 14, 6]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| (0..n as u32).map(|i| 4 + (i * 37 + 11 * s as u32 + 5) % 250).collect())
+        .collect()
+}
+
+/// The token sequence `s` is fed at decode step `k` (teacher-forced, so every run feeds the same).
+fn next_token(s: usize, k: usize) -> u32 {
+    4 + ((s * 61 + k * 29 + 3) % 240) as u32
+}
+
+const STEPS: usize = 6;
+
+/// Each sequence prefilled alone, then decoded `STEPS` tokens by `decode_step` alone.
+fn solo(model: &Model, kind: CacheKind) -> Vec<Vec<Vec<f32>>> {
+    prompts()
+        .iter()
+        .enumerate()
+        .map(|(s, prompt)| {
+            let mut cache = model.new_cache_of(kind).unwrap();
+            model.forward(prompt, &mut cache, AttentionPath::Expanded, LogitRows::Last).unwrap();
+            let mut ws = Workspace::default();
+            (0..STEPS).map(|k| model.decode_step(next_token(s, k), &mut cache, &mut ws).unwrap().to_vec()).collect()
+        })
+        .collect()
+}
+
+/// The same sequences prefilled in one batch, then decoded together, one step for all of them.
+fn batched(model: &Model, kind: CacheKind) -> Vec<Vec<Vec<f32>>> {
+    let prompts = prompts();
+    let mut caches: Vec<LatentCache> = prompts.iter().map(|_| model.new_cache_of(kind).unwrap()).collect();
+    {
+        let mut spans: Vec<Span<'_>> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| Span::new(p, c)).collect();
+        let last = model.forward_spans(&mut spans, AttentionPath::Expanded, LogitRows::Last).unwrap();
+        assert_eq!(last.dims2().unwrap().0, prompts.len(), "one row per span");
+    }
+    let mut ws = Workspace::default();
+    let mut out = vec![Vec::new(); prompts.len()];
+    for k in 0..STEPS {
+        let tokens: Vec<u32> = (0..prompts.len()).map(|s| next_token(s, k)).collect();
+        let mut refs: Vec<&mut LatentCache> = caches.iter_mut().collect();
+        let logits = model.decode(&tokens, &mut refs, &mut ws).unwrap();
+        let vocab = model.config().vocab_size;
+        assert_eq!(logits.len(), tokens.len() * vocab);
+        for (s, row) in logits.chunks_exact(vocab).enumerate() {
+            out[s].push(row.to_vec());
+        }
+    }
+    for (cache, prompt) in caches.iter().zip(&prompts) {
+        assert_eq!(cache.len(), prompt.len() + STEPS, "each cache holds its own rows only");
+    }
+    out
+}
+
+fn worst_abs(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
+    let rows = |x: &[Vec<Vec<f32>>]| x.iter().flatten().flatten().copied().collect::<Vec<f32>>();
+    let (a, b) = (rows(a), rows(b));
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+fn load(name: &str, dtype: DType, quant: Option<Quant>) -> Model {
+    let dir = common::fixtures_dir().join(name);
+    Model::load_quantized(&dir, Some(dtype), quant, &Device::Cpu, |_, _| {}).unwrap().0
+}
+
+#[test]
+fn sequences_decoded_together_get_the_logits_they_get_alone() {
+    let cases = [
+        ("tiny-v2 f32", load("tiny-v2", DType::F32, None)),
+        ("tiny-v2-lite f32", load("tiny-v2-lite", DType::F32, None)),
+        ("tiny-v3 f32", load("tiny-v3", DType::F32, None)),
+        ("tiny-v2 bf16", load("tiny-v2", DType::BF16, None)),
+        ("tiny-v3-256 Q4_K", load("tiny-v3-256", DType::F32, Some(Quant::Q4K))),
+        ("tiny-v3-256 Q8_0", load("tiny-v3-256", DType::F32, Some(Quant::Q8_0))),
+        ("gguf Q4_K_M", load("gguf/tiny-v3-256-q4_k_m.gguf", DType::F32, None)),
+    ];
+    for (name, model) in &cases {
+        assert!(model.takes_step(), "{name}: runs the batched step, not its fallback");
+        for kind in [model.cache_kind(), CacheKind::Int8] {
+            if model.new_cache_of(kind).is_err() {
+                continue;
+            }
+            let (alone, together) = (solo(model, kind), batched(model, kind));
+            let err = worst_abs(&together, &alone);
+            eprintln!("{name} ({kind:?}): batched against alone, worst |Δlogit| {err}");
+            assert!(err <= 1e-4, "{name} ({kind:?}): batched decode differs from solo decode by {err}");
+        }
+    }
+}
+
+#[test]
+fn the_tensor_path_batches_spans_of_different_lengths_and_depths() {
+    for name in common::MODELS {
+        let model = load(name, DType::F32, None);
+        let prompts = prompts();
+        for path in [AttentionPath::Expanded, AttentionPath::Absorbed] {
+            // Each sequence's first half cached alone, then every second half in one batch.
+            let mut caches: Vec<LatentCache> = Vec::new();
+            let mut want = Vec::new();
+            for p in &prompts {
+                let half = p.len() / 2;
+                let mut cache = model.new_cache().unwrap();
+                if half > 0 {
+                    model.forward(&p[..half], &mut cache, path, LogitRows::All).unwrap();
+                }
+                let mut alone = cache.clone();
+                want.push(model.forward(&p[half..], &mut alone, path, LogitRows::All).unwrap());
+                caches.push(cache);
+            }
+            let mut spans: Vec<Span<'_>> =
+                prompts.iter().zip(caches.iter_mut()).map(|(p, c)| Span::new(&p[p.len() / 2..], c)).collect();
+            let got = model.forward_spans(&mut spans, path, LogitRows::All).unwrap();
+            let want = candle_core::Tensor::cat(&want, 0).unwrap();
+            common::assert_close(&format!("{name} {path:?} spans"), &got, &want, common::Tol::F32);
+            for (cache, p) in caches.iter().zip(&prompts) {
+                assert_eq!(cache.len(), p.len());
+            }
+            // Spans without a cache run from position 0, as each prompt alone does.
+            let mut fresh: Vec<Span<'_>> = prompts.iter().map(|p| Span::fresh(p)).collect();
+            let got = model.forward_spans(&mut fresh, path, LogitRows::Last).unwrap();
+            for (s, p) in prompts.iter().enumerate() {
+                let mut cache = model.new_cache().unwrap();
+                let want = model.forward(p, &mut cache, path, LogitRows::Last).unwrap();
+                let row = got.narrow(0, s, 1).unwrap();
+                common::assert_close(&format!("{name} {path:?} fresh span {s}"), &row, &want, common::Tol::F32);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bad_request_in_a_batch_is_a_request_error_and_changes_no_cache() {
+    let model = load("tiny-v3", DType::F32, None);
+    let mut a = model.new_cache().unwrap();
+    let mut b = model.new_cache().unwrap();
+    model.forward(&[5, 6, 7], &mut a, AttentionPath::Expanded, LogitRows::Last).unwrap();
+    let mut ws = Workspace::default();
+    let vocab = model.config().vocab_size as u32;
+    let err = model.decode(&[9, vocab], &mut [&mut a, &mut b], &mut ws).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Request, "{err}");
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    assert_eq!((a.len(), b.len()), (3, 0), "no cache took a row");
+    let err = model.decode(&[9], &mut [&mut a, &mut b], &mut ws).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Request, "{err}");
+    // Past the context: a request error too, naming the limit.
+    let max = model.config().max_position_embeddings;
+    let long = vec![5u32; max + 1];
+    let err = model.forward(&long, &mut b, AttentionPath::Expanded, LogitRows::Last).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Request, "{err}");
+    assert!(err.to_string().contains("max_position_embeddings"), "{err}");
+    // And the batch still decodes afterwards.
+    let logits = model.decode(&[9, 10], &mut [&mut a, &mut b], &mut ws).unwrap();
+    assert_eq!(logits.len(), 2 * vocab as usize);
+    assert_eq!((a.len(), b.len()), (4, 1));
+}
