@@ -16,7 +16,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::cache::CacheKind;
+use crate::cache::{CacheKind, LatentCache};
 use crate::error::{Error, Result};
 use crate::inspect::param_counts;
 use crate::model::{AttentionPath, LogitRows, Model, Workspace};
@@ -34,11 +34,24 @@ pub struct BenchConfig {
     pub repeats: usize,
     /// How the cache stores rows (`None`: [`Model::cache_kind`]).
     pub cache_kind: Option<CacheKind>,
+    /// Sequences decoded together, one step for all ([`Model::decode`]), each at depth
+    /// `batch_depth`; empty measures no batch.
+    pub batch_sizes: Vec<usize>,
+    /// Cache depth of every sequence of a batch.
+    pub batch_depth: usize,
 }
 
 impl Default for BenchConfig {
     fn default() -> Self {
-        BenchConfig { prompt_len: 512, depths: vec![0, 4096, 16384], decode_tokens: 32, repeats: 3, cache_kind: None }
+        BenchConfig {
+            prompt_len: 512,
+            depths: vec![0, 4096, 16384],
+            decode_tokens: 32,
+            repeats: 3,
+            cache_kind: None,
+            batch_sizes: Vec::new(),
+            batch_depth: 0,
+        }
     }
 }
 
@@ -69,6 +82,10 @@ pub struct BenchReport {
     /// weights at the bandwidth, then the slower of the cache's bytes at the bandwidth and the
     /// attention at its peak. Empty without a peak.
     pub roofline_with_attention_share: BTreeMap<usize, f64>,
+    /// Per batch size `B`: tokens/s of all `B` sequences together (`B` tokens a step).
+    pub batch_decode_tok_s: BTreeMap<usize, f64>,
+    /// Cache depth of each sequence in the batch measurements.
+    pub batch_depth: usize,
     pub threads: usize,
 }
 
@@ -91,6 +108,13 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
         return Err(Error::InvalidArgument(format!(
             "the prompt ({}) and the deepest decode ({deepest} + {}) must fit the context ({max})",
             config.prompt_len, config.decode_tokens
+        )));
+    }
+    if config.batch_depth + config.decode_tokens + 1 > max || config.batch_sizes.contains(&0) {
+        return Err(Error::InvalidArgument(format!(
+            "--batch sizes must be at least 1, and the batch depth ({}) plus the decoded tokens ({} + 1) must fit \
+             the context ({max})",
+            config.batch_depth, config.decode_tokens
         )));
     }
     let repeats = config.repeats.max(1);
@@ -136,6 +160,13 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
             share_with_attention.insert(depth, tok_s * floor_s);
         }
     }
+    let mut batch = BTreeMap::new();
+    for &b in &config.batch_sizes {
+        let runs = (0..repeats)
+            .map(|_| time_batch(model, kind, b, config.batch_depth, config.decode_tokens))
+            .collect::<Result<Vec<_>>>()?;
+        batch.insert(b, median(runs));
+    }
     Ok(BenchReport {
         prefill_tok_s: prefill,
         decode_tok_s: decode,
@@ -148,6 +179,8 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
         attention_macs_per_token: macs,
         attention_peak_gmac_s: peak,
         roofline_with_attention_share: share_with_attention,
+        batch_decode_tok_s: batch,
+        batch_depth: config.batch_depth,
         threads: rayon::current_num_threads(),
     })
 }
@@ -161,9 +194,37 @@ fn time_prefill(model: &Model, kind: CacheKind, prompt: &[u32]) -> Result<f64> {
 
 fn time_decode(model: &Model, kind: CacheKind, depth: usize, n_tokens: usize) -> Result<f64> {
     let cfg = model.config();
+    let mut cache = filled_cache(model, kind, depth, n_tokens)?;
+    let tokens = random_tokens(n_tokens, cfg.vocab_size, depth as u64 + 1);
+    let mut ws = Workspace::default();
+    let start = Instant::now();
+    for &t in &tokens {
+        model.decode_step(t, &mut cache, &mut ws)?;
+    }
+    Ok(n_tokens as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Tokens/s of `b` sequences at `depth` decoded together for `steps` steps (after one untimed).
+fn time_batch(model: &Model, kind: CacheKind, b: usize, depth: usize, steps: usize) -> Result<f64> {
+    let cfg = model.config();
+    let mut caches = (0..b).map(|_| filled_cache(model, kind, depth, steps + 1)).collect::<Result<Vec<_>>>()?;
+    let mut refs: Vec<&mut LatentCache> = caches.iter_mut().collect();
+    let tokens = random_tokens((steps + 1) * b, cfg.vocab_size, b as u64 + 7);
+    let mut ws = Workspace::default();
+    model.decode(&tokens[..b], &mut refs, &mut ws)?;
+    let start = Instant::now();
+    for step in tokens.chunks_exact(b).skip(1) {
+        model.decode(step, &mut refs, &mut ws)?;
+    }
+    Ok((steps * b) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A cache of `kind` holding `depth` random rows, with room for `more`.
+fn filled_cache(model: &Model, kind: CacheKind, depth: usize, more: usize) -> Result<LatentCache> {
+    let cfg = model.config();
     let mut cache = model.new_cache_of(kind)?;
     // Steady-state decode: the cache does not grow (and copy its rows) while being timed.
-    cache.reserve(depth + n_tokens)?;
+    cache.reserve(depth + more)?;
     if depth > 0 {
         let (d_c, d_r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
         let c_kv = Tensor::randn(0f32, 1.0, (depth, d_c), model.device())?.to_dtype(model.dtype())?;
@@ -175,13 +236,7 @@ fn time_decode(model: &Model, kind: CacheKind, depth: usize, n_tokens: usize) ->
             }
         }
     }
-    let tokens = random_tokens(n_tokens, cfg.vocab_size, depth as u64 + 1);
-    let mut ws = Workspace::default();
-    let start = Instant::now();
-    for &t in &tokens {
-        model.decode_step(t, &mut cache, &mut ws)?;
-    }
-    Ok(n_tokens as f64 / start.elapsed().as_secs_f64())
+    Ok(cache)
 }
 
 /// Median of `values` (the mean of the middle two for an even count).

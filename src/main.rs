@@ -112,6 +112,13 @@ struct BenchArgs {
     /// Runs per figure; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Also decode this many sequences together, one step for all (e.g. 1,4,16), and report
+    /// their tokens/s in all.
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// Cache depth of each sequence in the --batch measurements.
+    #[arg(long, default_value_t = 0)]
+    batch_depth: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -568,6 +575,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         decode_tokens: args.decode_tokens,
         repeats: args.repeats,
         cache_kind: Some(cache_kind(&args.model, &model)?),
+        batch_sizes: args.batch.clone(),
+        batch_depth: args.batch_depth,
     };
     let report = bench::run(&model, &config)?;
     if args.json {
@@ -590,6 +599,15 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             "decode @{depth:<6} {tok_s:.1} tokens/s, {} read per token, {:.0}% of the roofline{with_attention}",
             bytes_str(bytes),
             100.0 * share
+        );
+    }
+    let single = report.batch_decode_tok_s.get(&1).copied();
+    for (b, tok_s) in &report.batch_decode_tok_s {
+        let gain = single.map(|s| format!(", {:.2}x one sequence", tok_s / s)).unwrap_or_default();
+        println!(
+            "batch {b:<4}  {tok_s:.1} tokens/s in all, {:.1} per sequence (depth {}{gain})",
+            tok_s / *b as f64,
+            report.batch_depth
         );
     }
     println!("bandwidth   {:.1} GB/s measured ({} threads)", report.memory_bandwidth_gb_s, report.threads);
