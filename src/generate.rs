@@ -166,8 +166,8 @@ impl<'m> ChatSession<'m> {
     /// Answers `user`, streaming the reply to `on_text`; the reply joins the conversation.
     pub fn reply(&mut self, user: &str, request: &Request, on_text: impl FnMut(&str)) -> Result<Generation> {
         self.messages.push(Message::new("user", user));
-        let prompt = self.tokenizer.apply_chat_template(&self.messages, true)?;
-        let ids = self.tokenizer.encode_plain(&prompt)?;
+        // The user's words are text: control tokens come only from the template.
+        let ids = self.tokenizer.encode_chat(&self.messages, true)?;
         let common = self.cached.iter().zip(&ids).take(self.cache.len()).take_while(|(a, b)| a == b).count();
         self.cache.truncate(common);
         let generation = generate(self.model, self.tokenizer, &mut self.cache, &ids, request, on_text);
@@ -186,36 +186,36 @@ impl<'m> ChatSession<'m> {
 }
 
 /// Streams text while holding back any tail that could still become a stop string.
-struct StopScan<'a> {
-    stops: &'a [String],
+pub(crate) struct StopScan {
+    stops: Vec<String>,
     all: String,
     emitted: String,
 }
 
-impl<'a> StopScan<'a> {
-    fn new(stops: &'a [String]) -> StopScan<'a> {
-        StopScan { stops, all: String::new(), emitted: String::new() }
+impl StopScan {
+    pub(crate) fn new(stops: &[String]) -> StopScan {
+        StopScan { stops: stops.to_vec(), all: String::new(), emitted: String::new() }
     }
 
     /// Adds `piece`; emits what is final; returns the stop string if one now appears.
-    fn push(&mut self, piece: &str, on_text: &mut impl FnMut(&str)) -> Option<String> {
+    pub(crate) fn push(&mut self, piece: &str, on_text: &mut impl FnMut(&str)) -> Option<String> {
         self.all.push_str(piece);
         let found = self
             .stops
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| self.all.find(s.as_str()).map(|at| (at, s)))
+            .filter_map(|s| self.all.find(s.as_str()).map(|at| (at, s.clone())))
             .min_by_key(|(at, _)| *at);
         if let Some((at, s)) = found {
             self.emit_until(at, on_text);
-            return Some(s.clone());
+            return Some(s);
         }
         let held = self.longest_stop_prefix_suffix();
         self.emit_until(self.all.len() - held, on_text);
         None
     }
 
-    fn flush(&mut self, on_text: &mut impl FnMut(&str)) {
+    pub(crate) fn flush(&mut self, on_text: &mut impl FnMut(&str)) {
         self.emit_until(self.all.len(), on_text);
     }
 

@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod cache;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod model;
 pub mod weights;
@@ -31,6 +32,7 @@ pub mod inspect;
 pub mod kernels;
 pub mod perplexity;
 pub mod sampling;
+pub mod server;
 pub mod tokenizer;
 
 pub use sampling::{Sampler, SamplingParams};

@@ -46,6 +46,9 @@ enum Command {
     Inspect(ModelArgs),
     /// Measure prefill and decode speed, memory, and the share of the decode roofline reached.
     Bench(BenchArgs),
+    /// Serve the model over HTTP with OpenAI's API (chat and text completions, streaming),
+    /// batching every running request into each decode step.
+    Serve(ServeArgs),
     /// Pre-train a model from plain text, or fine-tune one on chat data (--init, --sft).
     Train(TrainArgs),
     /// Tokenizer tools.
@@ -139,6 +142,66 @@ impl From<DtypeArg> for DType {
             DtypeArg::F16 => DType::F16,
         }
     }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* requests.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The model's name in requests and responses (default: the model folder's or file's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Most sequences decoded together in one step.
+    #[arg(long, default_value_t = 16)]
+    max_seqs: usize,
+    /// Most tokens computed in one step (decodes plus prompt chunks).
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Memory for the latent caches of all running sequences, in bytes (suffixes K, M, G, KiB,
+    /// MiB, GiB). Each request holds rows for its prompt plus max_tokens while it runs.
+    #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
+    kv_memory: usize,
+    /// Most requests waiting for room; past it requests get 503 at once.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// Largest request body, in bytes (suffixes as for --kv-memory).
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    max_body: usize,
+    /// Seconds in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+}
+
+/// `2GiB`, `512M`, `1000000`: a count of bytes.
+fn parse_bytes(text: &str) -> std::result::Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a size: give bytes, e.g. 2GiB or 512M"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}: use K, M, G, KiB, MiB or GiB")),
+    };
+    let bytes = value * scale;
+    if !(1.0..1e18).contains(&bytes) {
+        return Err(format!("{text:?} is not a usable size"));
+    }
+    Ok(bytes as usize)
 }
 
 #[derive(Args)]
@@ -295,6 +358,7 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Perplexity(args) => run_perplexity(args),
         Command::Inspect(args) => run_inspect(args),
         Command::Bench(args) => run_bench(args),
+        Command::Serve(args) => run_serve(args),
         Command::Train(args) => run_train(args),
         Command::Plot { run } => {
             let log = run.join(latent::train::trainer::LOG_FILE);
@@ -565,6 +629,48 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
         println!("tokens {}  nll {:.6} nats  perplexity {:.4}", result.tokens, result.nll, result.ppl);
     }
     Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> Result<()> {
+    use latent::engine::{Engine, EngineConfig};
+    use latent::server::{serve, ServerConfig};
+    let dir = model_dir(&args.model)?;
+    let name = args.served_model_name.clone().unwrap_or_else(|| match &args.model.model {
+        None => "latent-kjv".into(),
+        Some(_) => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+            .unwrap_or("latent".into()),
+    });
+    let config = ServerConfig {
+        host: args.host.clone(),
+        port: args.port,
+        api_key: args.api_key.clone(),
+        served_model_name: name.clone(),
+        max_body_bytes: args.max_body,
+        shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
+        ..ServerConfig::default()
+    };
+    let engine_config = EngineConfig {
+        max_seqs: args.max_seqs.max(1),
+        max_batch_tokens: args.max_batch_tokens.max(1),
+        kv_memory: args.kv_memory,
+        max_waiting: args.max_waiting.max(1),
+        ..EngineConfig::default()
+    };
+    let model_args = args.model;
+    let load = move || -> latent::Result<Engine> {
+        let (model, tokenizer) = load(&model_args).map_err(|e| latent::Error::InvalidArgument(format!("{e:#}")))?;
+        let kind = cache_kind(&model_args, &model).map_err(|e| latent::Error::InvalidArgument(format!("{e:#}")))?;
+        let engine = Engine::start(
+            model,
+            std::sync::Arc::new(tokenizer),
+            EngineConfig { cache_kind: Some(kind), ..engine_config },
+        )?;
+        eprintln!("latent: ready; serving `{name}`");
+        Ok(engine)
+    };
+    serve(config, load, |addr| eprintln!("latent: listening on http://{addr}"))
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {

@@ -67,6 +67,8 @@ struct TokenizerConfig {
 /// A model's tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer reading special-token strings as text (user content).
+    text_only: tokenizers::Tokenizer,
     bos: Option<(String, u32)>,
     eos_text: Option<String>,
     eos_ids: Vec<u32>,
@@ -121,7 +123,10 @@ impl Tokenizer {
             Some(ChatTemplate::One(t)) => Some(t),
             Some(ChatTemplate::Named(list)) => list.into_iter().find(|t| t.name == "default").map(|t| t.template),
         };
-        Ok(Tokenizer { inner, bos, eos_text, eos_ids, add_bos: tcfg.add_bos_token.unwrap_or(false), chat_template })
+        let mut text_only = inner.clone();
+        text_only.set_encode_special_tokens(true);
+        let add_bos = tcfg.add_bos_token.unwrap_or(false);
+        Ok(Tokenizer { inner, text_only, bos, eos_text, eos_ids, add_bos, chat_template })
     }
 
     /// Builds a tokenizer from `tokenizer.json` bytes and settings given directly (a GGUF file's
@@ -140,7 +145,9 @@ impl Tokenizer {
         })?;
         let bos = bos_id.and_then(|id| inner.id_to_token(id).map(|t| (t, id)));
         let eos_text = eos_ids.first().and_then(|&id| inner.id_to_token(id));
-        Ok(Tokenizer { inner, bos, eos_text, eos_ids, add_bos, chat_template })
+        let mut text_only = inner.clone();
+        text_only.set_encode_special_tokens(true);
+        Ok(Tokenizer { inner, text_only, bos, eos_text, eos_ids, add_bos, chat_template })
     }
 
     /// Token ids of `text` as a model input: BOS first when `add_bos_token` says so.
@@ -226,6 +233,72 @@ impl Tokenizer {
     /// Whether the tokenizer config has a chat template.
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
+    }
+
+    /// Token ids of `text` read as text only: a special token's string in it is spelled out
+    /// in ordinary tokens, never encoded as the control token (a user's words).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .text_only
+            .encode(text, false)
+            .map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The model input of a conversation: the chat template rendered over `messages` (with the
+    /// assistant's turn opened if asked), where control tokens come only from the template's
+    /// own text and every message's content is encoded as text ([`Tokenizer::encode_text`]):
+    /// a user who types `<｜end▁of▁sentence｜>` or a role marker cannot end or forge a turn.
+    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        // Render once with a marker in place of each content, to learn what is scaffolding.
+        let marker = |i: usize| format!("\u{E000}latent-content-{i}\u{E001}");
+        let marked: Vec<Message> =
+            messages.iter().enumerate().map(|(i, m)| Message { role: m.role.clone(), content: marker(i) }).collect();
+        let rendered = self.apply_chat_template(&marked, add_generation_prompt)?;
+        // The rendering as (text, is content) pieces.
+        let mut pieces: Vec<(&str, bool)> = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some((at, i)) = (0..messages.len()).filter_map(|i| rest.find(&marker(i)).map(|at| (at, i))).min() {
+            pieces.push((&rest[..at], false));
+            pieces.push((&messages[i].content, true));
+            rest = &rest[at + marker(i).len()..];
+        }
+        if rest.contains('\u{E000}') {
+            return Err(Error::Template(
+                "the chat template changed a message's content in a way latent cannot follow".into(),
+            ));
+        }
+        pieces.push((rest, false));
+        // Control tokens where the scaffolding has them; every run of text between them, the
+        // contents included, encoded as text in one piece (as a joint encoding would).
+        let specials: std::collections::HashSet<u32> =
+            self.inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
+        let (mut ids, mut run) = (Vec::new(), String::new());
+        for (text, is_content) in pieces {
+            if is_content {
+                run.push_str(text);
+                continue;
+            }
+            let (found, offsets) = self.encode_with_offsets(text)?;
+            let mut last = 0;
+            for (id, (start, end)) in found.into_iter().zip(offsets) {
+                if specials.contains(&id) && start >= last && end <= text.len() {
+                    run.push_str(&text[last..start]);
+                    ids.extend(self.encode_text(&run)?);
+                    run.clear();
+                    ids.push(id);
+                    last = end;
+                }
+            }
+            run.push_str(&text[last..]);
+        }
+        ids.extend(self.encode_text(&run)?);
+        Ok(ids)
+    }
+
+    /// The text of one token as it appears in decoded output (special tokens included).
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
     }
 
     /// Renders the chat template over `messages`, ending with the assistant's turn if asked.

@@ -1,0 +1,165 @@
+//! The engine's counters, shared with the server, and their Prometheus text.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds buckets of the latency histograms.
+const BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// A histogram of seconds.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    /// The sum, in microseconds.
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation of `secs` seconds.
+    pub fn observe(&self, secs: f64) {
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            if secs <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add((secs.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", count.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count());
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {}", self.count());
+    }
+}
+
+/// What the engine did and holds; updated by the engine thread, read by anyone.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Requests submitted and not yet taken by the engine thread.
+    pub waiting: AtomicUsize,
+    /// Sequences taken by the engine and waiting for room.
+    pub queued: AtomicUsize,
+    /// Sequences running.
+    pub running: AtomicUsize,
+    /// Cache rows reserved by the running sequences.
+    pub cache_rows_used: AtomicUsize,
+    /// Cache rows holding a token.
+    pub cache_rows_held: AtomicUsize,
+    /// Cache rows the memory budget holds.
+    pub cache_rows_total: usize,
+    /// Bytes one cache row takes, every layer together.
+    pub bytes_per_row: usize,
+    /// Prompt tokens computed.
+    pub prompt_tokens: AtomicU64,
+    /// Prompt tokens whose rows were reused instead.
+    pub prefix_cache_hit_tokens: AtomicU64,
+    /// Tokens generated.
+    pub generation_tokens: AtomicU64,
+    /// Sequences that ended (EOS, stop, length).
+    pub finished: AtomicU64,
+    /// Sequences dropped because their client went away.
+    pub cancelled: AtomicU64,
+    /// Seconds from submission to the first token.
+    pub ttft: Histogram,
+    /// Seconds between a sequence's tokens.
+    pub itl: Histogram,
+    /// When the engine thread last went round its loop (Unix milliseconds).
+    pub heartbeat_ms: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Metrics {
+    /// Counters for a cache of `cache_rows_total` rows of `bytes_per_row` bytes.
+    pub fn new(cache_rows_total: usize, bytes_per_row: usize) -> Metrics {
+        let m = Metrics { cache_rows_total, bytes_per_row, ..Metrics::default() };
+        m.beat();
+        m
+    }
+
+    /// Marks the engine thread alive now.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Sequences waiting, in the channel or in the scheduler.
+    pub fn waiting_total(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether the engine has work but has not gone round its loop for `secs` seconds.
+    pub fn stuck(&self, secs: f64) -> bool {
+        let busy = self.running.load(Ordering::Relaxed) + self.waiting_total() > 0;
+        let idle_ms = now_ms().saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed));
+        busy && idle_ms as f64 > secs * 1e3
+    }
+
+    /// The Prometheus text exposition of every counter.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, value: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        let get = |a: &AtomicUsize| a.load(Ordering::Relaxed) as f64;
+        let get64 = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        gauge("latent_running_sequences", "Sequences running.", "gauge", get(&self.running));
+        gauge("latent_waiting_sequences", "Sequences waiting for room.", "gauge", self.waiting_total() as f64);
+        gauge(
+            "latent_cache_rows_reserved",
+            "Latent cache rows reserved by running sequences.",
+            "gauge",
+            get(&self.cache_rows_used),
+        );
+        gauge("latent_cache_rows_used", "Latent cache rows holding a token.", "gauge", get(&self.cache_rows_held));
+        gauge(
+            "latent_cache_rows_total",
+            "Latent cache rows the memory budget holds.",
+            "gauge",
+            self.cache_rows_total as f64,
+        );
+        gauge(
+            "latent_cache_bytes_reserved",
+            "Bytes of latent cache reserved by running sequences.",
+            "gauge",
+            (self.cache_rows_used.load(Ordering::Relaxed) * self.bytes_per_row) as f64,
+        );
+        gauge(
+            "latent_cache_bytes_total",
+            "Bytes of the latent cache budget (--kv-memory).",
+            "gauge",
+            (self.cache_rows_total * self.bytes_per_row) as f64,
+        );
+        gauge("latent_prompt_tokens_total", "Prompt tokens computed.", "counter", get64(&self.prompt_tokens));
+        gauge(
+            "latent_prefix_cache_hit_tokens_total",
+            "Prompt tokens whose cache rows were reused.",
+            "counter",
+            get64(&self.prefix_cache_hit_tokens),
+        );
+        gauge("latent_generation_tokens_total", "Tokens generated.", "counter", get64(&self.generation_tokens));
+        gauge("latent_requests_finished_total", "Sequences that ended.", "counter", get64(&self.finished));
+        gauge(
+            "latent_requests_cancelled_total",
+            "Sequences whose client went away.",
+            "counter",
+            get64(&self.cancelled),
+        );
+        self.ttft.write(&mut out, "latent_time_to_first_token_seconds", "Seconds from a request to its first token.");
+        self.itl.write(&mut out, "latent_inter_token_latency_seconds", "Seconds between a sequence's tokens.");
+        out
+    }
+}

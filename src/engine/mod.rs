@@ -1,0 +1,590 @@
+//! Many requests on one model: continuous batching.
+//!
+//! One engine thread owns the model, every sequence's latent cache and the [`Scheduler`].
+//! Requests reach it over a channel ([`Engine::submit`]); each gets its own channel of
+//! [`Event`]s back. Every step the thread takes in new requests, drops the sequences whose
+//! receiver is gone (a client that disconnected: its cache is freed within one step), asks
+//! the scheduler for the step's work, and runs it:
+//!
+//! - the prefill chunks, each span over its own cache ([`Model::forward_chunked`], expanded
+//!   attention);
+//! - every running decode in one [`Model::decode`]: one token per sequence, each weight read
+//!   once for all of them, each sequence attending to its own rows only;
+//!
+//! then samples each sequence's next token with its own seeded sampler and sends the text
+//! that is final (never part of a UTF-8 character, never part of a possible stop string).
+//!
+//! A sequence's logits do not depend on what else runs: decode rows are computed one by one
+//! over the same weights, and prompts are cut at fixed offsets whatever the load (see
+//! [`scheduler`]), so a seed gives the same tokens alone or batched.
+
+pub mod metrics;
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::cache::{CacheKind, LatentCache};
+use crate::error::{Error, ErrorKind, Result};
+use crate::generate::StopScan;
+use crate::model::{AttentionPath, LogitRows, Model, Workspace};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{TextStream, Tokenizer};
+pub use metrics::Metrics;
+use scheduler::{Limits, Scheduler, SeqCounts, SeqId};
+
+/// How the engine runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Most sequences running at once.
+    pub max_seqs: usize,
+    /// Most tokens one step computes (decodes plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Prompt tokens per prefill chunk (at most `max_batch_tokens`).
+    pub prefill_chunk: usize,
+    /// Bytes the latent caches of all running sequences may take.
+    pub kv_memory: usize,
+    /// How caches store rows (`None`: the model's default).
+    pub cache_kind: Option<CacheKind>,
+    /// Most requests waiting; past it [`Engine::submit`] refuses at once.
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_seqs: 16,
+            max_batch_tokens: 512,
+            prefill_chunk: crate::model::DEFAULT_PREFILL_CHUNK,
+            kv_memory: 2 << 30,
+            cache_kind: None,
+            max_waiting: 256,
+        }
+    }
+}
+
+/// One generation's settings, validated by the caller (the server checks each value).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Temperature, top-k, top-p, repetition penalty, seed.
+    pub sampling: SamplingParams,
+    /// Subtracted from the logit of every token generated so far.
+    pub presence_penalty: f32,
+    /// Subtracted once per occurrence so far.
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Generation stops before the first of these; they are not sent.
+    pub stop: Vec<String>,
+    /// Log-probabilities of each generated token and of this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            max_tokens: 16,
+            sampling: SamplingParams::default(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            stop: Vec::new(),
+            logprobs: None,
+        }
+    }
+}
+
+/// A generated token's log-probability (from the model's distribution, before penalties and
+/// temperature), with the best alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// End of sequence or a stop string.
+    Stop,
+    /// `max_tokens`, or the context is full.
+    Length,
+}
+
+/// Token counts of one sequence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose cache rows were reused rather than computed.
+    pub cached_tokens: usize,
+}
+
+/// What a request's channel carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Text that is final, and the log-probabilities of the tokens generated since the last event.
+    Text { text: String, logprobs: Vec<TokenLogprob> },
+    /// The end: no more events follow.
+    Done { finish: Finish, usage: Usage },
+    /// A failure after the request was accepted; no more events follow.
+    Error { message: String, kind: ErrorKind },
+}
+
+/// A request for one sequence.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub params: Params,
+}
+
+/// Why [`Engine::submit`] refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The waiting queue is full: try again later.
+    #[error("the server is busy: {0} requests are waiting")]
+    QueueFull(usize),
+    /// The request cannot run (too long for the context or the cache memory, bad values).
+    #[error(transparent)]
+    Invalid(#[from] Error),
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+enum Command {
+    Submit { id: SeqId, request: Request, events: UnboundedSender<Event>, at: Instant },
+}
+
+/// A running engine: its thread and the way in.
+pub struct Engine {
+    tx: Option<mpsc::Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+    tokenizer: Arc<Tokenizer>,
+    max_positions: usize,
+    limits: Limits,
+    bytes_per_token: usize,
+    max_waiting: usize,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Engine {
+    /// Starts the engine thread over `model`.
+    pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Engine> {
+        let kind = config.cache_kind.unwrap_or(model.cache_kind());
+        let bytes_per_token = model.new_cache_of(kind)?.bytes_per_token().max(1);
+        let cache_rows = config.kv_memory / bytes_per_token;
+        if cache_rows == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "--kv-memory {} bytes holds no token: a token takes {bytes_per_token} bytes of cache",
+                config.kv_memory
+            )));
+        }
+        let limits = Limits {
+            max_seqs: config.max_seqs.max(1),
+            max_batch_tokens: config.max_batch_tokens.max(1),
+            chunk: config.prefill_chunk.max(1),
+            cache_rows,
+        };
+        let scheduler = Scheduler::new(limits);
+        let limits = scheduler.limits();
+        let metrics = Arc::new(Metrics::new(cache_rows, bytes_per_token));
+        let (tx, rx) = mpsc::channel();
+        let max_positions = model.config().max_position_embeddings;
+        let worker = Worker {
+            model,
+            tokenizer: tokenizer.clone(),
+            kind,
+            scheduler,
+            seqs: HashMap::new(),
+            ws: Workspace::default(),
+            metrics: metrics.clone(),
+        };
+        // The loop runs on a worker of a pool of its own, as the command line's commands do: a
+        // parallel product started there shares its work with the other workers directly.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("latent-engine-{i}"))
+            .build()
+            .map_err(|e| Error::internal(format!("cannot start the engine's threads: {e}")))?;
+        let thread = std::thread::Builder::new()
+            .name("latent-engine".into())
+            .spawn(move || pool.install(move || worker.run(rx)))
+            .map_err(|e| Error::internal(format!("cannot start the engine thread: {e}")))?;
+        Ok(Engine {
+            tx: Some(tx),
+            thread: Some(thread),
+            metrics,
+            tokenizer,
+            max_positions,
+            limits,
+            bytes_per_token,
+            max_waiting: config.max_waiting.max(1),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+
+    /// The tokenizer requests are encoded with.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// The counters `/metrics` shows.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The model's context (`max_position_embeddings`).
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Queues `request`; its events come on the returned channel. Refused at once, without
+    /// work, when the waiting queue is full or the request cannot fit. Dropping the receiver
+    /// cancels the sequence within one step and frees its cache.
+    pub fn submit(&self, request: Request) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
+        let (n, max_tokens) = (request.prompt.len(), request.params.max_tokens);
+        if n == 0 {
+            return Err(Error::InvalidArgument("the prompt is empty: give at least one token".into()).into());
+        }
+        if max_tokens == 0 {
+            return Err(Error::InvalidArgument("max_tokens must be at least 1".into()).into());
+        }
+        let vocab = self.tokenizer.vocab_size();
+        if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= vocab.max(1)) {
+            return Err(Error::InvalidArgument(format!("token id {bad} is outside the vocabulary ({vocab})")).into());
+        }
+        if n + max_tokens > self.max_positions {
+            return Err(Error::PromptTooLong { n_tokens: n + max_tokens, max: self.max_positions }.into());
+        }
+        let rows = n + max_tokens;
+        if rows > self.limits.cache_rows {
+            return Err(Error::InvalidArgument(format!(
+                "the prompt and max_tokens ({rows} tokens, {} bytes of cache) do not fit the cache memory ({} \
+                 tokens; --kv-memory)",
+                rows * self.bytes_per_token,
+                self.limits.cache_rows
+            ))
+            .into());
+        }
+        let waiting = self.metrics.waiting.load(Ordering::Relaxed);
+        if waiting >= self.max_waiting {
+            return Err(SubmitError::QueueFull(waiting));
+        }
+        let tx = self.tx.as_ref().ok_or(SubmitError::Stopped)?;
+        let (events, rx) = unbounded_channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.metrics.waiting.fetch_add(1, Ordering::Relaxed);
+        tx.send(Command::Submit { id, request, events, at: Instant::now() }).map_err(|_| {
+            self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+            SubmitError::Stopped
+        })?;
+        Ok(rx)
+    }
+
+    /// Stops taking requests, lets the running and waiting ones finish, and joins the thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One sequence on the engine thread.
+struct Seq {
+    events: UnboundedSender<Event>,
+    prompt: Vec<u32>,
+    params: Params,
+    cache: Option<LatentCache>,
+    sampler: Sampler,
+    /// Prompt and generated tokens.
+    history: Vec<u32>,
+    /// Occurrences of each generated token (presence and frequency penalties).
+    counts: HashMap<u32, u32>,
+    stream: TextStream,
+    stop: StopScan,
+    generated: usize,
+    /// The sampled token the next decode runs.
+    next: Option<u32>,
+    submitted: Instant,
+    last_token: Option<Instant>,
+}
+
+struct Worker {
+    model: Model,
+    tokenizer: Arc<Tokenizer>,
+    kind: CacheKind,
+    scheduler: Scheduler,
+    seqs: HashMap<SeqId, Seq>,
+    ws: Workspace,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        let mut open = true;
+        loop {
+            if self.seqs.is_empty() {
+                if !open {
+                    break;
+                }
+                match rx.recv() {
+                    Ok(cmd) => self.take(cmd),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.take(cmd),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.cancel_dropped();
+            if let Err(e) = self.step() {
+                // A failure of the step itself: every sequence in it is told and dropped, and the
+                // engine goes on with new requests.
+                let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
+                for id in ids {
+                    self.finish_with(id, Event::Error { message: e.to_string(), kind: e.kind() });
+                }
+            }
+            self.metrics.beat();
+            self.publish();
+        }
+    }
+
+    fn take(&mut self, cmd: Command) {
+        let Command::Submit { id, request, events, at } = cmd;
+        self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+        let Request { prompt, params } = request;
+        let sampler = match Sampler::new(params.sampling) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = events.send(Event::Error { message: e.to_string(), kind: ErrorKind::Request });
+                return;
+            }
+        };
+        let counts = SeqCounts { prompt: prompt.len(), prefilled: 0, rows: prompt.len() + params.max_tokens };
+        self.scheduler.push(id, counts);
+        let stop = StopScan::new(&params.stop);
+        self.seqs.insert(
+            id,
+            Seq {
+                events,
+                history: prompt.clone(),
+                prompt,
+                params,
+                cache: None,
+                sampler,
+                counts: HashMap::new(),
+                stream: TextStream::new(),
+                stop,
+                generated: 0,
+                next: None,
+                submitted: at,
+                last_token: None,
+            },
+        );
+    }
+
+    /// Drops every sequence whose receiver is gone.
+    fn cancel_dropped(&mut self) {
+        let gone: Vec<SeqId> = self.seqs.iter().filter(|(_, s)| s.events.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            self.scheduler.remove(id);
+            self.seqs.remove(&id);
+            self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn publish(&self) {
+        let m = &self.metrics;
+        m.running.store(self.scheduler.running(), Ordering::Relaxed);
+        m.queued.store(self.scheduler.waiting(), Ordering::Relaxed);
+        m.cache_rows_used.store(self.scheduler.rows_used(), Ordering::Relaxed);
+        let held: usize = self.seqs.values().filter_map(|s| s.cache.as_ref()).map(LatentCache::len).sum();
+        m.cache_rows_held.store(held, Ordering::Relaxed);
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let plan = self.scheduler.plan();
+        if plan.is_empty() {
+            return Ok(());
+        }
+        // Prefill chunks, each over its own cache.
+        for &(id, start, n) in &plan.prefill {
+            let Some(seq) = self.seqs.get_mut(&id) else { continue };
+            if seq.cache.is_none() {
+                let mut cache = self.model.new_cache_of(self.kind)?;
+                cache.reserve(seq.prompt.len() + seq.params.max_tokens)?;
+                seq.cache = Some(cache);
+            }
+            let cache = seq.cache.as_mut().ok_or_else(|| Error::internal("a prefilled sequence has no cache"))?;
+            let chunk = &seq.prompt[start..start + n];
+            let logits = self.model.forward_chunked(chunk, cache, AttentionPath::Expanded, LogitRows::Last, n)?;
+            self.scheduler.prefilled(id, n);
+            self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+            if start + n == seq.prompt.len() {
+                let row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                self.emit(id, &row)?;
+            }
+        }
+        // Every running decode in one step.
+        let ids: Vec<SeqId> =
+            plan.decode.iter().copied().filter(|id| self.seqs.get(id).is_some_and(|s| s.next.is_some())).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut tokens = Vec::with_capacity(ids.len());
+        let mut caches = Vec::with_capacity(ids.len());
+        // Disjoint borrows of the sequences' caches, in `ids` order.
+        let mut by_id: HashMap<SeqId, &mut Seq> =
+            self.seqs.iter_mut().filter(|(id, _)| ids.contains(id)).map(|(&id, s)| (id, s)).collect();
+        for id in &ids {
+            let seq = by_id.remove(id).ok_or_else(|| Error::internal("a decoded sequence vanished"))?;
+            tokens.push(seq.next.take().unwrap_or(0));
+            caches.push(seq.cache.as_mut().ok_or_else(|| Error::internal("a decoded sequence has no cache"))?);
+        }
+        let vocab = self.model.config().vocab_size;
+        let logits = self.model.decode(&tokens, &mut caches, &mut self.ws)?.to_vec();
+        drop(caches);
+        for (id, row) in ids.iter().zip(logits.chunks_exact(vocab)) {
+            self.emit(*id, row)?;
+        }
+        Ok(())
+    }
+
+    /// Samples `id`'s next token from `logits`, sends what text is final, and ends the
+    /// sequence on EOS, a stop string, `max_tokens` or a full context.
+    fn emit(&mut self, id: SeqId, logits: &[f32]) -> Result<()> {
+        let max_positions = self.model.config().max_position_embeddings;
+        let Some(seq) = self.seqs.get_mut(&id) else { return Ok(()) };
+        let p = &seq.params;
+        let mut adjusted = logits.to_vec();
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &seq.counts {
+                if let Some(l) = adjusted.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = adjusted.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        let token = seq.sampler.sample(&adjusted, &seq.history);
+        let now = Instant::now();
+        match seq.last_token {
+            None => self.metrics.ttft.observe(now.duration_since(seq.submitted).as_secs_f64()),
+            Some(t) => self.metrics.itl.observe(now.duration_since(t).as_secs_f64()),
+        }
+        seq.last_token = Some(now);
+        if self.tokenizer.eos_ids().contains(&token) {
+            return self.finish(id, Finish::Stop);
+        }
+        seq.generated += 1;
+        self.metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
+        seq.history.push(token);
+        *seq.counts.entry(token).or_insert(0) += 1;
+        let logprobs = match seq.params.logprobs {
+            Some(top) => vec![token_logprob(&self.tokenizer, logits, token, top)],
+            None => Vec::new(),
+        };
+        let mut text = String::new();
+        let mut stopped = false;
+        if let Some(piece) = seq.stream.step(&self.tokenizer, token)? {
+            stopped = seq.stop.push(&piece, &mut |t: &str| text.push_str(t)).is_some();
+        }
+        let full = seq.prompt.len() + seq.generated >= max_positions;
+        let finish = if stopped {
+            Some(Finish::Stop)
+        } else if seq.generated >= seq.params.max_tokens || full {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        if !stopped && finish.is_some() {
+            if let Some(rest) = seq.stream.finish(&self.tokenizer)? {
+                stopped = seq.stop.push(&rest, &mut |t: &str| text.push_str(t)).is_some();
+            }
+            if !stopped {
+                seq.stop.flush(&mut |t: &str| text.push_str(t));
+            }
+        }
+        if !text.is_empty() || !logprobs.is_empty() {
+            let _ = seq.events.send(Event::Text { text, logprobs });
+        }
+        match finish {
+            Some(f) => self.finish(id, if stopped { Finish::Stop } else { f }),
+            None => {
+                seq.next = Some(token);
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(&mut self, id: SeqId, finish: Finish) -> Result<()> {
+        let usage = self
+            .seqs
+            .get(&id)
+            .map(|s| Usage { prompt_tokens: s.prompt.len(), completion_tokens: s.generated, cached_tokens: 0 })
+            .unwrap_or_default();
+        self.finish_with(id, Event::Done { finish, usage });
+        self.metrics.finished.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn finish_with(&mut self, id: SeqId, event: Event) {
+        if let Some(seq) = self.seqs.remove(&id) {
+            let _ = seq.events.send(event);
+        }
+        self.scheduler.remove(id);
+    }
+}
+
+/// `token`'s log-probability under `logits` and the `top` best alternatives.
+fn token_logprob(tokenizer: &Tokenizer, logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let lp = |id: usize| logits.get(id).map_or(f32::NEG_INFINITY, |&l| l - log_sum);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let k = top.min(order.len());
+    if k > 0 {
+        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        order.truncate(k);
+        order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    } else {
+        order.clear();
+    }
+    TokenLogprob {
+        token: tokenizer.token_text(token),
+        logprob: lp(token as usize),
+        top: order.into_iter().map(|id| (tokenizer.token_text(id as u32), lp(id))).collect(),
+    }
+}
