@@ -277,7 +277,7 @@ impl Engine {
             ))
             .into());
         }
-        let waiting = self.metrics.waiting.load(Ordering::Relaxed);
+        let waiting = self.metrics.waiting_total();
         if waiting >= self.max_waiting {
             return Err(SubmitError::QueueFull(waiting));
         }
