@@ -16,6 +16,7 @@
 //! ```
 
 pub mod bench;
+pub mod bench_serve;
 pub mod cache;
 pub mod config;
 pub mod engine;

@@ -46,6 +46,9 @@ enum Command {
     Inspect(ModelArgs),
     /// Measure prefill and decode speed, memory, and the share of the decode roofline reached.
     Bench(BenchArgs),
+    /// Drive an OpenAI-compatible server with N concurrent streaming clients; report output
+    /// tokens/s, requests/s, time to first token and inter-token latency per N, and plot them.
+    BenchServe(BenchServeArgs),
     /// Serve the model over HTTP with OpenAI's API (chat and text completions, streaming),
     /// batching every running request into each decode step.
     Serve(ServeArgs),
@@ -179,6 +182,49 @@ struct ServeArgs {
     /// Seconds in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
+}
+
+#[derive(Args)]
+struct BenchServeArgs {
+    /// The server's `host:port`.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    addr: String,
+    /// The `model` field of each request (default: none sent).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Concurrent clients, one level after another.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    concurrency: Vec<usize>,
+    /// Words per prompt (about 1.3 tokens each for an English tokenizer).
+    #[arg(long, default_value_t = 400)]
+    prompt_words: usize,
+    /// Tokens asked of each request.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Seconds each level runs.
+    #[arg(long, default_value_t = 60.0)]
+    seconds: f64,
+    /// Requests per client per level, at most.
+    #[arg(long, default_value_t = 1000)]
+    max_requests: usize,
+    /// Extra JSON fields for every request, e.g. '{"ignore_eos": true}'.
+    #[arg(long, default_value = "{}")]
+    extra: String,
+    /// Name of this run in the plot and the JSON.
+    #[arg(long, default_value = "server")]
+    label: String,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Plot output tokens/s and time to first token against concurrency into this PNG (earlier
+    /// runs given with --compare are drawn beside it).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// JSON files of earlier runs (from --json) to draw in the same plot.
+    #[arg(long, value_delimiter = ',')]
+    compare: Vec<PathBuf>,
 }
 
 /// `2GiB`, `512M`, `1000000`: a count of bytes.
@@ -359,6 +405,7 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Inspect(args) => run_inspect(args),
         Command::Bench(args) => run_bench(args),
         Command::Serve(args) => run_serve(args),
+        Command::BenchServe(args) => run_bench_serve(args),
         Command::Train(args) => run_train(args),
         Command::Plot { run } => {
             let log = run.join(latent::train::trainer::LOG_FILE);
@@ -627,6 +674,86 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&result)?);
     } else {
         println!("tokens {}  nll {:.6} nats  perplexity {:.4}", result.tokens, result.nll, result.ppl);
+    }
+    Ok(())
+}
+
+fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
+    use latent::bench_serve::{plot, run, LevelReport, LoadConfig};
+    let extra: serde_json::Value = serde_json::from_str(&args.extra).context("--extra must be a JSON object")?;
+    if !(extra.is_object() && args.seconds > 0.0 && args.seconds.is_finite()) {
+        bail!("--extra must be a JSON object and --seconds a positive number");
+    }
+    let cfg = LoadConfig {
+        addr: args.addr.clone(),
+        model: args.model.clone(),
+        api_key: args.api_key.clone(),
+        concurrency: args.concurrency.clone(),
+        prompt_words: args.prompt_words,
+        max_tokens: args.max_tokens.max(1),
+        duration: std::time::Duration::from_secs_f64(args.seconds),
+        max_requests: args.max_requests.max(1),
+        extra,
+    };
+    let bar = ProgressBar::new(args.concurrency.len() as u64).with_style(
+        ProgressStyle::with_template("level {pos}/{len} {bar:30} {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let reports = run(&cfg, |level, done| {
+        bar.set_position(level as u64);
+        bar.set_message(format!("{} clients, {done} requests", cfg.concurrency[level]));
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{:>7} {:>9} {:>7} {:>10} {:>8} {:>9} {:>9} {:>8} {:>8}",
+        "clients", "requests", "failed", "out tok/s", "req/s", "ttft p50", "ttft p99", "itl p50", "itl p99"
+    );
+    for r in &reports {
+        println!(
+            "{:>7} {:>9} {:>7} {:>10.1} {:>8.2} {:>7.0}ms {:>7.0}ms {:>6.1}ms {:>6.1}ms",
+            r.concurrency,
+            r.requests,
+            r.failed,
+            r.output_tok_s,
+            r.requests_s,
+            r.ttft_p50_ms,
+            r.ttft_p99_ms,
+            r.itl_p50_ms,
+            r.itl_p99_ms
+        );
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&serde_json::json!({"label": args.label, "levels": reports}))?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let mut all = vec![(args.label.clone(), reports)];
+        for file in &args.compare {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+            let label = v["label"].as_str().unwrap_or("run").to_string();
+            let levels = v["levels"].as_array().cloned().unwrap_or_default();
+            let levels: Vec<LevelReport> = levels
+                .iter()
+                .map(|l| LevelReport {
+                    concurrency: l["concurrency"].as_u64().unwrap_or(1) as usize,
+                    requests: l["requests"].as_u64().unwrap_or(0) as usize,
+                    failed: l["failed"].as_u64().unwrap_or(0) as usize,
+                    output_tokens: l["output_tokens"].as_u64().unwrap_or(0) as usize,
+                    seconds: l["seconds"].as_f64().unwrap_or(0.0),
+                    output_tok_s: l["output_tok_s"].as_f64().unwrap_or(f64::NAN),
+                    requests_s: l["requests_s"].as_f64().unwrap_or(f64::NAN),
+                    ttft_p50_ms: l["ttft_p50_ms"].as_f64().unwrap_or(f64::NAN),
+                    ttft_p99_ms: l["ttft_p99_ms"].as_f64().unwrap_or(f64::NAN),
+                    itl_p50_ms: l["itl_p50_ms"].as_f64().unwrap_or(f64::NAN),
+                    itl_p99_ms: l["itl_p99_ms"].as_f64().unwrap_or(f64::NAN),
+                })
+                .collect();
+            all.push((label, levels));
+        }
+        plot(&all, path)?;
+        eprintln!("latent: plot in {}", path.display());
     }
     Ok(())
 }

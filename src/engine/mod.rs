@@ -537,9 +537,9 @@ impl Worker {
                 seq.stop.flush(&mut |t: &str| text.push_str(t));
             }
         }
-        if !text.is_empty() || !logprobs.is_empty() {
-            let _ = seq.events.send(Event::Text { text, logprobs });
-        }
+        // One event per token, even with no text yet (a character's first bytes, or a token
+        // the tokenizer cannot spell): streams then show every token's timing.
+        let _ = seq.events.send(Event::Text { text, logprobs });
         match finish {
             Some(f) => self.finish(id, if stopped { Finish::Stop } else { f }),
             None => {
