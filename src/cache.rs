@@ -52,6 +52,15 @@ impl Buf {
         }
     }
 
+    /// Keeps the first `n` values and frees the rest of the allocation.
+    fn shrink(&mut self, n: usize) {
+        match self {
+            Buf::Bf16(v) => (v.truncate(n), v.shrink_to_fit()),
+            Buf::F16(v) => (v.truncate(n), v.shrink_to_fit()),
+            Buf::F32(v) => (v.truncate(n), v.shrink_to_fit()),
+        };
+    }
+
     /// Grows to `n` values (zeros), copying the old ones once.
     fn grow(&mut self, n: usize) {
         match self {
@@ -196,6 +205,17 @@ impl LatentCache {
     pub fn truncate(&mut self, len: usize) {
         self.layers.iter_mut().for_each(|l| l.len = l.len.min(len));
         self.int8.iter_mut().for_each(|rows| rows.truncate(len));
+    }
+
+    /// Returns the memory past the rows held to the allocator (a cache kept for its prefix).
+    pub fn shrink(&mut self) {
+        let (d_c, d_r) = (self.d_c, self.d_r);
+        for rows in &mut self.layers {
+            let len = rows.len;
+            rows.c_kv.shrink(len * d_c);
+            rows.k_rope.shrink(len * d_r);
+        }
+        self.int8.iter_mut().for_each(Int8Rows::shrink);
     }
 
     /// Makes room for `tokens` tokens in every layer without growing again, so a caller that knows

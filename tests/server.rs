@@ -518,3 +518,51 @@ fn sigterm_lets_a_stream_finish_and_exits_zero() {
     };
     assert!(code.success(), "{code:?}");
 }
+
+#[test]
+fn a_shared_prefix_is_reused_and_gives_the_tokens_of_a_miss() {
+    let system = "In the beginning God created the heaven and the earth. And the earth was without form, and void; \
+                  and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. \
+                  And God said, Let there be light: and there was light. And God saw the light, that it was good."
+        .repeat(2);
+    let ask = |question: &str| {
+        json!({
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "max_tokens": 12,
+            "temperature": 0,
+        })
+    };
+    let warm = Server::start(&[]);
+    let (status, first) = warm.post("/v1/chat/completions", &ask("Who made the light?"));
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (_, second) = warm.post("/v1/chat/completions", &ask("What moved upon the waters?"));
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= 64 && cached % 64 == 0, "{second}");
+    assert_eq!(second["usage"]["prompt_cache_hit_tokens"], cached);
+    assert_eq!(
+        second["usage"]["prompt_cache_miss_tokens"].as_u64().unwrap(),
+        second["usage"]["prompt_tokens"].as_u64().unwrap() - cached
+    );
+    assert_eq!(warm.metric("latent_prefix_cache_hit_tokens_total"), cached as f64);
+    assert!(warm.metric("latent_cache_rows_kept") > 0.0, "ended sequences' rows are kept");
+    // A fresh server computes the whole prompt and answers the same.
+    let cold = Server::start(&[]);
+    let (_, miss) = cold.post("/v1/chat/completions", &ask("What moved upon the waters?"));
+    assert_eq!(miss["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(miss["choices"][0]["message"]["content"], second["choices"][0]["message"]["content"]);
+    // A chat's next turn reuses the previous turn, its reply included.
+    let reply = first["choices"][0]["message"]["content"].as_str().unwrap();
+    let next = json!({
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "Who made the light?"},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "And then?"},
+        ],
+        "max_tokens": 4,
+        "temperature": 0,
+    });
+    let (_, turn) = warm.post("/v1/chat/completions", &next);
+    assert!(turn["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() >= cached, "{turn}");
+}

@@ -55,8 +55,10 @@ pub struct Metrics {
     pub running: AtomicUsize,
     /// Cache rows reserved by the running sequences.
     pub cache_rows_used: AtomicUsize,
-    /// Cache rows holding a token.
+    /// Cache rows holding a token of a waiting or running sequence.
     pub cache_rows_held: AtomicUsize,
+    /// Cache rows kept for their prefixes after their sequences ended (evicted when needed).
+    pub cache_rows_kept: AtomicUsize,
     /// Cache rows the memory budget holds.
     pub cache_rows_total: usize,
     /// Bytes one cache row takes, every layer together.
@@ -124,7 +126,18 @@ impl Metrics {
             "gauge",
             get(&self.cache_rows_used),
         );
-        gauge("latent_cache_rows_used", "Latent cache rows holding a token.", "gauge", get(&self.cache_rows_held));
+        gauge(
+            "latent_cache_rows_used",
+            "Latent cache rows holding a token of a sequence.",
+            "gauge",
+            get(&self.cache_rows_held),
+        );
+        gauge(
+            "latent_cache_rows_kept",
+            "Latent cache rows kept for prefix reuse after their sequences ended.",
+            "gauge",
+            get(&self.cache_rows_kept),
+        );
         gauge(
             "latent_cache_rows_total",
             "Latent cache rows the memory budget holds.",

@@ -19,6 +19,7 @@
 //! [`scheduler`]), so a seed gives the same tokens alone or batched.
 
 pub mod metrics;
+pub mod prefix;
 pub mod scheduler;
 
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ use crate::model::{AttentionPath, LogitRows, Model, Workspace};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer};
 pub use metrics::Metrics;
+use prefix::PrefixStore;
 use scheduler::{Limits, Scheduler, SeqCounts, SeqId};
 
 /// How the engine runs.
@@ -209,6 +211,7 @@ impl Engine {
             seqs: HashMap::new(),
             ws: Workspace::default(),
             metrics: metrics.clone(),
+            prefix: PrefixStore::default(),
         };
         // The loop runs on a worker of a pool of its own, as the command line's commands do: a
         // parallel product started there shares its work with the other workers directly.
@@ -317,6 +320,8 @@ struct Seq {
     prompt: Vec<u32>,
     params: Params,
     cache: Option<LatentCache>,
+    /// Prompt tokens whose rows came from a kept cache.
+    cached: usize,
     sampler: Sampler,
     /// Prompt and generated tokens.
     history: Vec<u32>,
@@ -339,6 +344,7 @@ struct Worker {
     seqs: HashMap<SeqId, Seq>,
     ws: Workspace,
     metrics: Arc<Metrics>,
+    prefix: PrefixStore<LatentCache>,
 }
 
 impl Worker {
@@ -389,7 +395,14 @@ impl Worker {
                 return;
             }
         };
-        let counts = SeqCounts { prompt: prompt.len(), prefilled: 0, rows: prompt.len() + params.max_tokens };
+        // A kept cache that shares a prefix with the prompt: its rows are not computed again.
+        let (cache, cached) = match self.prefix.take(&prompt) {
+            Some((cache, n)) => (Some(cache), n),
+            None => (None, 0),
+        };
+        self.metrics.prefix_cache_hit_tokens.fetch_add(cached as u64, Ordering::Relaxed);
+        let rows = prompt.len() + params.max_tokens;
+        let counts = SeqCounts { prompt: prompt.len(), prefilled: cached, rows, held: cached };
         self.scheduler.push(id, counts);
         let stop = StopScan::new(&params.stop);
         self.seqs.insert(
@@ -399,7 +412,8 @@ impl Worker {
                 history: prompt.clone(),
                 prompt,
                 params,
-                cache: None,
+                cache,
+                cached,
                 sampler,
                 counts: HashMap::new(),
                 stream: TextStream::new(),
@@ -429,9 +443,15 @@ impl Worker {
         m.cache_rows_used.store(self.scheduler.rows_used(), Ordering::Relaxed);
         let held: usize = self.seqs.values().filter_map(|s| s.cache.as_ref()).map(LatentCache::len).sum();
         m.cache_rows_held.store(held, Ordering::Relaxed);
+        m.cache_rows_kept.store(self.prefix.rows(), Ordering::Relaxed);
     }
 
     fn step(&mut self) -> Result<()> {
+        // Kept prefixes give way, least recently used first, to a request that needs their rows.
+        self.scheduler.set_kept_rows(self.prefix.rows());
+        while self.scheduler.blocked_by_kept() && self.prefix.evict() {
+            self.scheduler.set_kept_rows(self.prefix.rows());
+        }
         let plan = self.scheduler.plan();
         if plan.is_empty() {
             return Ok(());
@@ -440,11 +460,12 @@ impl Worker {
         for &(id, start, n) in &plan.prefill {
             let Some(seq) = self.seqs.get_mut(&id) else { continue };
             if seq.cache.is_none() {
-                let mut cache = self.model.new_cache_of(self.kind)?;
-                cache.reserve(seq.prompt.len() + seq.params.max_tokens)?;
-                seq.cache = Some(cache);
+                seq.cache = Some(self.model.new_cache_of(self.kind)?);
             }
             let cache = seq.cache.as_mut().ok_or_else(|| Error::internal("a prefilled sequence has no cache"))?;
+            if start == seq.cached {
+                cache.reserve(seq.prompt.len() + seq.params.max_tokens)?;
+            }
             let chunk = &seq.prompt[start..start + n];
             let logits = self.model.forward_chunked(chunk, cache, AttentionPath::Expanded, LogitRows::Last, n)?;
             self.scheduler.prefilled(id, n);
@@ -550,13 +571,16 @@ impl Worker {
     }
 
     fn finish(&mut self, id: SeqId, finish: Finish) -> Result<()> {
-        let usage = self
-            .seqs
-            .get(&id)
-            .map(|s| Usage { prompt_tokens: s.prompt.len(), completion_tokens: s.generated, cached_tokens: 0 })
-            .unwrap_or_default();
-        self.finish_with(id, Event::Done { finish, usage });
+        let Some(mut seq) = self.seqs.remove(&id) else { return Ok(()) };
+        self.scheduler.remove(id);
+        let usage =
+            Usage { prompt_tokens: seq.prompt.len(), completion_tokens: seq.generated, cached_tokens: seq.cached };
+        let _ = seq.events.send(Event::Done { finish, usage });
         self.metrics.finished.fetch_add(1, Ordering::Relaxed);
+        // The rows stay for a later request that shares the prefix (the next turn of a chat).
+        if let Some(cache) = seq.cache.take() {
+            self.prefix.insert(&seq.history, cache);
+        }
         Ok(())
     }
 

@@ -38,6 +38,8 @@ pub struct SeqCounts {
     pub prefilled: usize,
     /// Cache rows reserved for the sequence: prompt plus the most tokens it may generate.
     pub rows: usize,
+    /// Rows it holds already while it waits (a reused prefix, counted in `prefilled` too).
+    pub held: usize,
 }
 
 impl SeqCounts {
@@ -74,6 +76,10 @@ pub struct Scheduler {
     waiting: VecDeque<(SeqId, SeqCounts)>,
     running: Vec<(SeqId, SeqCounts)>,
     rows_used: usize,
+    /// Rows held by waiting sequences.
+    rows_held: usize,
+    /// Rows held by caches kept for their prefixes (evictable).
+    rows_kept: usize,
 }
 
 impl Scheduler {
@@ -82,7 +88,7 @@ impl Scheduler {
         limits.max_seqs = limits.max_seqs.max(1);
         limits.max_batch_tokens = limits.max_batch_tokens.max(1);
         limits.chunk = limits.chunk.clamp(1, limits.max_batch_tokens);
-        Scheduler { limits, waiting: VecDeque::new(), running: Vec::new(), rows_used: 0 }
+        Scheduler { limits, waiting: VecDeque::new(), running: Vec::new(), rows_used: 0, rows_held: 0, rows_kept: 0 }
     }
 
     /// The limits in force.
@@ -97,7 +103,23 @@ impl Scheduler {
 
     /// Queues a sequence (last).
     pub fn push(&mut self, id: SeqId, counts: SeqCounts) {
+        self.rows_held += counts.held;
         self.waiting.push_back((id, counts));
+    }
+
+    /// Tells the scheduler how many rows the kept prefix caches hold: admission leaves them be
+    /// while the rest fits, and [`Scheduler::blocked_by_kept`] says when they are in the way.
+    pub fn set_kept_rows(&mut self, rows: usize) {
+        self.rows_kept = rows;
+    }
+
+    /// Whether the first waiting sequence would be admitted but for the kept prefix caches.
+    pub fn blocked_by_kept(&self) -> bool {
+        let Some(&(_, c)) = self.waiting.front() else { return false };
+        let without = self.rows_used + self.rows_held - c.held + c.rows;
+        self.running.len() < self.limits.max_seqs
+            && without <= self.limits.cache_rows
+            && without + self.rows_kept > self.limits.cache_rows
     }
 
     /// Sequences waiting.
@@ -128,6 +150,7 @@ impl Scheduler {
             return true;
         }
         if let Some(i) = self.waiting.iter().position(|&(s, _)| s == id) {
+            self.rows_held -= self.waiting[i].1.held;
             self.waiting.remove(i);
             return true;
         }
@@ -144,11 +167,13 @@ impl Scheduler {
     /// Admits waiting sequences in order while they fit, then plans the step.
     pub fn plan(&mut self) -> Plan {
         while let Some(&(id, counts)) = self.waiting.front() {
-            let fits = self.rows_used + counts.rows <= self.limits.cache_rows;
+            let others = self.rows_used + self.rows_held - counts.held + self.rows_kept;
+            let fits = others + counts.rows <= self.limits.cache_rows;
             if self.running.len() >= self.limits.max_seqs || !fits {
                 break;
             }
             self.waiting.pop_front();
+            self.rows_held -= counts.held;
             self.rows_used += counts.rows;
             self.running.push((id, counts));
         }
@@ -186,7 +211,7 @@ mod tests {
     }
 
     fn seq(prompt: usize, rows: usize) -> SeqCounts {
-        SeqCounts { prompt, prefilled: 0, rows }
+        SeqCounts { prompt, prefilled: 0, rows, held: 0 }
     }
 
     /// Runs plans as the engine would: prefill chunks are recorded done.
@@ -247,6 +272,27 @@ mod tests {
         s.remove(1);
         run(&mut s);
         assert_eq!((s.running(), s.waiting(), s.rows_used()), (2, 0, 60));
+    }
+
+    #[test]
+    fn kept_prefix_rows_give_way_to_waiting_sequences_and_held_rows_are_not_counted_twice() {
+        let mut s = Scheduler::new(limits());
+        s.set_kept_rows(50);
+        s.push(1, seq(1, 60));
+        assert!(s.blocked_by_kept(), "60 rows fit 100, but not beside 50 kept");
+        run(&mut s);
+        assert_eq!(s.running(), 0);
+        s.set_kept_rows(40); // the engine evicted some
+        assert!(!s.blocked_by_kept());
+        run(&mut s);
+        assert_eq!(s.running(), 1);
+        // A sequence that reused 64 rows of a prefix starts its prompt after them, and its
+        // held rows count once: 100 rows in all fit exactly.
+        let mut s = Scheduler::new(limits());
+        s.push(1, SeqCounts { prompt: 70, prefilled: 64, rows: 100, held: 64 });
+        let plan = run(&mut s);
+        assert_eq!(plan.prefill, vec![(1, 64, 6)], "the prompt runs on after its 64 reused rows");
+        assert_eq!(s.rows_used(), 100);
     }
 
     #[test]

@@ -129,6 +129,15 @@ impl Int8Rows {
         self.len = self.len.min(len);
     }
 
+    /// Returns the memory past the rows held (their tiles) to the allocator.
+    pub fn shrink(&mut self) {
+        let tiles = self.len.div_ceil(TILE_ROWS);
+        self.codes.truncate(tiles * self.words() * 64);
+        self.scales.truncate(tiles * self.blocks() * TILE_ROWS);
+        self.codes.shrink_to_fit();
+        self.scales.shrink_to_fit();
+    }
+
     /// Appends one row: `c` (`d_c` latents) and `r` (`d_r` RoPE values).
     pub fn push(&mut self, c: &[f32], r: &[f32]) {
         assert!(c.len() == self.d_c && r.len() == self.d_r, "Int8Rows::push: row sizes disagree");
