@@ -84,6 +84,11 @@ pub struct BenchReport {
     pub roofline_with_attention_share: BTreeMap<usize, f64>,
     /// Per batch size `B`: tokens/s of all `B` sequences together (`B` tokens a step).
     pub batch_decode_tok_s: BTreeMap<usize, f64>,
+    /// Per batch size: bytes one step must read if routing spreads tokens uniformly over the
+    /// experts (the weights once, the expected union of the chosen experts, every cache's rows).
+    pub batch_step_bytes: BTreeMap<usize, usize>,
+    /// Per batch size: achieved tokens/s over that roofline's (the bytes at the measured bandwidth).
+    pub batch_roofline_share: BTreeMap<usize, f64>,
     /// Cache depth of each sequence in the batch measurements.
     pub batch_depth: usize,
     pub threads: usize,
@@ -160,12 +165,28 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
             share_with_attention.insert(depth, tok_s * floor_s);
         }
     }
-    let mut batch = BTreeMap::new();
+    let (mut batch, mut batch_bytes, mut batch_share) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     for &b in &config.batch_sizes {
         let runs = (0..repeats)
             .map(|_| time_batch(model, kind, b, config.batch_depth, config.decode_tokens))
             .collect::<Result<Vec<_>>>()?;
-        batch.insert(b, median(runs));
+        let tok_s = median(runs);
+        // One token's bytes, less its routed experts, plus the expected union of the batch's.
+        let routed = match &cfg.moe {
+            Some(m) => {
+                let layers = (0..cfg.num_hidden_layers).filter(|&i| cfg.is_moe_layer(i)).count() as f64;
+                let expert = (3 * cfg.hidden_size * m.moe_intermediate_size) as f64 * bytes_per_param;
+                let (e, k) = (m.n_routed_experts as f64, m.num_experts_per_tok as f64);
+                let union = e * (1.0 - (1.0 - k / e).powi(b as i32));
+                layers * expert * (union - k)
+            }
+            None => 0.0,
+        };
+        let rows = config.batch_depth + config.decode_tokens / 2;
+        let step = active_bytes as f64 + routed + (b * rows * kv_bytes_per_token) as f64;
+        batch.insert(b, tok_s);
+        batch_bytes.insert(b, step as usize);
+        batch_share.insert(b, tok_s / (b as f64 * bandwidth * 1e9 / step));
     }
     Ok(BenchReport {
         prefill_tok_s: prefill,
@@ -180,6 +201,8 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
         attention_peak_gmac_s: peak,
         roofline_with_attention_share: share_with_attention,
         batch_decode_tok_s: batch,
+        batch_step_bytes: batch_bytes,
+        batch_roofline_share: batch_share,
         batch_depth: config.batch_depth,
         threads: rayon::current_num_threads(),
     })

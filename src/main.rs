@@ -837,10 +837,14 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let single = report.batch_decode_tok_s.get(&1).copied();
     for (b, tok_s) in &report.batch_decode_tok_s {
         let gain = single.map(|s| format!(", {:.2}x one sequence", tok_s / s)).unwrap_or_default();
+        let bytes = report.batch_step_bytes.get(b).copied().unwrap_or(0);
+        let share = report.batch_roofline_share.get(b).copied().unwrap_or(f64::NAN);
         println!(
-            "batch {b:<4}  {tok_s:.1} tokens/s in all, {:.1} per sequence (depth {}{gain})",
+            "batch {b:<4}  {tok_s:.1} tokens/s in all, {:.1} per sequence (depth {}{gain}); {} read per step, {:.0}% of the roofline",
             tok_s / *b as f64,
-            report.batch_depth
+            report.batch_depth,
+            bytes_str(bytes),
+            100.0 * share
         );
     }
     println!("bandwidth   {:.1} GB/s measured ({} threads)", report.memory_bandwidth_gb_s, report.threads);
