@@ -162,11 +162,7 @@ impl Tokenizer {
 
     /// Token ids of `text` alone: no BOS, no post-processing (special tokens in the text still match).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        ids_of(&self.inner, text)
     }
 
     /// Token ids of a long text, encoded in parallel pieces cut at line ends (a corpus).
@@ -238,11 +234,7 @@ impl Tokenizer {
     /// Token ids of `text` read as text only: a special token's string in it is spelled out
     /// in ordinary tokens, never encoded as the control token (a user's words).
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .text_only
-            .encode(text, false)
-            .map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        ids_of(&self.text_only, text)
     }
 
     /// The model input of a conversation: the chat template rendered over `messages` (with the
@@ -319,6 +311,13 @@ impl Tokenizer {
         tmpl.render(context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => bos, eos_token => eos })
             .map_err(|e| Error::Template(e.to_string()))
     }
+}
+
+/// `text`'s ids by `tokenizer`, without post-processing.
+fn ids_of(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let enc =
+        tokenizer.encode(text, false).map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?;
+    Ok(enc.get_ids().to_vec())
 }
 
 fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig> {
