@@ -373,70 +373,86 @@ fn concurrent_clients_get_their_solo_outputs_and_the_load_drains() {
     assert_eq!(server.metric("latent_cache_rows_reserved"), 0.0);
 }
 
-#[test]
-fn a_client_that_disconnects_mid_stream_is_cancelled_and_its_cache_freed() {
-    let server = Server::start(&[]);
-    let body =
-        json!({"prompt": "And God said", "max_tokens": 900, "stream": true, "temperature": 0.7, "logit_bias": no_eos()})
-            .to_string();
-    let mut stream = TcpStream::connect(&server.addr).unwrap();
+/// Waits (at most 20 s) until `name` in `/metrics` satisfies `ok`.
+fn wait_for(server: &Server, name: &str, ok: impl Fn(f64) -> bool) {
+    let start = Instant::now();
+    while !ok(server.metric(name)) {
+        assert!(start.elapsed() < Duration::from_secs(20), "{name} = {} for 20 s", server.metric(name));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends a request on a raw socket and returns the socket, unread.
+fn send_raw(addr: &str, path: &str, body: &Value) -> TcpStream {
+    let body = body.to_string();
+    let mut stream = TcpStream::connect(addr).unwrap();
     let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(req.as_bytes()).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut seen = String::new();
-    let mut buf = [0u8; 512];
+    stream
+}
+
+#[test]
+fn a_client_that_disconnects_is_cancelled_and_its_cache_freed() {
+    let server = Server::start(&["--max-seqs", "8"]);
+    // Mid-stream: eight long sequences (n = 8) stream; the client reads a chunk and goes away.
+    let long = json!({"prompt": "And God said", "max_tokens": 900, "n": 8, "stream": true, "temperature": 0.7, "logit_bias": no_eos()});
+    let mut stream = send_raw(&server.addr, "/v1/completions", &long);
+    let (mut seen, mut buf) = (String::new(), [0u8; 512]);
     while !seen.contains("data: ") {
         let n = stream.read(&mut buf).unwrap();
         assert!(n > 0, "the stream began");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     drop(stream);
-    let start = Instant::now();
-    while server.metric("latent_running_sequences") > 0.0 {
-        assert!(start.elapsed() < Duration::from_secs(20), "the sequence is cancelled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&server, "latent_requests_cancelled_total", |v| v == 8.0);
+    assert_eq!(server.metric("latent_running_sequences"), 0.0);
+    assert!(server.metric("latent_generation_tokens_total") < 8.0 * 900.0, "stopped before their end");
     assert_eq!(server.metric("latent_cache_rows_reserved"), 0.0);
-    assert_eq!(server.metric("latent_requests_cancelled_total"), 1.0);
-    assert!(server.metric("latent_generation_tokens_total") < 900.0, "stopped before its end");
+    assert_eq!(server.metric("latent_cache_rows_used"), 0.0);
+
+    // While waiting: a long request holds every slot; the next one's client goes away in the queue.
+    let server = Server::start(&["--max-seqs", "1"]);
+    let addr = server.addr.clone();
+    let body = json!({"prompt": "And God said", "max_tokens": 600, "temperature": 0.7, "logit_bias": no_eos()});
+    let first = std::thread::spawn({
+        let body = body.clone();
+        move || http(&addr, "POST", "/v1/completions", &[], Some(&body.to_string())).0
+    });
+    wait_for(&server, "latent_running_sequences", |v| v == 1.0);
+    let queued = send_raw(&server.addr, "/v1/completions", &body);
+    wait_for(&server, "latent_waiting_sequences", |v| v == 1.0);
+    drop(queued);
+    wait_for(&server, "latent_requests_cancelled_total", |v| v == 1.0);
+    assert_eq!(server.metric("latent_waiting_sequences"), 0.0);
+    assert_eq!(first.join().unwrap(), 200, "the running request is not disturbed");
 }
 
 #[test]
 fn a_full_queue_answers_503_at_once_and_then_recovers() {
     let server = Server::start(&["--max-seqs", "1", "--max-waiting", "1"]);
-    let long =
-        json!({"prompt": "And God said", "max_tokens": 900, "temperature": 0.7, "logit_bias": no_eos()}).to_string();
-    let mut saw_503 = false;
-    for _ in 0..20 {
+    let long = json!({"prompt": "And God said", "max_tokens": 900, "temperature": 0.7, "logit_bias": no_eos()});
+    let spawn = |body: Value| {
         let addr = server.addr.clone();
-        let body = long.clone();
-        // One runs, one waits, the third finds the queue full.
-        let a = std::thread::spawn({
-            let (addr, body) = (addr.clone(), body.clone());
-            move || http(&addr, "POST", "/v1/completions", &[], Some(&body)).0
-        });
-        std::thread::sleep(Duration::from_millis(30));
-        let b = std::thread::spawn({
-            let (addr, body) = (addr.clone(), body.clone());
-            move || http(&addr, "POST", "/v1/completions", &[], Some(&body)).0
-        });
-        std::thread::sleep(Duration::from_millis(30));
-        let started = Instant::now();
-        let (status, headers, text) = http(&addr, "POST", "/v1/completions", &[], Some(&body));
-        let _ = (a.join(), b.join());
-        if status == 503 {
-            assert!(started.elapsed() < Duration::from_secs(2), "answered at once");
-            assert!(headers.iter().any(|(k, _)| k == "retry-after"), "Retry-After");
-            let r: Value = serde_json::from_str(&text).unwrap();
-            assert!(r["error"]["message"].is_string());
-            saw_503 = true;
-            break;
-        }
-    }
-    assert!(saw_503, "a third request while one runs and one waits gets 503");
+        std::thread::spawn(move || http(&addr, "POST", "/v1/completions", &[], Some(&body.to_string())).0)
+    };
+    // One runs, one waits, the third finds the queue full.
+    let a = spawn(long.clone());
+    wait_for(&server, "latent_running_sequences", |v| v == 1.0);
+    let b = spawn(long.clone());
+    wait_for(&server, "latent_waiting_sequences", |v| v == 1.0);
+    let started = Instant::now();
+    let (status, headers, text) = http(&server.addr, "POST", "/v1/completions", &[], Some(&long.to_string()));
+    let took = started.elapsed();
+    assert_eq!(status, 503, "{text}");
+    assert!(took < Duration::from_secs(2), "answered at once, not after the others ({took:?})");
+    assert!(headers.iter().any(|(k, _)| k == "retry-after"), "Retry-After");
+    let r: Value = serde_json::from_str(&text).unwrap();
+    assert!(r["error"]["message"].is_string());
+    assert_eq!((a.join().unwrap(), b.join().unwrap()), (200, 200));
     let (status, _) = server.post("/v1/completions", &json!({"prompt": "Amen", "max_tokens": 2}));
     assert_eq!(status, 200);
 }

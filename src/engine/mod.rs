@@ -433,6 +433,7 @@ impl Worker {
             self.scheduler.remove(id);
             self.seqs.remove(&id);
             self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.publish();
         }
     }
 
@@ -575,20 +576,24 @@ impl Worker {
         self.scheduler.remove(id);
         let usage =
             Usage { prompt_tokens: seq.prompt.len(), completion_tokens: seq.generated, cached_tokens: seq.cached };
-        let _ = seq.events.send(Event::Done { finish, usage });
         self.metrics.finished.fetch_add(1, Ordering::Relaxed);
         // The rows stay for a later request that shares the prefix (the next turn of a chat).
         if let Some(cache) = seq.cache.take() {
             self.prefix.insert(&seq.history, cache);
         }
+        // The counters show the sequence gone before its client hears the end.
+        self.publish();
+        let _ = seq.events.send(Event::Done { finish, usage });
         Ok(())
     }
 
     fn finish_with(&mut self, id: SeqId, event: Event) {
-        if let Some(seq) = self.seqs.remove(&id) {
+        let seq = self.seqs.remove(&id);
+        self.scheduler.remove(id);
+        self.publish();
+        if let Some(seq) = seq {
             let _ = seq.events.send(event);
         }
-        self.scheduler.remove(id);
     }
 }
 
