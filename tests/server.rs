@@ -253,7 +253,8 @@ fn error_of(status: u16, r: &Value) -> (u16, String, String) {
 
 #[test]
 fn bad_requests_get_openai_errors_naming_the_param_and_the_server_keeps_serving() {
-    let server = Server::start(&["--max-body", "20000"]);
+    // 768 bytes a token: the cache memory holds 400 tokens.
+    let server = Server::start(&["--max-body", "20000", "--kv-memory", "307200"]);
     let cases: Vec<(Value, &str)> = vec![
         (chat("x", json!({"temperature": -1})), "temperature"),
         (chat("x", json!({"temperature": "NaN"})), "temperature"),
@@ -286,6 +287,10 @@ fn bad_requests_get_openai_errors_naming_the_param_and_the_server_keeps_serving(
     // Too long for the context: never silently truncated.
     let (status, r) = server.post("/v1/completions", &json!({"prompt": "And ".repeat(300), "max_tokens": 900}));
     assert_eq!((status, r["error"]["code"].as_str()), (400, Some("context_length_exceeded")), "{r}");
+    // More than the cache memory holds: refused, naming max_tokens, never run.
+    let (status, r) = server.post("/v1/completions", &json!({"prompt": "And God said", "max_tokens": 600}));
+    assert_eq!(error_of(status, &r), (400, "invalid_request_error".into(), "max_tokens".into()), "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("--kv-memory"), "{r}");
     // Unknown model and route; a body over the limit.
     let (status, r) = server.post("/v1/chat/completions", &chat("x", json!({"model": "gpt-9"})));
     assert_eq!((status, r["error"]["code"].as_str()), (404, Some("model_not_found")));

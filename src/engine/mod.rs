@@ -155,9 +155,10 @@ pub enum SubmitError {
     /// The waiting queue is full: try again later.
     #[error("the server is busy: {0} requests are waiting")]
     QueueFull(usize),
-    /// The request cannot run (too long for the context or the cache memory, bad values).
-    #[error(transparent)]
-    Invalid(#[from] Error),
+    /// The request cannot run (too long for the context or the cache memory, bad values);
+    /// `param` names the request field at fault.
+    #[error("{error}")]
+    Invalid { error: Error, param: &'static str },
     /// The engine has stopped.
     #[error("the engine has stopped")]
     Stopped,
@@ -174,6 +175,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     tokenizer: Arc<Tokenizer>,
     max_positions: usize,
+    /// The model's vocabulary (a prompt's ids must be below it).
+    vocab: usize,
     limits: Limits,
     bytes_per_token: usize,
     max_waiting: usize,
@@ -203,6 +206,7 @@ impl Engine {
         let metrics = Arc::new(Metrics::new(cache_rows, bytes_per_token));
         let (tx, rx) = mpsc::channel();
         let max_positions = model.config().max_position_embeddings;
+        let vocab = model.config().vocab_size;
         let worker = Worker {
             model,
             tokenizer: tokenizer.clone(),
@@ -230,6 +234,7 @@ impl Engine {
             metrics,
             tokenizer,
             max_positions,
+            vocab,
             limits,
             bytes_per_token,
             max_waiting: config.max_waiting.max(1),
@@ -257,28 +262,40 @@ impl Engine {
     /// cancels the sequence within one step and frees its cache.
     pub fn submit(&self, request: Request) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
         let (n, max_tokens) = (request.prompt.len(), request.params.max_tokens);
+        let invalid =
+            |param: &'static str, reason: String| SubmitError::Invalid { error: Error::InvalidArgument(reason), param };
         if n == 0 {
-            return Err(Error::InvalidArgument("the prompt is empty: give at least one token".into()).into());
+            return Err(invalid("prompt", "the prompt is empty: give at least one token".into()));
         }
         if max_tokens == 0 {
-            return Err(Error::InvalidArgument("max_tokens must be at least 1".into()).into());
+            return Err(invalid("max_tokens", "max_tokens must be at least 1".into()));
         }
-        let vocab = self.tokenizer.vocab_size();
-        if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= vocab.max(1)) {
-            return Err(Error::InvalidArgument(format!("token id {bad} is outside the vocabulary ({vocab})")).into());
+        // Checked here, so that no request can fail the step it would share with others.
+        let vocab = self.vocab;
+        if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(invalid("prompt", format!("token id {bad} is outside the model's vocabulary ({vocab})")));
+        }
+        if let Some(&(bad, _)) = request.params.logit_bias.iter().find(|&&(t, _)| t as usize >= vocab) {
+            return Err(invalid(
+                "logit_bias",
+                format!("logit_bias names token {bad}, outside the vocabulary ({vocab})"),
+            ));
         }
         if n + max_tokens > self.max_positions {
-            return Err(Error::PromptTooLong { n_tokens: n + max_tokens, max: self.max_positions }.into());
+            let error = Error::PromptTooLong { n_tokens: n + max_tokens, max: self.max_positions };
+            return Err(SubmitError::Invalid { error, param: "max_tokens" });
         }
         let rows = n + max_tokens;
         if rows > self.limits.cache_rows {
-            return Err(Error::InvalidArgument(format!(
-                "the prompt and max_tokens ({rows} tokens, {} bytes of cache) do not fit the cache memory ({} \
-                 tokens; --kv-memory)",
-                rows * self.bytes_per_token,
-                self.limits.cache_rows
-            ))
-            .into());
+            return Err(invalid(
+                "max_tokens",
+                format!(
+                    "the prompt and max_tokens ({rows} tokens, {} bytes of cache) do not fit the cache memory ({} \
+                     tokens; --kv-memory)",
+                    rows * self.bytes_per_token,
+                    self.limits.cache_rows
+                ),
+            ));
         }
         let waiting = self.metrics.waiting_total();
         if waiting >= self.max_waiting {

@@ -351,10 +351,10 @@ async fn run(
                     format!("the server is busy ({w} requests waiting); retry later"),
                 ))
             }
-            Err(SubmitError::Invalid(Error::PromptTooLong { .. })) => {
+            Err(SubmitError::Invalid { error: Error::PromptTooLong { .. }, .. }) => {
                 return Err(context_exceeded(n_prompt, common.params.max_tokens, max))
             }
-            Err(SubmitError::Invalid(e)) => return Err(request_error(&e, "max_tokens")),
+            Err(SubmitError::Invalid { error, param }) => return Err(request_error(&error, param)),
             Err(SubmitError::Stopped) => {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
