@@ -371,6 +371,13 @@ fn run(cli: Cli) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
+        // More workers than cores only contend for them; thousands would take seconds to start
+        // and memory for their stacks.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let most = (8 * cores).max(64);
+        if n > most {
+            bail!("--threads {n} is more than this machine can use: it has {cores} cores; give at most {most}");
+        }
         // candle's GEMM reads RAYON_NUM_THREADS; latent's kernels use the pool built here.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         pool = pool.num_threads(n);

@@ -176,8 +176,11 @@ pub fn chart(c: &mut Canvas, panel: Panel, title: &str, x_label: &str, series: &
         }
     }
     let named = series.iter().filter(|s| !s.name.is_empty() && !s.points.is_empty());
+    // The legend ends at the right edge, however long its names.
+    let longest = named.clone().map(|s| s.name.chars().count() as i64).max().unwrap_or(0);
+    let lx = (right - 30 - 8 * longest).min(right - 150).max(left + 10);
     for (i, s) in named.enumerate() {
-        let (lx, ly) = (right - 150, top + 6 + 12 * i as i64);
+        let ly = top + 6 + 12 * i as i64;
         c.line((lx as f64, ly as f64 + 4.0), (lx as f64 + 16.0, ly as f64 + 4.0), s.color, 3);
         c.text(lx + 22, ly, s.name, BLACK, 1);
     }

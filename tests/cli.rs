@@ -317,3 +317,13 @@ fn a_gguf_file_runs_generate_chat_and_bench() {
     // The bench counts the blocks as stored: well under the f32 size of the same weights.
     assert!(report["weight_bytes"].as_u64().unwrap() < 3 << 20, "{report}");
 }
+
+#[test]
+fn an_absurd_thread_count_is_refused_at_once() {
+    let start = std::time::Instant::now();
+    let out = latent(&["--threads", "1000000", "inspect", "--model", &fixture("tiny-v3")], None);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("--threads 1000000") && err.contains("cores"), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(10), "refused before spawning anything");
+}
