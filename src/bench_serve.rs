@@ -315,6 +315,34 @@ pub fn run(cfg: &LoadConfig, mut progress: impl FnMut(usize, usize)) -> Result<V
     Ok(reports)
 }
 
+/// A run written with `--json`: its label and levels (a figure written as `null`, a NaN, reads
+/// back as NaN).
+pub fn read_run(path: &Path) -> Result<(String, Vec<LevelReport>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::InvalidArgument(format!("{}: not a bench-serve JSON file: {e}", path.display())))?;
+    let count = |l: &Value, k: &str| l[k].as_u64().unwrap_or(0) as usize;
+    let figure = |l: &Value, k: &str| l[k].as_f64().unwrap_or(f64::NAN);
+    let levels = v["levels"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let levels = levels
+        .iter()
+        .map(|l| LevelReport {
+            concurrency: count(l, "concurrency").max(1),
+            requests: count(l, "requests"),
+            failed: count(l, "failed"),
+            output_tokens: count(l, "output_tokens"),
+            seconds: figure(l, "seconds"),
+            output_tok_s: figure(l, "output_tok_s"),
+            requests_s: figure(l, "requests_s"),
+            ttft_p50_ms: figure(l, "ttft_p50_ms"),
+            ttft_p99_ms: figure(l, "ttft_p99_ms"),
+            itl_p50_ms: figure(l, "itl_p50_ms"),
+            itl_p99_ms: figure(l, "itl_p99_ms"),
+        })
+        .collect();
+    Ok((v["label"].as_str().unwrap_or("run").to_string(), levels))
+}
+
 /// Draws output tokens/s and time to first token against concurrency into `path` (PNG).
 pub fn plot(reports: &[(String, Vec<LevelReport>)], path: &Path) -> Result<()> {
     use crate::plot::{chart, Canvas, Panel, Series, PALETTE};

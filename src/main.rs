@@ -686,7 +686,7 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
 }
 
 fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
-    use latent::bench_serve::{plot, run, LevelReport, LoadConfig};
+    use latent::bench_serve::{plot, read_run, run, LoadConfig};
     let extra: serde_json::Value = serde_json::from_str(&args.extra).context("--extra must be a JSON object")?;
     if !(extra.is_object() && args.seconds > 0.0 && args.seconds.is_finite()) {
         bail!("--extra must be a JSON object and --seconds a positive number");
@@ -736,28 +736,7 @@ fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
     if let Some(path) = &args.plot {
         let mut all = vec![(args.label.clone(), reports)];
         for file in &args.compare {
-            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
-            let label = v["label"].as_str().unwrap_or("run").to_string();
-            let levels = v["levels"].as_array().cloned().unwrap_or_default();
-            let levels: Vec<LevelReport> = levels
-                .iter()
-                .map(|l| LevelReport {
-                    concurrency: l["concurrency"].as_u64().unwrap_or(1) as usize,
-                    requests: l["requests"].as_u64().unwrap_or(0) as usize,
-                    failed: l["failed"].as_u64().unwrap_or(0) as usize,
-                    output_tokens: l["output_tokens"].as_u64().unwrap_or(0) as usize,
-                    seconds: l["seconds"].as_f64().unwrap_or(0.0),
-                    output_tok_s: l["output_tok_s"].as_f64().unwrap_or(f64::NAN),
-                    requests_s: l["requests_s"].as_f64().unwrap_or(f64::NAN),
-                    ttft_p50_ms: l["ttft_p50_ms"].as_f64().unwrap_or(f64::NAN),
-                    ttft_p99_ms: l["ttft_p99_ms"].as_f64().unwrap_or(f64::NAN),
-                    itl_p50_ms: l["itl_p50_ms"].as_f64().unwrap_or(f64::NAN),
-                    itl_p99_ms: l["itl_p99_ms"].as_f64().unwrap_or(f64::NAN),
-                })
-                .collect();
-            all.push((label, levels));
+            all.push(read_run(file)?);
         }
         plot(&all, path)?;
         eprintln!("latent: plot in {}", path.display());

@@ -216,6 +216,8 @@ impl Engine {
             ws: Workspace::default(),
             metrics: metrics.clone(),
             prefix: PrefixStore::default(),
+            step_logits: Vec::new(),
+            adjusted: Vec::new(),
         };
         // The loop runs on a worker of a pool of its own, as the command line's commands do: a
         // parallel product started there shares its work with the other workers directly.
@@ -362,6 +364,10 @@ struct Worker {
     ws: Workspace,
     metrics: Arc<Metrics>,
     prefix: PrefixStore<LatentCache>,
+    /// The last decode step's logits, `(B, V)`.
+    step_logits: Vec<f32>,
+    /// One sequence's logits with its penalties and biases.
+    adjusted: Vec<f32>,
 }
 
 impl Worker {
@@ -510,12 +516,15 @@ impl Worker {
             caches.push(seq.cache.as_mut().ok_or_else(|| Error::internal("a decoded sequence has no cache"))?);
         }
         let vocab = self.model.config().vocab_size;
-        let logits = self.model.decode(&tokens, &mut caches, &mut self.ws)?.to_vec();
+        // The step's logits leave the workspace for a buffer kept between steps, so that sampling
+        // (which needs the engine) can read them.
+        let mut logits = std::mem::take(&mut self.step_logits);
+        logits.clear();
+        logits.extend_from_slice(self.model.decode(&tokens, &mut caches, &mut self.ws)?);
         drop(caches);
-        for (id, row) in ids.iter().zip(logits.chunks_exact(vocab)) {
-            self.emit(*id, row)?;
-        }
-        Ok(())
+        let emitted = ids.iter().zip(logits.chunks_exact(vocab)).try_for_each(|(id, row)| self.emit(*id, row));
+        self.step_logits = logits;
+        emitted
     }
 
     /// Samples `id`'s next token from `logits`, sends what text is final, and ends the
@@ -524,20 +533,29 @@ impl Worker {
         let max_positions = self.model.config().max_position_embeddings;
         let Some(seq) = self.seqs.get_mut(&id) else { return Ok(()) };
         let p = &seq.params;
-        let mut adjusted = logits.to_vec();
-        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            for (&t, &c) in &seq.counts {
-                if let Some(l) = adjusted.get_mut(t as usize) {
-                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+        // Penalties and biases on a copy of the logits (kept between calls), only when asked.
+        let penalised = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        let adjusted: &[f32] = if penalised || !p.logit_bias.is_empty() {
+            let adjusted = &mut self.adjusted;
+            adjusted.clear();
+            adjusted.extend_from_slice(logits);
+            if penalised {
+                for (&t, &c) in &seq.counts {
+                    if let Some(l) = adjusted.get_mut(t as usize) {
+                        *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+                    }
                 }
             }
-        }
-        for &(t, b) in &p.logit_bias {
-            if let Some(l) = adjusted.get_mut(t as usize) {
-                *l += b;
+            for &(t, b) in &p.logit_bias {
+                if let Some(l) = adjusted.get_mut(t as usize) {
+                    *l += b;
+                }
             }
-        }
-        let token = seq.sampler.sample(&adjusted, &seq.history);
+            adjusted
+        } else {
+            logits
+        };
+        let token = seq.sampler.sample(adjusted, &seq.history);
         let now = Instant::now();
         match seq.last_token {
             None => self.metrics.ttft.observe(now.duration_since(seq.submitted).as_secs_f64()),

@@ -194,13 +194,13 @@ impl Mla {
             let kv = kv.narrow(0, at, t)?;
             let k_rope = rope.apply(&kv.narrow(1, d_c, d_r)?.contiguous()?, angles)?; // (T, d_r)
             at += t;
-            let (c_kv, k_rope) = match (span.cache.as_deref_mut().map(|c| (c.kind(), c)), path) {
-                (None, _) => (self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?, k_rope),
-                (Some((CacheKind::Dense(_), cache)), _) => {
+            let (c_kv, k_rope) = match span.cache.as_deref_mut().map(|c| (c.kind(), c)) {
+                None => (self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?, k_rope),
+                Some((CacheKind::Dense(_), cache)) => {
                     let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?; // (T, d_c)
                     cache.append(layer, &c_kv, &k_rope)? // (S, d_c), (S, d_r)
                 }
-                (Some((CacheKind::Int8, cache)), _) => {
+                Some((CacheKind::Int8, cache)) => {
                     // The normalized latents, without the norm's gain: the 8-bit codes see values
                     // of one scale, and the gain is folded into the query and the output.
                     cache.append_int8(layer, &self.kv_norm.normalize(&kv.narrow(1, 0, d_c)?)?, &k_rope)?;
@@ -680,17 +680,25 @@ pub struct SpanRows<'p, 'c> {
 
 /// Where the new tokens sit, shared by every layer of one step: their RoPE angles and, for more
 /// than one token, the causal mask.
+#[derive(Clone)]
 pub struct Positions<'a> {
     rope: &'a Rope,
     angles: Angles,
     mask: Option<Tensor>,
+    /// The first new token's position.
+    start: usize,
 }
 
 impl<'a> Positions<'a> {
     /// `t` new tokens after `past` cached ones.
     pub fn new(rope: &'a Rope, past: usize, t: usize, device: &candle_core::Device) -> Result<Positions<'a>> {
         let mask = if t > 1 { Some(causal_mask(t, past + t, device)?) } else { None };
-        Ok(Positions { rope, angles: rope.angles(past, t, device)?, mask })
+        Ok(Positions { rope, angles: rope.angles(past, t, device)?, mask, start: past })
+    }
+
+    /// The first new token's position.
+    pub fn start(&self) -> usize {
+        self.start
     }
 }
 

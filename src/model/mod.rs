@@ -430,13 +430,17 @@ impl Model {
             return Err(Error::InvalidArgument("forward needs at least one sequence".into()));
         }
         let mut ids = Vec::new();
-        let mut rows = Vec::with_capacity(spans.len());
+        let mut rows: Vec<SpanRows<'_, '_>> = Vec::with_capacity(spans.len());
         for span in spans.iter_mut() {
-            let start = span.start();
+            let (start, len) = (span.start(), span.tokens.len());
             self.check_tokens(span.tokens, start)?;
             ids.extend_from_slice(span.tokens);
-            let pos = Positions::new(&self.rope, start, span.tokens.len(), &self.device)?;
-            rows.push(SpanRows { len: span.tokens.len(), pos, cache: span.cache.as_deref_mut() });
+            // Spans at the same positions (a training batch) share their angles and mask.
+            let pos = match rows.last() {
+                Some(prev) if prev.len == len && prev.pos.start() == start => prev.pos.clone(),
+                _ => Positions::new(&self.rope, start, len, &self.device)?,
+            };
+            rows.push(SpanRows { len, pos, cache: span.cache.as_deref_mut() });
         }
         let x = self.embed_tokens.forward(&ids, &self.device)?; // (N, hidden)
         let mut pass = TensorPass { x, spans: rows, path, training, moe: Vec::new(), trace: traced.then(Vec::new) };
@@ -489,11 +493,8 @@ impl Model {
             )?;
             let x = module.eh_proj.forward(&cat)?;
             let moe_k = MoeTraining { seq_len: len, ..moe.clone() };
-            let mut rows = Vec::with_capacity(b);
-            for _ in 0..b {
-                let pos = Positions::new(&self.rope, 0, len, &self.device)?;
-                rows.push(SpanRows { len, pos, cache: None });
-            }
+            let pos = Positions::new(&self.rope, 0, len, &self.device)?;
+            let rows = (0..b).map(|_| SpanRows { len, pos: pos.clone(), cache: None }).collect();
             let mut pass = TensorPass {
                 x,
                 spans: rows,

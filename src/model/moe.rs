@@ -312,11 +312,11 @@ impl Moe {
         let n_experts = self.spec.n_routed_experts;
         let hidden = self.gate.dims2().map_or(1, |(_, h)| h.max(1));
         let b = input.x().len() / hidden;
+        members.resize_with(n_experts, Vec::new);
         if b > *rows_ready {
             // Every buffer at its size for any routing of `b` tokens, so that no later step of
             // as many allocates (each token picks k experts: at most `b k` distinct ones).
             let most = n_experts.min(b * self.spec.k);
-            members.resize_with(n_experts, Vec::new);
             members.iter_mut().for_each(|m| crate::kernels::reserve_to(m, b));
             while inputs.len() < most {
                 inputs.push(TokenInput::default());
@@ -343,7 +343,6 @@ impl Moe {
                 });
             }
         });
-        members.resize_with(n_experts, Vec::new);
         members.iter_mut().for_each(Vec::clear);
         for token in 0..b {
             row.clear();

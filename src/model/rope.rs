@@ -26,6 +26,7 @@ pub struct Rope {
 }
 
 /// cos and sin of every pair's angle at a run of positions: each `(T, d_r/2)`, f32.
+#[derive(Clone)]
 pub struct Angles {
     cos: Tensor,
     sin: Tensor,

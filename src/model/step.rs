@@ -67,7 +67,7 @@ struct StepPass<'a, 'c> {
 }
 
 impl StepPass<'_, '_> {
-    /// `normed = norm(x)` row by row, and `x += out` rounded as a `dtype` model adds.
+    /// `normed = norm(x)`, row by row.
     fn norm(&mut self, norm: &RmsNorm) {
         let (hidden, dtype) = (self.model.config.hidden_size, self.model.dtype);
         let Workspace { x, normed, .. } = &mut *self.ws;
@@ -78,6 +78,7 @@ impl StepPass<'_, '_> {
         }
     }
 
+    /// `x += out`, rounded as a `dtype` model adds.
     fn add(&mut self) {
         let Workspace { x, out, .. } = &mut *self.ws;
         x.iter_mut().zip(out.iter()).for_each(|(a, &b)| *a += b);
