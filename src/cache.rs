@@ -1,21 +1,32 @@
 //! The latent KV cache: per layer and per token, only `c_kv` (d_c, after `kv_a_layernorm`) and the
 //! rotated `k_rope` (d_r) — `kv_lora_rank + qk_rope_head_dim` values. Nothing per head is cached.
 //!
-//! Rows live in two growable buffers per layer (`c_kv` and `k_rope`) in the cache's dtype, owned
-//! here, so that a decode step writes its row in place and reads the first `len` rows as slices.
-//! Capacity doubles when full; memory is counted in bytes. The tensor path ([`LatentCache::append`])
-//! gets a copy of the rows as tensors.
+//! **Pages.** Rows live in pages of [`PAGE_ROWS`] tokens; a page holds those tokens' rows of
+//! every layer (per layer, the latents then the RoPE keys, in the cache's format). Pages come
+//! from a [`PagePool`] of fixed size, sized from a byte budget, and a sequence's cache is its
+//! block table: the list of its pages, in token order. The decode kernels read each page where
+//! it lies ([`crate::kernels::paged`]); nothing is gathered into one buffer per step.
 //!
-//! An int8 cache ([`CacheKind::Int8`]) keeps 8-bit codes instead, with a scale per 128 latents
-//! ([`Int8Rows`]): 596 bytes a row at V2's sizes against 1152 in bf16. Its latents are cached
-//! before `kv_a_layernorm`'s gain, which the attention folds into its query and output.
+//! **Sharing.** A page is reference-counted (`Arc`): caches that share a prefix (a prompt's `n`
+//! completions, a prefix kept for later requests) hold the same pages. A cache writes only pages
+//! it holds alone; a shared page it must write is copied first (copy on write), so a shared
+//! page never changes. A page goes back to its pool's free list when its last holder lets go.
+//!
+//! **Formats.** A float cache keeps rows in bf16, f16 or f32. An int8 cache
+//! ([`CacheKind::Int8`]) keeps 8-bit codes with a scale per 128 latents
+//! ([`crate::kernels::latent_int8`]): 596 bytes a row at V2's sizes against 1152 in bf16, a
+//! page's 64 rows as 4 tiles of 16 per layer. Its latents are cached before `kv_a_layernorm`'s
+//! gain, which the attention folds into its query and output.
+
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kernels::latent_int8::Int8Rows;
-use crate::model::layers::Stored;
+use crate::kernels::latent_int8::{Int8Layout, Int8Tiles, GROUP_TILES, TILE_ROWS};
+use crate::kernels::paged::DensePages;
+pub use crate::kernels::paged::PAGE_ROWS;
 
 /// How cached rows are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,160 +37,301 @@ pub enum CacheKind {
     Int8,
 }
 
-/// Values in one float dtype.
-#[derive(Debug, Clone)]
-enum Buf {
-    Bf16(Vec<half::bf16>),
-    F16(Vec<half::f16>),
-    F32(Vec<f32>),
+/// What one page holds: its kind, and the model's layers and row sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageLayout {
+    pub kind: CacheKind,
+    pub layers: usize,
+    pub d_c: usize,
+    pub d_r: usize,
 }
 
-impl Buf {
-    fn new(dtype: DType) -> Result<Buf> {
-        match dtype {
-            DType::BF16 => Ok(Buf::Bf16(Vec::new())),
-            DType::F16 => Ok(Buf::F16(Vec::new())),
-            DType::F32 => Ok(Buf::F32(Vec::new())),
-            other => Err(Error::InvalidArgument(format!("a latent cache holds bf16, f16 or f32 rows, not {other:?}"))),
-        }
+impl PageLayout {
+    /// The pages of `cfg`'s cache of the given kind.
+    pub fn new(cfg: &Config, kind: CacheKind) -> Result<PageLayout> {
+        PageLayout::of(kind, cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
     }
 
-    fn len(&self) -> usize {
-        match self {
-            Buf::Bf16(v) => v.len(),
-            Buf::F16(v) => v.len(),
-            Buf::F32(v) => v.len(),
-        }
-    }
-
-    /// Keeps the first `n` values and frees the rest of the allocation.
-    fn shrink(&mut self, n: usize) {
-        match self {
-            Buf::Bf16(v) => (v.truncate(n), v.shrink_to_fit()),
-            Buf::F16(v) => (v.truncate(n), v.shrink_to_fit()),
-            Buf::F32(v) => (v.truncate(n), v.shrink_to_fit()),
-        };
-    }
-
-    /// Grows to `n` values (zeros), copying the old ones once.
-    fn grow(&mut self, n: usize) {
-        match self {
-            Buf::Bf16(v) => v.resize(n, half::bf16::ZERO),
-            Buf::F16(v) => v.resize(n, half::f16::ZERO),
-            Buf::F32(v) => v.resize(n, 0.0),
-        }
-    }
-
-    /// Writes `values`, converted, from value `at` on.
-    fn write(&mut self, at: usize, values: &[f32]) {
-        let n = values.len();
-        match self {
-            Buf::Bf16(v) => v[at..at + n].iter_mut().zip(values).for_each(|(d, &x)| *d = half::bf16::from_f32(x)),
-            Buf::F16(v) => v[at..at + n].iter_mut().zip(values).for_each(|(d, &x)| *d = half::f16::from_f32(x)),
-            Buf::F32(v) => v[at..at + n].copy_from_slice(values),
-        }
-    }
-
-    /// Writes the values of `t`, converted to this buffer's dtype, from value `at` on.
-    fn write_tensor(&mut self, at: usize, t: &Tensor) -> Result<()> {
-        let t = t.flatten_all()?;
-        match self {
-            Buf::Bf16(v) => copy_into(&mut v[at..], &t.to_dtype(DType::BF16)?.to_vec1()?),
-            Buf::F16(v) => copy_into(&mut v[at..], &t.to_dtype(DType::F16)?.to_vec1()?),
-            Buf::F32(v) => copy_into(&mut v[at..], &t.to_dtype(DType::F32)?.to_vec1()?),
-        }
-        Ok(())
-    }
-
-    /// The first `rows` rows of `width` values as a tensor (a copy).
-    fn tensor(&self, rows: usize, width: usize, device: &Device) -> Result<Tensor> {
-        let n = rows * width;
-        Ok(match self {
-            Buf::Bf16(v) => Tensor::from_slice(&v[..n], (rows, width), device)?,
-            Buf::F16(v) => Tensor::from_slice(&v[..n], (rows, width), device)?,
-            Buf::F32(v) => Tensor::from_slice(&v[..n], (rows, width), device)?,
-        })
-    }
-}
-
-fn copy_into<T: Copy>(dst: &mut [T], src: &[T]) {
-    dst[..src.len()].copy_from_slice(src);
-}
-
-/// One layer's latent rows: `capacity` rows of each buffer, the first `len` written.
-#[derive(Debug, Clone)]
-struct LayerRows {
-    c_kv: Buf,   // (capacity, d_c)
-    k_rope: Buf, // (capacity, d_r)
-    len: usize,
-}
-
-/// The latent cache of one sequence, for every layer.
-#[derive(Debug, Clone)]
-pub struct LatentCache {
-    layers: Vec<LayerRows>,
-    /// The rows of an int8 cache (then `layers` stay empty).
-    int8: Vec<Int8Rows>,
-    d_c: usize,
-    d_r: usize,
-    dtype: DType,
-    device: Device,
-}
-
-impl LatentCache {
-    /// An empty cache for `cfg` holding rows in `dtype`.
-    pub fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<LatentCache> {
-        let (d_c, d_r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
-        let empty = LayerRows { c_kv: Buf::new(dtype)?, k_rope: Buf::new(dtype)?, len: 0 };
-        Ok(LatentCache {
-            layers: vec![empty; cfg.num_hidden_layers],
-            int8: Vec::new(),
-            d_c,
-            d_r,
-            dtype,
-            device: device.clone(),
-        })
-    }
-
-    /// An empty cache for `cfg` of the given kind.
-    pub fn with_kind(cfg: &Config, kind: CacheKind, device: &Device) -> Result<LatentCache> {
+    /// Pages of `layers` layers of rows of `d_c` latents and `d_r` RoPE values.
+    pub fn of(kind: CacheKind, layers: usize, d_c: usize, d_r: usize) -> Result<PageLayout> {
         match kind {
-            CacheKind::Dense(dtype) => LatentCache::new(cfg, dtype, device),
+            CacheKind::Dense(DType::BF16 | DType::F16 | DType::F32) => {}
+            CacheKind::Dense(other) => {
+                return Err(Error::InvalidArgument(format!(
+                    "a latent cache holds bf16, f16 or f32 rows, not {other:?}"
+                )))
+            }
             CacheKind::Int8 => {
-                let (d_c, d_r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
-                let rows = Int8Rows::new(d_c, d_r).ok_or_else(|| {
+                Int8Layout::new(d_c, d_r).ok_or_else(|| {
                     Error::InvalidArgument(format!(
-                        "an int8 latent cache needs kv_lora_rank and qk_rope_head_dim in multiples of 4, \
-                         the model has {d_c} and {d_r}"
+                        "an int8 latent cache needs kv_lora_rank and qk_rope_head_dim in multiples of 4, the model \
+                         has {d_c} and {d_r}"
                     ))
                 })?;
-                Ok(LatentCache {
-                    layers: Vec::new(),
-                    int8: vec![rows; cfg.num_hidden_layers],
-                    d_c,
-                    d_r,
-                    dtype: DType::F32,
-                    device: device.clone(),
-                })
+            }
+        }
+        Ok(PageLayout { kind, layers, d_c, d_r })
+    }
+
+    fn int8(&self) -> Option<Int8Layout> {
+        match self.kind {
+            CacheKind::Int8 => Int8Layout::new(self.d_c, self.d_r),
+            CacheKind::Dense(_) => None,
+        }
+    }
+
+    /// Bytes one token takes across all layers: `layers * (d_c + d_r) * dtype size`, or the codes
+    /// and scales of an int8 row.
+    pub fn bytes_per_token(&self) -> usize {
+        match (self.kind, self.int8()) {
+            (CacheKind::Dense(dtype), _) => self.layers * (self.d_c + self.d_r) * dtype.size_in_bytes(),
+            (CacheKind::Int8, Some(l)) => self.layers * l.bytes_per_row(),
+            (CacheKind::Int8, None) => 0,
+        }
+    }
+
+    /// Bytes one page takes.
+    pub fn page_bytes(&self) -> usize {
+        PAGE_ROWS * self.bytes_per_token()
+    }
+
+    /// A fresh page (zeros; int8 codes of 0).
+    fn new_page(&self) -> Page {
+        let (rows_c, rows_r) = (self.layers * PAGE_ROWS * self.d_c, self.layers * PAGE_ROWS * self.d_r);
+        let data = match (self.kind, self.int8()) {
+            (CacheKind::Dense(DType::BF16), _) => {
+                PageData::Bf16(vec![half::bf16::ZERO; rows_c], vec![half::bf16::ZERO; rows_r])
+            }
+            (CacheKind::Dense(DType::F16), _) => PageData::F16(vec![half::f16::ZERO; rows_c], vec![half::f16::ZERO; rows_r]),
+            (CacheKind::Int8, Some(l)) => PageData::Int8(
+                vec![128; self.layers * GROUP_TILES * l.tile_codes()],
+                vec![0.0; self.layers * GROUP_TILES * l.tile_scales()],
+            ),
+            _ => PageData::F32(vec![0.0; rows_c], vec![0.0; rows_r]),
+        };
+        Page { data }
+    }
+}
+
+/// A page's values: per layer `PAGE_ROWS` rows of latents, and as many of RoPE keys; or per
+/// layer [`GROUP_TILES`] tiles of 8-bit codes and their scales.
+#[derive(Debug, Clone)]
+enum PageData {
+    Bf16(Vec<half::bf16>, Vec<half::bf16>),
+    F16(Vec<half::f16>, Vec<half::f16>),
+    F32(Vec<f32>, Vec<f32>),
+    Int8(Vec<u8>, Vec<f32>),
+}
+
+/// [`PAGE_ROWS`] tokens' rows of every layer.
+#[derive(Debug, Clone)]
+pub struct Page {
+    data: PageData,
+}
+
+impl Page {
+    /// Writes row `row` (of the page) of `layer`: `c` latents and `r` RoPE values.
+    fn write(&mut self, layout: &PageLayout, layer: usize, row: usize, c: &[f32], r: &[f32]) {
+        let (d_c, d_r) = (layout.d_c, layout.d_r);
+        let (at_c, at_r) = ((layer * PAGE_ROWS + row) * d_c, (layer * PAGE_ROWS + row) * d_r);
+        match &mut self.data {
+            PageData::Bf16(pc, pr) => {
+                pc[at_c..at_c + d_c].iter_mut().zip(c).for_each(|(d, &x)| *d = half::bf16::from_f32(x));
+                pr[at_r..at_r + d_r].iter_mut().zip(r).for_each(|(d, &x)| *d = half::bf16::from_f32(x));
+            }
+            PageData::F16(pc, pr) => {
+                pc[at_c..at_c + d_c].iter_mut().zip(c).for_each(|(d, &x)| *d = half::f16::from_f32(x));
+                pr[at_r..at_r + d_r].iter_mut().zip(r).for_each(|(d, &x)| *d = half::f16::from_f32(x));
+            }
+            PageData::F32(pc, pr) => {
+                pc[at_c..at_c + d_c].copy_from_slice(c);
+                pr[at_r..at_r + d_r].copy_from_slice(r);
+            }
+            PageData::Int8(codes, scales) => {
+                let Some(l) = layout.int8() else { return };
+                let tile = layer * GROUP_TILES + row / TILE_ROWS;
+                let codes = &mut codes[tile * l.tile_codes()..(tile + 1) * l.tile_codes()];
+                let scales = &mut scales[tile * l.tile_scales()..(tile + 1) * l.tile_scales()];
+                l.write_row(codes, scales, row % TILE_ROWS, c, r);
             }
         }
     }
 
+    /// The first `n` rows of `layer` as f32: appended to `c` and `r` (dequantized for int8).
+    fn read_f32(&self, layout: &PageLayout, layer: usize, n: usize, c: &mut Vec<f32>, r: &mut Vec<f32>) {
+        let (d_c, d_r) = (layout.d_c, layout.d_r);
+        let (rc, rr) = (layer * PAGE_ROWS * d_c..(layer * PAGE_ROWS + n) * d_c, layer * PAGE_ROWS * d_r..(layer * PAGE_ROWS + n) * d_r);
+        match &self.data {
+            PageData::Bf16(pc, pr) => {
+                c.extend(pc[rc].iter().map(|v| v.to_f32()));
+                r.extend(pr[rr].iter().map(|v| v.to_f32()));
+            }
+            PageData::F16(pc, pr) => {
+                c.extend(pc[rc].iter().map(|v| v.to_f32()));
+                r.extend(pr[rr].iter().map(|v| v.to_f32()));
+            }
+            PageData::F32(pc, pr) => {
+                c.extend_from_slice(&pc[rc]);
+                r.extend_from_slice(&pr[rr]);
+            }
+            PageData::Int8(codes, scales) => {
+                let Some(l) = layout.int8() else { return };
+                let (c0, r0) = (c.len(), r.len());
+                c.resize(c0 + n * d_c, 0.0);
+                r.resize(r0 + n * d_r, 0.0);
+                for t in 0..n.div_ceil(TILE_ROWS) {
+                    let tile = layer * GROUP_TILES + t;
+                    let m = TILE_ROWS.min(n - t * TILE_ROWS);
+                    let src = (&codes[tile * l.tile_codes()..], &scales[tile * l.tile_scales()..]);
+                    let (at_c, at_r) = (c0 + t * TILE_ROWS * d_c, r0 + t * TILE_ROWS * d_r);
+                    l.dequantize_tile(src, m, &mut c[at_c..at_c + m * d_c], &mut r[at_r..at_r + m * d_r]);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PoolState {
+    /// Pages handed out and not yet back.
+    used: usize,
+    /// Pages back from their last holder, ready to hand out again.
+    free: Vec<Page>,
+}
+
+/// A fixed number of pages (or as many as asked, for a pool without a budget), handed out to
+/// caches and taken back when their last holder lets go. Clones are handles to the same pool.
+#[derive(Debug, Clone)]
+pub struct PagePool {
+    layout: PageLayout,
+    /// Most pages out at once (`None`: no limit).
+    capacity: Option<usize>,
+    state: Arc<Mutex<PoolState>>,
+}
+
+impl PagePool {
+    /// A pool of as many pages of `layout` as `budget` bytes hold (`None`: no limit).
+    pub fn new(layout: PageLayout, budget: Option<usize>) -> PagePool {
+        let capacity = budget.map(|b| b / layout.page_bytes().max(1));
+        PagePool { layout, capacity, state: Arc::new(Mutex::new(PoolState { used: 0, free: Vec::new() })) }
+    }
+
+    /// A pool of exactly `pages` pages.
+    pub fn with_pages(layout: PageLayout, pages: usize) -> PagePool {
+        PagePool::new(layout, Some(pages * layout.page_bytes()))
+    }
+
+    fn state(&self) -> MutexGuard<'_, PoolState> {
+        // The state is two counters and a list: a panic elsewhere cannot leave it torn.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What its pages hold.
+    pub fn layout(&self) -> &PageLayout {
+        &self.layout
+    }
+
+    /// Pages in all (`None`: no limit).
+    pub fn total_pages(&self) -> Option<usize> {
+        self.capacity
+    }
+
+    /// Pages held by caches.
+    pub fn used_pages(&self) -> usize {
+        self.state().used
+    }
+
+    /// Pages that can still be handed out (`usize::MAX` without a limit).
+    pub fn free_pages(&self) -> usize {
+        self.capacity.map_or(usize::MAX, |c| c.saturating_sub(self.used_pages()))
+    }
+
+    /// A page, if the pool has one left.
+    fn take(&self) -> Option<Arc<Page>> {
+        let mut state = self.state();
+        if self.capacity.is_some_and(|c| state.used >= c) {
+            return None;
+        }
+        state.used += 1;
+        let page = state.free.pop();
+        drop(state);
+        Some(Arc::new(page.unwrap_or_else(|| self.layout.new_page())))
+    }
+
+    /// Lets go of `page`: back to the free list if this was its last holder.
+    fn give(&self, page: Arc<Page>) {
+        if let Ok(page) = Arc::try_unwrap(page) {
+            let mut state = self.state();
+            state.used -= 1;
+            state.free.push(page);
+        }
+    }
+
+    fn full_error(&self) -> Error {
+        Error::InvalidArgument(format!(
+            "the latent cache's page pool is full: {} pages of {} bytes are in use",
+            self.used_pages(),
+            self.layout.page_bytes()
+        ))
+    }
+}
+
+/// The latent cache of one sequence, for every layer: its pages, in token order.
+#[derive(Debug)]
+pub struct LatentCache {
+    pool: PagePool,
+    /// The block table: page `i` holds tokens `i·PAGE_ROWS..(i+1)·PAGE_ROWS`. Pages past the rows
+    /// held are room already taken ([`LatentCache::reserve`]).
+    pages: Vec<Arc<Page>>,
+    /// Rows written per layer (they differ only in the middle of a forward).
+    lens: Vec<usize>,
+    device: Device,
+}
+
+impl Clone for LatentCache {
+    /// A cache sharing every page with this one (each is copied when either writes it).
+    fn clone(&self) -> Self {
+        LatentCache { pool: self.pool.clone(), pages: self.pages.clone(), lens: self.lens.clone(), device: self.device.clone() }
+    }
+}
+
+impl Drop for LatentCache {
+    fn drop(&mut self) {
+        for page in self.pages.drain(..) {
+            self.pool.give(page);
+        }
+    }
+}
+
+impl LatentCache {
+    /// An empty cache for `cfg` holding rows in `dtype`, with a pool of its own.
+    pub fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<LatentCache> {
+        LatentCache::with_kind(cfg, CacheKind::Dense(dtype), device)
+    }
+
+    /// An empty cache for `cfg` of the given kind, with a pool of its own (no limit).
+    pub fn with_kind(cfg: &Config, kind: CacheKind, device: &Device) -> Result<LatentCache> {
+        Ok(LatentCache::in_pool(&PagePool::new(PageLayout::new(cfg, kind)?, None), device))
+    }
+
+    /// An empty cache whose pages come from `pool`.
+    pub fn in_pool(pool: &PagePool, device: &Device) -> LatentCache {
+        LatentCache { pool: pool.clone(), pages: Vec::new(), lens: vec![0; pool.layout.layers], device: device.clone() }
+    }
+
     /// How the rows are stored.
     pub fn kind(&self) -> CacheKind {
-        if self.int8.is_empty() {
-            CacheKind::Dense(self.dtype)
-        } else {
-            CacheKind::Int8
-        }
+        self.pool.layout.kind
+    }
+
+    /// The pool its pages come from.
+    pub fn pool(&self) -> &PagePool {
+        &self.pool
     }
 
     /// Tokens cached (the position the next token will take).
     pub fn len(&self) -> usize {
-        match self.int8.first() {
-            Some(rows) => rows.len(),
-            None => self.layers.first().map_or(0, |l| l.len),
-        }
+        self.lens.first().copied().unwrap_or(0)
     }
 
     /// Whether no token is cached.
@@ -190,132 +342,183 @@ impl LatentCache {
     /// Bytes one token occupies across all layers: `n_layers * (d_c + d_r) * dtype size`, or
     /// the codes and scales of an int8 cache.
     pub fn bytes_per_token(&self) -> usize {
-        match self.int8.first() {
-            Some(rows) => self.int8.len() * rows.bytes_per_row(),
-            None => self.layers.len() * (self.d_c + self.d_r) * self.dtype.size_in_bytes(),
-        }
+        self.pool.layout.bytes_per_token()
     }
 
-    /// Forgets every token, keeping the buffers.
+    /// Pages held, the room past the rows included.
+    pub fn pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// The `i`-th page of the block table (shared with the caller).
+    pub fn page(&self, i: usize) -> Option<Arc<Page>> {
+        self.pages.get(i).cloned()
+    }
+
+    /// A cache of the first `len` rows held in `pages` (taken from `pool`, shared with whoever
+    /// else holds them): what a prefix kept for later requests becomes again.
+    pub fn from_pages(pool: &PagePool, pages: Vec<Arc<Page>>, len: usize, device: &Device) -> Result<LatentCache> {
+        if len > pages.len() * PAGE_ROWS {
+            return Err(Error::internal(format!("{len} rows do not fit {} pages", pages.len())));
+        }
+        let mut cache = LatentCache::in_pool(pool, device);
+        cache.pages = pages;
+        cache.lens.iter_mut().for_each(|l| *l = len);
+        Ok(cache)
+    }
+
+    /// Forgets every token, keeping the pages.
     pub fn clear(&mut self) {
         self.truncate(0);
     }
 
-    /// Keeps only the first `len` tokens (a no-op if fewer are cached).
+    /// Keeps only the first `len` tokens (a no-op if fewer are cached); the pages stay.
     pub fn truncate(&mut self, len: usize) {
-        self.layers.iter_mut().for_each(|l| l.len = l.len.min(len));
-        self.int8.iter_mut().for_each(|rows| rows.truncate(len));
+        self.lens.iter_mut().for_each(|l| *l = (*l).min(len));
     }
 
-    /// Returns the memory past the rows held to the allocator (a cache kept for its prefix).
+    /// Returns the pages past the rows held to the pool.
     pub fn shrink(&mut self) {
-        let (d_c, d_r) = (self.d_c, self.d_r);
-        for rows in &mut self.layers {
-            let len = rows.len;
-            rows.c_kv.shrink(len * d_c);
-            rows.k_rope.shrink(len * d_r);
+        let keep = self.len().div_ceil(PAGE_ROWS);
+        while self.pages.len() > keep {
+            if let Some(page) = self.pages.pop() {
+                self.pool.give(page);
+            }
         }
-        self.int8.iter_mut().for_each(Int8Rows::shrink);
     }
 
-    /// Makes room for `tokens` tokens in every layer without growing again, so a caller that knows
-    /// how long the sequence will get (the prompt plus the tokens to generate) pays for no copy
-    /// of the rows mid-generation.
+    /// Pages the cache must take from its pool to hold `tokens` tokens: new pages, and copies of
+    /// shared ones it would write.
+    pub fn pages_needed(&self, tokens: usize) -> usize {
+        let from = self.len() / PAGE_ROWS;
+        let to = tokens.div_ceil(PAGE_ROWS);
+        let copies = (from..to.min(self.pages.len())).filter(|&i| Arc::strong_count(&self.pages[i]) > 1).count();
+        to.saturating_sub(self.pages.len()) + copies
+    }
+
+    /// Makes room for `tokens` tokens in every layer, so that writing them takes nothing from the
+    /// pool and allocates nothing: the pages they need, and a copy of each shared page among
+    /// them. Fails, keeping what it took, when the pool runs out.
     pub fn reserve(&mut self, tokens: usize) -> Result<()> {
-        self.int8.iter_mut().for_each(|rows| rows.reserve(tokens));
-        for layer in 0..self.layers.len() {
-            self.grow(layer, tokens)?;
+        let to = tokens.div_ceil(PAGE_ROWS);
+        for i in self.len() / PAGE_ROWS..to.min(self.pages.len()) {
+            self.own(i)?;
+        }
+        while self.pages.len() < to {
+            let page = self.pool.take().ok_or_else(|| self.pool.full_error())?;
+            self.pages.push(page);
         }
         Ok(())
     }
 
-    /// Rows `layer` holds room for.
-    fn capacity(&self, layer: usize) -> usize {
-        self.layers.get(layer).map_or(0, |rows| rows.c_kv.len() / self.d_c.max(1))
+    /// Makes page `i` this cache's alone, copying it if it is shared.
+    fn own(&mut self, i: usize) -> Result<&mut Page> {
+        if Arc::get_mut(&mut self.pages[i]).is_none() {
+            let mut copy = self.pool.take().ok_or_else(|| self.pool.full_error())?;
+            if let Some(fresh) = Arc::get_mut(&mut copy) {
+                fresh.clone_from(&self.pages[i]);
+            }
+            let shared = std::mem::replace(&mut self.pages[i], copy);
+            self.pool.give(shared);
+        }
+        Arc::get_mut(&mut self.pages[i]).ok_or_else(|| Error::internal("a page copied on write is still shared"))
     }
 
-    /// Ensures `layer` holds at least `capacity` rows, copying the cached ones over.
-    fn grow(&mut self, layer: usize, capacity: usize) -> Result<()> {
-        if capacity <= self.capacity(layer) {
-            return Ok(());
-        }
-        let rows = &mut self.layers[layer];
-        rows.c_kv.grow(capacity * self.d_c);
-        rows.k_rope.grow(capacity * self.d_r);
-        Ok(())
-    }
-
-    /// Appends `c_kv: (T, d_c)` and `k_rope: (T, d_r)` to `layer`; returns all rows `(S, d_c)`,
-    /// `(S, d_r)` (copies, in the cache's dtype). Capacity at least doubles when it runs out.
-    pub fn append(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor) -> Result<(Tensor, Tensor)> {
-        if !self.int8.is_empty() {
-            return Err(Error::InvalidArgument("an int8 latent cache takes rows through append_int8".into()));
-        }
-        let (t, capacity) = (c_kv.dim(0)?, self.capacity(layer));
-        let Some(len) = self.layers.get(layer).map(|rows| rows.len) else {
-            return Err(Error::InvalidArgument(format!("the latent cache has no layer {layer}")));
-        };
-        if k_rope.dims() != [t, self.d_r] || c_kv.dims() != [t, self.d_c] {
-            return Err(Error::InvalidArgument(format!(
-                "latent cache rows are ({t}, {}) and ({t}, {}), got {:?} and {:?}",
-                self.d_c,
-                self.d_r,
-                c_kv.dims(),
-                k_rope.dims()
-            )));
-        }
-        let needed = len + t;
-        if needed > capacity {
-            self.grow(layer, needed.max(2 * capacity).max(64))?;
-        }
-        let rows = &mut self.layers[layer];
-        rows.c_kv.write_tensor(len * self.d_c, c_kv)?;
-        rows.k_rope.write_tensor(len * self.d_r, k_rope)?;
-        rows.len = needed;
-        Ok((rows.c_kv.tensor(needed, self.d_c, &self.device)?, rows.k_rope.tensor(needed, self.d_r, &self.device)?))
-    }
-}
-
-impl LatentCache {
-    /// Appends one token's row to `layer`: `c` (`d_c` latents; for an int8 cache, normalized
-    /// without `kv_a_layernorm`'s gain) and `r` (`d_r` rotated RoPE values), in place. Allocates
-    /// nothing within the capacity ([`LatentCache::reserve`]). Dense rows must be bf16 or f32.
-    pub fn push_row(&mut self, layer: usize, c: &[f32], r: &[f32]) -> Result<()> {
-        if c.len() != self.d_c || r.len() != self.d_r {
+    /// Writes the next row of `layer`, taking a page from the pool if it needs one.
+    fn write_row(&mut self, layer: usize, c: &[f32], r: &[f32]) -> Result<()> {
+        let layout = self.pool.layout;
+        if c.len() != layout.d_c || r.len() != layout.d_r {
             return Err(Error::InvalidArgument(format!(
                 "a latent cache row is {} + {} values, got {} + {}",
-                self.d_c,
-                self.d_r,
+                layout.d_c,
+                layout.d_r,
                 c.len(),
                 r.len()
             )));
         }
-        if let Some(rows) = self.int8.get_mut(layer) {
-            rows.push(c, r);
-            return Ok(());
-        }
-        let (capacity, (d_c, d_r)) = (self.capacity(layer), (self.d_c, self.d_r));
-        let Some(len) = self.layers.get(layer).map(|rows| rows.len) else {
+        let Some(&row) = self.lens.get(layer) else {
             return Err(Error::InvalidArgument(format!("the latent cache has no layer {layer}")));
         };
-        if len + 1 > capacity {
-            self.grow(layer, (2 * capacity).max(64))?;
+        let i = row / PAGE_ROWS;
+        if i >= self.pages.len() {
+            // Room for a whole page ahead, taken once.
+            self.reserve((i + 1) * PAGE_ROWS)?;
         }
-        let rows = &mut self.layers[layer];
-        rows.c_kv.write(len * d_c, c);
-        rows.k_rope.write(len * d_r, r);
-        rows.len += 1;
+        self.own(i)?.write(&layout, layer, row % PAGE_ROWS, c, r);
+        self.lens[layer] += 1;
         Ok(())
     }
 
-    /// Runs `f` on the cached rows of a dense `layer` as stored: `(len, d_c)` and `(len, d_r)`,
-    /// row-major. `None` for an int8 cache, or rows neither bf16 nor f32.
-    pub(crate) fn with_dense_rows<R>(&self, layer: usize, f: impl FnOnce(Stored<'_>, Stored<'_>) -> R) -> Option<R> {
-        let rows = self.layers.get(layer)?;
-        let (c_len, r_len) = (rows.len * self.d_c, rows.len * self.d_r);
-        match (&rows.c_kv, &rows.k_rope) {
-            (Buf::Bf16(c), Buf::Bf16(r)) => Some(f(Stored::Bf16(&c[..c_len]), Stored::Bf16(&r[..r_len]))),
-            (Buf::F32(c), Buf::F32(r)) => Some(f(Stored::F32(&c[..c_len]), Stored::F32(&r[..r_len]))),
+    /// `layer`'s rows, every page, as f32: `(len, d_c)` and `(len, d_r)` (dequantized for int8).
+    fn rows_f32(&self, layer: usize) -> (Vec<f32>, Vec<f32>) {
+        let layout = &self.pool.layout;
+        let len = self.lens.get(layer).copied().unwrap_or(0);
+        let (mut c, mut r) = (Vec::with_capacity(len * layout.d_c), Vec::with_capacity(len * layout.d_r));
+        for (i, page) in self.pages.iter().enumerate().take(len.div_ceil(PAGE_ROWS)) {
+            page.read_f32(layout, layer, PAGE_ROWS.min(len - i * PAGE_ROWS), &mut c, &mut r);
+        }
+        (c, r)
+    }
+
+    /// Appends `c_kv: (T, d_c)` and `k_rope: (T, d_r)` to `layer`; returns all rows `(S, d_c)`,
+    /// `(S, d_r)` in the cache's dtype: the prefill attention's operands (a copy of the pages).
+    pub fn append(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (kind, d_c, d_r) = (self.kind(), self.pool.layout.d_c, self.pool.layout.d_r);
+        let CacheKind::Dense(dtype) = kind else {
+            return Err(Error::InvalidArgument("an int8 latent cache takes rows through append_int8".into()));
+        };
+        let t = c_kv.dim(0)?;
+        if k_rope.dims() != [t, d_r] || c_kv.dims() != [t, d_c] {
+            return Err(Error::InvalidArgument(format!(
+                "latent cache rows are ({t}, {d_c}) and ({t}, {d_r}), got {:?} and {:?}",
+                c_kv.dims(),
+                k_rope.dims()
+            )));
+        }
+        self.append_rows(layer, c_kv, k_rope)?;
+        let (c, r) = self.rows_f32(layer);
+        let s = c.len() / d_c;
+        let c = Tensor::from_vec(c, (s, d_c), &self.device)?.to_dtype(dtype)?;
+        let r = Tensor::from_vec(r, (s, d_r), &self.device)?.to_dtype(dtype)?;
+        Ok((c, r))
+    }
+
+    fn append_rows(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor) -> Result<()> {
+        let (d_c, d_r) = (self.pool.layout.d_c, self.pool.layout.d_r);
+        // Through the cache's dtype first, so that rows round as a tensor cast rounds them.
+        let dtype = match self.kind() {
+            CacheKind::Dense(dtype) => dtype,
+            CacheKind::Int8 => DType::F32,
+        };
+        let as_rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+        let (c, r) = (as_rows(c_kv)?, as_rows(k_rope)?);
+        self.reserve(self.lens.get(layer).copied().unwrap_or(0) + c.len() / d_c.max(1))?;
+        for (c, r) in c.chunks_exact(d_c).zip(r.chunks_exact(d_r)) {
+            self.write_row(layer, c, r)?;
+        }
+        Ok(())
+    }
+
+    /// Appends one token's row to `layer`: `c` (`d_c` latents; for an int8 cache, normalized
+    /// without `kv_a_layernorm`'s gain) and `r` (`d_r` rotated RoPE values), in place. Allocates
+    /// nothing within the room reserved ([`LatentCache::reserve`]).
+    pub fn push_row(&mut self, layer: usize, c: &[f32], r: &[f32]) -> Result<()> {
+        self.write_row(layer, c, r)
+    }
+
+    /// Runs `f` on the cached rows of a dense `layer`, page by page as stored. `None` for an
+    /// int8 cache, or rows neither bf16 nor f32.
+    pub(crate) fn with_dense_rows<R>(&self, layer: usize, f: impl FnOnce(DenseRows<'_>) -> R) -> Option<R> {
+        let len = *self.lens.get(layer)?;
+        let layout = &self.pool.layout;
+        let (pages, d_c, d_r) = (&self.pages[..], layout.d_c, layout.d_r);
+        match layout.kind {
+            CacheKind::Dense(DType::BF16) => {
+                Some(f(DenseRows::Bf16(&LayerPages { pages, layer, len, d_c, d_r, get: bf16_slices })))
+            }
+            CacheKind::Dense(DType::F32) => {
+                Some(f(DenseRows::F32(&LayerPages { pages, layer, len, d_c, d_r, get: f32_slices })))
+            }
             _ => None,
         }
     }
@@ -323,32 +526,103 @@ impl LatentCache {
     /// Appends to an int8 cache's `layer` the normalized latents `c_hat: (T, d_c)` (before
     /// `kv_a_layernorm`'s gain) and `k_rope: (T, d_r)`.
     pub fn append_int8(&mut self, layer: usize, c_hat: &Tensor, k_rope: &Tensor) -> Result<()> {
-        let rows = self
-            .int8
-            .get_mut(layer)
-            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} has no int8 latent cache")))?;
-        let c: Vec<f32> = c_hat.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let r: Vec<f32> = k_rope.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        for (c, r) in c.chunks_exact(self.d_c).zip(r.chunks_exact(self.d_r)) {
-            rows.push(c, r);
+        if self.kind() != CacheKind::Int8 {
+            return Err(Error::InvalidArgument(format!("layer {layer} has no int8 latent cache")));
         }
-        Ok(())
+        self.append_rows(layer, c_hat, k_rope)
     }
 
-    /// An int8 cache's rows of `layer`.
-    pub fn int8_rows(&self, layer: usize) -> Option<&Int8Rows> {
-        self.int8.get(layer)
+    /// An int8 cache's rows of `layer`, tile by tile where they lie.
+    pub fn int8_rows(&self, layer: usize) -> Option<Int8Pages<'_>> {
+        let layout = self.pool.layout.int8()?;
+        let len = *self.lens.get(layer)?;
+        Some(Int8Pages { pages: &self.pages, layer, len, layout })
     }
 
     /// An int8 cache's rows of `layer` dequantized: `(S, d_c)` normalized latents and `(S, d_r)`, f32.
     pub fn dequantized(&self, layer: usize) -> Result<(Tensor, Tensor)> {
         let rows = self
-            .int8
-            .get(layer)
+            .int8_rows(layer)
             .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} has no int8 latent cache")))?;
         let (c, r) = rows.dequantize();
-        let s = rows.len();
-        Ok((Tensor::from_vec(c, (s, self.d_c), &self.device)?, Tensor::from_vec(r, (s, self.d_r), &self.device)?))
+        let (s, l) = (rows.len(), rows.layout());
+        Ok((Tensor::from_vec(c, (s, l.d_c), &self.device)?, Tensor::from_vec(r, (s, l.d_r), &self.device)?))
+    }
+}
+
+/// A dense layer's rows page by page, in the dtype they are stored in.
+pub(crate) enum DenseRows<'a> {
+    Bf16(&'a dyn DensePages<half::bf16>),
+    F32(&'a dyn DensePages<f32>),
+}
+
+/// One layer's rows in a cache's pages.
+struct LayerPages<'a, W> {
+    pages: &'a [Arc<Page>],
+    layer: usize,
+    len: usize,
+    d_c: usize,
+    d_r: usize,
+    /// The page's values, if they are `W`.
+    get: fn(&Page) -> Option<(&[W], &[W])>,
+}
+
+fn bf16_slices(p: &Page) -> Option<(&[half::bf16], &[half::bf16])> {
+    match &p.data {
+        PageData::Bf16(c, r) => Some((c, r)),
+        _ => None,
+    }
+}
+
+fn f32_slices(p: &Page) -> Option<(&[f32], &[f32])> {
+    match &p.data {
+        PageData::F32(c, r) => Some((c, r)),
+        _ => None,
+    }
+}
+
+impl<W: Sync> DensePages<W> for LayerPages<'_, W> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn page(&self, i: usize) -> (&[W], &[W]) {
+        let n = PAGE_ROWS.min(self.len - i * PAGE_ROWS);
+        let first = self.layer * PAGE_ROWS;
+        match (self.get)(&self.pages[i]) {
+            Some((c, r)) => (&c[first * self.d_c..(first + n) * self.d_c], &r[first * self.d_r..(first + n) * self.d_r]),
+            None => unreachable!("every page of a cache has the cache's format"),
+        }
+    }
+}
+
+/// One layer's int8 rows in a cache's pages: a page's 64 rows are the layer's 4 tiles there.
+pub struct Int8Pages<'a> {
+    pages: &'a [Arc<Page>],
+    layer: usize,
+    len: usize,
+    layout: Int8Layout,
+}
+
+impl Int8Tiles for Int8Pages<'_> {
+    fn layout(&self) -> Int8Layout {
+        self.layout
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn tile(&self, t: usize) -> (&[u8], &[f32]) {
+        let l = self.layout;
+        let (page, first) = (t / GROUP_TILES, self.layer * GROUP_TILES + t % GROUP_TILES);
+        let end = (self.layer + 1) * GROUP_TILES;
+        match &self.pages[page].data {
+            PageData::Int8(codes, scales) => {
+                (&codes[first * l.tile_codes()..end * l.tile_codes()], &scales[first * l.tile_scales()..end * l.tile_scales()])
+            }
+            _ => unreachable!("every page of an int8 cache holds codes"),
+        }
     }
 }
 
@@ -361,31 +635,81 @@ mod tests {
         Tensor::from_vec(values, (n, width), &Device::Cpu).unwrap()
     }
 
+    fn layout() -> PageLayout {
+        PageLayout::of(CacheKind::Dense(DType::F32), 2, 8, 4).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
     #[test]
-    fn rows_survive_reserving_and_growing() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-v2/config.json");
-        let cfg = Config::from_file(&path).unwrap();
-        let (d_c, d_r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
-        let mut cache = LatentCache::new(&cfg, DType::F32, &Device::Cpu).unwrap();
-        cache.append(0, &rows(0, 3, d_c), &rows(0, 3, d_r)).unwrap();
-        cache.reserve(100).unwrap();
-        assert_eq!(cache.capacity(0), 100);
-        assert_eq!(cache.capacity(1), 100, "every layer is reserved");
-        cache.append(0, &rows(3, 97, d_c), &rows(3, 97, d_r)).unwrap();
-        assert_eq!(cache.capacity(0), 100, "appends within the reservation do not grow");
-        // Past the reservation capacity doubles, and every row is kept.
-        let (c, r) = cache.append(0, &rows(100, 1, d_c), &rows(100, 1, d_r)).unwrap();
-        assert_eq!(cache.capacity(0), 200);
-        assert_eq!(
-            c.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            rows(0, 101, d_c).flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
-        assert_eq!(
-            r.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            rows(0, 101, d_r).flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
-        // A smaller reservation changes nothing.
-        cache.reserve(10).unwrap();
-        assert_eq!(cache.capacity(0), 200);
+    fn rows_survive_reserving_and_crossing_pages() {
+        let pool = PagePool::new(layout(), None);
+        let mut cache = LatentCache::in_pool(&pool, &Device::Cpu);
+        cache.append(0, &rows(0, 3, 8), &rows(0, 3, 4)).unwrap();
+        assert_eq!(cache.pages(), 1);
+        cache.reserve(200).unwrap();
+        assert_eq!((cache.pages(), pool.used_pages()), (4, 4), "pages for 200 tokens, taken once");
+        let (c, r) = cache.append(0, &rows(3, 198, 8), &rows(3, 198, 4)).unwrap();
+        assert_eq!(cache.pages(), 4, "writes within the room take no page");
+        assert_eq!((values(&c), values(&r)), (values(&rows(0, 201, 8)), values(&rows(0, 201, 4))));
+        // Past the room, a page at a time; layer 1 is untouched.
+        cache.append(0, &rows(201, 56, 8), &rows(201, 56, 4)).unwrap();
+        assert_eq!(cache.pages(), 5);
+        let (c1, _) = cache.append(1, &rows(0, 1, 8), &rows(0, 1, 4)).unwrap();
+        assert_eq!(values(&c1), values(&rows(0, 1, 8)));
+        drop(cache);
+        assert_eq!(pool.used_pages(), 0, "a dropped cache gives its pages back");
+    }
+
+    #[test]
+    fn shared_pages_are_copied_on_write_and_freed_by_their_last_holder() {
+        let pool = PagePool::with_pages(layout(), 4);
+        let mut a = LatentCache::in_pool(&pool, &Device::Cpu);
+        a.append(0, &rows(0, 70, 8), &rows(0, 70, 4)).unwrap(); // pages 0 and 1 (6 rows)
+        a.append(1, &rows(0, 70, 8), &rows(0, 70, 4)).unwrap();
+        let mut b = a.clone();
+        assert_eq!(pool.used_pages(), 2, "a fork shares every page");
+        assert_eq!(b.pages_needed(71), 1, "writing row 70 copies the shared page 1");
+        assert_eq!(b.pages_needed(128), 1);
+        assert_eq!(b.pages_needed(129), 2);
+        b.truncate(69);
+        b.append(0, &rows(1000, 1, 8), &rows(1000, 1, 4)).unwrap();
+        assert_eq!(pool.used_pages(), 3, "b's second page is its own copy now");
+        let (ca, _) = a.append(0, &rows(70, 1, 8), &rows(70, 1, 4)).unwrap();
+        assert_eq!(values(&ca), values(&rows(0, 71, 8)), "a's rows did not change");
+        let (cb, _) = b.append(0, &rows(1001, 1, 8), &rows(1001, 1, 4)).unwrap();
+        let mut want = values(&rows(0, 69, 8));
+        want.extend(values(&rows(1000, 2, 8)));
+        assert_eq!(values(&cb), want);
+        // The pool is bounded: 4 pages in all.
+        let mut c = LatentCache::in_pool(&pool, &Device::Cpu);
+        assert!(c.reserve(64).is_ok());
+        assert!(c.reserve(128).is_err(), "a fifth page is refused");
+        drop(a);
+        assert_eq!(pool.used_pages(), 3, "page 0 is still b's");
+        drop(b);
+        drop(c);
+        assert_eq!((pool.used_pages(), pool.free_pages()), (0, 4));
+    }
+
+    #[test]
+    fn int8_pages_round_trip_within_their_quantization() {
+        let layout = PageLayout::of(CacheKind::Int8, 2, 8, 4).unwrap();
+        let pool = PagePool::new(layout, None);
+        let mut cache = LatentCache::in_pool(&pool, &Device::Cpu);
+        let (c, r) = (rows(0, 100, 8), rows(0, 100, 4));
+        cache.append_int8(1, &c, &r).unwrap();
+        let (gc, gr) = cache.dequantized(1).unwrap();
+        for (want, got, width) in [(values(&c), values(&gc), 8), (values(&r), values(&gr), 4)] {
+            for (row_w, row_g) in want.chunks(width).zip(got.chunks(width)) {
+                let amax = row_w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (w, g) in row_w.iter().zip(row_g) {
+                    assert!((w - g).abs() <= amax / 127.0, "{g} vs {w}");
+                }
+            }
+        }
+        assert_eq!(cache.int8_rows(0).unwrap().len(), 0, "layer 0 holds nothing yet");
     }
 }

@@ -49,58 +49,38 @@ fn quantize_block(get: impl Fn(usize) -> f32, values: std::ops::Range<usize>, mu
     scale
 }
 
-/// One layer's cached rows in 8-bit codes, tiled.
-#[derive(Debug, Clone)]
-pub struct Int8Rows {
-    d_c: usize,
-    d_r: usize,
-    /// Per tile, `words` rows of 64 bytes: word `w` of the tile's 16 rows, codes plus 128.
-    codes: Vec<u8>,
-    /// Per tile, `blocks` rows of 16 scales.
-    scales: Vec<f32>,
-    len: usize,
+/// The sizes of a row in the 8-bit format, and the format's arithmetic: where each code and
+/// scale of a tile lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Int8Layout {
+    pub d_c: usize,
+    pub d_r: usize,
 }
 
-impl Int8Rows {
-    /// An empty cache of rows with `d_c` latents and `d_r` RoPE values; both must be multiples
-    /// of 4 (a code word).
-    pub fn new(d_c: usize, d_r: usize) -> Option<Int8Rows> {
-        (d_c.is_multiple_of(4) && d_r.is_multiple_of(4) && d_c > 0 && d_r > 0).then_some(Int8Rows {
-            d_c,
-            d_r,
-            codes: Vec::new(),
-            scales: Vec::new(),
-            len: 0,
-        })
-    }
-
-    /// Rows cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether no row is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+impl Int8Layout {
+    /// Rows of `d_c` latents and `d_r` RoPE values; both must be positive multiples of 4 (a code
+    /// word).
+    pub fn new(d_c: usize, d_r: usize) -> Option<Int8Layout> {
+        (d_c.is_multiple_of(4) && d_r.is_multiple_of(4) && d_c > 0 && d_r > 0).then_some(Int8Layout { d_c, d_r })
     }
 
     /// Code words per row.
-    fn words(&self) -> usize {
+    pub(crate) fn words(&self) -> usize {
         (self.d_c + self.d_r) / 4
     }
 
     /// Scale blocks of the latents.
-    fn latent_blocks(&self) -> usize {
+    pub(crate) fn latent_blocks(&self) -> usize {
         self.d_c.div_ceil(SCALE_BLOCK)
     }
 
     /// Scale blocks per row: the latents', then the RoPE part's.
-    fn blocks(&self) -> usize {
+    pub(crate) fn blocks(&self) -> usize {
         self.latent_blocks() + 1
     }
 
     /// The values of block `b`.
-    fn block_values(&self, b: usize) -> std::ops::Range<usize> {
+    pub(crate) fn block_values(&self, b: usize) -> std::ops::Range<usize> {
         if b < self.latent_blocks() {
             b * SCALE_BLOCK..((b + 1) * SCALE_BLOCK).min(self.d_c)
         } else {
@@ -113,60 +93,34 @@ impl Int8Rows {
         self.d_c + self.d_r + 4 * self.blocks()
     }
 
-    /// Room for `rows` rows.
-    pub fn reserve(&mut self, rows: usize) {
-        let tiles = rows.div_ceil(TILE_ROWS);
-        let (code_len, scale_len) = (tiles * self.words() * 64, tiles * self.blocks() * TILE_ROWS);
-        if self.codes.len() < code_len {
-            // Code 0 (stored as 128) in rows not written yet.
-            self.codes.resize(code_len, 128);
-            self.scales.resize(scale_len, 0.0);
-        }
+    /// Code bytes of one tile.
+    pub fn tile_codes(&self) -> usize {
+        self.words() * 64
     }
 
-    /// Keeps the first `len` rows.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// Scales of one tile.
+    pub fn tile_scales(&self) -> usize {
+        self.blocks() * TILE_ROWS
     }
 
-    /// Returns the memory past the rows held (their tiles) to the allocator.
-    pub fn shrink(&mut self) {
-        let tiles = self.len.div_ceil(TILE_ROWS);
-        self.codes.truncate(tiles * self.words() * 64);
-        self.scales.truncate(tiles * self.blocks() * TILE_ROWS);
-        self.codes.shrink_to_fit();
-        self.scales.shrink_to_fit();
-    }
-
-    /// Appends one row: `c` (`d_c` latents) and `r` (`d_r` RoPE values).
-    pub fn push(&mut self, c: &[f32], r: &[f32]) {
-        assert!(c.len() == self.d_c && r.len() == self.d_r, "Int8Rows::push: row sizes disagree");
-        let (tiles, allocated) = (self.len / TILE_ROWS + 1, self.codes.len() / (self.words() * 64));
-        if tiles > allocated {
-            // At least doubling, as a Vec grows.
-            self.reserve(tiles.max(2 * allocated) * TILE_ROWS);
-        }
-        let (tile, row) = (self.len / TILE_ROWS, self.len % TILE_ROWS);
-        let (words, blocks) = (self.words(), self.blocks());
+    /// Writes row `row` of a tile, `codes` ([`Int8Layout::tile_codes`] bytes) and `scales`
+    /// ([`Int8Layout::tile_scales`]): `c` (`d_c` latents) and `r` (`d_r` RoPE values).
+    pub fn write_row(&self, codes: &mut [u8], scales: &mut [f32], row: usize, c: &[f32], r: &[f32]) {
+        assert!(c.len() == self.d_c && r.len() == self.d_r && row < TILE_ROWS, "an int8 row's sizes disagree");
         let d_c = self.d_c;
         let get = |i: usize| if i < d_c { c[i] } else { r[i - d_c] };
-        for b in 0..blocks {
-            let values = self.block_values(b);
-            let codes = &mut self.codes;
-            let scale = quantize_block(get, values, |i, code| {
-                codes[(tile * words + i / 4) * 64 + 4 * row + i % 4] = (code as i32 + 128) as u8;
+        for b in 0..self.blocks() {
+            let scale = quantize_block(get, self.block_values(b), |i, code| {
+                codes[(i / 4) * 64 + 4 * row + i % 4] = (code as i32 + 128) as u8;
             });
-            self.scales[(tile * blocks + b) * TILE_ROWS + row] = scale;
+            scales[b * TILE_ROWS + row] = scale;
         }
-        self.len += 1;
     }
 
-    /// The first `n` rows of tile `t` dequantized into `c` (`n × d_c`) and `r` (`n × d_r`).
-    fn dequantize_tile(&self, t: usize, n: usize, c: &mut [f32], r: &mut [f32]) {
-        let (d_c, d_r, words, blocks) = (self.d_c, self.d_r, self.words(), self.blocks());
-        let codes = &self.codes[t * words * 64..(t + 1) * words * 64];
-        let scales = &self.scales[t * blocks * TILE_ROWS..(t + 1) * blocks * TILE_ROWS];
-        for (w, word) in codes.chunks_exact(64).enumerate() {
+    /// The first `n` rows of a tile dequantized into `c` (`n × d_c`) and `r` (`n × d_r`).
+    pub fn dequantize_tile(&self, (codes, scales): (&[u8], &[f32]), n: usize, c: &mut [f32], r: &mut [f32]) {
+        let (d_c, d_r, blocks) = (self.d_c, self.d_r, self.blocks());
+        for (w, word) in codes[..self.tile_codes()].chunks_exact(64).enumerate() {
             let latent = 4 * w < d_c;
             let b = if latent { 4 * w / SCALE_BLOCK } else { blocks - 1 };
             let (out, width, at) = if latent { (&mut *c, d_c, 4 * w) } else { (&mut *r, d_r, 4 * w - d_c) };
@@ -178,24 +132,111 @@ impl Int8Rows {
             }
         }
     }
+}
+
+/// Tiles of a tile group, the unit that lies in one piece: a page of the paged cache.
+pub const GROUP_TILES: usize = super::paged::PAGE_ROWS / TILE_ROWS;
+
+/// One layer's cached rows in the 8-bit format, as the decode kernel reads them: tile by tile,
+/// wherever the tiles lie. Tiles come in groups of [`GROUP_TILES`] that lie in one piece.
+pub trait Int8Tiles: Sync {
+    /// The rows' sizes.
+    fn layout(&self) -> Int8Layout;
+
+    /// Rows cached.
+    fn len(&self) -> usize;
+
+    /// Whether no row is cached.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tile `t`'s codes and scales, and those of the rest of its group after them:
+    /// `(GROUP_TILES − t % GROUP_TILES)` tiles of [`Int8Layout::tile_codes`] bytes and of
+    /// [`Int8Layout::tile_scales`] scales.
+    fn tile(&self, t: usize) -> (&[u8], &[f32]);
 
     /// Every row dequantized: `(len, d_c)` and `(len, d_r)`, row-major; tiles in parallel.
-    pub fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
-        let (d_c, d_r) = (self.d_c, self.d_r);
-        let (mut c, mut r) = (vec![0f32; self.len * d_c], vec![0f32; self.len * d_r]);
+    fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
+        let l = self.layout();
+        let (d_c, d_r) = (l.d_c, l.d_r);
+        let (mut c, mut r) = (vec![0f32; self.len() * d_c], vec![0f32; self.len() * d_r]);
         c.par_chunks_mut(TILE_ROWS * d_c)
             .zip(r.par_chunks_mut(TILE_ROWS * d_r))
             .enumerate()
-            .for_each(|(t, (c, r))| self.dequantize_tile(t, c.len() / d_c, c, r));
+            .for_each(|(t, (c, r))| l.dequantize_tile(self.tile(t), c.len() / d_c, c, r));
         (c, r)
+    }
+}
+
+/// One layer's cached rows in 8-bit codes, tiled, in one growable piece (the paged cache keeps
+/// its tiles in pages instead).
+#[derive(Debug, Clone)]
+pub struct Int8Rows {
+    layout: Int8Layout,
+    /// Per tile, `words` rows of 64 bytes: word `w` of the tile's 16 rows, codes plus 128.
+    codes: Vec<u8>,
+    /// Per tile, `blocks` rows of 16 scales.
+    scales: Vec<f32>,
+    len: usize,
+}
+
+impl Int8Rows {
+    /// An empty cache of rows with `d_c` latents and `d_r` RoPE values; both must be multiples
+    /// of 4 (a code word).
+    pub fn new(d_c: usize, d_r: usize) -> Option<Int8Rows> {
+        Int8Layout::new(d_c, d_r).map(|layout| Int8Rows { layout, codes: Vec::new(), scales: Vec::new(), len: 0 })
+    }
+
+    /// Bytes one row takes: its codes and scales.
+    pub fn bytes_per_row(&self) -> usize {
+        self.layout.bytes_per_row()
+    }
+
+    /// Keeps the first `len` rows.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Appends one row: `c` (`d_c` latents) and `r` (`d_r` RoPE values).
+    pub fn push(&mut self, c: &[f32], r: &[f32]) {
+        let l = self.layout;
+        let (tile, row) = (self.len / TILE_ROWS, self.len % TILE_ROWS);
+        // Whole groups, so that a group's tiles lie in one piece; code 0 (stored as 128) in rows
+        // not written yet.
+        let groups = (tile / GROUP_TILES + 1).max(2 * self.codes.len() / (GROUP_TILES * l.tile_codes()));
+        if self.codes.len() < (tile + 1) * l.tile_codes() {
+            self.codes.resize(groups * GROUP_TILES * l.tile_codes(), 128);
+            self.scales.resize(groups * GROUP_TILES * l.tile_scales(), 0.0);
+        }
+        let codes = &mut self.codes[tile * l.tile_codes()..(tile + 1) * l.tile_codes()];
+        let scales = &mut self.scales[tile * l.tile_scales()..(tile + 1) * l.tile_scales()];
+        l.write_row(codes, scales, row, c, r);
+        self.len += 1;
+    }
+}
+
+impl Int8Tiles for Int8Rows {
+    fn layout(&self) -> Int8Layout {
+        self.layout
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn tile(&self, t: usize) -> (&[u8], &[f32]) {
+        let end = (t / GROUP_TILES + 1) * GROUP_TILES;
+        let l = self.layout;
+        (&self.codes[t * l.tile_codes()..end * l.tile_codes()], &self.scales[t * l.tile_scales()..end * l.tile_scales()])
     }
 }
 
 /// `o_lat (H, d_c)` for `q_lat (H, d_c)` and `q_rope (H, d_r)` over `rows` (as
 /// [`super::mla_decode::mla_decode`] computes it over dequantized rows): the 8-bit kernel on CPUs
 /// with AVX-512 VNNI, elsewhere the same runs dequantized to f32 one at a time ([`portable`]).
-pub fn mla_decode_int8(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize, scale: f32) -> Vec<f32> {
-    let mut out = vec![0f32; heads * rows.d_c];
+pub fn mla_decode_int8(q_lat: &[f32], q_rope: &[f32], rows: &dyn Int8Tiles, heads: usize, scale: f32) -> Vec<f32> {
+    let mut out = vec![0f32; heads * rows.layout().d_c];
     mla_decode_int8_into(q_lat, q_rope, rows, heads, scale, &mut Int8Scratch::default(), &mut out);
     out
 }
@@ -217,24 +258,25 @@ pub struct Int8Scratch {
 pub fn mla_decode_int8_into(
     q_lat: &[f32],
     q_rope: &[f32],
-    rows: &Int8Rows,
+    rows: &dyn Int8Tiles,
     heads: usize,
     scale: f32,
     scratch: &mut Int8Scratch,
     out: &mut [f32],
 ) {
-    let (d_c, d_r, len) = (rows.d_c, rows.d_r, rows.len);
+    let l = rows.layout();
+    let (d_c, d_r, len) = (l.d_c, l.d_r, rows.len());
     assert!(
         q_lat.len() == heads * d_c && q_rope.len() == heads * d_r && out.len() == heads * d_c && len > 0,
         "mla_decode_int8: shapes disagree"
     );
-    scratch.query.fill(q_lat, q_rope, rows, heads);
+    scratch.query.fill(q_lat, q_rope, l, heads);
     #[cfg(target_arch = "x86_64")]
     if Simd::detect() == Simd::Avx512Vnni {
         return vnni::decode(&scratch.query, rows, heads, scale, &mut scratch.vnni, out);
     }
     // The same quantized queries, so that every CPU computes the same scores.
-    scratch.query.dequantize_into(rows, heads, &mut scratch.q_lat, &mut scratch.q_rope);
+    scratch.query.dequantize_into(l, heads, &mut scratch.q_lat, &mut scratch.q_rope);
     portable::decode(&scratch.q_lat, &scratch.q_rope, rows, heads, scale, &mut scratch.portable, out)
 }
 
@@ -259,7 +301,7 @@ fn share_factors(maxima: impl Iterator<Item = f32> + Clone) -> [f32; MAX_SHARES]
 mod portable {
     use rayon::prelude::*;
 
-    use super::{share_factors, Int8Rows, MAX_SHARES, RUN_TILES, TILE_ROWS};
+    use super::{share_factors, Int8Tiles, MAX_SHARES, RUN_TILES, TILE_ROWS};
     use crate::kernels::rows::exp;
     use crate::kernels::{dispatch, mul_add, reserve_to, reset, Simd, Widen};
 
@@ -281,7 +323,7 @@ mod portable {
     pub(crate) struct Step<'a> {
         q_lat: &'a [f32],
         q_rope: &'a [f32],
-        rows: &'a Int8Rows,
+        rows: &'a dyn Int8Tiles,
         heads: usize,
         scale: f32,
     }
@@ -289,14 +331,15 @@ mod portable {
     pub fn decode(
         q_lat: &[f32],
         q_rope: &[f32],
-        rows: &Int8Rows,
+        rows: &dyn Int8Tiles,
         heads: usize,
         scale: f32,
         shares: &mut Vec<Share>,
         out: &mut [f32],
     ) {
         let step = Step { q_lat, q_rope, rows, heads, scale };
-        let (d_c, len) = (rows.d_c, rows.len);
+        let l = rows.layout();
+        let (d_c, len) = (l.d_c, rows.len());
         let tiles = len.div_ceil(TILE_ROWS);
         let runs = tiles.div_ceil(RUN_TILES);
         let most = (2 * rayon::current_num_threads()).clamp(1, MAX_SHARES);
@@ -312,14 +355,14 @@ mod portable {
             reserve_to(&mut part.m, heads);
             reserve_to(&mut part.l, heads);
             reserve_to(&mut part.o, heads * d_c);
-            reserve_to(buffer, run * (rows.d_c + rows.d_r) + heads * run);
+            reserve_to(buffer, run * (l.d_c + l.d_r) + heads * run);
         }
         shares[..n].par_iter_mut().enumerate().for_each(|(k, share)| {
             let part = &mut share.part;
             reset(&mut part.m, heads, f32::NEG_INFINITY);
             reset(&mut part.l, heads, 0.0);
             reset(&mut part.o, heads * d_c, 0.0);
-            share.run.resize(run * (rows.d_c + rows.d_r) + heads * run, 0.0);
+            share.run.resize(run * (l.d_c + l.d_r) + heads * run, 0.0);
             for r in runs * k / n..runs * (k + 1) / n {
                 let first = r * RUN_TILES;
                 let span = (first, ((r + 1) * RUN_TILES).min(tiles));
@@ -371,14 +414,15 @@ mod portable {
         scratch: &mut [f32],
     ) {
         let Step { q_lat, q_rope, rows, heads, scale } = *step;
-        let (d_c, d_r) = (rows.d_c, rows.d_r);
-        let n = (span.1 * TILE_ROWS).min(rows.len) - span.0 * TILE_ROWS;
+        let l = rows.layout();
+        let (d_c, d_r) = (l.d_c, l.d_r);
+        let n = (span.1 * TILE_ROWS).min(rows.len()) - span.0 * TILE_ROWS;
         let (c, rest) = scratch.split_at_mut(RUN_TILES * TILE_ROWS * d_c);
         let (r, p) = rest.split_at_mut(RUN_TILES * TILE_ROWS * d_r);
         // The run's rows in f32.
         for t in span.0..span.1 {
             let (first, m) = ((t - span.0) * TILE_ROWS, TILE_ROWS.min(n - (t - span.0) * TILE_ROWS));
-            rows.dequantize_tile(t, m, &mut c[first * d_c..(first + m) * d_c], &mut r[first * d_r..(first + m) * d_r]);
+            l.dequantize_tile(rows.tile(t), m, &mut c[first * d_c..(first + m) * d_c], &mut r[first * d_r..(first + m) * d_r]);
         }
         for h in 0..heads {
             let p = &mut p[h * RUN_TILES * TILE_ROWS..][..n];
@@ -423,15 +467,15 @@ pub struct Query {
 const QUERY_HEADS: usize = 16;
 
 impl Query {
-    /// Quantizes `q_lat (H, d_c)` and `q_rope (H, d_r)` in `rows`' blocks.
-    pub fn new(q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize) -> Query {
+    /// Quantizes `q_lat (H, d_c)` and `q_rope (H, d_r)` in the blocks of rows laid out as `rows`.
+    pub fn new(q_lat: &[f32], q_rope: &[f32], rows: Int8Layout, heads: usize) -> Query {
         let mut q = Query::default();
         q.fill(q_lat, q_rope, rows, heads);
         q
     }
 
     /// [`Query::new`] into the buffers of `self`.
-    pub fn fill(&mut self, q_lat: &[f32], q_rope: &[f32], rows: &Int8Rows, heads: usize) {
+    pub fn fill(&mut self, q_lat: &[f32], q_rope: &[f32], rows: Int8Layout, heads: usize) {
         let (d_c, d_r, words, blocks) = (rows.d_c, rows.d_r, rows.words(), rows.blocks());
         let hp = heads.next_multiple_of(QUERY_HEADS);
         self.hp = hp;
@@ -458,14 +502,14 @@ impl Query {
     }
 
     /// The queries the codes stand for: `(H, d_c)`, `(H, d_r)` (the reference twin's input).
-    pub fn dequantize(&self, rows: &Int8Rows, heads: usize) -> (Vec<f32>, Vec<f32>) {
+    pub fn dequantize(&self, rows: Int8Layout, heads: usize) -> (Vec<f32>, Vec<f32>) {
         let (mut lat, mut rope) = (Vec::new(), Vec::new());
         self.dequantize_into(rows, heads, &mut lat, &mut rope);
         (lat, rope)
     }
 
     /// [`Query::dequantize`] into `lat` and `rope` (resized).
-    fn dequantize_into(&self, rows: &Int8Rows, heads: usize, lat: &mut Vec<f32>, rope: &mut Vec<f32>) {
+    fn dequantize_into(&self, rows: Int8Layout, heads: usize, lat: &mut Vec<f32>, rope: &mut Vec<f32>) {
         let (d_c, d_r, blocks) = (rows.d_c, rows.d_r, rows.blocks());
         lat.resize(heads * d_c, 0.0);
         rope.resize(heads * d_r, 0.0);
@@ -491,7 +535,7 @@ pub(crate) mod vnni {
 
     use rayon::prelude::*;
 
-    use super::{share_factors, Int8Rows, Query, MAX_SHARES, RUN_TILES, TILE_ROWS};
+    use super::{share_factors, Int8Layout, Int8Tiles, Query, GROUP_TILES, MAX_SHARES, RUN_TILES, TILE_ROWS};
     use crate::kernels::rows::exp;
     use crate::kernels::{reserve_to, reset, Prefetch};
 
@@ -532,8 +576,9 @@ pub(crate) mod vnni {
     /// into 4 latents × 4 rows.
     const TRANSPOSE: [i8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
 
-    pub fn decode(q: &Query, rows: &Int8Rows, heads: usize, scale: f32, shares: &mut Vec<Share>, out: &mut [f32]) {
-        let (d_c, len) = (rows.d_c, rows.len);
+    pub fn decode(q: &Query, rows: &dyn Int8Tiles, heads: usize, scale: f32, shares: &mut Vec<Share>, out: &mut [f32]) {
+        let l = rows.layout();
+        let (d_c, len) = (l.d_c, rows.len());
         let hp = heads.next_multiple_of(HEADS);
         let lw = d_c / 4;
         let tiles = len.div_ceil(TILE_ROWS);
@@ -554,8 +599,8 @@ pub(crate) mod vnni {
             reserve_to(&mut part.l, hp);
             reserve_to(&mut part.o, hp * lw * 16);
             reserve_to(&mut scratch.p, hp * RUN_TILES * TILE_ROWS);
-            reserve_to(&mut scratch.codes, hp * rows.latent_blocks() * RUN_TILES * 64);
-            reserve_to(&mut scratch.scales, hp * rows.latent_blocks());
+            reserve_to(&mut scratch.codes, hp * l.latent_blocks() * RUN_TILES * 64);
+            reserve_to(&mut scratch.scales, hp * l.latent_blocks());
         }
         shares[..n].par_iter_mut().enumerate().for_each(|(k, share)| {
             let Share { part, scratch } = share;
@@ -563,8 +608,8 @@ pub(crate) mod vnni {
             reset(&mut part.l, hp, 0.0);
             reset(&mut part.o, hp * lw * 16, 0.0);
             scratch.p.resize(hp * RUN_TILES * TILE_ROWS, 0.0);
-            scratch.codes.resize(hp * rows.latent_blocks() * RUN_TILES * 64, 0);
-            scratch.scales.resize(hp * rows.latent_blocks(), 0.0);
+            scratch.codes.resize(hp * l.latent_blocks() * RUN_TILES * 64, 0);
+            scratch.scales.resize(hp * l.latent_blocks(), 0.0);
             let mine = runs * k / n..runs * (k + 1) / n;
             let tiles_of = |run: usize| (run * RUN_TILES).min(tiles)..((run + 1) * RUN_TILES).min(tiles);
             for run in mine.clone() {
@@ -603,30 +648,42 @@ pub(crate) mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn absorb_run(
         q: &Query,
-        rows: &Int8Rows,
+        rows: &dyn Int8Tiles,
         hp: usize,
         scale: f32,
         (tiles, next): (std::ops::Range<usize>, std::ops::Range<usize>),
         part: &mut Partial,
         scratch: &mut Scratch,
     ) {
-        let (words, blocks, lb, lw) = (rows.words(), rows.blocks(), rows.latent_blocks(), rows.d_c / 4);
+        let l: Int8Layout = rows.layout();
+        let (words, blocks, lb, lw) = (l.words(), l.blocks(), l.latent_blocks(), l.d_c / 4);
         // The next run's tiles, fetched into L2 while this run's weighted sum computes from
-        // cache, one slice per register block of words (see `Prefetch`).
-        let spans = [
-            Prefetch::span(&rows.codes[next.start * words * 64..next.end * words * 64]),
-            Prefetch::span(&rows.scales[next.start * blocks * TILE_ROWS..next.end * blocks * TILE_ROWS]),
-        ];
+        // cache, one slice per register block of words (see `Prefetch`): a pair of spans (codes,
+        // scales) per group of tiles, which lie wherever their page is.
+        let mut spans = [(std::ptr::null::<u8>(), 0); 2 * RUN_TILES / GROUP_TILES];
+        for (k, t) in next.clone().step_by(GROUP_TILES).enumerate() {
+            let (codes, scales) = rows.tile(t);
+            let m = GROUP_TILES.min(next.end - t);
+            spans[2 * k] = Prefetch::span(&codes[..m * l.tile_codes()]);
+            spans[2 * k + 1] = Prefetch::span(&scales[..m * l.tile_scales()]);
+        }
         let mut ahead = Prefetch::new(spans, lw.div_ceil(SUM_WORDS) * (hp / SUM_HEADS));
-        let n = ((tiles.end * TILE_ROWS).min(rows.len) - tiles.start * TILE_ROWS).min(tiles.len() * TILE_ROWS);
+        let n = ((tiles.end * TILE_ROWS).min(rows.len()) - tiles.start * TILE_ROWS).min(tiles.len() * TILE_ROWS);
         let run = RUN_TILES * TILE_ROWS;
         assert!(
-            rows.codes.len() >= tiles.end * words * 64 && q.words.len() >= words * hp,
+            tiles.end <= rows.len().div_ceil(TILE_ROWS) && tiles.len() <= RUN_TILES && q.words.len() >= words * hp,
             "absorb_run: tiles past the cache"
         );
-        // Raw pointers: a bounds check per load costs more than the `vpdpbusd` it feeds.
-        let codes = rows.codes.as_ptr();
-        let code = |t: usize, w: usize| codes.wrapping_add((t * words + w) * 64);
+        // Raw pointers: a bounds check per load costs more than the `vpdpbusd` it feeds. Each
+        // tile's codes and scales where they lie.
+        let mut tile_codes = [std::ptr::null::<u8>(); RUN_TILES];
+        let mut tile_scales = [std::ptr::null::<f32>(); RUN_TILES];
+        for (ti, t) in tiles.clone().enumerate() {
+            let (codes, scales) = rows.tile(t);
+            assert!(codes.len() >= l.tile_codes() && scales.len() >= l.tile_scales(), "absorb_run: a tile's size");
+            (tile_codes[ti], tile_scales[ti]) = (codes.as_ptr(), scales.as_ptr());
+        }
+        let code = |t: usize, w: usize| tile_codes[t - tiles.start].wrapping_add(w * 64);
         // Probability codes by block, then tile, then head: a block's 16 tiles of 16 heads are
         // 16 KiB in a row, which stay in L1 through the block's latents.
         let p_codes_base = scratch.codes.as_mut_ptr();
@@ -637,13 +694,13 @@ pub(crate) mod vnni {
         unsafe {
             // Scores, scaled: head h's row i of the run at p[h · run + i].
             for (ti, t) in tiles.clone().enumerate() {
-                let row_scales = |b: usize| _mm512_loadu_ps(rows.scales[(t * blocks + b) * TILE_ROWS..].as_ptr());
+                let row_scales = |b: usize| _mm512_loadu_ps(tile_scales[ti].add(b * TILE_ROWS));
                 for h0 in (0..hp).step_by(SCORE_HEADS) {
                     let mut s = [_mm512_setzero_ps(); SCORE_HEADS];
                     for b in 0..blocks {
                         let mut a: [__m512i; SCORE_HEADS] =
                             std::array::from_fn(|i| _mm512_set1_epi32(-128 * q.sums[(h0 + i) * blocks + b]));
-                        let values = rows.block_values(b);
+                        let values = l.block_values(b);
                         for w in values.start / 4..values.end / 4 {
                             let c = _mm512_loadu_si512(code(t, w).cast());
                             let qw = q.words.as_ptr().add(w * hp + h0);
@@ -699,7 +756,7 @@ pub(crate) mod vnni {
                 // codes of rows 4k..4k + 4 repeated over the 4 words of 128-bit lane k.
                 for b in 0..lb {
                     let weighted = |ti: usize| {
-                        let row_scales = rows.scales[((tiles.start + ti) * blocks + b) * TILE_ROWS..].as_ptr();
+                        let row_scales = tile_scales[ti].add(b * TILE_ROWS);
                         _mm512_mul_ps(_mm512_loadu_ps(p[ti * TILE_ROWS..].as_ptr()), _mm512_loadu_ps(row_scales))
                     };
                     let mut top = _mm512_setzero_ps();
@@ -721,7 +778,7 @@ pub(crate) mod vnni {
             let transpose = _mm512_broadcast_i32x4(_mm_loadu_si128(TRANSPOSE.as_ptr().cast()));
             let flip = _mm512_set1_epi8(-128);
             for b in 0..lb {
-                let values = rows.block_values(b);
+                let values = l.block_values(b);
                 for h0 in (0..hp).step_by(SUM_HEADS) {
                     let mut w = values.start / 4;
                     while w < values.end / 4 {
@@ -767,11 +824,12 @@ pub(crate) mod vnni {
 /// The reference twin of the 8-bit kernel in f64, and per output the bound on what quantizing
 /// the probabilities may change: `Σ_runs (max_run p·scale / 510) Σ_run |code|` over `Σ p`.
 /// The queries are those `q` stands for, the rows as dequantized.
-pub fn reference_with_bound(q: &Query, rows: &Int8Rows, heads: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
-    let (d_c, len, blocks) = (rows.d_c, rows.len, rows.blocks());
-    let (q_lat, q_rope) = q.dequantize(rows, heads);
+pub fn reference_with_bound(q: &Query, rows: &dyn Int8Tiles, heads: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let l = rows.layout();
+    let (d_c, d_r, len) = (l.d_c, l.d_r, rows.len());
+    let (q_lat, q_rope) = q.dequantize(l, heads);
     let (c, r) = rows.dequantize();
-    let shape = MlaShape { heads, d_c, d_r: rows.d_r, len };
+    let shape = MlaShape { heads, d_c, d_r, len };
     let out = super::mla_decode::mla_decode_reference(&q_lat, &q_rope, &c, &r, shape, scale);
     let mut bound = vec![0f32; heads * d_c];
     let run = RUN_TILES * TILE_ROWS;
@@ -780,15 +838,14 @@ pub fn reference_with_bound(q: &Query, rows: &Int8Rows, heads: usize, scale: f32
             .map(|s| {
                 let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
                 let content = dot(&q_lat[h * d_c..(h + 1) * d_c], &c[s * d_c..(s + 1) * d_c]);
-                let position = dot(&q_rope[h * rows.d_r..(h + 1) * rows.d_r], &r[s * rows.d_r..(s + 1) * rows.d_r]);
+                let position = dot(&q_rope[h * d_r..(h + 1) * d_r], &r[s * d_r..(s + 1) * d_r]);
                 (content + position) * scale as f64
             })
             .collect();
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let p: Vec<f64> = scores.iter().map(|v| (v - max).exp()).collect();
         let total: f64 = p.iter().sum();
-        let row_scale =
-            |s: usize, b: usize| rows.scales[((s / TILE_ROWS) * blocks + b) * TILE_ROWS + s % TILE_ROWS] as f64;
+        let row_scale = |s: usize, b: usize| rows.tile(s / TILE_ROWS).1[b * TILE_ROWS + s % TILE_ROWS] as f64;
         for i in 0..d_c {
             let b = i / SCALE_BLOCK;
             let mut sum = 0f64;
@@ -864,7 +921,7 @@ mod tests {
                 let q_lat: Vec<f32> = random(heads * d_c, 5).iter().map(|v| gain * v).collect();
                 let q_rope: Vec<f32> = random(heads * d_r, 6).iter().map(|v| gain * v).collect();
                 let scale = 1.0 / ((d_c / 4) as f32).sqrt();
-                let q = Query::new(&q_lat, &q_rope, &rows, heads);
+                let q = Query::new(&q_lat, &q_rope, rows.layout(), heads);
                 let got = mla_decode_int8(&q_lat, &q_rope, &rows, heads, scale);
                 let (want, bound) = reference_with_bound(&q, &rows, heads, scale);
                 let what = format!("len {len} heads {heads} d_c {d_c} d_r {d_r}");

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use super::gemm::gemm_pair;
 use super::matvec::weighted_rows;
+use super::paged::{Contiguous, DensePages, PAGE_ROWS};
 use super::rows::softmax_in_place;
 use super::Load16;
 
@@ -68,26 +69,91 @@ pub fn mla_decode_into<W: Load16>(
     scratch: &mut MlaScratch,
     out: &mut [f32],
 ) {
+    let MlaShape { d_c, d_r, len, .. } = shape;
+    assert!(c_kv.len() == len * d_c && k_rope.len() == len * d_r, "mla_decode: cache size");
+    let rows = Contiguous { c: c_kv, r: k_rope, d_c, d_r };
+    mla_decode_paged_into(q_lat, q_rope, &rows, shape, scale, scratch, out)
+}
+
+/// [`mla_decode_into`] over rows that lie page by page ([`DensePages`]), read where they are:
+/// `shape.len` must be `rows.len()`.
+pub fn mla_decode_paged_into<W: Load16>(
+    q_lat: &[f32],
+    q_rope: &[f32],
+    rows: &dyn DensePages<W>,
+    shape: MlaShape,
+    scale: f32,
+    scratch: &mut MlaScratch,
+    out: &mut [f32],
+) {
     let MlaShape { heads, d_c, d_r, len } = shape;
     assert_eq!(out.len(), heads * d_c, "mla_decode: output size");
+    assert_eq!(rows.len(), len, "mla_decode: the rows' length");
     #[cfg(target_arch = "x86_64")]
-    if let (Some(c), Some(r)) = (W::as_bf16(c_kv), W::as_bf16(k_rope)) {
-        if rounds_queries::<W>() && len > 0 {
+    if len > 0 && rounds_queries::<W>() {
+        if let Some(rows) = AsBf16::new(rows) {
             to_bf16_into(q_lat, &mut scratch.q_lat);
             to_bf16_into(q_rope, &mut scratch.q_rope);
-            let step = fused::Step { q_lat: &scratch.q_lat, q_rope: &scratch.q_rope, c_kv: c, k_rope: r, shape, scale };
+            let step = fused::Step { q_lat: &scratch.q_lat, q_rope: &scratch.q_rope, rows: &rows, shape, scale };
             return fused::mla_decode_bf16(step, &mut scratch.shares, &mut scratch.o, out);
         }
     }
-    // Elsewhere (an f32 cache, or no AVX-512 BF16): scores by the tiled GEMM, 4 heads x 4 cached
-    // rows per register tile, the latent and RoPE parts of each score summed in the same
-    // accumulators; then the softmax and the weighted sum, each a pass over the cache.
-    let mut probs = gemm_pair((q_lat, c_kv, d_c), (q_rope, k_rope, d_r), heads, len); // (H, S)
-    probs.par_chunks_mut(len).for_each(|row| {
+    // Elsewhere (an f32 cache, or no AVX-512 BF16): scores page by page by the tiled GEMM, 4
+    // heads x 4 cached rows per register tile, the latent and RoPE parts of each score summed in
+    // the same accumulators; then the softmax and the weighted sum, each a pass over the pages.
+    let pages = len.div_ceil(PAGE_ROWS);
+    let mut probs = vec![0f32; heads * len]; // (H, S)
+    for i in 0..pages {
+        let (c, r) = rows.page(i);
+        let n = c.len() / d_c;
+        let scores = gemm_pair((q_lat, c, d_c), (q_rope, r, d_r), heads, n); // (H, n)
+        for (h, s) in scores.chunks_exact(n).enumerate() {
+            probs[h * len + i * PAGE_ROWS..][..n].copy_from_slice(s);
+        }
+    }
+    probs.par_chunks_mut(len.max(1)).for_each(|row| {
         row.iter_mut().for_each(|v| *v *= scale);
         softmax_in_place(row)
     });
-    out.copy_from_slice(&weighted_rows(&probs, c_kv, heads, len, d_c)); // (H, d_c)
+    out.fill(0.0);
+    let mut p = Vec::new();
+    for i in 0..pages {
+        let (c, _) = rows.page(i);
+        let n = c.len() / d_c;
+        p.clear();
+        for h in 0..heads {
+            p.extend_from_slice(&probs[h * len + i * PAGE_ROWS..][..n]);
+        }
+        for (o, y) in out.iter_mut().zip(weighted_rows(&p, c, heads, n, d_c)) {
+            *o += y;
+        }
+    }
+}
+
+/// Pages of `W` seen as bf16 pages, where `W` is bf16.
+#[cfg(target_arch = "x86_64")]
+struct AsBf16<'a, W>(&'a dyn DensePages<W>);
+
+#[cfg(target_arch = "x86_64")]
+impl<'a, W: Load16> AsBf16<'a, W> {
+    fn new(rows: &'a dyn DensePages<W>) -> Option<Self> {
+        W::as_bf16(&[]).map(|_| AsBf16(rows))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<W: Load16> DensePages<half::bf16> for AsBf16<'_, W> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn page(&self, i: usize) -> (&[half::bf16], &[half::bf16]) {
+        let (c, r) = self.0.page(i);
+        match (W::as_bf16(c), W::as_bf16(r)) {
+            (Some(c), Some(r)) => (c, r),
+            _ => unreachable!("AsBf16 is made only for bf16 rows"),
+        }
+    }
 }
 
 /// The fused decode attention over a bf16 cache (AVX-512 BF16): flash decoding on the CPU.
@@ -111,18 +177,18 @@ pub fn mla_decode_into<W: Load16>(
 #[cfg(target_arch = "x86_64")]
 mod fused {
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     use half::bf16;
     use rayon::prelude::*;
 
     use super::MlaShape;
+    use crate::kernels::paged::{DensePages, PAGE_ROWS};
     use crate::kernels::rows::exp;
     use crate::kernels::{reduce16, reserve_to, reset, Prefetch};
 
     /// Cached rows per step of the online softmax: their scores, probabilities and latents stay
-    /// in the core's caches between the two products.
-    pub const RUN: usize = 64;
+    /// in the core's caches between the two products. A run is one page of the cache.
+    pub const RUN: usize = PAGE_ROWS;
     /// Heads and rows per register tile.
     const TILE: usize = 4;
     /// Latents per register tile of the weighted sum.
@@ -136,13 +202,12 @@ mod fused {
         o: Vec<f32>,
     }
 
-    /// One step's queries (rounded to bf16), cache, sizes and score scale.
+    /// One step's queries (rounded to bf16), cached rows, sizes and score scale.
     #[derive(Clone, Copy)]
     pub struct Step<'a> {
         pub q_lat: &'a [bf16],
         pub q_rope: &'a [bf16],
-        pub c_kv: &'a [bf16],
-        pub k_rope: &'a [bf16],
+        pub rows: &'a dyn DensePages<bf16>,
         pub shape: MlaShape,
         pub scale: f32,
     }
@@ -175,13 +240,12 @@ mod fused {
     /// [`super::mla_decode`] over a bf16 cache, the queries already rounded to bf16, into `out`;
     /// `shares` and `o` are reused.
     pub fn mla_decode_bf16(step: Step<'_>, shares: &mut Vec<Share>, o: &mut Vec<f32>, out: &mut [f32]) {
-        let Step { q_lat, q_rope, c_kv, k_rope, shape, .. } = step;
+        let Step { q_lat, q_rope, rows, shape, .. } = step;
         let MlaShape { heads, d_c, d_r, len } = shape;
         assert!(
             q_lat.len() == heads * d_c
                 && q_rope.len() == heads * d_r
-                && c_kv.len() == len * d_c
-                && k_rope.len() == len * d_r
+                && rows.len() == len
                 && out.len() == heads * d_c
                 && len > 0,
             "mla_decode: shapes disagree"
@@ -212,13 +276,14 @@ mod fused {
             scratch.p.resize(hp * RUN, 0.0);
             scratch.pairs.resize(hp * RUN / 2, 0);
             let mine = runs * k / n..runs * (k + 1) / n;
-            let rows_of = |run: usize| (run * RUN).min(len)..((run + 1) * RUN).min(len);
             for run in mine.clone() {
-                // The share's next run, fetched while this one is summed.
-                let next = if run + 1 < mine.end { rows_of(run + 1) } else { len..len };
-                // SAFETY: `has_avx512_bf16` was checked above; the shapes were checked
-                // against the slices, and `rows` lies inside the cache.
-                unsafe { absorb_run(&step, rows_of(run), next, part, scratch) };
+                // The share's next run (page), fetched while this one is summed.
+                let next: (&[bf16], &[bf16]) = if run + 1 < mine.end { rows.page(run + 1) } else { (&[], &[]) };
+                let (c, r) = rows.page(run);
+                assert!(c.len() == r.len() / d_r * d_c && !c.is_empty() && c.len() <= RUN * d_c, "a page's rows");
+                // SAFETY: `has_avx512_bf16` was checked above; the page's slices were checked
+                // against each other and the run's length.
+                unsafe { absorb_run(&step, (c, r), next, part, scratch) };
             }
         });
         let parts = &shares[..n];
@@ -261,27 +326,27 @@ mod fused {
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
-    /// Adds cache rows `rows` to `part`: scores, online softmax, weighted sum.
+    /// Adds one page's rows, `c_kv (n, d_c)` and `k_rope (n, d_r)`, to `part`: scores, online
+    /// softmax, weighted sum.
     ///
     /// # Safety
-    /// AVX-512 F/BW/BF16; the slices as [`mla_decode_bf16`] checked them, `rows` inside `0..len`.
+    /// AVX-512 F/BW/BF16; the slices as [`mla_decode_bf16`] checked them, `1 ≤ n ≤ RUN`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn absorb_run(
         step: &Step<'_>,
-        rows: Range<usize>,
-        next: Range<usize>,
+        (c_kv, k_rope): (&[bf16], &[bf16]),
+        next: (&[bf16], &[bf16]),
         part: &mut Partial,
         scratch: &mut Scratch,
     ) {
-        let Step { q_lat, q_rope, c_kv, k_rope, shape, scale } = *step;
+        let Step { q_lat, q_rope, shape, scale, .. } = *step;
         let MlaShape { heads, d_c, d_r, .. } = shape;
         let (hp, dp) = padded(shape);
-        let (s0, n) = (rows.start, rows.len());
+        let (s0, n) = (0, c_kv.len() / d_c);
         // The share's next run, fetched into L2 while this one's weighted sum computes from
         // cache: its scores would otherwise wait on memory, since a model reads each layer's
         // cache once per token (the prefetch one tile ahead below does not cover that latency).
-        let rows_of = |v: &[bf16], d: usize| Prefetch::span(&v[next.start * d..next.end * d]);
-        let mut ahead = Prefetch::new([rows_of(c_kv, d_c), rows_of(k_rope, d_r)], d_c.div_ceil(COLS) * (hp / TILE));
+        let mut ahead = Prefetch::new([Prefetch::span(next.0), Prefetch::span(next.1)], d_c.div_ceil(COLS) * (hp / TILE));
         // SAFETY (whole body): every row index is clamped into `rows` and every head index into
         // `0..heads`, so loads stay inside the slices (a partial step loads with a mask); stores
         // go to `part` and `scratch`, sized for `hp` heads, `dp` latents and `RUN` rows.

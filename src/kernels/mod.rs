@@ -10,6 +10,7 @@ pub mod kquant;
 pub mod latent_int8;
 pub mod matvec;
 pub mod mla_decode;
+pub mod paged;
 pub mod peak;
 pub mod quant;
 pub mod rows;
@@ -258,25 +259,28 @@ pub(crate) use dispatch;
 /// computes from cache: so that the next piece of work finds its data there instead of waiting
 /// on memory. The decode attention kernels fetch a run's cached rows this way while they sum the
 /// run before it.
-pub(crate) struct Prefetch {
+pub(crate) struct Prefetch<const N: usize = 2> {
     /// Start and length in bytes: addresses only, never read through (a prefetch of any
     /// address is harmless), so no borrow is held.
-    spans: [(*const u8, usize); 2],
+    spans: [(*const u8, usize); N],
     at: usize,
     per_tick: usize,
 }
 
 impl Prefetch {
-    /// Two spans ([`Prefetch::span`]) laid end to end, over `ticks` calls of [`Prefetch::tick`].
-    pub(crate) fn new(spans: [(*const u8, usize); 2], ticks: usize) -> Self {
-        let total: usize = spans.iter().map(|s| s.1).sum();
-        Prefetch { spans, at: 0, per_tick: total.div_ceil(ticks.max(1)).next_multiple_of(64) }
-    }
-
     /// Where `v` lies in memory, as a span for [`Prefetch::new`].
     pub(crate) fn span<T>(v: &[T]) -> (*const u8, usize) {
         (v.as_ptr().cast(), std::mem::size_of_val(v))
     }
+}
+
+impl<const N: usize> Prefetch<N> {
+    /// `N` spans ([`Prefetch::span`]) laid end to end, over `ticks` calls of [`Prefetch::tick`].
+    pub(crate) fn new(spans: [(*const u8, usize); N], ticks: usize) -> Self {
+        let total: usize = spans.iter().map(|s| s.1).sum();
+        Prefetch { spans, at: 0, per_tick: total.div_ceil(ticks.max(1)).next_multiple_of(64) }
+    }
+
 
     /// Prefetches the next slice, a cache line at a time.
     #[inline(always)]

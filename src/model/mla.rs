@@ -20,13 +20,13 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use crate::cache::{CacheKind, LatentCache};
+use crate::cache::{CacheKind, DenseRows, LatentCache};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{prefill_attention, AttnElem, PrefillShape};
 use crate::kernels::latent_int8::{mla_decode_int8, mla_decode_int8_into, Int8Scratch};
 use crate::kernels::matvec::{batched_matvec_into, batched_weighted_rows_into};
-use crate::kernels::mla_decode::{mla_decode, mla_decode_into, MlaScratch, MlaShape};
+use crate::kernels::mla_decode::{mla_decode, mla_decode_paged_into, MlaScratch, MlaShape};
 use crate::kernels::quant::{QuantMatrix, QuantizedRows};
 use crate::model::layers::{
     quantize_rows, round_to, softmax_last_dim, with_stored, JobOutputs, Linear, RmsNorm, Stored, TokenInput,
@@ -473,7 +473,7 @@ impl Mla {
                     for head in q_lat.chunks_exact_mut(d_c) {
                         head.iter_mut().zip(gain).for_each(|(x, g)| *x *= g);
                     }
-                    mla_decode_int8_into(q_lat, q_rope, rows, h, scale, scratch, o_lat);
+                    mla_decode_int8_into(q_lat, q_rope, &rows, h, scale, scratch, o_lat);
                     for head in o_lat.chunks_exact_mut(d_c) {
                         head.iter_mut().zip(gain).for_each(|(x, g)| *x *= g);
                     }
@@ -482,14 +482,13 @@ impl Mla {
                     // This layer's rows of this sequence, however many the others hold.
                     let shape = |len: usize| MlaShape { heads: h, d_c, d_r, len };
                     cache
-                        .with_dense_rows(layer, |c, r| match (c, r) {
-                            (Stored::Bf16(c), Stored::Bf16(r)) => {
-                                mla_decode_into(q_lat, q_rope, c, r, shape(c.len() / d_c), scale, mla, o_lat)
+                        .with_dense_rows(layer, |rows| match rows {
+                            DenseRows::Bf16(rows) => {
+                                mla_decode_paged_into(q_lat, q_rope, rows, shape(rows.len()), scale, mla, o_lat)
                             }
-                            (Stored::F32(c), Stored::F32(r)) => {
-                                mla_decode_into(q_lat, q_rope, c, r, shape(c.len() / d_c), scale, mla, o_lat)
+                            DenseRows::F32(rows) => {
+                                mla_decode_paged_into(q_lat, q_rope, rows, shape(rows.len()), scale, mla, o_lat)
                             }
-                            _ => unreachable!("with_dense_rows pairs rows of one dtype"),
                         })
                         .ok_or_else(|| Error::internal("the latent cache is neither bf16 nor f32"))?;
                 }
@@ -585,7 +584,7 @@ impl Mla {
         let mut q_lat: Vec<f32> = self.absorb_query(q_nope)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         scaled(&mut q_lat);
         let q_rope: Vec<f32> = q_rope.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let mut o_lat = mla_decode_int8(&q_lat, &q_rope, rows, h, self.scale as f32);
+        let mut o_lat = mla_decode_int8(&q_lat, &q_rope, &rows, h, self.scale as f32);
         scaled(&mut o_lat);
         let o_lat = Tensor::from_vec(o_lat, (h, 1, d_c), q_nope.device())?.to_dtype(q_nope.dtype())?;
         self.expand_output(&o_lat)
