@@ -95,21 +95,22 @@ impl PageLayout {
         PAGE_ROWS * self.bytes_per_token()
     }
 
-    /// A fresh page (zeros; int8 codes of 0).
-    fn new_page(&self) -> Page {
+    /// A fresh page's values (zeros; int8 codes of 0).
+    fn new_page(&self) -> PageData {
         let (rows_c, rows_r) = (self.layers * PAGE_ROWS * self.d_c, self.layers * PAGE_ROWS * self.d_r);
-        let data = match (self.kind, self.int8()) {
+        match (self.kind, self.int8()) {
             (CacheKind::Dense(DType::BF16), _) => {
                 PageData::Bf16(vec![half::bf16::ZERO; rows_c], vec![half::bf16::ZERO; rows_r])
             }
-            (CacheKind::Dense(DType::F16), _) => PageData::F16(vec![half::f16::ZERO; rows_c], vec![half::f16::ZERO; rows_r]),
+            (CacheKind::Dense(DType::F16), _) => {
+                PageData::F16(vec![half::f16::ZERO; rows_c], vec![half::f16::ZERO; rows_r])
+            }
             (CacheKind::Int8, Some(l)) => PageData::Int8(
                 vec![128; self.layers * GROUP_TILES * l.tile_codes()],
                 vec![0.0; self.layers * GROUP_TILES * l.tile_scales()],
             ),
             _ => PageData::F32(vec![0.0; rows_c], vec![0.0; rows_r]),
-        };
-        Page { data }
+        }
     }
 }
 
@@ -123,10 +124,26 @@ enum PageData {
     Int8(Vec<u8>, Vec<f32>),
 }
 
-/// [`PAGE_ROWS`] tokens' rows of every layer.
-#[derive(Debug, Clone)]
+/// [`PAGE_ROWS`] tokens' rows of every layer. A page belongs to its pool: when its last holder
+/// drops it, its memory goes back to the pool's free list.
+#[derive(Debug)]
 pub struct Page {
     data: PageData,
+    pool: Arc<Mutex<PoolState>>,
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        let data = std::mem::replace(&mut self.data, PageData::F32(Vec::new(), Vec::new()));
+        let mut state = lock(&self.pool);
+        state.used -= 1;
+        state.free.push(data);
+    }
+}
+
+fn lock(state: &Mutex<PoolState>) -> MutexGuard<'_, PoolState> {
+    // The state is a counter and a list: a panic elsewhere cannot leave it torn.
+    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Page {
@@ -160,7 +177,10 @@ impl Page {
     /// The first `n` rows of `layer` as f32: appended to `c` and `r` (dequantized for int8).
     fn read_f32(&self, layout: &PageLayout, layer: usize, n: usize, c: &mut Vec<f32>, r: &mut Vec<f32>) {
         let (d_c, d_r) = (layout.d_c, layout.d_r);
-        let (rc, rr) = (layer * PAGE_ROWS * d_c..(layer * PAGE_ROWS + n) * d_c, layer * PAGE_ROWS * d_r..(layer * PAGE_ROWS + n) * d_r);
+        let (rc, rr) = (
+            layer * PAGE_ROWS * d_c..(layer * PAGE_ROWS + n) * d_c,
+            layer * PAGE_ROWS * d_r..(layer * PAGE_ROWS + n) * d_r,
+        );
         match &self.data {
             PageData::Bf16(pc, pr) => {
                 c.extend(pc[rc].iter().map(|v| v.to_f32()));
@@ -196,7 +216,7 @@ struct PoolState {
     /// Pages handed out and not yet back.
     used: usize,
     /// Pages back from their last holder, ready to hand out again.
-    free: Vec<Page>,
+    free: Vec<PageData>,
 }
 
 /// A fixed number of pages (or as many as asked, for a pool without a budget), handed out to
@@ -222,8 +242,7 @@ impl PagePool {
     }
 
     fn state(&self) -> MutexGuard<'_, PoolState> {
-        // The state is two counters and a list: a panic elsewhere cannot leave it torn.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     /// What its pages hold.
@@ -253,18 +272,10 @@ impl PagePool {
             return None;
         }
         state.used += 1;
-        let page = state.free.pop();
+        let data = state.free.pop();
         drop(state);
-        Some(Arc::new(page.unwrap_or_else(|| self.layout.new_page())))
-    }
-
-    /// Lets go of `page`: back to the free list if this was its last holder.
-    fn give(&self, page: Arc<Page>) {
-        if let Ok(page) = Arc::try_unwrap(page) {
-            let mut state = self.state();
-            state.used -= 1;
-            state.free.push(page);
-        }
+        let data = data.unwrap_or_else(|| self.layout.new_page());
+        Some(Arc::new(Page { data, pool: self.state.clone() }))
     }
 
     fn full_error(&self) -> Error {
@@ -291,14 +302,11 @@ pub struct LatentCache {
 impl Clone for LatentCache {
     /// A cache sharing every page with this one (each is copied when either writes it).
     fn clone(&self) -> Self {
-        LatentCache { pool: self.pool.clone(), pages: self.pages.clone(), lens: self.lens.clone(), device: self.device.clone() }
-    }
-}
-
-impl Drop for LatentCache {
-    fn drop(&mut self) {
-        for page in self.pages.drain(..) {
-            self.pool.give(page);
+        LatentCache {
+            pool: self.pool.clone(),
+            pages: self.pages.clone(),
+            lens: self.lens.clone(),
+            device: self.device.clone(),
         }
     }
 }
@@ -380,11 +388,7 @@ impl LatentCache {
     /// Returns the pages past the rows held to the pool.
     pub fn shrink(&mut self) {
         let keep = self.len().div_ceil(PAGE_ROWS);
-        while self.pages.len() > keep {
-            if let Some(page) = self.pages.pop() {
-                self.pool.give(page);
-            }
-        }
+        self.pages.truncate(keep);
     }
 
     /// Pages the cache must take from its pool to hold `tokens` tokens: new pages, and copies of
@@ -416,10 +420,10 @@ impl LatentCache {
         if Arc::get_mut(&mut self.pages[i]).is_none() {
             let mut copy = self.pool.take().ok_or_else(|| self.pool.full_error())?;
             if let Some(fresh) = Arc::get_mut(&mut copy) {
-                fresh.clone_from(&self.pages[i]);
+                fresh.data.clone_from(&self.pages[i].data);
             }
-            let shared = std::mem::replace(&mut self.pages[i], copy);
-            self.pool.give(shared);
+            // The shared page stays with its other holders.
+            self.pages[i] = copy;
         }
         Arc::get_mut(&mut self.pages[i]).ok_or_else(|| Error::internal("a page copied on write is still shared"))
     }
@@ -490,7 +494,8 @@ impl LatentCache {
             CacheKind::Dense(dtype) => dtype,
             CacheKind::Int8 => DType::F32,
         };
-        let as_rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+        let as_rows =
+            |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
         let (c, r) = (as_rows(c_kv)?, as_rows(k_rope)?);
         self.reserve(self.lens.get(layer).copied().unwrap_or(0) + c.len() / d_c.max(1))?;
         for (c, r) in c.chunks_exact(d_c).zip(r.chunks_exact(d_r)) {
@@ -556,6 +561,9 @@ pub(crate) enum DenseRows<'a> {
     F32(&'a dyn DensePages<f32>),
 }
 
+/// A page's latents and RoPE keys, if they are `W`.
+type Slices<W> = fn(&Page) -> Option<(&[W], &[W])>;
+
 /// One layer's rows in a cache's pages.
 struct LayerPages<'a, W> {
     pages: &'a [Arc<Page>],
@@ -564,7 +572,7 @@ struct LayerPages<'a, W> {
     d_c: usize,
     d_r: usize,
     /// The page's values, if they are `W`.
-    get: fn(&Page) -> Option<(&[W], &[W])>,
+    get: Slices<W>,
 }
 
 fn bf16_slices(p: &Page) -> Option<(&[half::bf16], &[half::bf16])> {
@@ -590,7 +598,9 @@ impl<W: Sync> DensePages<W> for LayerPages<'_, W> {
         let n = PAGE_ROWS.min(self.len - i * PAGE_ROWS);
         let first = self.layer * PAGE_ROWS;
         match (self.get)(&self.pages[i]) {
-            Some((c, r)) => (&c[first * self.d_c..(first + n) * self.d_c], &r[first * self.d_r..(first + n) * self.d_r]),
+            Some((c, r)) => {
+                (&c[first * self.d_c..(first + n) * self.d_c], &r[first * self.d_r..(first + n) * self.d_r])
+            }
             None => unreachable!("every page of a cache has the cache's format"),
         }
     }
@@ -618,9 +628,10 @@ impl Int8Tiles for Int8Pages<'_> {
         let (page, first) = (t / GROUP_TILES, self.layer * GROUP_TILES + t % GROUP_TILES);
         let end = (self.layer + 1) * GROUP_TILES;
         match &self.pages[page].data {
-            PageData::Int8(codes, scales) => {
-                (&codes[first * l.tile_codes()..end * l.tile_codes()], &scales[first * l.tile_scales()..end * l.tile_scales()])
-            }
+            PageData::Int8(codes, scales) => (
+                &codes[first * l.tile_codes()..end * l.tile_codes()],
+                &scales[first * l.tile_scales()..end * l.tile_scales()],
+            ),
             _ => unreachable!("every page of an int8 cache holds codes"),
         }
     }
@@ -692,6 +703,75 @@ mod tests {
         drop(b);
         drop(c);
         assert_eq!((pool.used_pages(), pool.free_pages()), (0, 4));
+    }
+
+    /// Rows `0..n` of `width` pseudo-random values.
+    fn random_rows(n: usize, width: usize, seed: u64) -> Tensor {
+        let v = crate::kernels::matvec::tests::random(n * width, seed);
+        Tensor::from_vec(v, (n, width), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn paged_attention_equals_contiguous_attention() {
+        use crate::kernels::latent_int8::{mla_decode_int8, Int8Rows};
+        use crate::kernels::mla_decode::{mla_decode_into, mla_decode_paged_into, MlaScratch, MlaShape};
+        let (heads, d_c, d_r, n) = (4, 64, 16, 300);
+        let (c, r) = (random_rows(n, d_c, 1), random_rows(n, d_r, 2));
+        let q_lat = crate::kernels::matvec::tests::random(heads * d_c, 3);
+        let q_rope = crate::kernels::matvec::tests::random(heads * d_r, 4);
+        for dtype in [DType::BF16, DType::F32] {
+            // Two caches filled a page at a time in turn: their pages interleave in memory.
+            let pool = PagePool::new(PageLayout::of(CacheKind::Dense(dtype), 2, d_c, d_r).unwrap(), None);
+            let (mut a, mut other) =
+                (LatentCache::in_pool(&pool, &Device::Cpu), LatentCache::in_pool(&pool, &Device::Cpu));
+            for p in (0..n).step_by(PAGE_ROWS) {
+                let m = PAGE_ROWS.min(n - p);
+                a.append(1, &c.narrow(0, p, m).unwrap(), &r.narrow(0, p, m).unwrap()).unwrap();
+                other.append(1, &c.narrow(0, 0, m).unwrap(), &r.narrow(0, 0, m).unwrap()).unwrap();
+            }
+            let shape = MlaShape { heads, d_c, d_r, len: n };
+            let mut paged = vec![0f32; heads * d_c];
+            a.with_dense_rows(1, |rows| match rows {
+                DenseRows::Bf16(rows) => {
+                    mla_decode_paged_into(&q_lat, &q_rope, rows, shape, 0.2, &mut MlaScratch::default(), &mut paged)
+                }
+                DenseRows::F32(rows) => {
+                    mla_decode_paged_into(&q_lat, &q_rope, rows, shape, 0.2, &mut MlaScratch::default(), &mut paged)
+                }
+            })
+            .unwrap();
+            let mut contiguous = vec![0f32; heads * d_c];
+            let (cc, rc) = (c.to_dtype(dtype).unwrap(), r.to_dtype(dtype).unwrap());
+            match dtype {
+                DType::BF16 => {
+                    let (cv, rv) = (
+                        cc.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+                        rc.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+                    );
+                    mla_decode_into(&q_lat, &q_rope, &cv, &rv, shape, 0.2, &mut MlaScratch::default(), &mut contiguous);
+                }
+                _ => {
+                    let (cv, rv) = (values(&cc), values(&rc));
+                    mla_decode_into(&q_lat, &q_rope, &cv, &rv, shape, 0.2, &mut MlaScratch::default(), &mut contiguous);
+                }
+            }
+            assert_eq!(paged, contiguous, "{dtype:?}: the same rows, read where they lie");
+        }
+        // The 8-bit rows: pages of 4 tiles against one growable buffer.
+        let pool = PagePool::new(PageLayout::of(CacheKind::Int8, 2, d_c, d_r).unwrap(), None);
+        let (mut a, mut other) = (LatentCache::in_pool(&pool, &Device::Cpu), LatentCache::in_pool(&pool, &Device::Cpu));
+        let mut one = Int8Rows::new(d_c, d_r).unwrap();
+        let (cv, rv) = (values(&c), values(&r));
+        for p in (0..n).step_by(PAGE_ROWS) {
+            let m = PAGE_ROWS.min(n - p);
+            a.append_int8(0, &c.narrow(0, p, m).unwrap(), &r.narrow(0, p, m).unwrap()).unwrap();
+            other.append_int8(0, &c.narrow(0, 0, m).unwrap(), &r.narrow(0, 0, m).unwrap()).unwrap();
+        }
+        for s in 0..n {
+            one.push(&cv[s * d_c..(s + 1) * d_c], &rv[s * d_r..(s + 1) * d_r]);
+        }
+        let paged = mla_decode_int8(&q_lat, &q_rope, &a.int8_rows(0).unwrap(), heads, 0.2);
+        assert_eq!(paged, mla_decode_int8(&q_lat, &q_rope, &one, heads, 0.2), "int8");
     }
 
     #[test]

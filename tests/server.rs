@@ -201,7 +201,10 @@ fn every_endpoint_answers_in_openai_shapes() {
         "latent_running_sequences",
         "latent_waiting_sequences",
         "latent_cache_rows_used",
-        "latent_cache_rows_total",
+        "latent_kv_pages_used",
+        "latent_kv_pages_total",
+        "latent_kv_pages_prefix_cached",
+        "latent_preemptions_total",
         "latent_prefix_cache_hit_tokens_total",
         "latent_prompt_tokens_total",
         "latent_generation_tokens_total",
@@ -375,7 +378,11 @@ fn concurrent_clients_get_their_solo_outputs_and_the_load_drains() {
     assert_eq!(server.metric("latent_running_sequences"), 0.0);
     assert_eq!(server.metric("latent_waiting_sequences"), 0.0);
     assert_eq!(server.metric("latent_cache_rows_used"), 0.0);
-    assert_eq!(server.metric("latent_cache_rows_reserved"), 0.0);
+    assert_eq!(
+        server.metric("latent_kv_pages_used"),
+        server.metric("latent_kv_pages_prefix_cached"),
+        "no page held but the prefix cache's"
+    );
 }
 
 /// Waits (at most 20 s) until `name` in `/metrics` satisfies `ok`.
@@ -416,8 +423,8 @@ fn a_client_that_disconnects_is_cancelled_and_its_cache_freed() {
     wait_for(&server, "latent_requests_cancelled_total", |v| v == 8.0);
     assert_eq!(server.metric("latent_running_sequences"), 0.0);
     assert!(server.metric("latent_generation_tokens_total") < 8.0 * 900.0, "stopped before their end");
-    assert_eq!(server.metric("latent_cache_rows_reserved"), 0.0);
     assert_eq!(server.metric("latent_cache_rows_used"), 0.0);
+    assert_eq!(server.metric("latent_kv_pages_used"), 0.0, "a cancelled sequence's pages are freed, not kept");
 
     // While waiting: a long request holds every slot; the next one's client goes away in the queue.
     let server = Server::start(&["--max-seqs", "1"]);
@@ -566,7 +573,7 @@ fn a_shared_prefix_is_reused_and_gives_the_tokens_of_a_miss() {
         second["usage"]["prompt_tokens"].as_u64().unwrap() - cached
     );
     assert_eq!(warm.metric("latent_prefix_cache_hit_tokens_total"), cached as f64);
-    assert!(warm.metric("latent_cache_rows_kept") > 0.0, "ended sequences' rows are kept");
+    assert!(warm.metric("latent_kv_pages_prefix_cached") > 0.0, "ended sequences' pages are kept");
     // A fresh server computes the whole prompt and answers the same.
     let cold = Server::start(&[]);
     let (_, miss) = cold.post("/v1/chat/completions", &ask("What moved upon the waters?"));
@@ -586,4 +593,62 @@ fn a_shared_prefix_is_reused_and_gives_the_tokens_of_a_miss() {
     });
     let (_, turn) = warm.post("/v1/chat/completions", &next);
     assert!(turn["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() >= cached, "{turn}");
+}
+
+#[test]
+fn a_tiny_page_pool_preempts_and_every_output_still_equals_its_solo_run() {
+    // Six pages: each request grows to three (a short prompt and 150 tokens), so four at once
+    // do not fit and the sequences admitted last are preempted and resumed.
+    let probe = Server::start(&[]);
+    let page_bytes = probe.metric("latent_cache_bytes_total") / probe.metric("latent_kv_pages_total");
+    drop(probe);
+    let kv = format!("{}", (6.0 * page_bytes) as u64);
+    let server = Server::start(&["--max-seqs", "4", "--kv-memory", &kv]);
+    assert_eq!(server.metric("latent_kv_pages_total"), 6.0);
+    let prompts = ["And God said", "In the beginning", "Blessed are the meek", "The LORD is my shepherd"];
+    let body = |i: usize| json!({"prompt": prompts[i], "max_tokens": 150, "temperature": 0.0, "logit_bias": no_eos()});
+    let solo: Vec<String> = (0..4)
+        .map(|i| {
+            let (status, r) = server.post("/v1/completions", &body(i));
+            assert_eq!(status, 200, "{r}");
+            r["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(server.metric("latent_preemptions_total"), 0.0, "one at a time fits");
+    let addr = server.addr.clone();
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let (addr, b) = (addr.clone(), body(i).to_string());
+            std::thread::spawn(move || {
+                let (status, _, text) = http(&addr, "POST", "/v1/completions", &[], Some(&b));
+                let r: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                (status, r["choices"][0]["text"].as_str().map(str::to_string))
+            })
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let (status, text) = client.join().unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(text.as_deref(), Some(solo[i].as_str()), "request {i} under preemption differs from its solo run");
+    }
+    assert!(server.metric("latent_preemptions_total") > 0.0, "the pool was too small for all four");
+    assert_eq!(server.metric("latent_running_sequences"), 0.0);
+    assert_eq!(server.metric("latent_kv_pages_used"), server.metric("latent_kv_pages_prefix_cached"));
+    assert!(server.metric("latent_kv_pages_used") <= 6.0);
+}
+
+#[test]
+fn n_completions_share_the_prompt_prefill() {
+    let server = Server::start(&[]);
+    let prompt = "In the beginning God created the heaven and the earth. ".repeat(6);
+    let (status, r) = server
+        .post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 8, "n": 4, "temperature": 0.9, "seed": 3}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"].as_array().map(Vec::len), Some(4));
+    let prompt_tokens = r["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert_eq!(server.metric("latent_prompt_tokens_total"), prompt_tokens, "the prompt was computed once for 4");
+    // Completion i samples with the seed plus i: the same as a lone request with that seed.
+    let (_, lone) =
+        server.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 8, "temperature": 0.9, "seed": 5}));
+    assert_eq!(r["choices"][2]["text"], lone["choices"][0]["text"]);
 }

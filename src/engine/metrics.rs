@@ -53,16 +53,18 @@ pub struct Metrics {
     pub queued: AtomicUsize,
     /// Sequences running.
     pub running: AtomicUsize,
-    /// Cache rows reserved by the running sequences.
-    pub cache_rows_used: AtomicUsize,
+    /// Pages of the cache pool held (by sequences or the prefix cache).
+    pub pages_used: AtomicUsize,
+    /// Pages the prefix cache keeps (some may be shared with sequences too).
+    pub pages_cached: AtomicUsize,
     /// Cache rows holding a token of a waiting or running sequence.
     pub cache_rows_held: AtomicUsize,
-    /// Cache rows kept for their prefixes after their sequences ended (evicted when needed).
-    pub cache_rows_kept: AtomicUsize,
-    /// Cache rows the memory budget holds.
-    pub cache_rows_total: usize,
-    /// Bytes one cache row takes, every layer together.
-    pub bytes_per_row: usize,
+    /// Sequences preempted for room.
+    pub preemptions: AtomicU64,
+    /// Pages the memory budget holds.
+    pub pages_total: usize,
+    /// Bytes one page takes, every layer together.
+    pub page_bytes: usize,
     /// Prompt tokens computed.
     pub prompt_tokens: AtomicU64,
     /// Prompt tokens whose rows were reused instead.
@@ -86,9 +88,9 @@ fn now_ms() -> u64 {
 }
 
 impl Metrics {
-    /// Counters for a cache of `cache_rows_total` rows of `bytes_per_row` bytes.
-    pub fn new(cache_rows_total: usize, bytes_per_row: usize) -> Metrics {
-        let m = Metrics { cache_rows_total, bytes_per_row, ..Metrics::default() };
+    /// Counters for a pool of `pages_total` pages of `page_bytes` bytes.
+    pub fn new(pages_total: usize, page_bytes: usize) -> Metrics {
+        let m = Metrics { pages_total, page_bytes, ..Metrics::default() };
         m.beat();
         m
     }
@@ -121,10 +123,22 @@ impl Metrics {
         gauge("latent_running_sequences", "Sequences running.", "gauge", get(&self.running));
         gauge("latent_waiting_sequences", "Sequences waiting for room.", "gauge", self.waiting_total() as f64);
         gauge(
-            "latent_cache_rows_reserved",
-            "Latent cache rows reserved by running sequences.",
+            "latent_kv_pages_used",
+            "Pages of the latent cache held, sequences and prefix cache.",
             "gauge",
-            get(&self.cache_rows_used),
+            get(&self.pages_used),
+        );
+        gauge(
+            "latent_kv_pages_total",
+            "Pages of the latent cache the memory budget holds.",
+            "gauge",
+            self.pages_total as f64,
+        );
+        gauge(
+            "latent_kv_pages_prefix_cached",
+            "Pages kept for prefix reuse (evicted when room is needed, unless a sequence shares them).",
+            "gauge",
+            get(&self.pages_cached),
         );
         gauge(
             "latent_cache_rows_used",
@@ -132,29 +146,24 @@ impl Metrics {
             "gauge",
             get(&self.cache_rows_held),
         );
+        gauge("latent_kv_page_tokens", "Tokens per page.", "gauge", crate::cache::PAGE_ROWS as f64);
         gauge(
-            "latent_cache_rows_kept",
-            "Latent cache rows kept for prefix reuse after their sequences ended.",
+            "latent_cache_bytes_used",
+            "Bytes of latent cache pages held.",
             "gauge",
-            get(&self.cache_rows_kept),
-        );
-        gauge(
-            "latent_cache_rows_total",
-            "Latent cache rows the memory budget holds.",
-            "gauge",
-            self.cache_rows_total as f64,
-        );
-        gauge(
-            "latent_cache_bytes_reserved",
-            "Bytes of latent cache reserved by running sequences.",
-            "gauge",
-            (self.cache_rows_used.load(Ordering::Relaxed) * self.bytes_per_row) as f64,
+            (self.pages_used.load(Ordering::Relaxed) * self.page_bytes) as f64,
         );
         gauge(
             "latent_cache_bytes_total",
-            "Bytes of the latent cache budget (--kv-memory).",
+            "Bytes of the latent cache budget (--kv-memory), in whole pages.",
             "gauge",
-            (self.cache_rows_total * self.bytes_per_row) as f64,
+            (self.pages_total * self.page_bytes) as f64,
+        );
+        gauge(
+            "latent_preemptions_total",
+            "Sequences preempted for room (their rows computed again when they resume).",
+            "counter",
+            get64(&self.preemptions),
         );
         gauge("latent_prompt_tokens_total", "Prompt tokens computed.", "counter", get64(&self.prompt_tokens));
         gauge(

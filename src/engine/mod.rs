@@ -7,12 +7,18 @@
 //! the scheduler for the step's work, and runs it:
 //!
 //! - the prefill chunks, each span over its own cache ([`Model::forward_chunked`], expanded
-//!   attention);
+//!   attention), from the rows a prefix found in the prefix cache on ([`prefix`]);
 //! - every running decode in one [`Model::decode`]: one token per sequence, each weight read
 //!   once for all of them, each sequence attending to its own rows only;
 //!
 //! then samples each sequence's next token with its own seeded sampler and sends the text
 //! that is final (never part of a UTF-8 character, never part of a possible stop string).
+//!
+//! Every cache takes its pages from one [`PagePool`] sized by `kv_memory`. A sequence grows a
+//! page at a time; when the pool runs out, the sequence admitted last is preempted (its full
+//! pages go to the prefix cache, the rest back to the pool) and its rows are computed again
+//! when it resumes. The `n` completions of one prompt share the prompt's pages: one prefill,
+//! then each continues on its own (the last, partial page copied for each).
 //!
 //! A sequence's logits do not depend on what else runs: decode rows are computed one by one
 //! over the same weights, and prompts are cut at fixed offsets whatever the load (see
@@ -31,7 +37,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::cache::{CacheKind, LatentCache};
+use crate::cache::{CacheKind, LatentCache, PageLayout, PagePool};
 use crate::error::{Error, ErrorKind, Result};
 use crate::generate::StopScan;
 use crate::model::{AttentionPath, LogitRows, Model, Workspace};
@@ -39,7 +45,7 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer};
 pub use metrics::Metrics;
 use prefix::PrefixStore;
-use scheduler::{Limits, Scheduler, SeqCounts, SeqId};
+use scheduler::{pages_for, Limits, Pages, Scheduler, SeqCounts, SeqId};
 
 /// How the engine runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +56,7 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Prompt tokens per prefill chunk (at most `max_batch_tokens`).
     pub prefill_chunk: usize,
-    /// Bytes the latent caches of all running sequences may take.
+    /// Bytes the latent cache's pages take, all sequences and the prefix cache together.
     pub kv_memory: usize,
     /// How caches store rows (`None`: the model's default).
     pub cache_kind: Option<CacheKind>,
@@ -165,7 +171,9 @@ pub enum SubmitError {
 }
 
 enum Command {
-    Submit { id: SeqId, request: Request, events: UnboundedSender<Event>, at: Instant },
+    /// `n` sequences of one request: ids `id..id + n`, one channel each, each seed the request's
+    /// plus its index.
+    Submit { id: SeqId, request: Request, events: Vec<UnboundedSender<Event>>, at: Instant },
 }
 
 /// A running engine: its thread and the way in.
@@ -178,7 +186,7 @@ pub struct Engine {
     /// The model's vocabulary (a prompt's ids must be below it).
     vocab: usize,
     limits: Limits,
-    bytes_per_token: usize,
+    page_bytes: usize,
     max_waiting: usize,
     next_id: std::sync::atomic::AtomicU64,
 }
@@ -187,30 +195,33 @@ impl Engine {
     /// Starts the engine thread over `model`.
     pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Engine> {
         let kind = config.cache_kind.unwrap_or(model.cache_kind());
-        let bytes_per_token = model.new_cache_of(kind)?.bytes_per_token().max(1);
-        let cache_rows = config.kv_memory / bytes_per_token;
-        if cache_rows == 0 {
+        let layout = PageLayout::new(model.config(), kind)?;
+        let pool = PagePool::new(layout, Some(config.kv_memory));
+        let pages = pool.total_pages().unwrap_or(0);
+        if pages == 0 {
             return Err(Error::InvalidArgument(format!(
-                "--kv-memory {} bytes holds no token: a token takes {bytes_per_token} bytes of cache",
-                config.kv_memory
+                "--kv-memory {} bytes holds no page of the latent cache: a page ({} tokens) takes {} bytes",
+                config.kv_memory,
+                crate::cache::PAGE_ROWS,
+                layout.page_bytes()
             )));
         }
         let limits = Limits {
             max_seqs: config.max_seqs.max(1),
             max_batch_tokens: config.max_batch_tokens.max(1),
             chunk: config.prefill_chunk.max(1),
-            cache_rows,
+            pages,
         };
         let scheduler = Scheduler::new(limits);
         let limits = scheduler.limits();
-        let metrics = Arc::new(Metrics::new(cache_rows, bytes_per_token));
+        let metrics = Arc::new(Metrics::new(pages, layout.page_bytes()));
         let (tx, rx) = mpsc::channel();
         let max_positions = model.config().max_position_embeddings;
         let vocab = model.config().vocab_size;
         let worker = Worker {
             model,
             tokenizer: tokenizer.clone(),
-            kind,
+            pool,
             scheduler,
             seqs: HashMap::new(),
             ws: Workspace::default(),
@@ -238,7 +249,7 @@ impl Engine {
             max_positions,
             vocab,
             limits,
-            bytes_per_token,
+            page_bytes: layout.page_bytes(),
             max_waiting: config.max_waiting.max(1),
             next_id: std::sync::atomic::AtomicU64::new(1),
         })
@@ -263,10 +274,22 @@ impl Engine {
     /// work, when the waiting queue is full or the request cannot fit. Dropping the receiver
     /// cancels the sequence within one step and frees its cache.
     pub fn submit(&self, request: Request) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
-        let (n, max_tokens) = (request.prompt.len(), request.params.max_tokens);
+        let mut receivers = self.submit_n(request, 1)?;
+        receivers.pop().ok_or(SubmitError::Stopped)
+    }
+
+    /// Queues `n` completions of `request` (at least one), completion `i` sampled with the
+    /// request's seed plus `i`; they share the prompt's prefill and its pages. One channel each.
+    pub fn submit_n(
+        &self,
+        request: Request,
+        n: usize,
+    ) -> std::result::Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
+        let (len, max_tokens) = (request.prompt.len(), request.params.max_tokens);
+        let n = n.max(1);
         let invalid =
             |param: &'static str, reason: String| SubmitError::Invalid { error: Error::InvalidArgument(reason), param };
-        if n == 0 {
+        if len == 0 {
             return Err(invalid("prompt", "the prompt is empty: give at least one token".into()));
         }
         if max_tokens == 0 {
@@ -283,19 +306,20 @@ impl Engine {
                 format!("logit_bias names token {bad}, outside the vocabulary ({vocab})"),
             ));
         }
-        if n + max_tokens > self.max_positions {
-            let error = Error::PromptTooLong { n_tokens: n + max_tokens, max: self.max_positions };
+        if len + max_tokens > self.max_positions {
+            let error = Error::PromptTooLong { n_tokens: len + max_tokens, max: self.max_positions };
             return Err(SubmitError::Invalid { error, param: "max_tokens" });
         }
-        let rows = n + max_tokens;
-        if rows > self.limits.cache_rows {
+        let rows = len + max_tokens;
+        if pages_for(rows) > self.limits.pages {
             return Err(invalid(
                 "max_tokens",
                 format!(
                     "the prompt and max_tokens ({rows} tokens, {} bytes of cache) do not fit the cache memory ({} \
-                     tokens; --kv-memory)",
-                    rows * self.bytes_per_token,
-                    self.limits.cache_rows
+                     pages of {} tokens; --kv-memory)",
+                    pages_for(rows) * self.page_bytes,
+                    self.limits.pages,
+                    crate::cache::PAGE_ROWS
                 ),
             ));
         }
@@ -304,14 +328,14 @@ impl Engine {
             return Err(SubmitError::QueueFull(waiting));
         }
         let tx = self.tx.as_ref().ok_or(SubmitError::Stopped)?;
-        let (events, rx) = unbounded_channel();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.metrics.waiting.fetch_add(1, Ordering::Relaxed);
+        let (events, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded_channel()).unzip();
+        let id = self.next_id.fetch_add(n as u64, Ordering::Relaxed);
+        self.metrics.waiting.fetch_add(n, Ordering::Relaxed);
         tx.send(Command::Submit { id, request, events, at: Instant::now() }).map_err(|_| {
-            self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.waiting.fetch_sub(n, Ordering::Relaxed);
             SubmitError::Stopped
         })?;
-        Ok(rx)
+        Ok(receivers)
     }
 
     /// Stops taking requests, lets the running and waiting ones finish, and joins the thread.
@@ -339,8 +363,15 @@ struct Seq {
     prompt: Vec<u32>,
     params: Params,
     cache: Option<LatentCache>,
-    /// Prompt tokens whose rows came from a kept cache.
+    /// Prompt tokens whose rows came from the prefix cache (or the request's first sequence).
     cached: usize,
+    /// Tokens of `history` whose rows the prefill computes: the prompt, or after a preemption
+    /// every token the sequence had cached.
+    target: usize,
+    /// Whether the sequence has been admitted (a prefix hit counts in its usage only then).
+    admitted: bool,
+    /// The other completions of its request, waiting for this one's prefill to share it.
+    followers: Vec<SeqId>,
     sampler: Sampler,
     /// Prompt and generated tokens.
     history: Vec<u32>,
@@ -358,12 +389,12 @@ struct Seq {
 struct Worker {
     model: Model,
     tokenizer: Arc<Tokenizer>,
-    kind: CacheKind,
+    pool: PagePool,
     scheduler: Scheduler,
     seqs: HashMap<SeqId, Seq>,
     ws: Workspace,
     metrics: Arc<Metrics>,
-    prefix: PrefixStore<LatentCache>,
+    prefix: PrefixStore,
     /// The last decode step's logits, `(B, V)`.
     step_logits: Vec<f32>,
     /// One sequence's logits with its penalties and biases.
@@ -409,34 +440,30 @@ impl Worker {
 
     fn take(&mut self, cmd: Command) {
         let Command::Submit { id, request, events, at } = cmd;
-        self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.waiting.fetch_sub(events.len(), Ordering::Relaxed);
         let Request { prompt, params } = request;
-        let sampler = match Sampler::new(params.sampling) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = events.send(Event::Error { message: e.to_string(), kind: ErrorKind::Request });
-                return;
-            }
-        };
-        // A kept cache that shares a prefix with the prompt: its rows are not computed again.
-        let (cache, cached) = match self.prefix.take(&prompt) {
-            Some((cache, n)) => (Some(cache), n),
-            None => (None, 0),
-        };
-        self.metrics.prefix_cache_hit_tokens.fetch_add(cached as u64, Ordering::Relaxed);
-        let rows = prompt.len() + params.max_tokens;
-        let counts = SeqCounts { prompt: prompt.len(), prefilled: cached, rows, held: cached };
-        self.scheduler.push(id, counts);
-        let stop = StopScan::new(&params.stop);
-        self.seqs.insert(
-            id,
-            Seq {
+        let mut ids = Vec::with_capacity(events.len());
+        for (i, events) in events.into_iter().enumerate() {
+            let mut params = params.clone();
+            params.sampling.seed = params.sampling.seed.wrapping_add(i as u64);
+            let sampler = match Sampler::new(params.sampling) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = events.send(Event::Error { message: e.to_string(), kind: ErrorKind::Request });
+                    continue;
+                }
+            };
+            let stop = StopScan::new(&params.stop);
+            let seq = Seq {
                 events,
                 history: prompt.clone(),
-                prompt,
+                target: prompt.len(),
+                prompt: prompt.clone(),
                 params,
-                cache,
-                cached,
+                cache: None,
+                cached: 0,
+                admitted: false,
+                followers: Vec::new(),
                 sampler,
                 counts: HashMap::new(),
                 stream: TextStream::new(),
@@ -445,8 +472,17 @@ impl Worker {
                 next: None,
                 submitted: at,
                 last_token: None,
-            },
-        );
+            };
+            self.seqs.insert(id + i as u64, seq);
+            ids.push(id + i as u64);
+        }
+        // The first sequence prefills; the others wait for its prompt's rows.
+        if let Some((&first, rest)) = ids.split_first() {
+            self.scheduler.push(first, SeqCounts::new(prompt.len()));
+            if let Some(seq) = self.seqs.get_mut(&first) {
+                seq.followers = rest.to_vec();
+            }
+        }
     }
 
     /// Drops every sequence whose receiver is gone.
@@ -454,9 +490,21 @@ impl Worker {
         let gone: Vec<SeqId> = self.seqs.iter().filter(|(_, s)| s.events.is_closed()).map(|(&id, _)| id).collect();
         for id in gone {
             self.scheduler.remove(id);
-            self.seqs.remove(&id);
+            if let Some(seq) = self.seqs.remove(&id) {
+                self.release_followers(seq.followers);
+            }
             self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
             self.publish();
+        }
+    }
+
+    /// Queues on their own the followers of a sequence that ends before its prompt's rows
+    /// are there to share.
+    fn release_followers(&mut self, followers: Vec<SeqId>) {
+        for f in followers {
+            if let Some(seq) = self.seqs.get(&f) {
+                self.scheduler.push(f, SeqCounts::new(seq.target));
+            }
         }
     }
 
@@ -464,44 +512,89 @@ impl Worker {
         let m = &self.metrics;
         m.running.store(self.scheduler.running(), Ordering::Relaxed);
         m.queued.store(self.scheduler.waiting(), Ordering::Relaxed);
-        m.cache_rows_used.store(self.scheduler.rows_used(), Ordering::Relaxed);
+        m.pages_used.store(self.pool.used_pages(), Ordering::Relaxed);
+        m.pages_cached.store(self.prefix.pages(), Ordering::Relaxed);
         let held: usize = self.seqs.values().filter_map(|s| s.cache.as_ref()).map(LatentCache::len).sum();
         m.cache_rows_held.store(held, Ordering::Relaxed);
-        m.cache_rows_kept.store(self.prefix.rows(), Ordering::Relaxed);
+        m.preemptions.store(self.scheduler.preemptions(), Ordering::Relaxed);
+    }
+
+    /// Lets a preempted sequence's cache go: its full pages to the prefix cache (where it will
+    /// likely find them again), the rest to the pool. It computes every row it held again.
+    fn let_go(&mut self, id: SeqId) {
+        let Some(seq) = self.seqs.get_mut(&id) else { return };
+        if let Some(cache) = seq.cache.take() {
+            seq.target = seq.target.max(cache.len());
+            self.prefix.insert(&seq.history, &cache);
+        }
+    }
+
+    /// Makes room in `id`'s cache for `tokens` rows; a sequence that cannot have it is
+    /// preempted (whether it has it).
+    fn grow(&mut self, id: SeqId, tokens: usize) -> bool {
+        let Some(seq) = self.seqs.get_mut(&id) else { return false };
+        let cache = seq.cache.get_or_insert_with(|| LatentCache::in_pool(&self.pool, self.model.device()));
+        let mut fits = cache.reserve(tokens).is_ok();
+        while !fits && self.prefix.evict() {
+            fits = cache.reserve(tokens).is_ok();
+        }
+        if !fits {
+            self.scheduler.preempt(id);
+            self.let_go(id);
+        }
+        fits
     }
 
     fn step(&mut self) -> Result<()> {
-        // Kept prefixes give way, least recently used first, to a request that needs their rows.
-        self.scheduler.set_kept_rows(self.prefix.rows());
-        while self.scheduler.blocked_by_kept() && self.prefix.evict() {
-            self.scheduler.set_kept_rows(self.prefix.rows());
+        let plan = {
+            let device = self.model.device();
+            let mut pages = WorkerPages { pool: &self.pool, prefix: &mut self.prefix, seqs: &mut self.seqs, device };
+            self.scheduler.plan(&mut pages)
+        };
+        for &id in &plan.preempted {
+            self.let_go(id);
         }
-        let plan = self.scheduler.plan();
         if plan.is_empty() {
             return Ok(());
         }
+        // Sequences that run for the first time: their prefix hits count now.
+        for id in plan.decode.iter().chain(plan.prefill.iter().map(|p| &p.0)) {
+            if let Some(seq) = self.seqs.get_mut(id).filter(|s| !s.admitted) {
+                seq.admitted = true;
+                self.metrics.prefix_cache_hit_tokens.fetch_add(seq.cached as u64, Ordering::Relaxed);
+            }
+        }
+        // The step's pages: kept prefixes give way, least recently used first.
+        while self.pool.free_pages() < plan.pages && self.prefix.evict() {}
         // Prefill chunks, each over its own cache.
         for &(id, start, n) in &plan.prefill {
+            if !self.grow(id, start + n) {
+                continue;
+            }
             let Some(seq) = self.seqs.get_mut(&id) else { continue };
-            if seq.cache.is_none() {
-                seq.cache = Some(self.model.new_cache_of(self.kind)?);
-            }
             let cache = seq.cache.as_mut().ok_or_else(|| Error::internal("a prefilled sequence has no cache"))?;
-            if start == seq.cached {
-                cache.reserve(seq.prompt.len() + seq.params.max_tokens)?;
-            }
-            let chunk = &seq.prompt[start..start + n];
+            let chunk = &seq.history[start..start + n];
             let logits = self.model.forward_chunked(chunk, cache, AttentionPath::Expanded, LogitRows::Last, n)?;
             self.scheduler.prefilled(id, n);
             self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
-            if start + n == seq.prompt.len() {
+            // A resumed sequence has its next token already.
+            if start + n == seq.target && seq.next.is_none() {
                 let row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                let followers = std::mem::take(&mut seq.followers);
                 self.emit(id, &row)?;
+                self.share_prompt(id, followers, &row)?;
+            }
+        }
+        let decodes: Vec<SeqId> = plan.decode.iter().copied().filter(|&id| self.scheduler.is_running(id)).collect();
+        let mut ids = Vec::with_capacity(decodes.len());
+        for id in decodes {
+            let len = self.seqs.get(&id).and_then(|s| s.cache.as_ref()).map_or(0, LatentCache::len);
+            if self.grow(id, len + 1) {
+                ids.push(id);
             }
         }
         // Every running decode in one step.
-        let ids: Vec<SeqId> =
-            plan.decode.iter().copied().filter(|id| self.seqs.get(id).is_some_and(|s| s.next.is_some())).collect();
+        ids.retain(|id| self.seqs.get(id).is_some_and(|s| s.next.is_some()));
         if ids.is_empty() {
             return Ok(());
         }
@@ -522,9 +615,47 @@ impl Worker {
         logits.clear();
         logits.extend_from_slice(self.model.decode(&tokens, &mut caches, &mut self.ws)?);
         drop(caches);
+        for &id in &ids {
+            self.scheduler.decoded(id);
+        }
         let emitted = ids.iter().zip(logits.chunks_exact(vocab)).try_for_each(|(id, row)| self.emit(*id, row));
         self.step_logits = logits;
         emitted
+    }
+
+    /// Starts `leader`'s followers (the other completions of its request) on the prompt's rows it
+    /// just computed: each takes the leader's pages, shared (the last, partial one copied, as it
+    /// will write there), samples its first token from the same `logits`, and queues first.
+    fn share_prompt(&mut self, leader: SeqId, followers: Vec<SeqId>, logits: &[f32]) -> Result<()> {
+        if followers.is_empty() {
+            return Ok(());
+        }
+        // The leader may have ended on its first token: its rows went to the prefix cache.
+        let (cache, cached) = match self.seqs.get(&leader) {
+            Some(seq) => (seq.cache.clone(), seq.cached),
+            None => (None, 0),
+        };
+        let Some(cache) = cache else {
+            self.release_followers(followers);
+            return Ok(());
+        };
+        let len = cache.len();
+        for &f in followers.iter().rev() {
+            let mut fork = cache.clone();
+            if fork.reserve(len + 1).is_err() {
+                // No page for its copy: it computes its prompt itself.
+                self.release_followers(vec![f]);
+                continue;
+            }
+            let Some(seq) = self.seqs.get_mut(&f) else { continue };
+            seq.cache = Some(fork);
+            seq.cached = cached;
+            self.scheduler.push_front(f, SeqCounts { prompt: len, prefilled: len, len });
+        }
+        for f in followers {
+            self.emit(f, logits)?;
+        }
+        Ok(())
     }
 
     /// Samples `id`'s next token from `logits`, sends what text is final, and ends the
@@ -612,10 +743,12 @@ impl Worker {
         let usage =
             Usage { prompt_tokens: seq.prompt.len(), completion_tokens: seq.generated, cached_tokens: seq.cached };
         self.metrics.finished.fetch_add(1, Ordering::Relaxed);
-        // The rows stay for a later request that shares the prefix (the next turn of a chat).
+        // The full pages stay for a later request that shares the prefix (the next turn of a
+        // chat); the rest go back to the pool.
         if let Some(cache) = seq.cache.take() {
-            self.prefix.insert(&seq.history, cache);
+            self.prefix.insert(&seq.history, &cache);
         }
+        self.release_followers(std::mem::take(&mut seq.followers));
         // The counters show the sequence gone before its client hears the end.
         self.publish();
         let _ = seq.events.send(Event::Done { finish, usage });
@@ -629,6 +762,36 @@ impl Worker {
         if let Some(seq) = seq {
             let _ = seq.events.send(event);
         }
+    }
+}
+
+/// The scheduler's view of the pool: free pages and pages only the prefix cache holds; and at
+/// admission, the prefix a sequence finds.
+struct WorkerPages<'a> {
+    pool: &'a PagePool,
+    prefix: &'a mut PrefixStore,
+    seqs: &'a mut HashMap<SeqId, Seq>,
+    device: &'a candle_core::Device,
+}
+
+impl Pages for WorkerPages<'_> {
+    fn free(&self) -> usize {
+        self.pool.free_pages().saturating_add(self.prefix.evictable())
+    }
+
+    fn reuse(&mut self, id: SeqId) -> usize {
+        let Some(seq) = self.seqs.get_mut(&id) else { return 0 };
+        if seq.cache.is_none() {
+            let (pages, rows) = self.prefix.lookup(&seq.history[..seq.target]);
+            if rows > 0 {
+                seq.cache = LatentCache::from_pages(self.pool, pages, rows, self.device).ok();
+            }
+        }
+        let rows = seq.cache.as_ref().map_or(0, LatentCache::len);
+        if !seq.admitted {
+            seq.cached = seq.cached.max(rows.min(seq.prompt.len()));
+        }
+        rows
     }
 }
 

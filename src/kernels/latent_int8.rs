@@ -228,7 +228,10 @@ impl Int8Tiles for Int8Rows {
     fn tile(&self, t: usize) -> (&[u8], &[f32]) {
         let end = (t / GROUP_TILES + 1) * GROUP_TILES;
         let l = self.layout;
-        (&self.codes[t * l.tile_codes()..end * l.tile_codes()], &self.scales[t * l.tile_scales()..end * l.tile_scales()])
+        (
+            &self.codes[t * l.tile_codes()..end * l.tile_codes()],
+            &self.scales[t * l.tile_scales()..end * l.tile_scales()],
+        )
     }
 }
 
@@ -422,7 +425,12 @@ mod portable {
         // The run's rows in f32.
         for t in span.0..span.1 {
             let (first, m) = ((t - span.0) * TILE_ROWS, TILE_ROWS.min(n - (t - span.0) * TILE_ROWS));
-            l.dequantize_tile(rows.tile(t), m, &mut c[first * d_c..(first + m) * d_c], &mut r[first * d_r..(first + m) * d_r]);
+            l.dequantize_tile(
+                rows.tile(t),
+                m,
+                &mut c[first * d_c..(first + m) * d_c],
+                &mut r[first * d_r..(first + m) * d_r],
+            );
         }
         for h in 0..heads {
             let p = &mut p[h * RUN_TILES * TILE_ROWS..][..n];

@@ -346,7 +346,8 @@ mod fused {
         // The share's next run, fetched into L2 while this one's weighted sum computes from
         // cache: its scores would otherwise wait on memory, since a model reads each layer's
         // cache once per token (the prefetch one tile ahead below does not cover that latency).
-        let mut ahead = Prefetch::new([Prefetch::span(next.0), Prefetch::span(next.1)], d_c.div_ceil(COLS) * (hp / TILE));
+        let mut ahead =
+            Prefetch::new([Prefetch::span(next.0), Prefetch::span(next.1)], d_c.div_ceil(COLS) * (hp / TILE));
         // SAFETY (whole body): every row index is clamped into `rows` and every head index into
         // `0..heads`, so loads stay inside the slices (a partial step loads with a mask); stores
         // go to `part` and `scratch`, sized for `hp` heads, `dp` latents and `RUN` rows.

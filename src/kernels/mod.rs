@@ -281,7 +281,6 @@ impl<const N: usize> Prefetch<N> {
         Prefetch { spans, at: 0, per_tick: total.div_ceil(ticks.max(1)).next_multiple_of(64) }
     }
 
-
     /// Prefetches the next slice, a cache line at a time.
     #[inline(always)]
     pub(crate) fn tick(&mut self) {

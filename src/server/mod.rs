@@ -337,34 +337,25 @@ async fn run(
         Some(_) => {}
         None => common.params.max_tokens = common.params.max_tokens.min(max - n_prompt),
     }
-    let mut receivers = Vec::with_capacity(common.n);
-    for i in 0..common.n {
-        let mut params = common.params.clone();
-        params.sampling.seed = params.sampling.seed.wrapping_add(i as u64);
-        match engine.submit(Request { prompt: prompt.clone(), params }) {
-            Ok(rx) => receivers.push(rx),
-            Err(SubmitError::QueueFull(w)) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    Some("server_busy"),
-                    format!("the server is busy ({w} requests waiting); retry later"),
-                ))
-            }
-            Err(SubmitError::Invalid { error: Error::PromptTooLong { .. }, .. }) => {
-                return Err(context_exceeded(n_prompt, common.params.max_tokens, max))
-            }
-            Err(SubmitError::Invalid { error, param }) => return Err(request_error(&error, param)),
-            Err(SubmitError::Stopped) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    None,
-                    "the server is stopping",
-                ))
-            }
+    // The `n` completions share the prompt's prefill; completion i samples with the seed plus i.
+    let receivers = match engine.submit_n(Request { prompt, params: common.params.clone() }, common.n) {
+        Ok(receivers) => receivers,
+        Err(SubmitError::QueueFull(w)) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("server_busy"),
+                format!("the server is busy ({w} requests waiting); retry later"),
+            ))
         }
-    }
+        Err(SubmitError::Invalid { error: Error::PromptTooLong { .. }, .. }) => {
+            return Err(context_exceeded(n_prompt, common.params.max_tokens, max))
+        }
+        Err(SubmitError::Invalid { error, param }) => return Err(request_error(&error, param)),
+        Err(SubmitError::Stopped) => {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "the server is stopping"))
+        }
+    };
     let meta = Meta {
         id: random_id(if matches!(kind, Kind::Chat { .. }) { "chatcmpl" } else { "cmpl" }),
         created: unix_now(),
