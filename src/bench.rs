@@ -249,13 +249,14 @@ fn filled_cache(model: &Model, kind: CacheKind, depth: usize, more: usize) -> Re
     // Steady-state decode: the cache does not grow (and copy its rows) while being timed.
     cache.reserve(depth + more)?;
     if depth > 0 {
-        let (d_c, d_r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
+        let layout = *cache.pool().layout();
+        let (d_c, d_r) = (layout.d_c, layout.d_r);
         let c_kv = Tensor::randn(0f32, 1.0, (depth, d_c), model.device())?.to_dtype(model.dtype())?;
         let k_rope = Tensor::randn(0f32, 1.0, (depth, d_r), model.device())?.to_dtype(model.dtype())?;
         for layer in 0..cfg.num_hidden_layers {
             match cache.kind() {
                 CacheKind::Int8 => cache.append_int8(layer, &c_kv, &k_rope)?,
-                CacheKind::Dense(_) => drop(cache.append(layer, &c_kv, &k_rope)?),
+                CacheKind::Dense(_) | CacheKind::Expanded(_) => drop(cache.append(layer, &c_kv, &k_rope)?),
             }
         }
     }

@@ -35,9 +35,25 @@ pub enum CacheKind {
     Dense(DType),
     /// 8-bit codes, a scale per 128 latents and one for the RoPE part.
     Int8,
+    /// For study only: per head keys (`d_nope + d_rope`) and values (`d_v`) in a float dtype, as
+    /// multi-head attention caches them (transformers, candle): `n_h (d_n + d_r + d_v)` values
+    /// per token and layer instead of `d_c + d_r`. The same pages hold the keys where a latent
+    /// cache holds latents and the values where it holds RoPE keys.
+    Expanded(DType),
 }
 
-/// What one page holds: its kind, and the model's layers and row sizes.
+impl CacheKind {
+    /// The float dtype rows are stored in (`None` for int8).
+    pub fn dtype(&self) -> Option<DType> {
+        match self {
+            CacheKind::Dense(d) | CacheKind::Expanded(d) => Some(*d),
+            CacheKind::Int8 => None,
+        }
+    }
+}
+
+/// What one page holds: its kind, and the model's layers and row sizes: per token and layer `d_c`
+/// latents and `d_r` RoPE values (for an expanded cache, the keys' and the values' widths).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageLayout {
     pub kind: CacheKind,
@@ -49,14 +65,22 @@ pub struct PageLayout {
 impl PageLayout {
     /// The pages of `cfg`'s cache of the given kind.
     pub fn new(cfg: &Config, kind: CacheKind) -> Result<PageLayout> {
-        PageLayout::of(kind, cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        let (h, d_r) = (cfg.num_attention_heads, cfg.qk_rope_head_dim);
+        match kind {
+            CacheKind::Expanded(_) => {
+                let keys = h * (cfg.qk_nope_head_dim + d_r);
+                PageLayout::of(kind, cfg.num_hidden_layers, keys, h * cfg.v_head_dim)
+            }
+            _ => PageLayout::of(kind, cfg.num_hidden_layers, cfg.kv_lora_rank, d_r),
+        }
     }
 
     /// Pages of `layers` layers of rows of `d_c` latents and `d_r` RoPE values.
     pub fn of(kind: CacheKind, layers: usize, d_c: usize, d_r: usize) -> Result<PageLayout> {
         match kind {
-            CacheKind::Dense(DType::BF16 | DType::F16 | DType::F32) => {}
-            CacheKind::Dense(other) => {
+            CacheKind::Dense(DType::BF16 | DType::F16 | DType::F32)
+            | CacheKind::Expanded(DType::BF16 | DType::F16 | DType::F32) => {}
+            CacheKind::Dense(other) | CacheKind::Expanded(other) => {
                 return Err(Error::InvalidArgument(format!(
                     "a latent cache holds bf16, f16 or f32 rows, not {other:?}"
                 )))
@@ -76,7 +100,7 @@ impl PageLayout {
     fn int8(&self) -> Option<Int8Layout> {
         match self.kind {
             CacheKind::Int8 => Int8Layout::new(self.d_c, self.d_r),
-            CacheKind::Dense(_) => None,
+            CacheKind::Dense(_) | CacheKind::Expanded(_) => None,
         }
     }
 
@@ -84,7 +108,9 @@ impl PageLayout {
     /// and scales of an int8 row.
     pub fn bytes_per_token(&self) -> usize {
         match (self.kind, self.int8()) {
-            (CacheKind::Dense(dtype), _) => self.layers * (self.d_c + self.d_r) * dtype.size_in_bytes(),
+            (CacheKind::Dense(dtype) | CacheKind::Expanded(dtype), _) => {
+                self.layers * (self.d_c + self.d_r) * dtype.size_in_bytes()
+            }
             (CacheKind::Int8, Some(l)) => self.layers * l.bytes_per_row(),
             (CacheKind::Int8, None) => 0,
         }
@@ -98,14 +124,10 @@ impl PageLayout {
     /// A fresh page's values (zeros; int8 codes of 0).
     fn new_page(&self) -> PageData {
         let (rows_c, rows_r) = (self.layers * PAGE_ROWS * self.d_c, self.layers * PAGE_ROWS * self.d_r);
-        match (self.kind, self.int8()) {
-            (CacheKind::Dense(DType::BF16), _) => {
-                PageData::Bf16(vec![half::bf16::ZERO; rows_c], vec![half::bf16::ZERO; rows_r])
-            }
-            (CacheKind::Dense(DType::F16), _) => {
-                PageData::F16(vec![half::f16::ZERO; rows_c], vec![half::f16::ZERO; rows_r])
-            }
-            (CacheKind::Int8, Some(l)) => PageData::Int8(
+        match (self.kind.dtype(), self.int8()) {
+            (Some(DType::BF16), _) => PageData::Bf16(vec![half::bf16::ZERO; rows_c], vec![half::bf16::ZERO; rows_r]),
+            (Some(DType::F16), _) => PageData::F16(vec![half::f16::ZERO; rows_c], vec![half::f16::ZERO; rows_r]),
+            (None, Some(l)) => PageData::Int8(
                 vec![128; self.layers * GROUP_TILES * l.tile_codes()],
                 vec![0.0; self.layers * GROUP_TILES * l.tile_scales()],
             ),
@@ -464,11 +486,12 @@ impl LatentCache {
         (c, r)
     }
 
-    /// Appends `c_kv: (T, d_c)` and `k_rope: (T, d_r)` to `layer`; returns all rows `(S, d_c)`,
-    /// `(S, d_r)` in the cache's dtype: the prefill attention's operands (a copy of the pages).
+    /// Appends `c_kv: (T, d_c)` and `k_rope: (T, d_r)` to `layer` (for an expanded cache, keys
+    /// and values); returns all rows `(S, d_c)`, `(S, d_r)` in the cache's dtype: the prefill
+    /// attention's operands (a copy of the pages).
     pub fn append(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor) -> Result<(Tensor, Tensor)> {
         let (kind, d_c, d_r) = (self.kind(), self.pool.layout.d_c, self.pool.layout.d_r);
-        let CacheKind::Dense(dtype) = kind else {
+        let Some(dtype) = kind.dtype() else {
             return Err(Error::InvalidArgument("an int8 latent cache takes rows through append_int8".into()));
         };
         let t = c_kv.dim(0)?;
@@ -490,10 +513,7 @@ impl LatentCache {
     fn append_rows(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor) -> Result<()> {
         let (d_c, d_r) = (self.pool.layout.d_c, self.pool.layout.d_r);
         // Through the cache's dtype first, so that rows round as a tensor cast rounds them.
-        let dtype = match self.kind() {
-            CacheKind::Dense(dtype) => dtype,
-            CacheKind::Int8 => DType::F32,
-        };
+        let dtype = self.kind().dtype().unwrap_or(DType::F32);
         let as_rows =
             |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
         let (c, r) = (as_rows(c_kv)?, as_rows(k_rope)?);
@@ -511,19 +531,17 @@ impl LatentCache {
         self.write_row(layer, c, r)
     }
 
-    /// Runs `f` on the cached rows of a dense `layer`, page by page as stored. `None` for an
-    /// int8 cache, or rows neither bf16 nor f32.
+    /// Runs `f` on the cached rows of a float `layer` (latent or expanded), page by page as
+    /// stored. `None` for an int8 cache, or rows neither bf16 nor f32.
     pub(crate) fn with_dense_rows<R>(&self, layer: usize, f: impl FnOnce(DenseRows<'_>) -> R) -> Option<R> {
         let len = *self.lens.get(layer)?;
         let layout = &self.pool.layout;
         let (pages, d_c, d_r) = (&self.pages[..], layout.d_c, layout.d_r);
-        match layout.kind {
-            CacheKind::Dense(DType::BF16) => {
+        match layout.kind.dtype() {
+            Some(DType::BF16) => {
                 Some(f(DenseRows::Bf16(&LayerPages { pages, layer, len, d_c, d_r, get: bf16_slices })))
             }
-            CacheKind::Dense(DType::F32) => {
-                Some(f(DenseRows::F32(&LayerPages { pages, layer, len, d_c, d_r, get: f32_slices })))
-            }
+            Some(DType::F32) => Some(f(DenseRows::F32(&LayerPages { pages, layer, len, d_c, d_r, get: f32_slices }))),
             _ => None,
         }
     }

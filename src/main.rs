@@ -265,8 +265,10 @@ struct ModelArgs {
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
     /// How the latent cache stores rows: auto (the compute dtype; bf16 where weights are
-    /// quantized) or int8 (8-bit codes with a scale per 128 latents: about half of bf16's bytes,
-    /// and faster decode over long contexts on CPUs with AVX-512 VNNI).
+    /// quantized), int8 (8-bit codes with a scale per 128 latents: about half of bf16's bytes,
+    /// and faster decode over long contexts on CPUs with AVX-512 VNNI), or expanded (for study:
+    /// per-head keys and values as multi-head attention caches them, n_h (d_nope + d_rope + d_v)
+    /// values per token and layer; bf16 or f32 models only).
     #[arg(long, value_enum, default_value_t = KvCacheArg::Auto)]
     kv_cache: KvCacheArg,
 }
@@ -275,6 +277,8 @@ struct ModelArgs {
 enum KvCacheArg {
     Auto,
     Int8,
+    /// For study: per-head keys and values, as multi-head attention caches them.
+    Expanded,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -516,7 +520,14 @@ fn cache_kind(args: &ModelArgs, model: &Model) -> Result<CacheKind> {
             model.new_cache_of(CacheKind::Int8).context("--kv-cache int8")?;
             Ok(CacheKind::Int8)
         }
-        _ => Ok(model.cache_kind()),
+        KvCacheArg::Expanded => {
+            let dtype = model.cache_kind().dtype().unwrap_or(DType::BF16);
+            if !model.takes_expanded_cache() {
+                bail!("--kv-cache expanded needs kv_b_proj stored in bf16 or f32 (not a quantized model)");
+            }
+            Ok(CacheKind::Expanded(dtype))
+        }
+        KvCacheArg::Auto => Ok(model.cache_kind()),
     }
 }
 

@@ -167,3 +167,23 @@ fn a_bad_request_in_a_batch_is_a_request_error_and_changes_no_cache() {
     assert_eq!(logits.len(), 2 * vocab as usize);
     assert_eq!((a.len(), b.len()), (4, 1));
 }
+
+#[test]
+fn an_expanded_cache_gives_the_logits_of_the_latent_cache() {
+    for name in common::MODELS {
+        let model = load(name, DType::F32, None);
+        assert!(model.takes_expanded_cache());
+        let kind = CacheKind::Expanded(DType::F32);
+        // Prefilled and decoded (batched step, then its tensor fallback through `forward`).
+        let (latent, expanded) = (batched(&model, model.cache_kind()), batched(&model, kind));
+        let err = worst_abs(&latent, &expanded);
+        assert!(err <= 1e-4, "{name}: the expanded cache's logits differ by {err}");
+        let (alone_latent, alone_expanded) = (solo(&model, model.cache_kind()), solo(&model, kind));
+        assert!(worst_abs(&alone_latent, &alone_expanded) <= 1e-4, "{name}: alone");
+        let c = model.config();
+        let bytes = |k: CacheKind| model.new_cache_of(k).unwrap().bytes_per_token();
+        let per_head = c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim);
+        assert_eq!(bytes(kind), c.num_hidden_layers * per_head * 4);
+        assert_eq!(bytes(model.cache_kind()), c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4);
+    }
+}

@@ -9,6 +9,7 @@ pub mod gemm;
 pub mod kquant;
 pub mod latent_int8;
 pub mod matvec;
+pub mod mha_decode;
 pub mod mla_decode;
 pub mod paged;
 pub mod peak;

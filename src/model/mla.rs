@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::{prefill_attention, AttnElem, PrefillShape};
 use crate::kernels::latent_int8::{mla_decode_int8, mla_decode_int8_into, Int8Scratch};
 use crate::kernels::matvec::{batched_matvec_into, batched_weighted_rows_into};
+use crate::kernels::mha_decode::mha_decode_paged;
 use crate::kernels::mla_decode::{mla_decode, mla_decode_paged_into, MlaScratch, MlaShape};
 use crate::kernels::quant::{QuantMatrix, QuantizedRows};
 use crate::model::layers::{
@@ -196,6 +197,20 @@ impl Mla {
             at += t;
             let (c_kv, k_rope) = match span.cache.as_deref_mut().map(|c| (c.kind(), c)) {
                 None => (self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?, k_rope),
+                Some((CacheKind::Expanded(_), cache)) => {
+                    let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?; // (T, d_c)
+                    let kv = (&c_kv, &k_rope);
+                    outs.push(self.attend_expanded_cache(
+                        &q_nope,
+                        &q_rope,
+                        kv,
+                        (&w_uk, &w_uv),
+                        cache,
+                        layer,
+                        &span.pos,
+                    )?);
+                    continue;
+                }
                 Some((CacheKind::Dense(_), cache)) => {
                     let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?; // (T, d_c)
                     cache.append(layer, &c_kv, &k_rope)? // (S, d_c), (S, d_r)
@@ -218,6 +233,38 @@ impl Mla {
         }
         let out = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? }; // (N, H d_v)
         self.o_proj.forward(&out)
+    }
+
+    /// One span's attention over an expanded cache (for study), `(T, H d_v)`: the span's keys
+    /// (`W_UK c_kv` per head beside `k_rope`) and values (`W_UV c_kv`) are appended to `cache`'s
+    /// `layer`, then every head attends over the cached keys and values as multi-head attention
+    /// does, causally.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_expanded_cache(
+        &self,
+        q_nope: &Tensor,
+        q_rope: &Tensor,
+        (c_kv, k_rope): (&Tensor, &Tensor),
+        (w_uk, w_uv): (&Tensor, &Tensor),
+        cache: &mut LatentCache,
+        layer: usize,
+        pos: &Positions<'_>,
+    ) -> Result<Tensor> {
+        let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
+        let (t, dtype) = (c_kv.dim(0)?, q_nope.dtype());
+        let c = c_kv.to_dtype(w_uk.dtype())?;
+        let k_nope = c.matmul(&w_uk.reshape((h * d_n, d_c))?.t()?)?.reshape((t, h, d_n))?;
+        let k_r = k_rope.to_dtype(w_uk.dtype())?.reshape((t, 1, d_r))?.broadcast_as((t, h, d_r))?;
+        let keys = Tensor::cat(&[&k_nope, &k_r.contiguous()?], 2)?.reshape((t, h * (d_n + d_r)))?;
+        let values = c.matmul(&w_uv.reshape((h * d_v, d_c))?.t()?)?; // (T, H d_v)
+        let (keys, values) = cache.append(layer, &keys, &values)?; // (S, ..), the cache's dtype
+        let s = keys.dim(0)?;
+        let keys = keys.to_dtype(dtype)?.reshape((s, h, d_n + d_r))?.transpose(0, 1)?.contiguous()?; // (H, S, d_k)
+        let values = values.to_dtype(dtype)?.reshape((s, h, d_v))?.transpose(0, 1)?.contiguous()?; // (H, S, d_v)
+        let q = Tensor::cat(&[q_nope, q_rope], 2)?; // (H, T, d_k)
+        let scores = q.matmul(&keys.t()?)?; // (H, T, S)
+        let probs = self.probs(&scores, &scores.zeros_like()?, pos.mask.as_ref(), dtype)?;
+        Ok(probs.matmul(&values)?.transpose(0, 1)?.reshape((t, h * d_v))?)
     }
 
     /// One span's attention, `(T, H d_v)`: `q_nope (H, T, d_n)` and `q_rope (H, T, d_r)` over
@@ -369,6 +416,12 @@ impl Mla {
             && (self.absorb_blocks.is_some() || (stored(&self.w_uk) && stored(&self.w_uv)))
     }
 
+    /// Whether `W_UK` and `W_UV` are stored bf16 or f32 (not only as quantized blocks).
+    pub(crate) fn has_dense_kv_b(&self) -> bool {
+        let stored = |t: &Tensor| !t.track_op() && with_stored(t, |_| ()).is_some();
+        self.absorb_blocks.is_none() && stored(&self.w_uk) && stored(&self.w_uv)
+    }
+
     /// The activation groups the first projections read the layer's input in.
     pub(crate) fn input_groups(&self) -> [Option<usize>; 2] {
         let q = match &self.q {
@@ -400,7 +453,8 @@ impl Mla {
     ) -> Result<()> {
         let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
         let (b, half) = (caches.len(), d_r / 2);
-        let AttnScratch { proj, q_in, q_b, q_nope, q_rope, c, k_rope, q_lat, o_lat, xq, heads, o, mla, int8 } = s;
+        let AttnScratch { proj, q_in, q_b, q_nope, q_rope, c, k_rope, q_lat, o_lat, xq, heads, o, mla, int8, expanded } =
+            s;
         // The query's first projection and the latents' share the input: one pass.
         let first = match &self.q {
             QProj::Full(p) => p,
@@ -446,13 +500,19 @@ impl Mla {
             rope.rotate(k_rope, cos, sin);
             round_to(dtype, k_rope);
             c.resize(d_c, 0.0);
+            if let CacheKind::Expanded(_) = cache.kind() {
+                self.kv_norm.forward_row(&kv[..d_c], c, dtype);
+                let x = &mut heads_x[token * h * d_v..(token + 1) * h * d_v];
+                self.expanded_step((q_nope, q_rope), (c, k_rope), (cache, layer), dtype, expanded, x)?;
+                continue;
+            }
             let int8 = match cache.kind() {
                 CacheKind::Int8 => {
                     // Normalized without the gain, which goes into the query and the output.
                     self.kv_norm.normalize_row(&kv[..d_c], c);
                     Some(&mut *int8)
                 }
-                CacheKind::Dense(_) => {
+                CacheKind::Dense(_) | CacheKind::Expanded(_) => {
                     self.kv_norm.forward_row(&kv[..d_c], c, dtype);
                     None
                 }
@@ -504,6 +564,54 @@ impl Mla {
         o.round(dtype);
         out.copy_from_slice(o.get(0));
         Ok(())
+    }
+
+    /// One token's step over an expanded cache (for study), into `out (H d_v)`: its keys
+    /// (`W_UK c` per head beside `k_rope`) and values (`W_UV c`) appended to `cache`'s `layer`,
+    /// then multi-head attention of `[q_nope ‖ q_rope]` per head over every cached row.
+    #[allow(clippy::too_many_arguments)]
+    fn expanded_step(
+        &self,
+        (q_nope, q_rope): (&[f32], &[f32]),
+        (c, k_rope): (&[f32], &[f32]),
+        (cache, layer): (&mut LatentCache, usize),
+        dtype: DType,
+        [rep, key, value, q]: &mut [Vec<f32>; 4],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
+        let needs = || Error::internal("an expanded cache needs kv_b_proj stored bf16 or f32");
+        rep.clear();
+        (0..h).for_each(|_| rep.extend_from_slice(c));
+        let project = |w: &Tensor, width: usize, y: &mut Vec<f32>| {
+            y.resize(h * width, 0.0);
+            with_stored(w, |w| match w {
+                Stored::Bf16(w) => batched_matvec_into(rep, w, h, d_c, width, y),
+                Stored::F32(w) => batched_matvec_into(rep, w, h, d_c, width, y),
+            })
+        };
+        project(&self.w_uk, d_n, q).ok_or_else(needs)?; // k_nope, per head
+        project(&self.w_uv, d_v, value).ok_or_else(needs)?;
+        key.clear();
+        for k_nope in q.chunks_exact(d_n) {
+            key.extend_from_slice(k_nope);
+            key.extend_from_slice(k_rope);
+        }
+        round_to(dtype, key);
+        round_to(dtype, value);
+        cache.push_row(layer, key, value)?;
+        q.clear();
+        for (n, r) in q_nope.chunks_exact(d_n).zip(q_rope.chunks_exact(d_r)) {
+            q.extend_from_slice(n);
+            q.extend_from_slice(r);
+        }
+        let scale = self.scale as f32;
+        cache
+            .with_dense_rows(layer, |rows| match rows {
+                DenseRows::Bf16(rows) => mha_decode_paged(q, rows, h, d_n + d_r, d_v, scale, out),
+                DenseRows::F32(rows) => mha_decode_paged(q, rows, h, d_n + d_r, d_v, scale, out),
+            })
+            .ok_or_else(|| Error::internal("the expanded cache is neither bf16 nor f32"))
     }
 
     fn decode_kernel_fits(&self, c_kv: &Tensor, k_rope: &Tensor) -> bool {
@@ -661,6 +769,9 @@ pub(crate) struct AttnScratch {
     o: JobOutputs,
     mla: MlaScratch,
     int8: Int8Scratch,
+    /// The expanded cache's step: the latents repeated per head, a key row, a value row and the
+    /// query.
+    expanded: [Vec<f32>; 4],
 }
 
 /// `kv_b_proj (H (d_n + d_v), d_c)` -> `W_UK (H, d_n, d_c)`, `W_UV (H, d_v, d_c)`.

@@ -341,6 +341,12 @@ impl Model {
         LatentCache::with_kind(&self.config, kind, &self.device)
     }
 
+    /// Whether every layer can fill an expanded cache ([`CacheKind::Expanded`], for study): its
+    /// `kv_b_proj` is stored bf16 or f32.
+    pub fn takes_expanded_cache(&self) -> bool {
+        self.layers.iter().all(|l| l.attn.has_dense_kv_b())
+    }
+
     /// The default kind of cache: rows in [`Model::cache_dtype`].
     pub fn cache_kind(&self) -> CacheKind {
         CacheKind::Dense(self.cache_dtype())

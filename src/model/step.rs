@@ -165,7 +165,12 @@ impl Model {
             self.check_tokens(&[token], cache.len())?;
         }
         let kinds_ok = caches.iter().all(|c| c.kind() == caches[0].kind());
-        let dense_ok = matches!(caches[0].kind(), CacheKind::Int8 | CacheKind::Dense(DType::BF16 | DType::F32));
+        let dense_ok = matches!(
+            caches[0].kind(),
+            CacheKind::Int8
+                | CacheKind::Dense(DType::BF16 | DType::F32)
+                | CacheKind::Expanded(DType::BF16 | DType::F32)
+        );
         if !kinds_ok || !dense_ok || !self.steps {
             let mut spans: Vec<Span<'_>> =
                 tokens.iter().zip(caches.iter_mut()).map(|(t, c)| Span::new(std::slice::from_ref(t), c)).collect();
