@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -321,4 +321,95 @@ mod tests {
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(vec![]).is_nan());
     }
+}
+
+/// One cache kind in the fixed-budget study ([`budget_study`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetRow {
+    /// `latent bf16`, `latent int8` or `expanded bf16` (the dtype the rows are stored in).
+    pub cache: String,
+    pub bytes_per_token: usize,
+    /// Tokens the budget holds, in whole pages.
+    pub tokens: usize,
+    /// Sequences of the full context the budget holds.
+    pub max_sequences: usize,
+    /// Tokens/s of `B` such sequences decoded together, by `B` (the last is `max_sequences`).
+    pub tok_s: BTreeMap<usize, f64>,
+}
+
+/// The paper's memory claim in miniature: give each kind of cache (the latent cache in the
+/// model's dtype, the latent cache in int8, the expanded per-head cache) the same `budget`
+/// bytes; count the sequences of `context` tokens each holds, and time the batched decode of
+/// `low` sequences and of as many as fit, each sequence `context − decode_tokens − 1` deep.
+/// `progress` is told each measurement as it starts.
+pub fn budget_study(
+    model: &Model,
+    budget: usize,
+    context: usize,
+    low: &[usize],
+    decode_tokens: usize,
+    repeats: usize,
+    mut progress: impl FnMut(&str, usize),
+) -> Result<Vec<BudgetRow>> {
+    use crate::cache::{PageLayout, PAGE_ROWS};
+    let cfg = model.config();
+    if context < decode_tokens + 2 || context > cfg.max_position_embeddings {
+        return Err(Error::InvalidArgument(format!(
+            "--context {context} must exceed the decoded tokens ({decode_tokens} + 1) and fit the model's context ({})",
+            cfg.max_position_embeddings
+        )));
+    }
+    let dtype = model.cache_kind().dtype().unwrap_or(DType::BF16);
+    let mut kinds = vec![(model.cache_kind(), format!("latent {dtype:?}").to_lowercase())];
+    if PageLayout::new(cfg, CacheKind::Int8).is_ok() {
+        kinds.push((CacheKind::Int8, "latent int8".into()));
+    }
+    if model.takes_expanded_cache() {
+        kinds.push((CacheKind::Expanded(dtype), format!("expanded {dtype:?}").to_lowercase()));
+    }
+    let depth = context - decode_tokens - 1;
+    let mut rows = Vec::new();
+    for (kind, name) in kinds {
+        let layout = PageLayout::new(cfg, kind)?;
+        let per_sequence = context.div_ceil(PAGE_ROWS) * layout.page_bytes();
+        let max_sequences = budget / per_sequence.max(1);
+        let mut sizes: Vec<usize> = low.iter().copied().filter(|&b| b > 0 && b < max_sequences).collect();
+        if max_sequences > 0 {
+            sizes.push(max_sequences);
+        }
+        let mut tok_s = BTreeMap::new();
+        for b in sizes {
+            progress(&name, b);
+            let runs = (0..repeats.max(1))
+                .map(|_| time_batch(model, kind, b, depth, decode_tokens))
+                .collect::<Result<Vec<_>>>()?;
+            tok_s.insert(b, median(runs));
+        }
+        rows.push(BudgetRow {
+            cache: name,
+            bytes_per_token: layout.bytes_per_token(),
+            tokens: budget / layout.page_bytes().max(1) * PAGE_ROWS,
+            max_sequences,
+            tok_s,
+        });
+    }
+    Ok(rows)
+}
+
+/// Draws the budget study: tokens/s against concurrent sequences, one line per cache, into
+/// `path` (PNG).
+pub fn plot_budget(rows: &[BudgetRow], title: &str, path: &std::path::Path) -> Result<()> {
+    use crate::plot::{chart, Canvas, Panel, Series, PALETTE};
+    let mut canvas = Canvas::new(700, 440);
+    let series: Vec<Series<'_>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Series {
+            name: r.cache.as_str(),
+            color: PALETTE[i % PALETTE.len()],
+            points: r.tok_s.iter().map(|(&b, &t)| ((b as f64).log2(), t)).collect(),
+        })
+        .collect();
+    chart(&mut canvas, Panel { x: 0, y: 0, w: 700, h: 440 }, title, "log2 concurrent sequences", &series);
+    canvas.save(path)
 }

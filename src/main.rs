@@ -128,6 +128,17 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Instead, the fixed-budget study: give the latent cache (model dtype, int8) and the
+    /// expanded per-head cache this many bytes each (e.g. 2GiB), count the sequences of
+    /// --context tokens each holds, and time decoding --batch sequences and as many as fit.
+    #[arg(long, value_parser = parse_bytes)]
+    budget: Option<usize>,
+    /// Context of each sequence in the --budget study.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Draw the --budget study's tokens/s against concurrency into this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -225,6 +236,9 @@ struct BenchServeArgs {
     /// JSON files of earlier runs (from --json) to draw in the same plot.
     #[arg(long, value_delimiter = ',')]
     compare: Vec<PathBuf>,
+    /// Run no load: only draw the --compare runs into --plot.
+    #[arg(long, requires_all = ["plot", "compare"])]
+    plot_only: bool,
 }
 
 /// `2GiB`, `512M`, `1000000`: a count of bytes.
@@ -696,8 +710,52 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_budget_study(model: &Model, args: &BenchArgs, budget: usize) -> Result<()> {
+    let bar = ProgressBar::new_spinner();
+    let rows =
+        bench::budget_study(model, budget, args.context, &args.batch, args.decode_tokens, args.repeats, |c, b| {
+            bar.set_message(format!("{c}: {b} sequences of {} tokens", args.context));
+            bar.tick();
+        })?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::json!({"budget_bytes": budget, "context": args.context, "caches": rows}));
+    } else {
+        let gib = budget as f64 / (1u64 << 30) as f64;
+        println!("{gib:.2} GiB of cache each, sequences of {} tokens", args.context);
+        println!(
+            "{:<15} {:>11} {:>12} {:>9}  tokens/s at B sequences",
+            "cache", "bytes/token", "tokens held", "max seqs"
+        );
+        let base = rows.first().map_or(1, |r| r.tokens.max(1)) as f64;
+        for r in &rows {
+            let figures: Vec<String> = r.tok_s.iter().map(|(b, t)| format!("B={b}: {t:.1}")).collect();
+            println!(
+                "{:<15} {:>11} {:>12} {:>9}  {}   ({:.2}x the first's tokens)",
+                r.cache,
+                r.bytes_per_token,
+                r.tokens,
+                r.max_sequences,
+                figures.join(", "),
+                r.tokens as f64 / base
+            );
+        }
+    }
+    if let Some(path) = &args.plot {
+        let title = format!("decode tok/s, {} MiB cache each", budget >> 20);
+        bench::plot_budget(&rows, &title, path)?;
+    }
+    Ok(())
+}
+
 fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
     use latent::bench_serve::{plot, read_run, run, LoadConfig};
+    if let (true, Some(path)) = (args.plot_only, &args.plot) {
+        let all = args.compare.iter().map(|f| read_run(f)).collect::<latent::Result<Vec<_>>>()?;
+        plot(&all, path)?;
+        eprintln!("latent: plot in {}", path.display());
+        return Ok(());
+    }
     let extra: serde_json::Value = serde_json::from_str(&args.extra).context("--extra must be a JSON object")?;
     if !(extra.is_object() && args.seconds > 0.0 && args.seconds.is_finite()) {
         bail!("--extra must be a JSON object and --seconds a positive number");
@@ -799,6 +857,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
 
 fn run_bench(args: BenchArgs) -> Result<()> {
     let (model, _) = load(&args.model)?;
+    if let Some(budget) = args.budget {
+        return run_budget_study(&model, &args, budget);
+    }
     let config = BenchConfig {
         prompt_len: args.prompt_len,
         depths: args.depths,

@@ -327,3 +327,54 @@ fn an_absurd_thread_count_is_refused_at_once() {
     assert!(err.contains("--threads 1000000") && err.contains("cores"), "{err}");
     assert!(start.elapsed() < std::time::Duration::from_secs(10), "refused before spawning anything");
 }
+
+#[test]
+fn the_budget_study_counts_sequences_per_cache_and_times_them() {
+    let dir = std::env::temp_dir().join(format!("latent-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("budget.png");
+    let out = latent(
+        &[
+            "bench",
+            "--model",
+            &fixture("tiny-v2"),
+            "--budget",
+            "2MiB",
+            "--context",
+            "128",
+            "--batch",
+            "1",
+            "--decode-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            "--plot",
+            png.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let caches = v["caches"].as_array().unwrap();
+    let names: Vec<&str> = caches.iter().map(|c| c["cache"].as_str().unwrap()).collect();
+    assert_eq!(names, ["latent f32", "latent int8", "expanded f32"]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("tiny-v2/config.json")).unwrap()).unwrap();
+    let n = |k: &str| config[k].as_u64().unwrap() as usize;
+    let (layers, heads) = (n("num_hidden_layers"), n("num_attention_heads"));
+    let latent = layers * (n("kv_lora_rank") + n("qk_rope_head_dim")) * 4;
+    let expanded = layers * heads * (n("qk_nope_head_dim") + n("qk_rope_head_dim") + n("v_head_dim")) * 4;
+    assert_eq!(caches[0]["bytes_per_token"].as_u64().unwrap() as usize, latent);
+    assert_eq!(caches[2]["bytes_per_token"].as_u64().unwrap() as usize, expanded);
+    for c in caches {
+        // Sequences of 128 tokens (2 pages of 64) in 2 MiB, each timed at 1 and at the most.
+        let per_seq = 128 * c["bytes_per_token"].as_u64().unwrap();
+        assert_eq!(c["max_sequences"].as_u64().unwrap(), (2 << 20) / per_seq);
+        let timed = c["tok_s"].as_object().unwrap();
+        assert!(timed.contains_key(&c["max_sequences"].to_string()));
+        assert!(timed.values().all(|t| t.as_f64().unwrap() > 0.0));
+    }
+    assert!(std::fs::metadata(&png).unwrap().len() > 1000, "the plot is drawn");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::kernels::gemm::{gemm, gemm_bf16, gemm_quant};
 use crate::kernels::kquant::{quantize_q4_k, QK_K};
-use crate::kernels::matvec::{dot_block, matvec, MAX_ROWS, MAX_ROWS_QUANT};
+use crate::kernels::matvec::{dot_block, dot_block_bf16, matvec, MAX_ROWS, MAX_ROWS_QUANT};
 use crate::kernels::quant::{quantize_q8_0, QuantMatrix, QuantizedRows, QK8_0};
 use crate::kernels::Simd;
 use crate::weights::{Quant, Weights};
@@ -180,7 +180,13 @@ impl Linear {
                     let n_in = l.n_in();
                     let w_rows = first * n_in..(first + n) * n_in;
                     with_stored(&l.weight, |w| match w {
-                        Stored::Bf16(w) => dot_block(simd, &input.x, &w[w_rows], t, n_in, out),
+                        Stored::Bf16(w) => {
+                            let done =
+                                input.bf16().is_some_and(|x| dot_block_bf16(x, &w[w_rows.clone()], t, n_in, out));
+                            if !done {
+                                dot_block(simd, &input.x, &w[w_rows], t, n_in, out)
+                            }
+                        }
                         Stored::F32(w) => dot_block(simd, &input.x, &w[w_rows], t, n_in, out),
                     });
                 }
@@ -655,12 +661,22 @@ pub(crate) struct TokenInput {
     quantized: Vec<QuantizedRows>,
     /// The first `used` of `quantized` hold the codes of `x`.
     used: usize,
+    /// `x` in bf16, valid where every value is one (a bf16 model's activations) and the CPU has
+    /// AVX-512 BF16: bf16 weights then multiply it by `vdpbf16ps` ([`dot_block_bf16`]).
+    bf16: Vec<half::bf16>,
+    bf16_valid: bool,
 }
 
 impl TokenInput {
     /// The values, to write before [`TokenInput::requantize`].
     pub(crate) fn x_mut(&mut self) -> &mut Vec<f32> {
+        self.bf16_valid = false;
         &mut self.x
+    }
+
+    /// The values in bf16, if they are all bf16 values and [`TokenInput::requantize`] saw them.
+    fn bf16(&self) -> Option<&[half::bf16]> {
+        self.bf16_valid.then_some(&self.bf16[..])
     }
 
     /// The values.
@@ -671,6 +687,7 @@ impl TokenInput {
     /// Sizes the buffers for `values` values and their codes for each of `groups`, keeping no
     /// values.
     pub(crate) fn reserve(&mut self, values: usize, groups: impl IntoIterator<Item = Option<usize>> + Clone) {
+        self.bf16.reserve(values.saturating_sub(self.bf16.len()));
         if self.x.capacity() >= values && self.used > 0 {
             return;
         }
@@ -682,6 +699,17 @@ impl TokenInput {
 
     /// Quantizes the values for each of `groups` (once per distinct group).
     pub(crate) fn requantize(&mut self, groups: impl IntoIterator<Item = Option<usize>>) {
+        self.bf16_valid = false;
+        if crate::kernels::gemm::has_avx512_bf16() {
+            self.bf16.clear();
+            let mut exact = true;
+            self.bf16.extend(self.x.iter().map(|&v| {
+                let b = half::bf16::from_f32(v);
+                exact &= b.to_f32() == v;
+                b
+            }));
+            self.bf16_valid = exact;
+        }
         self.used = 0;
         for group in groups.into_iter().flatten() {
             if self.quantized[..self.used].iter().any(|q| q.group == group) {
