@@ -368,6 +368,16 @@ pub fn budget_study(
         kinds.push((CacheKind::Expanded(dtype), format!("expanded {dtype:?}").to_lowercase()));
     }
     let depth = context - decode_tokens - 1;
+    let mut smallest = usize::MAX;
+    for (kind, _) in &kinds {
+        smallest = smallest.min(PageLayout::new(cfg, *kind)?.page_bytes());
+    }
+    let per_sequence = context.div_ceil(PAGE_ROWS).saturating_mul(smallest);
+    if budget < per_sequence {
+        return Err(Error::InvalidArgument(format!(
+            "--budget {budget} bytes holds no sequence of {context} tokens in any cache: the smallest takes {per_sequence} bytes"
+        )));
+    }
     let mut rows = Vec::new();
     for (kind, name) in kinds {
         let layout = PageLayout::new(cfg, kind)?;
