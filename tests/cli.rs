@@ -378,3 +378,26 @@ fn the_budget_study_counts_sequences_per_cache_and_times_them() {
     assert!(std::fs::metadata(&png).unwrap().len() > 1000, "the plot is drawn");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_model_path_that_is_not_a_model_says_what_it_is() {
+    let dir = std::env::temp_dir().join(format!("latent-notmodel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let notes = dir.join("notes.txt");
+    std::fs::write(&notes, "hello world").unwrap();
+    let ggml = dir.join("old.gguf");
+    std::fs::write(&ggml, b"GGML\x01\x00\x00\x00").unwrap();
+    for (path, says) in [
+        (notes.to_str().unwrap(), "starts with `hello.wo`"),
+        (ggml.to_str().unwrap(), "not GGUF (it starts with `GGML....`"),
+        ("/dev/null", "neither a folder nor a regular file"),
+        ("/no/such/model", "cannot be read"),
+    ] {
+        let out = latent(&["generate", "--model", path, "--prompt", "hi"], None);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && err.contains(path) && err.contains(says), "{path}: {err}");
+        assert!(err.contains("expected a model folder"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -192,6 +192,28 @@ pub struct Model {
 /// `H x chunk x S` values, not `H x T x S` ([`Model::forward_chunked`] takes the caller's).
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
+/// An error saying what `path` is, when it is neither a folder nor a GGUF file: missing, a
+/// file of another kind (its first bytes shown), or something else (a device, a socket).
+fn not_a_model_folder(path: &Path) -> Result<()> {
+    let expected = "a model folder (config.json, *.safetensors, tokenizer.json) or a GGUF file";
+    let what = match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(m) if m.is_file() => {
+            use std::io::Read;
+            let mut head = [0u8; 8];
+            let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).unwrap_or(0);
+            let shown: String = head[..n].iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '.' }).collect();
+            format!(
+                "is a file of {} bytes that is not GGUF (it starts with `{shown}`, a GGUF file with `GGUF`)",
+                m.len()
+            )
+        }
+        Ok(_) => "is neither a folder nor a regular file".to_string(),
+        Err(e) => format!("cannot be read ({e})"),
+    };
+    Err(Error::InvalidArgument(format!("{}: {what}; expected {expected}", path.display())))
+}
+
 impl Model {
     /// Loads `config.json` and the safetensors in `dir`, computing in `dtype` (the checkpoint's if `None`).
     pub fn load(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<(Model, LoadReport)> {
@@ -224,6 +246,7 @@ impl Model {
             let weights = Weights::open_gguf(file, &config, dtype, device)?;
             (config, weights)
         } else {
+            not_a_model_folder(dir)?;
             let config = Config::from_file(&dir.join("config.json"))?;
             (config.clone(), Weights::open(dir, dtype, device)?.with_fp8_block(config.fp8_block))
         };

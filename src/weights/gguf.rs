@@ -331,6 +331,10 @@ fn parse(bytes: &[u8], path: &Path) -> Result<Parsed> {
         let key = c.string("a metadata key")?;
         let kind = c.u32(&key)?;
         let value = c.value(kind, &key, 0)?;
+        if metadata.contains_key(&key) {
+            // Readers disagree on which copy wins; a file that says two things is refused.
+            return Err(c.err(&format!("metadata key `{key}` appears twice")));
+        }
         metadata.insert(key, value);
     }
     let alignment = match metadata.get("general.alignment") {
@@ -389,7 +393,38 @@ fn parse(bytes: &[u8], path: &Path) -> Result<Parsed> {
                 format!("tensor `{name}` ({len} bytes at offset {offset}) runs past the end of the file"),
             ));
         };
+        if !offset.is_multiple_of(alignment as u64) {
+            return Err(Error::gguf(
+                path,
+                format!("tensor `{name}` starts at offset {offset}, not a multiple of the alignment ({alignment})"),
+            ));
+        }
         tensors.push(TensorInfo { name, dims, ggml_type, start, len });
+    }
+    // No two tensors share a name or a byte: a tensor's data is its own.
+    let mut by_start: Vec<&TensorInfo> = tensors.iter().collect();
+    by_start.sort_by_key(|t| (t.start, t.len));
+    for pair in by_start.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if a.start + a.len > b.start && a.len > 0 && b.len > 0 {
+            return Err(Error::gguf(
+                path,
+                format!(
+                    "the data of tensors `{}` ({} bytes at {}) and `{}` ({} bytes at {}) overlap",
+                    a.name,
+                    a.len,
+                    a.start - data_start,
+                    b.name,
+                    b.len,
+                    b.start - data_start
+                ),
+            ));
+        }
+    }
+    let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::gguf(path, format!("tensor `{}` appears twice", twice[0])));
     }
     Ok((version, metadata, tensors))
 }
@@ -495,5 +530,45 @@ pub(crate) mod tests {
             std::fs::write(&cut, &bytes[..n.min(bytes.len())]).unwrap();
             assert!(GgufFile::open(&cut).is_err(), "a {n}-byte prefix must not parse");
         }
+    }
+
+    /// The byte position of the `n`-th occurrence of `needle` in `hay`.
+    fn find(hay: &[u8], needle: &[u8], n: usize) -> usize {
+        hay.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).nth(n).unwrap().0
+    }
+
+    #[test]
+    fn a_key_or_tensor_given_twice_and_misaligned_or_overlapping_data_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let tensors = [("wa", vec![8], vec![1.0; 8]), ("wb", vec![8], vec![2.0; 8])];
+        let open = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            GgufFile::open(&path).err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        // A duplicate metadata key (last one would win in a lenient reader).
+        let kv = [("general.name", Value::Str("a".into())), ("general.name", Value::Str("b".into()))];
+        write(&path, &kv, &tensors);
+        let err = open(&std::fs::read(&path).unwrap());
+        assert!(err.contains("`general.name` appears twice"), "{err}");
+        // The second tensor's offset (32) pointed at the first's data, or at a misaligned byte.
+        write(&path, &[], &tensors);
+        let good = std::fs::read(&path).unwrap();
+        assert!(GgufFile::open(&path).is_ok());
+        let at = find(&good, b"wb", 0) + 2 + 4 + 8 + 4; // name, n_dims, one dim, type: the offset
+        let mut overlap = good.clone();
+        overlap[at..at + 8].copy_from_slice(&16u64.to_le_bytes());
+        let err = open(&overlap);
+        assert!(err.contains("alignment"), "{err}");
+        let mut overlap = good.clone();
+        overlap[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+        let err = open(&overlap);
+        assert!(err.contains("`wa`") && err.contains("`wb`") && err.contains("overlap"), "{err}");
+        // The same name twice.
+        let mut twice = good.clone();
+        let b = find(&twice, b"wb", 0);
+        twice[b..b + 2].copy_from_slice(b"wa");
+        let err = open(&twice);
+        assert!(err.contains("`wa` appears twice"), "{err}");
     }
 }
