@@ -88,7 +88,7 @@ fn inspect_compares_the_latent_cache_with_mha_and_gqa() {
 #[test]
 fn bad_arguments_fail_with_a_message_not_a_panic() {
     for (args, needle) in [
-        (vec!["generate", "--model", "/no/such/model", "--prompt", "x"], "/no/such/model/config.json"),
+        (vec!["generate", "--model", "/no/such/model", "--prompt", "x"], "/no/such/model: cannot be read"),
         (vec!["generate", "--prompt", "x", "--temperature", "-1"], "`temperature`"),
         (vec!["generate", "--prompt", "x", "--top-p", "0"], "`top_p`"),
         (vec!["perplexity", "--file", "/no/such/file.txt"], "/no/such/file.txt"),

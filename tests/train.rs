@@ -397,6 +397,15 @@ fn bad_run_files_are_clear_errors() {
     assert!(err.to_string().contains("schedule.kind"), "{err}");
     let err = RunFile::parse(preset, p, &["model.n_group=3".into()]).unwrap_err();
     assert!(err.to_string().contains("n_group"), "{err}");
+    // A misspelt model key, in the file or by --set, is refused with the key it likely meant.
+    let err = RunFile::parse(preset, p, &["model.num_hiden_layers=3".into()]).unwrap_err().to_string();
+    assert!(err.contains("model.num_hiden_layers") && err.contains("did you mean `num_hidden_layers`"), "{err}");
+    let typo = preset.replace("[model]\n", "[model]\nkv_lora_ranks = 8\n");
+    assert_ne!(typo, preset, "the preset has a [model] section");
+    let err = RunFile::parse(&typo, p, &[]).unwrap_err().to_string();
+    assert!(err.contains("model.kv_lora_ranks") && err.contains("kv_lora_rank"), "{err}");
+    // Keys of a published config.json that latent does not use are accepted.
+    assert!(RunFile::parse(preset, p, &["model.transformers_version=\"4.46\"".into()]).is_ok());
     let err = RunFile::load("preset:nope", &[]).unwrap_err();
     assert!(err.to_string().contains("nope"), "{err}");
     let err = RunFile::parse(preset, p, &["noequals".into()]).unwrap_err();

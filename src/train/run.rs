@@ -327,6 +327,17 @@ impl RunFile {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, reason: String| Err(Error::config(path, field, reason));
+        // [model] is a config.json: keys latent reads, and those a published DeepSeek config.json
+        // carries that latent has no use for. Anything else is a misspelling, refused as the
+        // other sections refuse theirs.
+        for key in self.model.keys() {
+            if !MODEL_KEYS.contains(&key.as_str()) {
+                let near = MODEL_KEYS.iter().min_by_key(|k| edit_distance(k, key)).copied().unwrap_or_default();
+                let hint =
+                    if edit_distance(near, key) <= 3 { format!(" (did you mean `{near}`?)") } else { String::new() };
+                return bad(&format!("model.{key}"), format!("is not a model config key{hint}"));
+            }
+        }
         let (d, o, s, r) = (&self.data, &self.optim, &self.schedule, &self.run);
         if d.seq_len < 2 {
             return bad("data.seq_len", format!("is {}, expected at least 2", d.seq_len));
@@ -427,4 +438,78 @@ pub fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
     }
     at.insert(last.to_string(), value);
     Ok(())
+}
+
+/// The keys `[model]` may hold: what latent reads from a config.json, and the keys of DeepSeek's
+/// published configs that it has no use for.
+const MODEL_KEYS: &[&str] = &[
+    "architectures",
+    "attention_bias",
+    "attention_dropout",
+    "auto_map",
+    "aux_loss_alpha",
+    "bos_token_id",
+    "dtype",
+    "eos_token_id",
+    "ep_size",
+    "first_k_dense_replace",
+    "head_dim",
+    "hidden_act",
+    "hidden_size",
+    "initializer_range",
+    "intermediate_size",
+    "kv_lora_rank",
+    "max_position_embeddings",
+    "mlp_bias",
+    "model_type",
+    "moe_intermediate_size",
+    "moe_layer_freq",
+    "n_group",
+    "n_routed_experts",
+    "n_shared_experts",
+    "norm_topk_prob",
+    "num_attention_heads",
+    "num_experts_per_tok",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "num_nextn_predict_layers",
+    "pad_token_id",
+    "pretraining_tp",
+    "q_lora_rank",
+    "qk_head_dim",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "quantization_config",
+    "rms_norm_eps",
+    "rope_interleave",
+    "rope_parameters",
+    "rope_scaling",
+    "rope_theta",
+    "routed_scaling_factor",
+    "scoring_func",
+    "seq_aux",
+    "tie_word_embeddings",
+    "topk_group",
+    "topk_method",
+    "torch_dtype",
+    "transformers_version",
+    "use_cache",
+    "v_head_dim",
+    "vocab_size",
+];
+
+/// Levenshtein distance, for suggesting the key a misspelling meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (prev + usize::from(ca != cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
