@@ -300,6 +300,9 @@ impl Tokenizer {
             .as_deref()
             .ok_or_else(|| Error::Template("tokenizer_config.json has no `chat_template`".into()))?;
         let mut env = Environment::new();
+        // A template is code a model folder brings: its work and its output are bounded, so that
+        // loops of loops end in an error within a second, not in minutes or an abort.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, JinjaError> {
             Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
@@ -308,8 +311,46 @@ impl Tokenizer {
         let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
         let bos = self.bos.as_ref().map(|b| b.0.as_str()).unwrap_or("");
         let eos = self.eos_text.as_deref().unwrap_or("");
-        tmpl.render(context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => bos, eos_token => eos })
-            .map_err(|e| Error::Template(e.to_string()))
+        let ctx = context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => bos, eos_token => eos };
+        let mut out = Capped { text: Vec::new(), cap: TEMPLATE_OUTPUT };
+        let rendered = tmpl.render_captured_to(ctx, &mut out).map(drop);
+        match rendered {
+            Ok(_) => String::from_utf8(out.text).map_err(|e| Error::Template(e.to_string())),
+            Err(_) if out.text.len() >= out.cap => Err(Error::Template(format!(
+                "the chat template's output passed {} MiB; a template renders messages, not this much text",
+                TEMPLATE_OUTPUT >> 20
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::Template(format!(
+                "the chat template ran past its budget of {TEMPLATE_FUEL} operations (a loop too long for rendering messages)"
+            ))),
+            Err(e) => Err(Error::Template(e.to_string())),
+        }
+    }
+}
+
+/// Operations a chat template may run per rendering (DeepSeek's takes a few dozen per message).
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Bytes a chat template may write per rendering.
+pub const TEMPLATE_OUTPUT: usize = 64 << 20;
+
+/// A writer that refuses to hold more than `cap` bytes.
+struct Capped {
+    text: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.cap {
+            self.text.extend_from_slice(&buf[..self.cap - self.text.len()]);
+            return Err(std::io::Error::other("the template's output is over its cap"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

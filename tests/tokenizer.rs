@@ -106,3 +106,31 @@ fn a_tokenizer_that_adds_bos_puts_it_first_once() {
     assert_ne!(ids[1], 0);
     assert_eq!(tok.eos_ids(), &[1]);
 }
+
+#[test]
+fn a_hostile_chat_template_fails_within_a_second_with_a_clear_error() {
+    let src = fixtures_dir().join("tokenizer");
+    for (template, says) in [
+        // Loops of loops: 10^8 iterations.
+        ("{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}", "budget"),
+        // Output without end: 10^8 writes of 100 bytes.
+        ("{% for a in range(10000) %}{% for b in range(10000) %}xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx{% endfor %}{% endfor %}", "MiB"),
+        // Output of huge lines, few operations.
+        ("{% for a in range(10000) %}{{ 'x' * 100000 }}{% endfor %}", "MiB"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let config = dir.path().join("tokenizer_config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        v["chat_template"] = template.into();
+        std::fs::write(&config, v.to_string()).unwrap();
+        let tok = Tokenizer::load(dir.path(), None).unwrap();
+        let start = std::time::Instant::now();
+        let messages = [Message { role: "user".into(), content: "hi".into() }];
+        let err = tok.apply_chat_template(&messages, true).unwrap_err().to_string();
+        assert!(err.contains(says), "{template}: {err}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(2), "{template}: took {:?}", start.elapsed());
+    }
+}
