@@ -374,6 +374,24 @@ struct PerplexityArgs {
     /// Print one JSON object: {"tokens":…, "nll":…, "ppl":…}.
     #[arg(long)]
     json: bool,
+    /// Most bytes of --file read (a larger file or an endless source is refused, not read).
+    #[arg(long, value_parser = parse_bytes, default_value = "256MiB")]
+    max_file_bytes: usize,
+}
+
+/// Bytes of input allowed per token of context when reading a prompt or a chat line: far more
+/// than any tokenizer's longest token, so only input that could never fit is refused.
+const INPUT_BYTES_PER_TOKEN: usize = 64;
+
+/// Reads at most `limit` bytes of UTF-8 text from `reader`; more is an error naming `what` and
+/// the limit, raised before the excess is read.
+fn read_bounded(reader: impl Read, limit: usize, what: &str, raise: &str) -> Result<String> {
+    let mut bytes = Vec::new();
+    reader.take(limit as u64 + 1).read_to_end(&mut bytes).with_context(|| format!("reading {what}"))?;
+    if bytes.len() > limit {
+        bail!("{what} is longer than {limit} bytes; {raise}");
+    }
+    String::from_utf8(bytes).with_context(|| format!("{what} is not UTF-8 text"))
 }
 
 fn main() {
@@ -640,19 +658,21 @@ fn report_speed(g: &Generation) {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    let prompt = match args.prompt {
-        Some(p) => p,
-        None => {
-            if std::io::stdin().is_terminal() {
-                bail!("give the prompt with --prompt TEXT or on stdin (e.g. echo TEXT | latent generate)");
-            }
-            let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text).context("reading the prompt from stdin")?;
-            text
-        }
-    };
+    if args.prompt.is_none() && std::io::stdin().is_terminal() {
+        bail!("give the prompt with --prompt TEXT or on stdin (e.g. echo TEXT | latent generate)");
+    }
     let request = request(&args.sampling)?;
     let (model, tokenizer) = load(&args.model)?;
+    let limit = model.config().max_position_embeddings.saturating_mul(INPUT_BYTES_PER_TOKEN);
+    let prompt = match args.prompt {
+        Some(p) => p,
+        None => read_bounded(
+            std::io::stdin(),
+            limit,
+            "the prompt on stdin",
+            &format!("the model's context is {} tokens", model.config().max_position_embeddings),
+        )?,
+    };
     let ids = tokenizer.encode(&prompt)?;
     let mut cache = model.new_cache_of(cache_kind(&args.model, &model)?)?;
     let generation = generate(&model, &tokenizer, &mut cache, &ids, &request, print_piece)?;
@@ -666,12 +686,24 @@ fn run_chat(args: ChatArgs) -> Result<()> {
     let cache = model.new_cache_of(cache_kind(&args.model, &model)?)?;
     let mut session = ChatSession::with_cache(&model, &tokenizer, args.system.as_deref(), cache)?;
     eprintln!("latent: chat; an empty line or end of input quits");
+    let limit = model.config().max_position_embeddings.saturating_mul(INPUT_BYTES_PER_TOKEN);
     let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut input = stdin.lock();
     loop {
         eprint!("> ");
-        let Some(line) = lines.next() else { break };
-        let line = line.context("reading from stdin")?;
+        // One line, read no further than the context could hold.
+        let mut bytes = Vec::new();
+        (&mut input).take(limit as u64 + 1).read_until(b'\n', &mut bytes).context("reading from stdin")?;
+        if bytes.is_empty() {
+            break;
+        }
+        if bytes.len() > limit && !bytes.ends_with(b"\n") {
+            bail!(
+                "a chat line is longer than {limit} bytes; the model's context is {} tokens",
+                model.config().max_position_embeddings
+            );
+        }
+        let line = String::from_utf8(bytes).context("a chat line is not UTF-8 text")?;
         if line.trim().is_empty() {
             break;
         }
@@ -688,7 +720,9 @@ fn run_chat(args: ChatArgs) -> Result<()> {
 }
 
 fn run_perplexity(args: PerplexityArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let file = std::fs::File::open(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let what = args.file.display().to_string();
+    let text = read_bounded(file, args.max_file_bytes, &what, "raise --max-file-bytes to read it")?;
     let (model, tokenizer) = load(&args.model)?;
     let tokens = tokenizer.encode(&text)?;
     let context = args.context.unwrap_or(model.config().max_position_embeddings);

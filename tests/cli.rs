@@ -16,7 +16,8 @@ fn latent(args: &[&str], stdin: Option<&str>) -> Output {
         .spawn()
         .unwrap();
     if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        // A command that refuses its input may close it before reading it all.
+        let _ = child.stdin.take().unwrap().write_all(text.as_bytes());
     }
     child.wait_with_output().unwrap()
 }
@@ -400,4 +401,20 @@ fn a_model_path_that_is_not_a_model_says_what_it_is() {
         assert!(!err.contains("panicked"), "{err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn input_beyond_what_the_context_could_hold_is_refused_before_it_is_read() {
+    // The demo model's context is 1024 tokens: a prompt or a chat line is read up to 64 KiB.
+    let long = "a".repeat(200_000);
+    let out = latent(&["generate", "--max-tokens", "2"], Some(&long));
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("the prompt on stdin is longer than 65536 bytes"), "{err}");
+    let out = latent(&["chat", "--max-tokens", "2"], Some(&format!("In the beginning\n{long}\n")));
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("a chat line is longer than 65536 bytes"), "{err}");
+    // A file past --max-file-bytes (an endless one too) is refused, naming it and the flag.
+    let out = latent(&["perplexity", "--file", "/dev/zero", "--max-file-bytes", "1MiB"], None);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("/dev/zero") && err.contains("--max-file-bytes"), "{err}");
 }
