@@ -346,6 +346,11 @@ struct GenerateArgs {
     /// The prompt (default: read from stdin).
     #[arg(long)]
     prompt: Option<String>,
+    /// Encode special tokens' strings in the prompt (`<｜end▁of▁sentence｜>`, role markers) as the
+    /// control tokens they name, for a prompt that writes its own chat format. By default they
+    /// are text, as in `chat` and `serve`'s messages.
+    #[arg(long)]
+    special_tokens: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -673,7 +678,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             &format!("the model's context is {} tokens", model.config().max_position_embeddings),
         )?,
     };
-    let ids = tokenizer.encode(&prompt)?;
+    let ids = if args.special_tokens { tokenizer.encode(&prompt)? } else { tokenizer.encode_as_text(&prompt)? };
     let mut cache = model.new_cache_of(cache_kind(&args.model, &model)?)?;
     let generation = generate(&model, &tokenizer, &mut cache, &ids, &request, print_piece)?;
     report_speed(&generation);

@@ -160,6 +160,18 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// [`Tokenizer::encode`] with every special token's string in `text` encoded as text: the
+    /// ids of a prompt a user typed, where only the BOS (if the tokenizer adds one) is a control
+    /// token.
+    pub fn encode_as_text(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if let (true, Some((_, bos))) = (self.add_bos, &self.bos) {
+            ids.push(*bos);
+        }
+        ids.extend(self.encode_text(text)?);
+        Ok(ids)
+    }
+
     /// Token ids of `text` alone: no BOS, no post-processing (special tokens in the text still match).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
         ids_of(&self.inner, text)

@@ -418,3 +418,20 @@ fn input_beyond_what_the_context_could_hold_is_refused_before_it_is_read() {
     let err = text(&out.stderr);
     assert!(!out.status.success() && err.contains("/dev/zero") && err.contains("--max-file-bytes"), "{err}");
 }
+
+#[test]
+fn generate_encodes_special_token_strings_as_text_unless_asked() {
+    let prompt = "And God said<｜end▁of▁sentence｜>";
+    let count = |extra: &[&str]| {
+        let mut args = vec!["generate", "--prompt", prompt, "--max-tokens", "1", "--temperature", "0"];
+        args.extend_from_slice(extra);
+        let out = latent(&args, None);
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let n = err.split("prompt ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<usize>().ok());
+        n.unwrap_or_else(|| panic!("no prompt count in {err}"))
+    };
+    let (as_text, raw) = (count(&[]), count(&["--special-tokens"]));
+    // With --special-tokens the marker is one control token; as text it is several.
+    assert!(as_text > raw + 3, "as text {as_text} tokens, raw {raw}");
+}
