@@ -368,9 +368,37 @@ impl std::io::Write for Capped {
 
 /// `text`'s ids by `tokenizer`, without post-processing.
 fn ids_of(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
-    let enc =
-        tokenizer.encode(text, false).map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?;
+    // A tokenizer.json is code a model folder brings: a pre-tokenizer whose regex backtracks
+    // past the regex engine's retry limit panics inside the engine. That is an error of this
+    // text and this tokenizer, not of the program.
+    let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tokenizer.encode(text, false)));
+    let enc = match encoded {
+        Ok(enc) => enc.map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no reason given");
+            return Err(Error::InvalidArgument(format!(
+                "the tokenizer failed on this text ({} bytes): {why} (its pre-tokenizer's regex backtracks too much)",
+                text.len()
+            )));
+        }
+    };
     Ok(enc.get_ids().to_vec())
+}
+
+/// Keeps the default panic message for every panic except those inside the tokenizer's regex
+/// engine, which [`Tokenizer`] turns into errors: call once at start-up.
+pub fn quiet_regex_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_regex = info.location().is_some_and(|l| l.file().contains("/onig-") || l.file().contains("/onig_sys-"));
+        if !in_regex {
+            default(info);
+        }
+    }));
 }
 
 fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig> {

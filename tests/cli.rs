@@ -435,3 +435,27 @@ fn generate_encodes_special_token_strings_as_text_unless_asked() {
     // With --special-tokens the marker is one control token; as text it is several.
     assert!(as_text > raw + 3, "as text {as_text} tokens, raw {raw}");
 }
+
+#[test]
+fn a_tokenizer_regex_that_backtracks_past_its_limit_is_an_error_not_a_panic() {
+    let dir = std::env::temp_dir().join(format!("latent-regex-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixtures_dir().join("tiny-v2");
+    for f in ["config.json", "model.safetensors", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
+    let split =
+        serde_json::json!({"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": false});
+    let old = tok["pre_tokenizer"].take();
+    let chain: Vec<serde_json::Value> = std::iter::once(split).chain((!old.is_null()).then_some(old)).collect();
+    tok["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": chain});
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let prompt = format!("{}b", "a".repeat(5000));
+    let out = latent(&["generate", "--model", dir.to_str().unwrap(), "--max-tokens", "1"], Some(&prompt));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the tokenizer failed on this text") && !err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
