@@ -459,3 +459,53 @@ fn a_tokenizer_regex_that_backtracks_past_its_limit_is_an_error_not_a_panic() {
     assert!(err.contains("the tokenizer failed on this text") && !err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn steps_with_a_non_finite_loss_are_skipped_then_the_run_stops_with_its_checkpoint_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok");
+    let corpus = fixture("ppl.txt");
+    let out = latent(&["tokenizer", "train", &corpus, "--vocab-size", "300", "--out", tok.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run_out = dir.path().join("run");
+    let (train, tokenizer) =
+        (format!("data.train=[{corpus:?}]"), format!("data.tokenizer={:?}", tok.to_str().unwrap()));
+    // A learning rate that throws the weights past f32 after the first step: every step after it
+    // has a non-finite loss; three are skipped, the fourth stops the run.
+    let args = [
+        "train",
+        "preset:tiny-v2",
+        "--set",
+        &train,
+        "--set",
+        &tokenizer,
+        "--set",
+        "data.seq_len=16",
+        "--set",
+        "schedule.steps=10",
+        "--set",
+        "schedule.warmup_steps=0",
+        "--set",
+        "optim.lr=1e38",
+        "--set",
+        "optim.grad_clip=0",
+        "--set",
+        "optim.max_bad_steps=3",
+        "--set",
+        "run.save_every=1",
+        "--out",
+        run_out.to_str().unwrap(),
+    ];
+    let out = latent(&args, None);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && !err.contains("panicked"), "{err}");
+    assert_eq!(err.matches("skipped: its loss or gradient is not finite").count(), 3, "{err}");
+    assert!(err.contains("4 steps in a row had a non-finite loss or gradient"), "{err}");
+    // Skipped steps leave no line in the log, and the checkpoints saved load.
+    let log = std::fs::read_to_string(run_out.join("train_log.jsonl")).unwrap();
+    assert!(log.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{log}");
+    let latest = std::fs::read_to_string(run_out.join("latest")).unwrap();
+    let latest = run_out.join(latest.trim());
+    let inspect = latent(&["inspect", "--model", latest.to_str().unwrap()], None);
+    assert!(inspect.status.success(), "{}", text(&inspect.stderr));
+}

@@ -84,6 +84,9 @@ pub struct OptimSection {
     pub grad_clip: f64,
     /// Micro-batches per optimizer step.
     pub accumulation: usize,
+    /// Steps in a row whose loss or gradient is not finite that are skipped (parameters and
+    /// optimizer state untouched, a warning each) before the run stops.
+    pub max_bad_steps: usize,
 }
 
 impl Default for OptimSection {
@@ -96,6 +99,7 @@ impl Default for OptimSection {
             weight_decay: 0.1,
             grad_clip: 1.0,
             accumulation: 1,
+            max_bad_steps: 5,
         }
     }
 }

@@ -83,6 +83,8 @@ pub struct Trainer {
     valid: Samples,
     order: Order,
     step: usize,
+    /// Steps skipped in a row for a non-finite loss or gradient.
+    bad_steps: usize,
     settings: LossSettings,
     gamma: f64,
     protected_share: f64,
@@ -215,6 +217,7 @@ impl Trainer {
             valid,
             order,
             step,
+            bad_steps: 0,
             settings,
             gamma,
             history,
@@ -267,18 +270,20 @@ impl Trainer {
         });
         let (eval_every, save_every) = (self.run.run.eval_every, self.run.run.save_every);
         while self.step < stop.min(steps) {
-            let mut entry = self.train_step()?;
+            let stepped = self.train_step()?;
             let last = self.step == steps;
-            if last || (eval_every > 0 && self.step.is_multiple_of(eval_every)) {
-                entry.val_loss = self.validate()?;
-            }
-            let line = serde_json::to_string(&entry).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            writeln!(log, "{line}").map_err(|e| Error::io(&log_path, e))?;
-            on_event(Event::Step(&entry));
-            let evaluated = entry.val_loss.is_some();
-            self.history.push(entry);
-            if evaluated {
-                crate::plot::training_plots(&self.history, &self.out)?;
+            if let Some(mut entry) = stepped {
+                if last || (eval_every > 0 && self.step.is_multiple_of(eval_every)) {
+                    entry.val_loss = self.validate()?;
+                }
+                let line = serde_json::to_string(&entry).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                writeln!(log, "{line}").map_err(|e| Error::io(&log_path, e))?;
+                on_event(Event::Step(&entry));
+                let evaluated = entry.val_loss.is_some();
+                self.history.push(entry);
+                if evaluated {
+                    crate::plot::training_plots(&self.history, &self.out)?;
+                }
             }
             if last || (save_every > 0 && self.step.is_multiple_of(save_every)) {
                 let dir = self.save()?;
@@ -288,8 +293,9 @@ impl Trainer {
         Ok(())
     }
 
-    /// One optimizer step over `accumulation` micro-batches.
-    pub fn train_step(&mut self) -> Result<StepLog> {
+    /// One optimizer step over `accumulation` micro-batches; `None` when it was skipped for a
+    /// non-finite loss or gradient (see `optim.max_bad_steps`).
+    pub fn train_step(&mut self) -> Result<Option<StepLog>> {
         let started = Instant::now();
         let (bsz, accum) = (self.run.data.batch_size, self.run.optim.accumulation);
         let lr = self.run.schedule.lr_at(self.run.optim.lr, self.step);
@@ -340,12 +346,31 @@ impl Trainer {
             dropped += losses.dropped;
             assignments += losses.assignments;
         }
-        if sums.iter().chain(mtp_sum.iter()).any(|x| !x.is_finite()) {
-            return Err(Error::InvalidArgument(format!(
-                "the loss is not finite at step {} (lr {lr:.3e}); lower optim.lr or raise schedule.warmup_steps",
-                self.step + 1
-            )));
+        let finite = sums.iter().chain(mtp_sum.iter()).all(|x| x.is_finite())
+            && grads.iter().all(|g| g.iter().all(|v| v.is_finite()));
+        if !finite {
+            // Skipped: the batch is consumed, nothing else changes.
+            self.bad_steps += 1;
+            let most = self.run.optim.max_bad_steps;
+            if self.bad_steps > most {
+                return Err(Error::InvalidArgument(format!(
+                    "stopping at step {}: {} steps in a row had a non-finite loss or gradient (lr {lr:.3e}; \
+                     optim.max_bad_steps is {most}); lower optim.lr or raise schedule.warmup_steps. The last \
+                     checkpoint saved is intact",
+                    self.step + 1,
+                    self.bad_steps
+                )));
+            }
+            eprintln!(
+                "latent: warning: step {} skipped: its loss or gradient is not finite (lr {lr:.3e}); parameters and \
+                 optimizer state unchanged ({} in a row, at most {most})",
+                self.step + 1,
+                self.bad_steps
+            );
+            self.step += 1;
+            return Ok(None);
         }
+        self.bad_steps = 0;
         let grad_norm = clip_grad_norm(&mut grads, self.run.optim.grad_clip);
         let o = &self.run.optim;
         self.opt.step(
@@ -368,7 +393,7 @@ impl Trainer {
         let elapsed = started.elapsed().as_secs_f64();
         let max_vios: Vec<f64> = load.iter().map(|(_, l)| max_vio(l)).collect();
         let prev_elapsed = self.history.last().map_or(0.0, |h| h.elapsed_s);
-        Ok(StepLog {
+        Ok(Some(StepLog {
             step: self.step,
             loss: sums[0],
             lm_loss: sums[1],
@@ -387,7 +412,7 @@ impl Trainer {
             expert_load: load.into_iter().map(|(_, l)| l).collect(),
             dropped_share: if assignments == 0 { 0.0 } else { dropped as f64 / assignments as f64 },
             val_loss: None,
-        })
+        }))
     }
 
     /// Mean language-model loss over the validation samples (`eval_batches` micro-batches at most).
