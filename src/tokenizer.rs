@@ -152,24 +152,22 @@ impl Tokenizer {
 
     /// Token ids of `text` as a model input: BOS first when `add_bos_token` says so.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        if let (true, Some((_, bos))) = (self.add_bos, &self.bos) {
-            ids.push(*bos);
-        }
-        ids.extend(self.encode_plain(text)?);
-        Ok(ids)
+        Ok(self.after_bos(self.encode_plain(text)?))
     }
 
     /// [`Tokenizer::encode`] with every special token's string in `text` encoded as text: the
     /// ids of a prompt a user typed, where only the BOS (if the tokenizer adds one) is a control
     /// token.
     pub fn encode_as_text(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        if let (true, Some((_, bos))) = (self.add_bos, &self.bos) {
-            ids.push(*bos);
+        Ok(self.after_bos(self.encode_text(text)?))
+    }
+
+    /// `ids` after the BOS, if the tokenizer adds one.
+    fn after_bos(&self, ids: Vec<u32>) -> Vec<u32> {
+        match (self.add_bos, &self.bos) {
+            (true, Some((_, bos))) => std::iter::once(*bos).chain(ids).collect(),
+            _ => ids,
         }
-        ids.extend(self.encode_text(text)?);
-        Ok(ids)
     }
 
     /// Token ids of `text` alone: no BOS, no post-processing (special tokens in the text still match).

@@ -190,13 +190,20 @@ fn bench_refuses_depths_beyond_the_context() {
 }
 
 /// `latent tokenizer train`, `latent train` and a checkpoint that `generate` and `perplexity` load.
-#[test]
-fn train_then_generate_from_the_checkpoint() {
+/// A temporary folder holding a byte-level BPE tokenizer of 300 tokens trained on the fixture text
+/// (in `tok/`), the text's path, and the tokenizer's folder.
+fn trained_tokenizer() -> (tempfile::TempDir, String, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let tok = dir.path().join("tok");
     let corpus = fixture("ppl.txt");
     let out = latent(&["tokenizer", "train", &corpus, "--vocab-size", "300", "--out", tok.to_str().unwrap()], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    (dir, corpus, tok)
+}
+
+#[test]
+fn train_then_generate_from_the_checkpoint() {
+    let (dir, corpus, tok) = trained_tokenizer();
     let run_out = dir.path().join("run");
     let args = [
         "train",
@@ -462,11 +469,7 @@ fn a_tokenizer_regex_that_backtracks_past_its_limit_is_an_error_not_a_panic() {
 
 #[test]
 fn steps_with_a_non_finite_loss_are_skipped_then_the_run_stops_with_its_checkpoint_intact() {
-    let dir = tempfile::tempdir().unwrap();
-    let tok = dir.path().join("tok");
-    let corpus = fixture("ppl.txt");
-    let out = latent(&["tokenizer", "train", &corpus, "--vocab-size", "300", "--out", tok.to_str().unwrap()], None);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (dir, corpus, tok) = trained_tokenizer();
     let run_out = dir.path().join("run");
     let (train, tokenizer) =
         (format!("data.train=[{corpus:?}]"), format!("data.tokenizer={:?}", tok.to_str().unwrap()));
