@@ -512,3 +512,73 @@ fn steps_with_a_non_finite_loss_are_skipped_then_the_run_stops_with_its_checkpoi
     let inspect = latent(&["inspect", "--model", latest.to_str().unwrap()], None);
     assert!(inspect.status.success(), "{}", text(&inspect.stderr));
 }
+
+/// A training run killed at arbitrary moments (while saving and pruning checkpoints every step),
+/// and resumed, always leaves only complete checkpoints under checkpoint names, and `latest` names
+/// the newest; each loads.
+#[test]
+fn killed_training_leaves_every_checkpoint_loadable() {
+    let (dir, corpus, tok) = trained_tokenizer();
+    let run_out = dir.path().join("run");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let started = std::time::Instant::now();
+    let mut newest = 0;
+    for round in 0..8 {
+        let resume = latent::train::checkpoint::list(&run_out).is_ok_and(|l| !l.is_empty());
+        let mut args = vec![
+            "train".to_string(),
+            "preset:tiny-v2".into(),
+            "--set".into(),
+            format!("data.train=[{corpus:?}]"),
+            "--set".into(),
+            format!("data.tokenizer={:?}", tok.to_str().unwrap()),
+            "--set".into(),
+            "data.seq_len=16".into(),
+            "--set".into(),
+            "schedule.steps=100000".into(),
+            "--set".into(),
+            "run.save_every=1".into(),
+            "--set".into(),
+            "run.eval_every=0".into(),
+            "--out".into(),
+            run_out.to_str().unwrap().into(),
+        ];
+        if resume {
+            args.push("--resume".into());
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_latent"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = 400 + seed % 1200;
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let _ = child.kill();
+        child.wait().unwrap();
+
+        let found = latent::train::checkpoint::list(&run_out).unwrap_or_default();
+        for (step, ckpt) in &found {
+            for f in latent::train::checkpoint::CHECKPOINT_FILES {
+                assert!(ckpt.join(f).is_file(), "round {round}: checkpoint {step} lacks {f}");
+            }
+            latent::Model::load(ckpt, None, &candle_core::Device::Cpu)
+                .unwrap_or_else(|e| panic!("round {round}: checkpoint {step} does not load: {e}"));
+        }
+        if let Some((step, _)) = found.last() {
+            // `latest` names the newest, or (killed between the rename and the pointer's update) the
+            // one before it; both are complete.
+            let latest = latent::train::checkpoint::latest(&run_out).unwrap();
+            let at = found.iter().position(|(_, d)| *d == latest);
+            assert!(at.is_some_and(|i| i + 2 >= found.len()), "round {round}: latest {latest:?} of {found:?}");
+            assert!(*step >= newest, "round {round}: the newest checkpoint went back from {newest} to {step}");
+            newest = *step;
+        }
+        assert!(started.elapsed().as_secs() < 120, "the kill loop is over its time bound");
+    }
+    assert!(newest > 0, "no checkpoint was written in 8 rounds");
+}

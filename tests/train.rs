@@ -538,3 +538,83 @@ fn saved_config_is_explicit() {
     }
     assert_eq!(json["architectures"][0], "DeepseekV2ForCausalLM");
 }
+
+/// Every folder under a checkpoint's name is complete and loads: weights, config, tokenizer.
+fn assert_checkpoints_load(out: &Path) -> usize {
+    let found = latent::train::checkpoint::list(out).unwrap();
+    for (step, dir) in &found {
+        for f in latent::train::checkpoint::CHECKPOINT_FILES {
+            assert!(dir.join(f).is_file(), "checkpoint {step} lacks {f}");
+        }
+        latent::Model::load(dir, Some(DType::F32), &Device::Cpu).unwrap_or_else(|e| panic!("checkpoint {step}: {e}"));
+        latent::Tokenizer::load(dir, None).unwrap_or_else(|e| panic!("checkpoint {step}: {e}"));
+    }
+    found.len()
+}
+
+/// A resumed run, and a run started with `--init`, write complete checkpoints after the folder they
+/// started from is pruned or deleted: the tokenizer is read when the run starts.
+#[test]
+fn checkpoints_stay_complete_after_their_origin_is_gone() {
+    let s = Scratch::new();
+    train(s.run("tiny-v2", "a", &["schedule.steps=2", "run.save_every=1"]), &TrainOptions::default());
+    // Resuming from checkpoint 2 and saving 3..8 prunes checkpoint 2 (3 are kept).
+    let resumed = s.run("tiny-v2", "a", &["schedule.steps=8", "run.save_every=1"]);
+    train(resumed, &TrainOptions { resume: true, ..Default::default() });
+    let out = s.path("a");
+    assert!(!out.join("checkpoint-000002").exists(), "pruned");
+    assert_eq!(assert_checkpoints_load(&out), 3);
+
+    // --init from a copy that is deleted once the run has started.
+    let init = s.path("init");
+    std::fs::create_dir_all(&init).unwrap();
+    for e in std::fs::read_dir(out.join("checkpoint-000008")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), init.join(e.file_name())).unwrap();
+    }
+    let mut run = s.run("tiny-v2", "b", &["schedule.steps=2", "run.save_every=1"]);
+    run.model = toml::Table::new();
+    let mut t =
+        Trainer::new(run, Path::new("<test>"), &TrainOptions { init: Some(init.clone()), ..Default::default() })
+            .unwrap();
+    std::fs::remove_dir_all(&init).unwrap();
+    t.run(|_| {}).unwrap();
+    assert_eq!(assert_checkpoints_load(&s.path("b")), 2);
+
+    // A run whose tokenizer folder lacks tokenizer.json fails at the start, naming the file.
+    std::fs::remove_file(s.path("tok/tokenizer.json")).unwrap();
+    let err = Trainer::new(s.run("tiny-v2", "c", &["schedule.steps=1"]), Path::new("<test>"), &Default::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+}
+
+/// Pruning orders checkpoints by their parsed step (past step 999,999 the names grow a digit), keeps
+/// the newest, and leaves alone anything not named exactly as latent names a checkpoint.
+#[test]
+fn pruning_keeps_the_newest_by_step_and_ignores_foreign_entries() {
+    use latent::train::checkpoint::{latest, list, parse_checkpoint_name, prune};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    for step in [999_997usize, 999_998, 999_999, 1_000_000, 1_000_001] {
+        std::fs::create_dir_all(out.join(format!("checkpoint-{step:06}"))).unwrap();
+    }
+    std::fs::create_dir_all(out.join("checkpoint-old")).unwrap();
+    std::fs::create_dir_all(out.join("checkpoint-12")).unwrap();
+    std::fs::write(out.join("checkpoint-notes.txt"), "mine").unwrap();
+    std::fs::write(out.join("checkpoint-000005"), "a file, not a checkpoint").unwrap();
+    prune(out, 3, 1_000_001).unwrap();
+    let steps: Vec<usize> = list(out).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, [999_999, 1_000_000, 1_000_001]);
+    for foreign in ["checkpoint-old", "checkpoint-12", "checkpoint-notes.txt", "checkpoint-000005"] {
+        assert!(out.join(foreign).exists(), "{foreign} was touched");
+    }
+    // Without a `latest` pointer, the newest by step.
+    assert!(latest(out).unwrap().ends_with("checkpoint-1000001"));
+    std::fs::write(out.join("latest"), "checkpoint-999999").unwrap();
+    assert!(latest(out).unwrap().ends_with("checkpoint-999999"));
+    for name in ["checkpoint-12", "checkpoint-0000012", "checkpoint-+00012", "checkpoint-", "checkpoint-000012.bak"] {
+        assert_eq!(parse_checkpoint_name(name), None, "{name}");
+    }
+    assert_eq!(parse_checkpoint_name("checkpoint-000012"), Some(12));
+}

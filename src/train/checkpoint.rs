@@ -4,8 +4,9 @@
 //! `latent generate` and transformers load), and for resuming `optimizer.safetensors` (AdamW
 //! moments, and the f32 master weights when the model is saved in bf16), `trainer_state.json` and
 //! the `run.toml` that made it. The folder is filled under a temporary name and renamed when
-//! complete; `latest` names the newest complete one. An interrupted save leaves no folder that
-//! `latest` points to.
+//! complete; `latest` names the newest complete one. Files and folders are flushed to disk
+//! before a checkpoint counts, and pruning renames a checkpoint away before deleting it, so a kill
+//! at any moment leaves only complete checkpoints under checkpoint names.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,35 @@ pub struct TrainerState {
     pub master_weights: bool,
 }
 
+/// The tokenizer files a checkpoint carries, read once when the run starts: a checkpoint is complete
+/// on its own even after the folder the run started from (an `--init` checkpoint, or the one it
+/// resumed from) has been pruned or deleted.
+#[derive(Debug, Clone)]
+pub struct TokenizerFiles {
+    files: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl TokenizerFiles {
+    /// Reads `tokenizer.json` (required) and `tokenizer_config.json` (when present) from `dir`.
+    pub fn read(dir: &Path) -> Result<TokenizerFiles> {
+        let mut files = Vec::new();
+        for (name, required) in [("tokenizer.json", true), ("tokenizer_config.json", false)] {
+            let path = dir.join(name);
+            match std::fs::read(&path) {
+                Ok(bytes) => files.push((name, bytes)),
+                Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        }
+        Ok(TokenizerFiles { files })
+    }
+
+    /// The files' names, in the order written.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.files.iter().map(|(n, _)| *n)
+    }
+}
+
 /// Everything a checkpoint writes.
 pub struct Snapshot<'a> {
     pub cfg: &'a Config,
@@ -40,22 +70,59 @@ pub struct Snapshot<'a> {
     pub master: &'a [Vec<f32>],
     pub opt: &'a AdamW,
     pub state: TrainerState,
-    pub tokenizer_dir: &'a Path,
+    pub tokenizer: &'a TokenizerFiles,
     pub dtype: DType,
 }
 
 /// The name of the pointer file to the newest checkpoint.
 pub const LATEST: &str = "latest";
 
+/// The files every checkpoint holds; a folder without one of them is not a complete checkpoint.
+pub const CHECKPOINT_FILES: [&str; 6] =
+    ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", "run.toml", "tokenizer.json"];
+
+/// The folder name of the checkpoint after `step` optimizer steps.
+pub fn checkpoint_name(step: usize) -> String {
+    format!("checkpoint-{step:06}")
+}
+
+/// The step of a folder named exactly as [`checkpoint_name`] names one; `None` for anything else
+/// (a user's `checkpoint-old`, `checkpoint-12`, `checkpoint-000001.bak`), which latent never touches.
+pub fn parse_checkpoint_name(name: &str) -> Option<usize> {
+    let digits = name.strip_prefix("checkpoint-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let step: usize = digits.parse().ok()?;
+    (checkpoint_name(step) == name).then_some(step)
+}
+
+/// Latent's checkpoints under `out`, by step, oldest first: folders with exactly latent's names.
+pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(out).map_err(|e| Error::io(out, e))? {
+        let entry = entry.map_err(|e| Error::io(out, e))?;
+        let Some(step) = entry.file_name().to_str().and_then(parse_checkpoint_name) else { continue };
+        if entry.file_type().map_err(|e| Error::io(&entry.path(), e))?.is_dir() {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// Writes checkpoint `snap.state.step` into `out` and points `out/latest` at it; keeps the newest
 /// `keep` checkpoints. Returns the checkpoint's folder.
+///
+/// Crash safety: the folder is filled under a hidden temporary name, every file and the folder are
+/// flushed to disk (fsync), and only then is it renamed to its final name and the parent flushed.
+/// A checkpoint that is replaced or pruned is first renamed to a hidden name and then deleted, so a
+/// kill at any point leaves every `checkpoint-N` folder complete, and `latest` naming one of them.
 pub fn save(out: &Path, snap: &Snapshot<'_>, keep: usize) -> Result<PathBuf> {
-    let name = format!("checkpoint-{:06}", snap.state.step);
+    sweep_leftovers(out)?;
+    let name = checkpoint_name(snap.state.step);
     let final_dir = out.join(&name);
     let tmp = out.join(format!(".{name}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
 
     let config = serde_json::to_string_pretty(snap.config_json).map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -79,58 +146,120 @@ pub fn save(out: &Path, snap: &Snapshot<'_>, keep: usize) -> Result<PathBuf> {
     let state = serde_json::to_string_pretty(&state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     write_atomic(&tmp.join("trainer_state.json"), state.as_bytes())?;
     write_atomic(&tmp.join("run.toml"), snap.run_toml.as_bytes())?;
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        let src = snap.tokenizer_dir.join(f);
-        if src.exists() {
-            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            write_atomic(&tmp.join(f), &bytes)?;
+    for (file, bytes) in &snap.tokenizer.files {
+        write_atomic(&tmp.join(file), bytes)?;
+    }
+    for file in CHECKPOINT_FILES {
+        let path = tmp.join(file);
+        if !path.is_file() {
+            return Err(Error::io(
+                &path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "a checkpoint needs this file and it was not written",
+                ),
+            ));
         }
     }
+    sync_dir(&tmp)?;
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        remove_crash_safe(out, &final_dir)?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    sync_dir(out)?;
     write_atomic(&out.join(LATEST), name.as_bytes())?;
-    prune(out, keep)?;
+    prune(out, keep, snap.state.step)?;
     Ok(final_dir)
 }
 
 fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| Error::io(&tmp, std::io::Error::other(e.to_string())))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Removes all but the newest `keep` checkpoints (0 keeps all).
-fn prune(out: &Path, keep: usize) -> Result<()> {
-    if keep == 0 {
-        return Ok(());
+/// Flushes a folder's entries (the names of files created or renamed in it) to disk.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    // Opening a folder read-only and fsyncing it is how POSIX persists its entries; elsewhere the
+    // rename itself is what there is.
+    #[cfg(unix)]
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| Error::io(dir, e))?;
+    Ok(())
+}
+
+/// Renames `dir` (a checkpoint under `out`) to a hidden name, flushes `out`, then deletes it: a
+/// kill in the middle leaves a hidden leftover, never a half-deleted folder under a checkpoint's
+/// name.
+fn remove_crash_safe(out: &Path, dir: &Path) -> Result<()> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let doomed = out.join(format!(".{name}.deleting"));
+    if doomed.exists() {
+        std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
     }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(out)
-        .map_err(|e| Error::io(out, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-")))
-        .collect();
-    found.sort();
-    let n = found.len();
-    for old in found.into_iter().take(n.saturating_sub(keep)) {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    std::fs::rename(dir, &doomed).map_err(|e| Error::io(dir, e))?;
+    sync_dir(out)?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+}
+
+/// Deletes what an interrupted save or prune left: `.checkpoint-N.tmp` and `.checkpoint-N.deleting`
+/// folders (latent's exact names only).
+fn sweep_leftovers(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    for entry in std::fs::read_dir(out).map_err(|e| Error::io(out, e))? {
+        let entry = entry.map_err(|e| Error::io(out, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(inner) = name.strip_prefix('.') else { continue };
+        let Some(ckpt) = inner.strip_suffix(".tmp").or_else(|| inner.strip_suffix(".deleting")) else { continue };
+        if parse_checkpoint_name(ckpt).is_some() && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(entry.path()).map_err(|e| Error::io(&entry.path(), e))?;
+        }
     }
     Ok(())
 }
 
-/// The newest complete checkpoint under `out`.
+/// Removes all but the newest `keep` checkpoints by step (0 keeps all), never `current` (the one
+/// just saved, which `latest` names) and never anything but latent's own checkpoint names.
+pub fn prune(out: &Path, keep: usize, current: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let found = list(out)?;
+    let n = found.len();
+    for (step, old) in found.into_iter().take(n.saturating_sub(keep)) {
+        if step != current {
+            remove_crash_safe(out, &old)?;
+        }
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint under `out`: the one `out/latest` names, or, when that pointer
+/// is missing or names no folder, the checkpoint with the highest step.
 pub fn latest(out: &Path) -> Result<PathBuf> {
     let pointer = out.join(LATEST);
-    let name = std::fs::read_to_string(&pointer).map_err(|e| Error::io(&pointer, e))?;
-    let dir = out.join(name.trim());
-    if !dir.is_dir() {
+    if let Ok(name) = std::fs::read_to_string(&pointer) {
+        let name = name.trim();
+        if parse_checkpoint_name(name).is_some() && out.join(name).is_dir() {
+            return Ok(out.join(name));
+        }
+    }
+    if !out.is_dir() {
         return Err(Error::io(
-            &pointer,
-            std::io::Error::new(std::io::ErrorKind::NotFound, format!("names {}, which does not exist", dir.display())),
+            out,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such run folder (nothing to resume)"),
         ));
     }
-    Ok(dir)
+    match list(out)?.pop() {
+        Some((_, dir)) => Ok(dir),
+        None => Err(Error::io(
+            &pointer,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the run folder holds no checkpoint (no `latest`, no checkpoint-NNNNNN folder)",
+            ),
+        )),
+    }
 }
 
 /// What resuming reads back.

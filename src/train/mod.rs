@@ -21,7 +21,8 @@ pub use run::RunFile;
 pub use trainer::{StepLog, TrainOptions, Trainer};
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a reader
-/// (or a crash) sees the old file or the new one, never half of one.
+/// (or a crash) sees the old file or the new one, never half of one; the file and the folder's entry
+/// are flushed to disk before it returns.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -29,5 +30,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
     f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    checkpoint::sync_dir(dir)
 }

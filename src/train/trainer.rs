@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use crate::train::balance::{max_vio, update_bias, BalanceWeights};
-use crate::train::checkpoint::{self, Snapshot, TrainerState};
+use crate::train::checkpoint::{self, Snapshot, TokenizerFiles, TrainerState};
 use crate::train::data::{is_protected, sft_examples, tokenize_files, Order, Samples};
 use crate::train::loss::{batch_losses, Batch, LossSettings};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWStep};
@@ -78,7 +78,8 @@ pub struct Trainer {
     master: Vec<Vec<f32>>,
     decay: Vec<f64>,
     opt: AdamW,
-    tokenizer_dir: PathBuf,
+    /// The tokenizer files every checkpoint carries, read when the run starts.
+    tokenizer_files: TokenizerFiles,
     train: Samples,
     valid: Samples,
     order: Order,
@@ -117,6 +118,7 @@ impl Trainer {
             }
         };
         let tokenizer = Tokenizer::load(&tokenizer_dir, Some(&cfg))?;
+        let tokenizer_files = TokenizerFiles::read(&tokenizer_dir)?;
         if tokenizer.vocab_size() > cfg.vocab_size {
             return Err(Error::config(
                 run_path,
@@ -212,7 +214,7 @@ impl Trainer {
             master,
             decay,
             opt,
-            tokenizer_dir,
+            tokenizer_files,
             train,
             valid,
             order,
@@ -469,7 +471,7 @@ impl Trainer {
             master: &self.master,
             opt: &self.opt,
             state: TrainerState { step: self.step, adam_t: self.opt.t, seed: self.run.run.seed, master_weights: false },
-            tokenizer_dir: &self.tokenizer_dir,
+            tokenizer: &self.tokenizer_files,
             dtype,
         };
         checkpoint::save(&self.out, &snap, 3)
