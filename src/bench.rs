@@ -124,6 +124,17 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
     }
     let repeats = config.repeats.max(1);
     let kind = config.cache_kind.unwrap_or(model.cache_kind());
+    if let Some(&most) = config.batch_sizes.iter().max() {
+        let layout = crate::cache::PageLayout::new(cfg, kind)?;
+        let pages = (config.batch_depth + config.decode_tokens + 1).div_ceil(crate::cache::PAGE_ROWS);
+        let need = most as f64 * pages as f64 * layout.page_bytes() as f64;
+        crate::resources::check_fits(
+            &format!("--batch {most}"),
+            need,
+            &format!("the caches of {most} sequences"),
+            "give a smaller --batch",
+        )?;
+    }
     let prompt = random_tokens(config.prompt_len, cfg.vocab_size, 0x5eed);
     let prefill = median((0..repeats).map(|_| time_prefill(model, kind, &prompt)).collect::<Result<Vec<_>>>()?);
 
@@ -378,6 +389,13 @@ pub fn budget_study(
             "--budget {budget} bytes holds no sequence of {context} tokens in any cache: the smallest takes {per_sequence} bytes"
         )));
     }
+    // Each cache kind fills the budget in turn.
+    crate::resources::check_fits(
+        &format!("--budget {}", crate::inspect::bytes(budget)),
+        budget as f64,
+        "the study",
+        "give a smaller --budget",
+    )?;
     let mut rows = Vec::new();
     for (kind, name) in kinds {
         let layout = PageLayout::new(cfg, kind)?;

@@ -39,4 +39,5 @@ pub mod tokenizer;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;
 pub mod plot;
+pub mod resources;
 pub mod train;

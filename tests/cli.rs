@@ -582,3 +582,40 @@ fn killed_training_leaves_every_checkpoint_loadable() {
     }
     assert!(newest > 0, "no checkpoint was written in 8 rounds");
 }
+
+/// Counts that cannot fit this machine's memory are refused at once with the setting named, not
+/// by the kernel's out-of-memory killer.
+#[test]
+fn counts_beyond_memory_are_refused_naming_the_flag() {
+    let model = fixture("tiny-v2");
+    for (args, flag) in [
+        (
+            vec![
+                "bench",
+                "--model",
+                &model,
+                "--batch",
+                "100000000",
+                "--prompt-len",
+                "8",
+                "--depths",
+                "0",
+                "--decode-tokens",
+                "2",
+            ],
+            "--batch",
+        ),
+        (
+            vec!["bench", "--model", &model, "--budget", "1000000GiB", "--context", "64", "--decode-tokens", "2"],
+            "--budget",
+        ),
+        (vec!["serve", "--model", &model, "--kv-memory", "1000000GiB", "--port", "0"], "--kv-memory"),
+    ] {
+        let started = std::time::Instant::now();
+        let out = latent(&args, None);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(flag) && err.contains("available"), "{args:?}: {err}");
+        assert!(started.elapsed().as_secs() < 20, "{args:?} took {:?}", started.elapsed());
+    }
+}

@@ -618,3 +618,41 @@ fn pruning_keeps_the_newest_by_step_and_ignores_foreign_entries() {
     }
     assert_eq!(parse_checkpoint_name("checkpoint-000012"), Some(12));
 }
+
+/// The memory estimate tracks measured peaks of this trainer (resident set of `latent train`, this
+/// machine): v2-lite-6m at 8 x 256 tokens 0.96 GB, 32 x 256 3.26 GB, 4 x 1024 3.06 GB; tiny-v2 at
+/// 64 x 256 1.51 GB (each with about 0.2 GB of process, data and tokenizer besides).
+#[test]
+fn training_memory_estimate_tracks_measured_peaks() {
+    let p = Path::new("<test>");
+    for (preset, batch, seq, measured_gb) in [
+        ("v2-lite-6m", 8, 256, 0.96),
+        ("v2-lite-6m", 32, 256, 3.26),
+        ("v2-lite-6m", 4, 1024, 3.06),
+        ("tiny-v2", 64, 256, 1.51),
+    ] {
+        let (run, _) = RunFile::load(&format!("preset:{preset}"), &[]).unwrap();
+        let est = latent::train::trainer::estimate_memory(&run.config(p).unwrap(), seq);
+        let gb = (est.total((batch * seq) as f64) + 0.2e9) / 1e9;
+        assert!(
+            (0.75..1.25).contains(&(gb / measured_gb)),
+            "{preset} {batch}x{seq}: estimated {gb:.2} GB, measured {measured_gb} GB"
+        );
+    }
+}
+
+/// A batch that cannot fit this machine's memory is refused before anything is allocated, naming
+/// the key and what would fit.
+#[test]
+fn a_batch_beyond_memory_is_refused_naming_the_key() {
+    let s = Scratch::new();
+    let run = s.run("tiny-v2", "huge", &["data.batch_size=1000000000000", "schedule.steps=1"]);
+    let started = std::time::Instant::now();
+    let err = Trainer::new(run, Path::new("<test>"), &TrainOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("data.batch_size") && err.contains("available") && err.contains("at most"), "{err}");
+    assert!(started.elapsed().as_secs() < 10);
+    // A model too large for the machine names the model.
+    let run = s.run("tiny-v2", "huge", &["model.vocab_size=4000000000", "model.hidden_size=8192", "schedule.steps=1"]);
+    let err = Trainer::new(run, Path::new("<test>"), &TrainOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("model") && err.contains("available"), "{err}");
+}

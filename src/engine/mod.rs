@@ -206,6 +206,14 @@ impl Engine {
                 layout.page_bytes()
             )));
         }
+        // Pages are taken as sequences grow, so a budget beyond the machine would end in the
+        // out-of-memory killer under load, not here.
+        crate::resources::check_fits(
+            &format!("--kv-memory {}", crate::inspect::bytes(config.kv_memory)),
+            config.kv_memory as f64,
+            "the latent cache budget",
+            "give a smaller --kv-memory",
+        )?;
         let limits = Limits {
             max_seqs: config.max_seqs.max(1),
             max_batch_tokens: config.max_batch_tokens.max(1),
