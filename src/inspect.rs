@@ -19,35 +19,60 @@ pub struct ParamCounts {
     pub embedding: usize,
 }
 
-/// Counts the parameters `cfg` implies (router correction bias included for `noaux_tc`).
+/// Counts the parameters `cfg` implies (router correction bias included for `noaux_tc`). A count
+/// past `usize::MAX` (possible only for configs at the validator's extreme bounds) saturates; the
+/// report uses [`try_param_counts`] and says so.
 pub fn param_counts(cfg: &Config) -> ParamCounts {
-    let (h, v, heads) = (cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads);
-    let (d_n, d_r, d_v, d_c) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
-    let bias = usize::from(cfg.attention_bias);
-    let q = match cfg.q_lora_rank {
-        Some(r) => h * r + bias * r + r + r * heads * (d_n + d_r),
-        None => h * heads * (d_n + d_r),
+    try_param_counts(cfg).unwrap_or(ParamCounts { total: usize::MAX, active: usize::MAX, embedding: usize::MAX })
+}
+
+/// [`param_counts`] in checked arithmetic: `None` when a count does not fit a `usize`.
+pub fn try_param_counts(cfg: &Config) -> Option<ParamCounts> {
+    // u128 with checked operations: no product of the config's bounded sizes can wrap silently.
+    let n = |x: usize| x as u128;
+    let mul = |xs: &[u128]| xs.iter().try_fold(1u128, |acc, &x| acc.checked_mul(x));
+    let sum = |xs: &[u128]| xs.iter().try_fold(0u128, |acc, &x| acc.checked_add(x));
+    let (h, v, heads) = (n(cfg.hidden_size), n(cfg.vocab_size), n(cfg.num_attention_heads));
+    let (d_n, d_r, d_v, d_c) =
+        (n(cfg.qk_nope_head_dim), n(cfg.qk_rope_head_dim), n(cfg.v_head_dim), n(cfg.kv_lora_rank));
+    let bias = u128::from(cfg.attention_bias);
+    let q = match cfg.q_lora_rank.map(n) {
+        Some(r) => sum(&[mul(&[h, r])?, bias * r, r, mul(&[r, heads, d_n + d_r])?])?,
+        None => mul(&[h, heads, d_n + d_r])?,
     };
-    let attn = q + h * (d_c + d_r) + bias * (d_c + d_r) + d_c + d_c * heads * (d_n + d_v) + heads * d_v * h + bias * h;
-    let embedding = v * h;
-    let head = if cfg.tie_word_embeddings { 0 } else { v * h };
-    let (mut total, mut active) = (embedding + head + h, head + h);
-    for i in 0..cfg.num_hidden_layers {
-        let common = attn + 2 * h;
-        let (all, used) = match &cfg.moe {
-            Some(m) if cfg.is_moe_layer(i) => {
-                let expert = 3 * h * m.moe_intermediate_size;
-                let router =
-                    m.n_routed_experts * h + if m.topk_method == TopkMethod::NoauxTc { m.n_routed_experts } else { 0 };
-                let shared = expert * m.n_shared_experts + router;
-                (expert * m.n_routed_experts + shared, expert * m.num_experts_per_tok + shared)
-            }
-            _ => (3 * h * cfg.intermediate_size, 3 * h * cfg.intermediate_size),
-        };
-        total += common + all;
-        active += common + used;
+    let attn = sum(&[
+        q,
+        mul(&[h, d_c + d_r])?,
+        bias * (d_c + d_r),
+        d_c,
+        mul(&[d_c, heads, d_n + d_v])?,
+        mul(&[heads, d_v, h])?,
+        bias * h,
+    ])?;
+    let embedding = mul(&[v, h])?;
+    let head = if cfg.tie_word_embeddings { 0 } else { embedding };
+    let (mut total, mut active) = (sum(&[embedding, head, h])?, sum(&[head, h])?);
+    let common = sum(&[attn, 2 * h])?;
+    let dense = mul(&[3, h, n(cfg.intermediate_size)])?;
+    let (n_moe, n_dense) = {
+        let moe = (0..cfg.num_hidden_layers).filter(|&i| cfg.is_moe_layer(i)).count();
+        (n(moe), n(cfg.num_hidden_layers - moe))
+    };
+    let (mut all, mut used) = (mul(&[n_dense, sum(&[common, dense])?])?, mul(&[n_dense, sum(&[common, dense])?])?);
+    if let Some(m) = &cfg.moe {
+        let expert = mul(&[3, h, n(m.moe_intermediate_size)])?;
+        let router =
+            sum(&[mul(&[n(m.n_routed_experts), h])?, if m.topk_method == TopkMethod::NoauxTc { n(m.n_routed_experts) } else { 0 }])?;
+        let shared = sum(&[mul(&[expert, n(m.n_shared_experts)])?, router])?;
+        let layer_all = sum(&[common, mul(&[expert, n(m.n_routed_experts)])?, shared])?;
+        let layer_used = sum(&[common, mul(&[expert, n(m.num_experts_per_tok)])?, shared])?;
+        all = sum(&[all, mul(&[n_moe, layer_all])?])?;
+        used = sum(&[used, mul(&[n_moe, layer_used])?])?;
     }
-    ParamCounts { total, active, embedding }
+    total = sum(&[total, all])?;
+    active = sum(&[active, used])?;
+    let fit = |x: u128| usize::try_from(x).ok();
+    Some(ParamCounts { total: fit(total)?, active: fit(active)?, embedding: fit(embedding)? })
 }
 
 /// KV-cache values per token (all layers) of MLA and the attentions it is compared with.
@@ -68,12 +93,14 @@ pub struct KvFootprint {
 pub fn kv_footprint(cfg: &Config) -> KvFootprint {
     let (l, heads, d_h) = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.qk_nope_head_dim);
     let gqa_groups = heads.min(8);
+    // Saturating: the config's bounds keep these below 2^63, and a wrap must never pass silently.
+    let mul = |xs: &[usize]| xs.iter().fold(1usize, |acc, &x| acc.saturating_mul(x));
     KvFootprint {
-        mla: cfg.latent_dim() * l,
-        mha: 2 * heads * d_h * l,
-        gqa: 2 * gqa_groups * d_h * l,
+        mla: mul(&[cfg.latent_dim(), l]),
+        mha: mul(&[2, heads, d_h, l]),
+        gqa: mul(&[2, gqa_groups, d_h, l]),
         gqa_groups,
-        expanded: heads * (cfg.qk_head_dim() + cfg.v_head_dim) * l,
+        expanded: mul(&[heads, cfg.qk_head_dim() + cfg.v_head_dim, l]),
     }
 }
 
@@ -143,15 +170,20 @@ impl fmt::Display for Report<'_> {
                 m.norm_topk_prob
             )?;
         }
-        let p = param_counts(c);
-        writeln!(
-            f,
-            "parameters  total {}, active per token {} ({:.1}%; the input embedding, {}, is a lookup)",
-            human(p.total),
-            human(p.active),
-            100.0 * p.active as f64 / p.total as f64,
-            human(p.embedding)
-        )?;
+        match try_param_counts(c) {
+            Some(p) => writeln!(
+                f,
+                "parameters  total {}, active per token {} ({:.1}%; the input embedding, {}, is a lookup)",
+                human(p.total),
+                human(p.active),
+                100.0 * p.active as f64 / p.total as f64,
+                human(p.embedding)
+            )?,
+            None => writeln!(
+                f,
+                "parameters  more than 2^64 (1.8e19): too many to count in this machine's word size, and to load anywhere"
+            )?,
+        }
         match self.weights {
             Some((size, files)) => writeln!(f, "weights     {} in {files} file(s)", bytes(size))?,
             None => writeln!(f, "weights     none in this folder (config only)")?,
@@ -167,18 +199,19 @@ impl fmt::Display for Report<'_> {
         ];
         for (name, values) in rows {
             let ratio = values as f64 / kv.mla as f64;
-            writeln!(f, "  {name:<38} {values:>9} values {:>11}  {ratio:>6.2}x MLA", bytes(values * b))?;
+            let size = bytes_f64(values as f64 * b as f64);
+            writeln!(f, "  {name:<38} {values:>9} values {size:>11}  {ratio:>6.2}x MLA")?;
         }
         // `--kv-cache int8`: codes plus a 4-byte scale per 128 latents and one for the RoPE part.
         if let Some(rows) = crate::kernels::latent_int8::Int8Rows::new(c.kv_lora_rank, c.qk_rope_head_dim) {
-            let int8 = rows.bytes_per_row() * c.num_hidden_layers;
+            let int8 = rows.bytes_per_row() as f64 * c.num_hidden_layers as f64;
             writeln!(
                 f,
                 "  {:<38} {:>9} codes  {:>11}  {:>6.2}x MLA in {}",
                 "MLA latent, --kv-cache int8",
                 kv.mla,
-                bytes(int8),
-                int8 as f64 / (kv.mla * b) as f64,
+                bytes_f64(int8),
+                int8 / (kv.mla as f64 * b as f64),
                 self.dtype_name
             )?;
         }
@@ -199,11 +232,18 @@ pub fn human(n: usize) -> String {
 
 /// Bytes in binary units.
 pub fn bytes(n: usize) -> String {
-    let x = n as f64;
-    match n {
+    bytes_f64(n as f64)
+}
+
+/// [`bytes`] for sizes computed in floating point (past `usize` too).
+pub fn bytes_f64(x: f64) -> String {
+    if x >= (1u64 << 50) as f64 {
+        return crate::resources::human_bytes(x);
+    }
+    match x {
         _ if x >= (1u64 << 30) as f64 => format!("{:.2} GiB", x / (1u64 << 30) as f64),
         _ if x >= (1u64 << 20) as f64 => format!("{:.2} MiB", x / (1u64 << 20) as f64),
         _ if x >= 1024.0 => format!("{:.1} KiB", x / 1024.0),
-        _ => format!("{n} B"),
+        _ => format!("{x} B"),
     }
 }

@@ -140,11 +140,20 @@ fn headers_with_overlapping_or_out_of_range_offsets_are_refused() {
     let overlapping = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
     let past_end = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
     let wrong_size = r#"{"a":{"dtype":"F32","shape":[1000000000000],"data_offsets":[0,8]}}"#;
-    for (header, data) in [(overlapping, 12), (past_end, 8), (wrong_size, 8)] {
+    let bad_dtype = r#"{"a":{"dtype":"Q9","shape":[2],"data_offsets":[0,8]}}"#;
+    let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+    for (header, data, names) in [
+        (overlapping, 12, &["`b`", "overlaps", "`a`"][..]),
+        (past_end, 8, &["`a`", "[0, 16]", "8 bytes"][..]),
+        (wrong_size, 8, &["`a`", "[1000000000000]", "4000000000000 bytes", "span 8 bytes"][..]),
+        (bad_dtype, 8, &["`a`", "Q9"][..]),
+        (gap, 12, &["`b`", "belong to no tensor"][..]),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("model.safetensors"), raw_safetensors(header, data)).unwrap();
         let err = Weights::open(dir.path(), None, &Device::Cpu).err().expect("should fail").to_string();
         assert_mentions(&err, &["model.safetensors", "not a valid safetensors file"]);
+        assert_mentions(&err, names);
     }
 }
 

@@ -71,3 +71,52 @@ fn yarn_changes_the_softmax_scale_by_mscale_squared() {
     .unwrap();
     assert!((plain.softmax_scale() - 1.0 / 24f64.sqrt()).abs() < 1e-12);
 }
+
+/// Sizes at the validator's extreme bounds: the counts are computed in checked arithmetic, and a
+/// count past the word size is reported as such, not wrapped into a small wrong number.
+#[test]
+fn extreme_sizes_are_counted_without_overflow() {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("tiny-v2/config.json")).unwrap()).unwrap();
+    let big = latent::config::MAX_SIZE;
+    for key in [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "kv_lora_rank",
+        "q_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "moe_intermediate_size",
+        "n_routed_experts",
+        "n_shared_experts",
+    ] {
+        json[key] = big.into();
+    }
+    json["vocab_size"] = latent::config::MAX_LENGTH.into();
+    json["n_group"] = 1.into();
+    json["topk_group"] = 1.into();
+    let config = Config::from_json(&json.to_string(), Path::new("<test>")).unwrap();
+    assert_eq!(latent::inspect::try_param_counts(&config), None);
+    assert_eq!(param_counts(&config).total, usize::MAX, "saturates");
+    let report = latent::inspect::Report {
+        config: &config,
+        source: "<test>".into(),
+        weights: None,
+        dtype_bytes: 4,
+        dtype_name: "F32".into(),
+    }
+    .to_string();
+    assert!(report.contains("more than 2^64"), "{report}");
+    assert!(report.contains("EiB"), "{report}");
+    // A large config that fits is counted exactly: the embedding alone is vocab x hidden.
+    json["num_hidden_layers"] = 2.into();
+    json["n_routed_experts"] = 4.into();
+    json["n_shared_experts"] = 1.into();
+    json["hidden_size"] = 4096.into();
+    let config = Config::from_json(&json.to_string(), Path::new("<test>")).unwrap();
+    let p = latent::inspect::try_param_counts(&config).unwrap();
+    assert_eq!(p.embedding, latent::config::MAX_LENGTH * 4096);
+}

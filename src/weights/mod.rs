@@ -554,6 +554,7 @@ fn map_shard(path: &Path) -> Result<(Shard, Vec<(String, Entry)>)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the mapping is read-only; a checkpoint changed on disk while loaded is outside our contract.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    check_safetensors_header(path, &mmap)?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
         .map_err(|e| Error::safetensors(path, format!("not a valid safetensors file: {e}")))?;
     let tensors = metadata
@@ -566,6 +567,102 @@ fn map_shard(path: &Path) -> Result<(Shard, Vec<(String, Entry)>)> {
         })
         .collect();
     Ok((Shard { path: path.to_path_buf(), mmap, data_start: 8 + header_len }, tensors))
+}
+
+/// Largest safetensors header read (the format's own limit is 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Checks a safetensors header tensor by tensor before the format's reader sees it, so that a size
+/// or offset error names the tensor at fault and says what was expected: each tensor's
+/// `data_offsets` must span exactly its shape's elements times its dtype's size, lie inside the
+/// data, and the tensors must tile the data without overlap or gap.
+fn check_safetensors_header(path: &Path, bytes: &[u8]) -> Result<()> {
+    let bad = |reason: String| Err(Error::safetensors(path, format!("not a valid safetensors file: {reason}")));
+    if bytes.len() < 8 {
+        return bad(format!("{} bytes, shorter than the 8-byte header length", bytes.len()));
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[..8]);
+    let header_len = u64::from_le_bytes(len);
+    let data_len = (bytes.len() as u64 - 8).checked_sub(header_len);
+    let Some(data_len) = data_len.filter(|_| header_len <= MAX_HEADER) else {
+        return bad(format!(
+            "the header length field says {header_len} bytes, but the file holds {} after it (and a header may \
+             take at most {MAX_HEADER})",
+            bytes.len() - 8
+        ));
+    };
+    let header = &bytes[8..8 + header_len as usize];
+    let Ok(header) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(header) else {
+        return bad("the header is not a JSON object".into());
+    };
+    let mut spans = Vec::new();
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let tensor = |reason: String| bad(format!("tensor `{name}`: {reason}"));
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let Some(size) = safetensors_dtype_bytes(dtype) else {
+            return tensor(format!("dtype `{dtype}` is not one latent reads (expected BF16, F16, F32 or F8_E4M3)"));
+        };
+        let shape: Option<Vec<u64>> =
+            info.get("shape").and_then(|s| s.as_array()).and_then(|s| s.iter().map(|d| d.as_u64()).collect());
+        let Some(shape) = shape else {
+            return tensor(format!("shape {} is not a list of sizes", info.get("shape").unwrap_or(&serde_json::Value::Null)));
+        };
+        let offsets: Option<Vec<u64>> =
+            info.get("data_offsets").and_then(|s| s.as_array()).and_then(|s| s.iter().map(|d| d.as_u64()).collect());
+        let Some([begin, end]) = offsets.as_deref().map(|o| <[u64; 2]>::try_from(o).ok()).flatten() else {
+            return tensor("`data_offsets` is not a pair [begin, end] of byte offsets".into());
+        };
+        let expected = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
+        let Some(expected) = expected else {
+            return tensor(format!("shape {shape:?} of {dtype} has more bytes than 2^64"));
+        };
+        if end < begin || end - begin != expected {
+            return tensor(format!(
+                "shape {shape:?} of {dtype} takes {expected} bytes, but its data_offsets [{begin}, {end}] span {}",
+                if end < begin { "a negative range".to_string() } else { format!("{} bytes", end - begin) }
+            ));
+        }
+        if end > data_len {
+            return tensor(format!(
+                "data_offsets [{begin}, {end}] end past the file's {data_len} bytes of tensor data (truncated file?)"
+            ));
+        }
+        spans.push((begin, end, name));
+    }
+    spans.sort();
+    let mut at = 0u64;
+    let mut previous: Option<&String> = None;
+    for (begin, end, name) in spans {
+        if begin < at {
+            let other = previous.map(String::as_str).unwrap_or("?");
+            return bad(format!("tensor `{name}` (bytes {begin}..{end}) overlaps tensor `{other}` (ending at byte {at})"));
+        }
+        if begin > at && end > begin {
+            return bad(format!("{} bytes before tensor `{name}` (from byte {at} to {begin}) belong to no tensor", begin - at));
+        }
+        at = at.max(end);
+        previous = Some(name);
+    }
+    if at != data_len {
+        return bad(format!("the tensors cover {at} bytes of data, but the file holds {data_len} after the header"));
+    }
+    Ok(())
+}
+
+/// Bytes per element of a safetensors dtype name; `None` for the sub-byte types (latent reads none
+/// of them) and for names that are no dtype.
+fn safetensors_dtype_bytes(name: &str) -> Option<u64> {
+    Some(match name {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
+        "I16" | "U16" | "F16" | "BF16" => 2,
+        "I32" | "U32" | "F32" => 4,
+        "I64" | "U64" | "F64" => 8,
+        _ => return None,
+    })
 }
 
 fn check_index_agrees(
