@@ -61,8 +61,10 @@ pub fn try_param_counts(cfg: &Config) -> Option<ParamCounts> {
     let (mut all, mut used) = (mul(&[n_dense, sum(&[common, dense])?])?, mul(&[n_dense, sum(&[common, dense])?])?);
     if let Some(m) = &cfg.moe {
         let expert = mul(&[3, h, n(m.moe_intermediate_size)])?;
-        let router =
-            sum(&[mul(&[n(m.n_routed_experts), h])?, if m.topk_method == TopkMethod::NoauxTc { n(m.n_routed_experts) } else { 0 }])?;
+        let router = sum(&[
+            mul(&[n(m.n_routed_experts), h])?,
+            if m.topk_method == TopkMethod::NoauxTc { n(m.n_routed_experts) } else { 0 },
+        ])?;
         let shared = sum(&[mul(&[expert, n(m.n_shared_experts)])?, router])?;
         let layer_all = sum(&[common, mul(&[expert, n(m.n_routed_experts)])?, shared])?;
         let layer_used = sum(&[common, mul(&[expert, n(m.num_experts_per_tok)])?, shared])?;

@@ -38,6 +38,7 @@ pub mod tokenizer;
 
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;
+pub mod bounded;
 pub mod plot;
 pub mod resources;
 pub mod train;

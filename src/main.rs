@@ -18,6 +18,10 @@ use latent::perplexity::perplexity_with;
 use latent::weights::Weights;
 use latent::{Config, Model, SamplingParams, Tokenizer};
 
+/// Chat templates and tokenizers run under a memory bound (see `latent::bounded`).
+#[global_allocator]
+static ALLOC: latent::bounded::BoundedAlloc = latent::bounded::BoundedAlloc;
+
 mod default_model;
 
 #[derive(Parser)]

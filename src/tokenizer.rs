@@ -4,6 +4,9 @@
 
 use std::fs;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde::{Deserialize, Serialize};
@@ -66,14 +69,17 @@ struct TokenizerConfig {
 
 /// A model's tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Arc<tokenizers::Tokenizer>,
     /// The same tokenizer reading special-token strings as text (user content).
-    text_only: tokenizers::Tokenizer,
+    text_only: Arc<tokenizers::Tokenizer>,
     bos: Option<(String, u32)>,
     eos_text: Option<String>,
     eos_ids: Vec<u32>,
     add_bos: bool,
     chat_template: Option<String>,
+    /// Set once the chat template has passed its memory bound: its thread holds that memory for
+    /// good, so the template is not run again.
+    template_refused: AtomicBool,
 }
 
 impl Tokenizer {
@@ -126,7 +132,17 @@ impl Tokenizer {
         let mut text_only = inner.clone();
         text_only.set_encode_special_tokens(true);
         let add_bos = tcfg.add_bos_token.unwrap_or(false);
-        Ok(Tokenizer { inner, text_only, bos, eos_text, eos_ids, add_bos, chat_template })
+        let (inner, text_only) = (Arc::new(inner), Arc::new(text_only));
+        Ok(Tokenizer {
+            inner,
+            text_only,
+            bos,
+            eos_text,
+            eos_ids,
+            add_bos,
+            chat_template,
+            template_refused: false.into(),
+        })
     }
 
     /// Builds a tokenizer from `tokenizer.json` bytes and settings given directly (a GGUF file's
@@ -147,7 +163,17 @@ impl Tokenizer {
         let eos_text = eos_ids.first().and_then(|&id| inner.id_to_token(id));
         let mut text_only = inner.clone();
         text_only.set_encode_special_tokens(true);
-        Ok(Tokenizer { inner, text_only, bos, eos_text, eos_ids, add_bos, chat_template })
+        let (inner, text_only) = (Arc::new(inner), Arc::new(text_only));
+        Ok(Tokenizer {
+            inner,
+            text_only,
+            bos,
+            eos_text,
+            eos_ids,
+            add_bos,
+            chat_template,
+            template_refused: false.into(),
+        })
     }
 
     /// Token ids of `text` as a model input: BOS first when `add_bos_token` says so.
@@ -193,19 +219,16 @@ impl Tokenizer {
             pieces.push(&text[start..end]);
             start = end;
         }
-        let encodings = self
-            .inner
-            .encode_batch(pieces, false)
-            .map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?;
+        let pieces: Vec<String> = pieces.into_iter().map(str::to_owned).collect();
+        let inner = self.inner.clone();
+        let encodings = bounded_encode(text.len(), move || inner.encode_batch(pieces, false))?;
         Ok(encodings.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
     }
 
     /// Token ids of `text` (no BOS) with each token's byte range in `text`.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?;
+        let (inner, owned) = (self.inner.clone(), text.to_owned());
+        let enc = bounded_encode(text.len(), move || inner.encode(owned, false))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
@@ -309,37 +332,70 @@ impl Tokenizer {
             .chat_template
             .as_deref()
             .ok_or_else(|| Error::Template("tokenizer_config.json has no `chat_template`".into()))?;
-        let mut env = Environment::new();
-        // A template is code a model folder brings: its work and its output are bounded, so that
-        // loops of loops end in an error within a second, not in minutes or an abort.
-        env.set_fuel(Some(TEMPLATE_FUEL));
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
-        let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
-        let bos = self.bos.as_ref().map(|b| b.0.as_str()).unwrap_or("");
-        let eos = self.eos_text.as_deref().unwrap_or("");
-        let ctx = context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => bos, eos_token => eos };
-        let mut out = Capped { text: Vec::new(), cap: TEMPLATE_OUTPUT };
-        let rendered = tmpl.render_captured_to(ctx, &mut out).map(drop);
-        match rendered {
-            Ok(_) => String::from_utf8(out.text).map_err(|e| Error::Template(e.to_string())),
-            Err(_) if out.text.len() >= out.cap => Err(Error::Template(format!(
-                "the chat template's output passed {} MiB; a template renders messages, not this much text",
-                TEMPLATE_OUTPUT >> 20
-            ))),
-            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::Template(format!(
-                "the chat template ran past its budget of {TEMPLATE_FUEL} operations (a loop too long for rendering messages)"
-            ))),
-            Err(e) => Err(Error::Template(e.to_string())),
+        if self.template_refused.load(Ordering::Relaxed) {
+            return Err(Error::Template(format!(
+                "the chat template used more than {} MiB of memory before; it is not run again",
+                TEMPLATE_MEMORY >> 20
+            )));
         }
+        let template = template.to_string();
+        let messages = messages.to_vec();
+        let bos = self.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
+        let eos = self.eos_text.clone().unwrap_or_default();
+        let limits = crate::bounded::Limits { memory: Some(TEMPLATE_MEMORY), time: TEMPLATE_TIME };
+        match crate::bounded::run(limits, move || render(&template, &messages, add_generation_prompt, &bos, &eos)) {
+            Ok(rendered) => rendered,
+            Err(crate::bounded::Exceeded::Memory(_)) => {
+                self.template_refused.store(true, Ordering::Relaxed);
+                Err(Error::Template(format!(
+                    "the chat template used more than {} MiB of memory; a template renders messages, not this much",
+                    TEMPLATE_MEMORY >> 20
+                )))
+            }
+            Err(crate::bounded::Exceeded::Time(t)) => Err(Error::Template(format!(
+                "the chat template took more than {} s; a template renders messages in milliseconds",
+                t.as_secs_f64()
+            ))),
+            Err(e) => Err(Error::Template(format!("the chat template failed: {e:?}"))),
+        }
+    }
+}
+
+/// Renders `template` over `messages` with the fuel and output bounds (the memory and time bounds
+/// are the caller's).
+fn render(template: &str, messages: &[Message], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String> {
+    let mut env = Environment::new();
+    // A template is code a model folder brings: its work and its output are bounded, so that
+    // loops of loops end in an error within a second, not in minutes or an abort.
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, JinjaError> {
+        Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
+    let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+    let ctx = context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => bos, eos_token => eos };
+    let mut out = Capped { text: Vec::new(), cap: TEMPLATE_OUTPUT };
+    let rendered = tmpl.render_captured_to(ctx, &mut out).map(drop);
+    match rendered {
+        Ok(_) => String::from_utf8(out.text).map_err(|e| Error::Template(e.to_string())),
+        Err(_) if out.text.len() >= out.cap => Err(Error::Template(format!(
+            "the chat template's output passed {} MiB; a template renders messages, not this much text",
+            TEMPLATE_OUTPUT >> 20
+        ))),
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::Template(format!(
+            "the chat template ran past its budget of {TEMPLATE_FUEL} operations (a loop too long for rendering messages)"
+        ))),
+        Err(e) => Err(Error::Template(e.to_string())),
     }
 }
 
 /// Operations a chat template may run per rendering (DeepSeek's takes a few dozen per message).
 pub const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Bytes a chat template's rendering may hold at once (its output included).
+pub const TEMPLATE_MEMORY: usize = 256 << 20;
+/// How long a chat template may take per rendering.
+pub const TEMPLATE_TIME: Duration = Duration::from_secs(1);
 /// Bytes a chat template may write per rendering.
 pub const TEMPLATE_OUTPUT: usize = 64 << 20;
 
@@ -365,26 +421,41 @@ impl std::io::Write for Capped {
 }
 
 /// `text`'s ids by `tokenizer`, without post-processing.
-fn ids_of(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
-    // A tokenizer.json is code a model folder brings: a pre-tokenizer whose regex backtracks
-    // past the regex engine's retry limit panics inside the engine. That is an error of this
-    // text and this tokenizer, not of the program.
-    let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tokenizer.encode(text, false)));
-    let enc = match encoded {
-        Ok(enc) => enc.map_err(|e| Error::InvalidArgument(format!("cannot tokenize the text: {e}")))?,
-        Err(panic) => {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("no reason given");
-            return Err(Error::InvalidArgument(format!(
-                "the tokenizer failed on this text ({} bytes): {why} (its pre-tokenizer's regex backtracks too much)",
-                text.len()
-            )));
-        }
-    };
+fn ids_of(tokenizer: &Arc<tokenizers::Tokenizer>, text: &str) -> Result<Vec<u32>> {
+    let (tokenizer, owned) = (tokenizer.clone(), text.to_owned());
+    let enc = bounded_encode(text.len(), move || tokenizer.encode(owned, false))?;
     Ok(enc.get_ids().to_vec())
+}
+
+/// How long encoding `bytes` of text may take: generous for any sane tokenizer (they encode
+/// megabytes a second), and short of the minutes a catastrophically backtracking regex takes.
+pub fn encode_time_limit(bytes: usize) -> Duration {
+    Duration::from_secs(5) + Duration::from_secs_f64(bytes as f64 * 2e-6)
+}
+
+/// Runs a `tokenizers` encoding of `bytes` of text under [`encode_time_limit`].
+///
+/// A tokenizer.json is code a model folder brings: a pre-tokenizer whose regex backtracks past
+/// the regex engine's retry limit panics inside the engine, and one just short of it takes
+/// minutes. Both are errors of this text and this tokenizer, not of the program.
+fn bounded_encode<T: Send + 'static>(
+    bytes: usize,
+    encode: impl FnOnce() -> tokenizers::Result<T> + Send + 'static,
+) -> Result<T> {
+    let limits = crate::bounded::Limits { memory: None, time: encode_time_limit(bytes) };
+    match crate::bounded::run(limits, encode) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(Error::InvalidArgument(format!("cannot tokenize the text: {e}"))),
+        Err(crate::bounded::Exceeded::Time(t)) => Err(Error::InvalidArgument(format!(
+            "tokenizing this text ({bytes} bytes) took more than {:.0} s: the tokenizer's pre-tokenizer regex backtracks \
+             too much on it",
+            t.as_secs_f64()
+        ))),
+        Err(crate::bounded::Exceeded::Panicked(why)) => Err(Error::InvalidArgument(format!(
+            "the tokenizer failed on this text ({bytes} bytes): {why} (its pre-tokenizer's regex backtracks too much)"
+        ))),
+        Err(e) => Err(Error::Internal(format!("tokenizing: {e:?}"))),
+    }
 }
 
 /// Keeps the default panic message for every panic except those inside the tokenizer's regex

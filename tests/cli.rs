@@ -464,6 +464,15 @@ fn a_tokenizer_regex_that_backtracks_past_its_limit_is_an_error_not_a_panic() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("the tokenizer failed on this text") && !err.contains("panicked"), "{err}");
+    // Just short of the engine's limit each piece backtracks for 0.1 s; a hundred of them would
+    // take 12 s, and encoding stops at its time bound (5 s plus 2 s a megabyte) with an error.
+    let prompt = format!("{}b", "a".repeat(30)).repeat(100);
+    let started = std::time::Instant::now();
+    let out = latent(&["generate", "--model", dir.to_str().unwrap(), "--max-tokens", "1"], Some(&prompt));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("took more than 5 s") && err.contains("backtracks"), "{err}");
+    assert!(started.elapsed().as_secs() < 9, "took {:?}", started.elapsed());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -1,5 +1,9 @@
 //! Tokenizers against Python `tokenizers` and transformers' chat-template rendering.
 
+/// The memory bound on chat templates is the binary's allocator; this test binary installs it too.
+#[global_allocator]
+static ALLOC: latent::bounded::BoundedAlloc = latent::bounded::BoundedAlloc;
+
 mod common;
 
 use std::io::Read;
@@ -117,6 +121,20 @@ fn a_hostile_chat_template_fails_within_a_second_with_a_clear_error() {
         ("{% for a in range(10000) %}{% for b in range(10000) %}xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx{% endfor %}{% endfor %}", "MiB"),
         // Output of huge lines, few operations.
         ("{% for a in range(10000) %}{{ 'x' * 100000 }}{% endfor %}", "MiB"),
+        // Memory through variables, in few operations and no output: repeated doubling of a string
+        // (40 doublings: a terabyte) and of a list, a filter that multiplies its input, output
+        // captured into a variable.
+        (
+            "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            "memory",
+        ),
+        (
+            "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}",
+            "memory",
+        ),
+        ("{{ ('ab' * 100000)|replace('a', 'a' * 100000)|length }}", "memory"),
+        ("{{ ('x'|indent(1000000000))|length }}", "memory"),
+        ("{% set x %}{% for i in range(100000) %}{{ 'y' * 10000 }}{% endfor %}{% endset %}{{ x|length }}", "memory"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         for f in ["tokenizer.json", "tokenizer_config.json"] {
@@ -133,4 +151,37 @@ fn a_hostile_chat_template_fails_within_a_second_with_a_clear_error() {
         assert!(err.contains(says), "{template}: {err}");
         assert!(start.elapsed() < std::time::Duration::from_secs(2), "{template}: took {:?}", start.elapsed());
     }
+    // Bounded memory: the process's peak stayed far below what the templates asked for.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(kb) = status.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
+        let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().unwrap();
+        assert!(kb < 3 << 20, "peak resident memory {kb} kB");
+    }
+}
+
+/// After a template passes its memory bound once, it is refused at once (its thread keeps what it
+/// took, so it is not run again), and a sane template in another tokenizer still renders.
+#[test]
+fn a_template_over_its_memory_bound_is_not_run_again() {
+    assert!(latent::bounded::memory_bound_enforced());
+    let src = fixtures_dir().join("tokenizer");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let config = dir.path().join("tokenizer_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["chat_template"] =
+        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}"
+            .into();
+    std::fs::write(&config, v.to_string()).unwrap();
+    let tok = Tokenizer::load(dir.path(), None).unwrap();
+    let messages = [Message { role: "user".into(), content: "hi".into() }];
+    let first = tok.apply_chat_template(&messages, true).unwrap_err().to_string();
+    assert!(first.contains("memory"), "{first}");
+    let start = std::time::Instant::now();
+    let again = tok.apply_chat_template(&messages, true).unwrap_err().to_string();
+    assert!(again.contains("not run again") && start.elapsed().as_millis() < 50, "{again}");
+    let sane = Tokenizer::load(&src, None).unwrap();
+    assert!(!sane.apply_chat_template(&messages, true).unwrap().is_empty());
 }

@@ -609,11 +609,14 @@ fn check_safetensors_header(path: &Path, bytes: &[u8]) -> Result<()> {
         let shape: Option<Vec<u64>> =
             info.get("shape").and_then(|s| s.as_array()).and_then(|s| s.iter().map(|d| d.as_u64()).collect());
         let Some(shape) = shape else {
-            return tensor(format!("shape {} is not a list of sizes", info.get("shape").unwrap_or(&serde_json::Value::Null)));
+            return tensor(format!(
+                "shape {} is not a list of sizes",
+                info.get("shape").unwrap_or(&serde_json::Value::Null)
+            ));
         };
         let offsets: Option<Vec<u64>> =
             info.get("data_offsets").and_then(|s| s.as_array()).and_then(|s| s.iter().map(|d| d.as_u64()).collect());
-        let Some([begin, end]) = offsets.as_deref().map(|o| <[u64; 2]>::try_from(o).ok()).flatten() else {
+        let Some([begin, end]) = offsets.as_deref().and_then(|o| <[u64; 2]>::try_from(o).ok()) else {
             return tensor("`data_offsets` is not a pair [begin, end] of byte offsets".into());
         };
         let expected = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
@@ -639,10 +642,15 @@ fn check_safetensors_header(path: &Path, bytes: &[u8]) -> Result<()> {
     for (begin, end, name) in spans {
         if begin < at {
             let other = previous.map(String::as_str).unwrap_or("?");
-            return bad(format!("tensor `{name}` (bytes {begin}..{end}) overlaps tensor `{other}` (ending at byte {at})"));
+            return bad(format!(
+                "tensor `{name}` (bytes {begin}..{end}) overlaps tensor `{other}` (ending at byte {at})"
+            ));
         }
         if begin > at && end > begin {
-            return bad(format!("{} bytes before tensor `{name}` (from byte {at} to {begin}) belong to no tensor", begin - at));
+            return bad(format!(
+                "{} bytes before tensor `{name}` (from byte {at} to {begin}) belong to no tensor",
+                begin - at
+            ));
         }
         at = at.max(end);
         previous = Some(name);
