@@ -27,6 +27,34 @@ thread_local! {
     static REMAINING: Cell<isize> = const { Cell::new(isize::MAX) };
     /// Set when this thread passes its budget.
     static TRIPPED: Cell<*const AtomicBool> = const { Cell::new(std::ptr::null()) };
+    /// Set while this thread runs code whose panics latent catches and reports as errors.
+    static CATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic inside it (in a third-party parser given hostile input) into
+/// `Err(message)`; with [`install_panic_hook`] the panic is not printed either.
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let before = CATCHING.with(|c| c.replace(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(before));
+    out.map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "no reason given".into())
+    })
+}
+
+/// Keeps the default panic message for every panic except those that latent catches and reports
+/// as an error ([`catch_panic`], and the work of [`run`]): call once at start-up.
+pub fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !CATCHING.with(|c| c.get()) {
+            default(info);
+        }
+    }));
 }
 
 #[inline]
@@ -125,16 +153,9 @@ pub fn run<T: Send + 'static>(limits: Limits, work: impl FnOnce() -> T + Send + 
                 TRIPPED.with(|t| t.set(Arc::as_ptr(&flag)));
                 REMAINING.with(|r| r.set(bytes.min(isize::MAX as usize - 1) as isize));
             }
-            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+            let out = catch_panic(work);
             REMAINING.with(|r| r.set(isize::MAX));
             TRIPPED.with(|t| t.set(std::ptr::null()));
-            let out = out.map_err(|panic| {
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "no reason given".into())
-            });
             let _ = tx.send(out);
             drop(flag);
         })

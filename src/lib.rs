@@ -39,6 +39,7 @@ pub mod tokenizer;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;
 pub mod bounded;
+pub mod fuzz;
 pub mod plot;
 pub mod resources;
 pub mod train;

@@ -404,7 +404,7 @@ fn read_bounded(reader: impl Read, limit: usize, what: &str, raise: &str) -> Res
 }
 
 fn main() {
-    latent::tokenizer::quiet_regex_panics();
+    latent::bounded::install_panic_hook();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

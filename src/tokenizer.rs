@@ -94,7 +94,7 @@ impl Tokenizer {
     /// Builds a tokenizer from `tokenizer.json` bytes; `json_path` names them in errors, and
     /// `config_path` is read if it exists.
     pub fn from_parts(json: &[u8], json_path: &Path, config_path: &Path, config: Option<&Config>) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| Error::Tokenizer {
+        let inner = from_bytes(json).map_err(|e| Error::Tokenizer {
             path: json_path.to_path_buf(),
             reason: format!("not a valid tokenizer.json: {e}"),
         })?;
@@ -155,7 +155,7 @@ impl Tokenizer {
         add_bos: bool,
         chat_template: Option<String>,
     ) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| Error::Tokenizer {
+        let inner = from_bytes(json).map_err(|e| Error::Tokenizer {
             path: source.to_path_buf(),
             reason: format!("cannot build the tokenizer from the metadata: {e}"),
         })?;
@@ -420,6 +420,15 @@ impl std::io::Write for Capped {
     }
 }
 
+/// Builds a `tokenizers` tokenizer; a panic inside its deserializer (it has some on malformed
+/// input) is an error like any other.
+fn from_bytes(json: &[u8]) -> std::result::Result<tokenizers::Tokenizer, String> {
+    match crate::bounded::catch_panic(|| tokenizers::Tokenizer::from_bytes(json)) {
+        Ok(built) => built.map_err(|e| e.to_string()),
+        Err(panic) => Err(format!("the tokenizers library failed on it: {panic}")),
+    }
+}
+
 /// `text`'s ids by `tokenizer`, without post-processing.
 fn ids_of(tokenizer: &Arc<tokenizers::Tokenizer>, text: &str) -> Result<Vec<u32>> {
     let (tokenizer, owned) = (tokenizer.clone(), text.to_owned());
@@ -456,18 +465,6 @@ fn bounded_encode<T: Send + 'static>(
         ))),
         Err(e) => Err(Error::Internal(format!("tokenizing: {e:?}"))),
     }
-}
-
-/// Keeps the default panic message for every panic except those inside the tokenizer's regex
-/// engine, which [`Tokenizer`] turns into errors: call once at start-up.
-pub fn quiet_regex_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let in_regex = info.location().is_some_and(|l| l.file().contains("/onig-") || l.file().contains("/onig_sys-"));
-        if !in_regex {
-            default(info);
-        }
-    }));
 }
 
 fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig> {

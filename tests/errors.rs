@@ -253,6 +253,15 @@ fn a_broken_tokenizer_names_its_file_and_a_missing_special_token_its_field() {
     std::fs::write(dir.path().join("tokenizer.json"), "{ not json").unwrap();
     let err = Tokenizer::load(dir.path(), None).err().expect("should fail").to_string();
     assert_mentions(&err, &["tokenizer.json", "not a valid tokenizer.json"]);
+    // A mutated tokenizer.json on which the tokenizers library panics in its decoder's
+    // deserializer (found by tests/fuzz.rs): an error naming the file, not a panic.
+    std::fs::copy(
+        common::fixtures_dir().join("hostile/tokenizer-decoder-panic.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let err = Tokenizer::load(dir.path(), None).err().expect("should fail").to_string();
+    assert_mentions(&err, &["tokenizer.json", "not a valid tokenizer.json", "failed on it"]);
 
     let dir = copy_fixture("tiny-v2");
     let path = dir.path().join("tokenizer_config.json");

@@ -1,0 +1,16 @@
+//! `cargo +nightly fuzz run safetensors`: see README.md, Fuzzing.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[allow(dead_code)]
+fn scratch() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("latent-fuzz-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+fuzz_target!(|data: &[u8]| {
+    // Errors are expected; a panic, a hang or a memory blow-up is what libFuzzer reports.
+    let _ = latent::fuzz::safetensors(data, &scratch());
+});

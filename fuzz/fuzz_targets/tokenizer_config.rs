@@ -1,0 +1,19 @@
+//! `cargo +nightly fuzz run tokenizer_config`: see README.md, Fuzzing.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+/// The tokenizer the config is read beside.
+const SANE_TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/tokenizer/tokenizer.json");
+
+#[allow(dead_code)]
+fn scratch() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("latent-fuzz-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+fuzz_target!(|data: &[u8]| {
+    // Errors are expected; a panic, a hang or a memory blow-up is what libFuzzer reports.
+    let _ = latent::fuzz::tokenizer_config(data, SANE_TOKENIZER, &scratch());
+});
