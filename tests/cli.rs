@@ -567,6 +567,14 @@ fn killed_training_leaves_every_checkpoint_loadable() {
         seed ^= seed << 17;
         let delay = 400 + seed % 1200;
         std::thread::sleep(std::time::Duration::from_millis(delay));
+        // On a slow machine, let the first checkpoint appear before the first kill counts.
+        let wait = std::time::Instant::now();
+        while newest == 0
+            && !latent::train::checkpoint::list(&run_out).is_ok_and(|l| !l.is_empty())
+            && wait.elapsed().as_secs() < 20
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = child.kill();
         child.wait().unwrap();
 

@@ -11,6 +11,10 @@ fn scratch() -> std::path::PathBuf {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // latent catches some third-party panics (the tokenizers library on malformed input) and
+    // reports them as errors; libFuzzer's hook would abort on those, so latent's hook goes first.
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(latent::bounded::install_panic_hook);
     // Errors are expected; a panic, a hang or a memory blow-up is what libFuzzer reports.
     let _ = latent::fuzz::config_json(data);
 });
