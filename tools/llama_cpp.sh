@@ -14,26 +14,10 @@ PY=${PYTHON:-python3}
 SRC=$DIR/llama_cpp_python-$VERSION/vendor/llama.cpp
 mkdir -p "$DIR"
 if [ ! -d "$SRC" ]; then
-  # The sdist's link from the package index pip is configured with (PIP_INDEX_URL, or pip's
-  # config files' index-url; PyPI otherwise), fetched through the proxy the environment names.
-  # (`pip download` would try to build the package's metadata, which needs a compiler run.)
-  INDEX=${PIP_INDEX_URL:-$("$PY" -m pip config get global.index-url 2>/dev/null || true)}
-  INDEX=${INDEX:-https://pypi.org/simple}
-  "$PY" - "$DIR" "$VERSION" "$INDEX" <<'PYEOF'
-import hashlib, re, sys, urllib.parse, urllib.request
-d, v, index = sys.argv[1], sys.argv[2], sys.argv[3].rstrip("/") + "/llama-cpp-python/"
-html = urllib.request.urlopen(index).read().decode()
-name = f"llama_cpp_python-{v}.tar.gz"
-link = re.search(r'href="([^"]*' + re.escape(name) + r'[^"]*)"', html)
-if not link:
-    sys.exit(f"{name} is not on {index}")
-url = urllib.parse.urljoin(index, link.group(1).replace("&amp;", "&"))
-path = f"{d}/{name}"
-urllib.request.urlretrieve(url.split("#")[0], path)
-want = re.search(r"sha256=([0-9a-f]{64})", url)
-if want and hashlib.sha256(open(path, "rb").read()).hexdigest() != want.group(1):
-    sys.exit(f"{path}: sha256 does not match the index")
-PYEOF
+  # The source distribution through pip itself, so that the user's pip configuration (index,
+  # mirror, proxy, certificates) applies. Only this package is taken from source: its build
+  # backend's dependencies come as wheels, and preparing its metadata compiles nothing.
+  "$PY" -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d "$DIR" >&2
   tar -xzf "$DIR/llama_cpp_python-$VERSION.tar.gz" -C "$DIR"
 fi
 "$PY" -m pip install --quiet cmake ninja >&2
