@@ -1,7 +1,15 @@
-//! A load generator for any OpenAI-compatible server (latent's, llama.cpp's, vLLM's): `N`
-//! closed-loop clients each send a streaming `/v1/completions` request, wait for its last
-//! token, and send the next, for a fixed time per concurrency level. Reported per level:
-//! output tokens/s, requests/s, time to first token and inter-token latency (p50, p99).
+//! A load generator for any OpenAI-compatible server (latent's, llama.cpp's, vLLM's), in two
+//! modes, each run for a fixed time per level:
+//! - closed loop: `N` clients each send a streaming `/v1/completions` request, wait for its last
+//!   token, and send the next. At saturation this measures throughput; its time to first token is
+//!   not comparable between servers, since by Little's law `N = requests/s × (TTFT + generation
+//!   time)`: a server that generates faster leaves its clients more of each cycle to wait in the
+//!   queue, so its TTFT looks worse at the same throughput.
+//! - open loop: requests arrive at a fixed rate (Poisson arrivals, seeded) whatever the server
+//!   does, as users do; at the same rate, times to first token compare directly.
+//!
+//! Reported per level: output tokens/s, requests/s, time to first token and inter-token latency
+//! (p50, p99).
 //!
 //! Prompts are random words (about `prompt_words` of them, ~1.3 tokens a word for an English
 //! BPE), different for every request so that no server can reuse a cached prefix. The client
@@ -25,15 +33,17 @@ pub struct LoadConfig {
     /// The `model` field of each request (`None`: left out).
     pub model: Option<String>,
     pub api_key: Option<String>,
-    /// Concurrency levels, run in turn.
+    /// Concurrency levels (closed loop), run in turn.
     pub concurrency: Vec<usize>,
+    /// Arrival rates in requests/s (open loop), run in turn instead of `concurrency` when given.
+    pub rates: Vec<f64>,
     /// Words per prompt.
     pub prompt_words: usize,
     /// Tokens asked of each request (`max_tokens`).
     pub max_tokens: usize,
     /// Time each level runs, after its first requests are under way.
     pub duration: Duration,
-    /// Requests each client sends at most per level.
+    /// Requests each client (open loop: the level) sends at most.
     pub max_requests: usize,
     /// Extra fields of each request (e.g. `{"ignore_eos": true}` or a `logit_bias`).
     pub extra: Value,
@@ -42,7 +52,10 @@ pub struct LoadConfig {
 /// One level's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct LevelReport {
+    /// Clients (closed loop), or the most requests in flight at once (open loop).
     pub concurrency: usize,
+    /// The arrival rate, requests/s (open loop only).
+    pub rate: Option<f64>,
     pub requests: usize,
     pub failed: usize,
     pub output_tokens: usize,
@@ -261,8 +274,17 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values[((values.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Runs every concurrency level of `cfg` in turn; `progress(level, done)` after each request.
+/// Runs every level of `cfg` in turn (its rates if any, else its concurrency levels);
+/// `progress(level, done)` after each request.
 pub fn run(cfg: &LoadConfig, mut progress: impl FnMut(usize, usize)) -> Result<Vec<LevelReport>> {
+    if !cfg.rates.is_empty() {
+        return cfg
+            .rates
+            .iter()
+            .enumerate()
+            .map(|(level, &rate)| open_loop(cfg, level, rate, |done| progress(level, done)))
+            .collect();
+    }
     let mut reports = Vec::new();
     for (level, &n) in cfg.concurrency.iter().enumerate() {
         if n == 0 {
@@ -292,27 +314,84 @@ pub fn run(cfg: &LoadConfig, mut progress: impl FnMut(usize, usize)) -> Result<V
                 samples.push(s);
                 progress(level, samples.len());
             }
-            let seconds = start.elapsed().as_secs_f64();
-            let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
-            let tokens: usize = ok.iter().map(|s| s.tokens).sum();
-            let mut ttft: Vec<f64> = ok.iter().map(|s| s.ttft * 1e3).collect();
-            let mut itl: Vec<f64> = ok.iter().flat_map(|s| s.gaps.iter().map(|g| g * 1e3)).collect();
-            reports.push(LevelReport {
-                concurrency: n,
-                requests: ok.len(),
-                failed: samples.len() - ok.len(),
-                output_tokens: tokens,
-                seconds,
-                output_tok_s: tokens as f64 / seconds,
-                requests_s: ok.len() as f64 / seconds,
-                ttft_p50_ms: percentile(&mut ttft, 0.5),
-                ttft_p99_ms: percentile(&mut ttft, 0.99),
-                itl_p50_ms: percentile(&mut itl, 0.5),
-                itl_p99_ms: percentile(&mut itl, 0.99),
-            });
+            reports.push(summarize(&samples, start.elapsed().as_secs_f64(), n, None));
         });
     }
     Ok(reports)
+}
+
+/// Requests arriving at `rate` a second for `cfg.duration` (exponential gaps from a fixed seed, so
+/// two servers get the same schedule), each on its own thread; the level ends when the last one
+/// does.
+fn open_loop(cfg: &LoadConfig, level: usize, rate: f64, mut progress: impl FnMut(usize)) -> Result<LevelReport> {
+    if !(rate > 0.0 && rate.is_finite()) {
+        return Err(Error::InvalidArgument(format!("--rate {rate}: rates must be positive numbers of requests/s")));
+    }
+    let start = Instant::now();
+    let mut arrivals = Vec::new();
+    let (mut t, mut x) = (0.0f64, 0x2545_f491_4f6c_dd1du64 ^ level as u64);
+    while arrivals.len() < cfg.max_requests {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let u = ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        t += -u.ln() / rate;
+        if t >= cfg.duration.as_secs_f64() {
+            break;
+        }
+        arrivals.push(t);
+    }
+    let in_flight = std::sync::atomic::AtomicUsize::new(0);
+    let peak = std::sync::atomic::AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut samples = Vec::new();
+    std::thread::scope(|scope| {
+        let (in_flight, peak) = (&in_flight, &peak);
+        let arrivals = &arrivals;
+        scope.spawn(move || {
+            for (k, &at) in arrivals.iter().enumerate() {
+                let wait = Duration::from_secs_f64(at).saturating_sub(start.elapsed());
+                std::thread::sleep(wait);
+                let tx = tx.clone();
+                scope.spawn(move || {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let now = in_flight.fetch_add(1, Relaxed) + 1;
+                    peak.fetch_max(now, Relaxed);
+                    let sample = one(cfg, ((level as u64) << 40) ^ (1 << 39) ^ k as u64);
+                    in_flight.fetch_sub(1, Relaxed);
+                    let _ = tx.send(sample);
+                });
+            }
+        });
+        for s in rx {
+            samples.push(s);
+            progress(samples.len());
+        }
+    });
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(summarize(&samples, start.elapsed().as_secs_f64(), peak, Some(rate)))
+}
+
+/// One level's figures from its requests.
+fn summarize(samples: &[Sample], seconds: f64, concurrency: usize, rate: Option<f64>) -> LevelReport {
+    let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
+    let tokens: usize = ok.iter().map(|s| s.tokens).sum();
+    let mut ttft: Vec<f64> = ok.iter().map(|s| s.ttft * 1e3).collect();
+    let mut itl: Vec<f64> = ok.iter().flat_map(|s| s.gaps.iter().map(|g| g * 1e3)).collect();
+    LevelReport {
+        concurrency,
+        rate,
+        requests: ok.len(),
+        failed: samples.len() - ok.len(),
+        output_tokens: tokens,
+        seconds,
+        output_tok_s: tokens as f64 / seconds,
+        requests_s: ok.len() as f64 / seconds,
+        ttft_p50_ms: percentile(&mut ttft, 0.5),
+        ttft_p99_ms: percentile(&mut ttft, 0.99),
+        itl_p50_ms: percentile(&mut itl, 0.5),
+        itl_p99_ms: percentile(&mut itl, 0.99),
+    }
 }
 
 /// A run written with `--json`: its label and levels (a figure written as `null`, a NaN, reads
@@ -328,6 +407,7 @@ pub fn read_run(path: &Path) -> Result<(String, Vec<LevelReport>)> {
         .iter()
         .map(|l| LevelReport {
             concurrency: count(l, "concurrency").max(1),
+            rate: l["rate"].as_f64(),
             requests: count(l, "requests"),
             failed: count(l, "failed"),
             output_tokens: count(l, "output_tokens"),
@@ -343,9 +423,13 @@ pub fn read_run(path: &Path) -> Result<(String, Vec<LevelReport>)> {
     Ok((v["label"].as_str().unwrap_or("run").to_string(), levels))
 }
 
-/// Draws output tokens/s and time to first token against concurrency into `path` (PNG).
+/// Draws output tokens/s and time to first token against concurrency (or, for open-loop runs,
+/// against the arrival rate) into `path` (PNG).
 pub fn plot(reports: &[(String, Vec<LevelReport>)], path: &Path) -> Result<()> {
     use crate::plot::{chart, Canvas, Panel, Series, PALETTE};
+    let open = reports.iter().all(|(_, levels)| levels.iter().all(|l| l.rate.is_some()));
+    let x = |l: &LevelReport| if open { l.rate.unwrap_or(0.0) } else { (l.concurrency as f64).log2() };
+    let axis = if open { "arrival rate (requests/s)" } else { "log2 concurrent clients" };
     let mut canvas = Canvas::new(1000, 440);
     let series = |f: &dyn Fn(&LevelReport) -> f64| -> Vec<Series<'_>> {
         reports
@@ -354,13 +438,13 @@ pub fn plot(reports: &[(String, Vec<LevelReport>)], path: &Path) -> Result<()> {
             .map(|(i, (name, levels))| Series {
                 name: name.as_str(),
                 color: PALETTE[i % PALETTE.len()],
-                points: levels.iter().map(|l| ((l.concurrency as f64).log2(), f(l))).collect(),
+                points: levels.iter().map(|l| (x(l), f(l))).collect(),
             })
             .collect()
     };
     let left = Panel { x: 0, y: 0, w: 500, h: 440 };
     let right = Panel { x: 500, y: 0, w: 500, h: 440 };
-    chart(&mut canvas, left, "output tokens/s", "log2 concurrent clients", &series(&|l| l.output_tok_s));
-    chart(&mut canvas, right, "TTFT p50 (ms)", "log2 concurrent clients", &series(&|l| l.ttft_p50_ms));
+    chart(&mut canvas, left, "output tokens/s", axis, &series(&|l| l.output_tok_s));
+    chart(&mut canvas, right, "TTFT p50 (ms)", axis, &series(&|l| l.ttft_p50_ms));
     canvas.save(path)
 }

@@ -212,6 +212,10 @@ struct BenchServeArgs {
     /// Concurrent clients, one level after another.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
     concurrency: Vec<usize>,
+    /// Open loop instead: requests arrive at these rates (requests/s, Poisson, the same schedule on
+    /// every run), one level after another; times to first token then compare between servers.
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<f64>,
     /// Words per prompt (about 1.3 tokens each for an English tokenizer).
     #[arg(long, default_value_t = 400)]
     prompt_words: usize,
@@ -809,29 +813,36 @@ fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
         model: args.model.clone(),
         api_key: args.api_key.clone(),
         concurrency: args.concurrency.clone(),
+        rates: args.rate.clone(),
         prompt_words: args.prompt_words,
         max_tokens: args.max_tokens.max(1),
         duration: std::time::Duration::from_secs_f64(args.seconds),
         max_requests: args.max_requests.max(1),
         extra,
     };
-    let bar = ProgressBar::new(args.concurrency.len() as u64).with_style(
+    let levels = if args.rate.is_empty() { args.concurrency.len() } else { args.rate.len() };
+    let bar = ProgressBar::new(levels as u64).with_style(
         ProgressStyle::with_template("level {pos}/{len} {bar:30} {msg}  ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let reports = run(&cfg, |level, done| {
         bar.set_position(level as u64);
-        bar.set_message(format!("{} clients, {done} requests", cfg.concurrency[level]));
+        match cfg.rates.get(level) {
+            Some(rate) => bar.set_message(format!("{rate} requests/s, {done} done")),
+            None => bar.set_message(format!("{} clients, {done} requests", cfg.concurrency[level])),
+        }
     })?;
     bar.finish_and_clear();
+    let first = if cfg.rates.is_empty() { "clients" } else { "rate/s" };
     println!(
         "{:>7} {:>9} {:>7} {:>10} {:>8} {:>9} {:>9} {:>8} {:>8}",
-        "clients", "requests", "failed", "out tok/s", "req/s", "ttft p50", "ttft p99", "itl p50", "itl p99"
+        first, "requests", "failed", "out tok/s", "req/s", "ttft p50", "ttft p99", "itl p50", "itl p99"
     );
     for r in &reports {
+        let level = r.rate.map_or(r.concurrency.to_string(), |x| format!("{x}"));
         println!(
             "{:>7} {:>9} {:>7} {:>10.1} {:>8.2} {:>7.0}ms {:>7.0}ms {:>6.1}ms {:>6.1}ms",
-            r.concurrency,
+            level,
             r.requests,
             r.failed,
             r.output_tok_s,

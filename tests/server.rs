@@ -652,3 +652,36 @@ fn n_completions_share_the_prompt_prefill() {
         server.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 8, "temperature": 0.9, "seed": 5}));
     assert_eq!(r["choices"][2]["text"], lone["choices"][0]["text"]);
 }
+
+/// `latent bench-serve`'s load generator against a live server, closed loop (clients) and open loop
+/// (a fixed arrival rate): every request completes, tokens and timings are counted.
+#[test]
+fn the_load_generator_measures_closed_and_open_loads() {
+    let server = Server::start(&["--max-seqs", "4"]);
+    let mut cfg = latent::bench_serve::LoadConfig {
+        addr: server.addr.clone(),
+        model: None,
+        api_key: None,
+        concurrency: vec![2],
+        rates: Vec::new(),
+        prompt_words: 20,
+        max_tokens: 4,
+        duration: Duration::from_millis(1500),
+        max_requests: 20,
+        extra: json!({}),
+    };
+    let closed = latent::bench_serve::run(&cfg, |_, _| {}).unwrap();
+    cfg.rates = vec![4.0];
+    let open = latent::bench_serve::run(&cfg, |_, _| {}).unwrap();
+    for (what, r) in [("closed", &closed[0]), ("open", &open[0])] {
+        assert!(r.requests > 0 && r.failed == 0, "{what}: {r:?}");
+        assert!(r.output_tokens > 0 && r.output_tokens <= 4 * r.requests, "{what}: {r:?}");
+        assert!(r.ttft_p50_ms.is_finite() && r.ttft_p50_ms > 0.0, "{what}: {r:?}");
+    }
+    assert_eq!(closed[0].rate, None);
+    assert_eq!(closed[0].concurrency, 2);
+    assert_eq!(open[0].rate, Some(4.0));
+    // Poisson arrivals at 4/s for 1.5 s: the seeded schedule sends a handful, never more than 20.
+    assert!((1..=20).contains(&open[0].requests), "{:?}", open[0]);
+    assert!(latent::bench_serve::run(&latent::bench_serve::LoadConfig { rates: vec![-1.0], ..cfg }, |_, _| {}).is_err());
+}
