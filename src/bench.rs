@@ -58,6 +58,8 @@ impl Default for BenchConfig {
 /// The figures `latent bench` prints (and writes as JSON with `--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// The CPU and the kernel variant that ran.
+    pub cpu: crate::kernels::CpuInfo,
     pub prefill_tok_s: f64,
     /// Decode tokens/s keyed by cache depth (JSON keys are the depths as strings).
     pub decode_tok_s: BTreeMap<usize, f64>,
@@ -200,6 +202,7 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
         batch_share.insert(b, tok_s / (b as f64 * bandwidth * 1e9 / step));
     }
     Ok(BenchReport {
+        cpu: crate::kernels::CpuInfo::detect(),
         prefill_tok_s: prefill,
         decode_tok_s: decode,
         peak_rss_bytes: peak_rss_bytes(),

@@ -961,6 +961,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         );
     }
     println!("bandwidth   {:.1} GB/s measured ({} threads)", report.memory_bandwidth_gb_s, report.threads);
+    println!("cpu         {}", report.cpu);
     println!(
         "memory      peak RSS {}, weights {}, KV cache {} per token",
         bytes_str(report.peak_rss_bytes as usize),

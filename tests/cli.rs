@@ -178,6 +178,10 @@ fn an_int8_cache_generates_and_benches_at_about_half_the_bytes() {
     assert!(v["decode_tok_s"]["40"].as_f64().unwrap() > 0.0, "{v}");
     // 3 layers x (32 + 8 codes and 2 scales of 4 bytes), against 480 for f32.
     assert_eq!(v["kv_bytes_per_token"], 3 * (40 + 8));
+    // Which machine and which kernels: a figure is told apart by its CPU.
+    let kernels = v["cpu"]["kernels"].as_str().unwrap_or_default();
+    assert!(["portable", "avx2", "avx512"].iter().any(|k| kernels.starts_with(k)), "{v}");
+    assert!(v["cpu"]["model_name"].is_string() && v["cpu"]["features"].is_array(), "{v}");
     // With AVX-512 VNNI the int8 kernel's `vpdpbusd` is measured and counted.
     check_attention_roofline(&v);
 }

@@ -227,6 +227,71 @@ impl Simd {
     }
 }
 
+/// The CPU the kernels run on, as `latent bench` reports it: so a figure can be told apart by
+/// machine (bandwidth and instruction sets differ between generations).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CpuInfo {
+    /// `model name` from `/proc/cpuinfo` (or "unknown").
+    pub model_name: String,
+    /// x86 family and model numbers (e.g. 6 and 143 for Sapphire Rapids).
+    pub family: Option<u32>,
+    pub model: Option<u32>,
+    /// The instruction sets the kernels care about that this CPU has.
+    pub features: Vec<&'static str>,
+    /// The kernel variant that runs ([`Simd::detect`]), and whether the bf16 products use
+    /// `vdpbf16ps`.
+    pub kernels: String,
+}
+
+impl CpuInfo {
+    /// The running CPU.
+    pub fn detect() -> CpuInfo {
+        let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |name: &str| {
+            text.lines()
+                .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        };
+        #[allow(unused_mut)]
+        let mut features = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let known: [(&'static str, bool); 9] = [
+                ("avx2", is_x86_feature_detected!("avx2")),
+                ("fma", is_x86_feature_detected!("fma")),
+                ("avx512f", is_x86_feature_detected!("avx512f")),
+                ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+                ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
+                ("avx512fp16", is_x86_feature_detected!("avx512fp16")),
+                ("amx-tile", text.contains(" amx_tile")),
+                ("amx-bf16", text.contains(" amx_bf16")),
+                ("amx-int8", text.contains(" amx_int8")),
+            ];
+            features.extend(known.iter().filter(|(_, has)| *has).map(|(name, _)| *name));
+        }
+        let simd = Simd::detect();
+        let bf16 = if gemm::has_avx512_bf16() { " + vdpbf16ps for bf16" } else { "" };
+        CpuInfo {
+            model_name: field("model name").unwrap_or_else(|| "unknown".into()),
+            family: field("cpu family").and_then(|v| v.parse().ok()),
+            model: field("model").and_then(|v| v.parse().ok()),
+            features,
+            kernels: format!("{}{bf16}", simd.name()),
+        }
+    }
+}
+
+impl std::fmt::Display for CpuInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.model_name)?;
+        if let (Some(family), Some(model)) = (self.family, self.model) {
+            write!(f, " (family {family} model {model})")?;
+        }
+        write!(f, "; {}; kernels {}", self.features.join(" "), self.kernels)
+    }
+}
+
 /// Defines `$name`, which runs the generic `$body::<W, FUSED>` compiled for the given variant.
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident => $body:ident($($arg:ident: $ty:ty),*)) => {
