@@ -95,6 +95,22 @@ pub fn parse(parser: &str, bytes: &[u8], sane_tokenizer: &[u8], scratch: &Path) 
     }
 }
 
+/// The demo model's tokenizer, which a fuzzed `tokenizer_config.json` is read beside.
+const SANE_TOKENIZER: &[u8] = include_bytes!("../models/kjv/tokenizer.json");
+
+/// What a cargo-fuzz target runs (`fuzz/fuzz_targets/`): `parser` over `data`, in a scratch
+/// folder of this process, with latent's panic hook in front of libFuzzer's, so that the panics
+/// latent catches and reports as errors are not counted as crashes. A `tokenizer_config.json` is
+/// read beside the built-in demo model's tokenizer.
+pub fn run_target(parser: &str, data: &[u8]) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(crate::bounded::install_panic_hook);
+    let scratch = std::env::temp_dir().join(format!("latent-fuzz-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&scratch);
+    // Errors are expected; a panic, a hang or a memory blow-up is what libFuzzer reports.
+    let _ = parse(parser, data, SANE_TOKENIZER, &scratch);
+}
+
 fn exercise_tokenizer(tok: &Tokenizer) -> Result<()> {
     let ids = tok.encode("Hello, world! <｜end▁of▁sentence｜> ünïcödé 123")?;
     tok.decode(&ids, false)?;

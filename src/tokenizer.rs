@@ -129,20 +129,8 @@ impl Tokenizer {
             Some(ChatTemplate::One(t)) => Some(t),
             Some(ChatTemplate::Named(list)) => list.into_iter().find(|t| t.name == "default").map(|t| t.template),
         };
-        let mut text_only = inner.clone();
-        text_only.set_encode_special_tokens(true);
         let add_bos = tcfg.add_bos_token.unwrap_or(false);
-        let (inner, text_only) = (Arc::new(inner), Arc::new(text_only));
-        Ok(Tokenizer {
-            inner,
-            text_only,
-            bos,
-            eos_text,
-            eos_ids,
-            add_bos,
-            chat_template,
-            template_refused: false.into(),
-        })
+        Ok(Tokenizer::assemble(inner, bos, eos_text, eos_ids, add_bos, chat_template))
     }
 
     /// Builds a tokenizer from `tokenizer.json` bytes and settings given directly (a GGUF file's
@@ -161,19 +149,30 @@ impl Tokenizer {
         })?;
         let bos = bos_id.and_then(|id| inner.id_to_token(id).map(|t| (t, id)));
         let eos_text = eos_ids.first().and_then(|&id| inner.id_to_token(id));
+        Ok(Tokenizer::assemble(inner, bos, eos_text, eos_ids, add_bos, chat_template))
+    }
+
+    /// The tokenizer from its parts, with the text-only twin that user content is encoded by.
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        bos: Option<(String, u32)>,
+        eos_text: Option<String>,
+        eos_ids: Vec<u32>,
+        add_bos: bool,
+        chat_template: Option<String>,
+    ) -> Tokenizer {
         let mut text_only = inner.clone();
         text_only.set_encode_special_tokens(true);
-        let (inner, text_only) = (Arc::new(inner), Arc::new(text_only));
-        Ok(Tokenizer {
-            inner,
-            text_only,
+        Tokenizer {
+            inner: Arc::new(inner),
+            text_only: Arc::new(text_only),
             bos,
             eos_text,
             eos_ids,
             add_bos,
             chat_template,
             template_refused: false.into(),
-        })
+        }
     }
 
     /// Token ids of `text` as a model input: BOS first when `add_bos_token` says so.
