@@ -528,7 +528,8 @@ impl Worker {
     }
 
     /// Lets a preempted sequence's cache go: its full pages to the prefix cache (where it will
-    /// likely find them again), the rest to the pool. It computes every row it held again.
+    /// likely find them again), the rest to the pool. It computes every row it held again: its
+    /// prompt's by prefill chunks, its generated tokens' by decode steps, as they first were.
     fn let_go(&mut self, id: SeqId) {
         let Some(seq) = self.seqs.get_mut(&id) else { return };
         if let Some(cache) = seq.cache.take() {
@@ -581,12 +582,25 @@ impl Worker {
             }
             let Some(seq) = self.seqs.get_mut(&id) else { continue };
             let cache = seq.cache.as_mut().ok_or_else(|| Error::internal("a prefilled sequence has no cache"))?;
-            let chunk = &seq.history[start..start + n];
-            let logits = self.model.forward_chunked(chunk, cache, AttentionPath::Expanded, LogitRows::Last, n)?;
+            // A resumed sequence computes its generated tokens' rows as it first did, by decode
+            // steps one token at a time (a decode row has the same bits alone or batched), so
+            // that its continuation does not depend on having been preempted; its prompt's rows
+            // by prefill chunks at the same offsets as before.
+            let prompt_end = (start + n).min(seq.prompt.len().max(start));
+            let chunk = &seq.history[start..prompt_end];
+            let logits = if chunk.is_empty() {
+                None
+            } else {
+                let rows = chunk.len();
+                Some(self.model.forward_chunked(chunk, cache, AttentionPath::Expanded, LogitRows::Last, rows)?)
+            };
+            for &token in &seq.history[prompt_end..start + n] {
+                self.model.decode(&[token], &mut [&mut *cache], &mut self.ws)?;
+            }
             self.scheduler.prefilled(id, n);
             self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
             // A resumed sequence has its next token already.
-            if start + n == seq.target && seq.next.is_none() {
+            if let (true, None, Some(logits)) = (start + n == seq.target, seq.next, logits) {
                 let row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
                 let followers = std::mem::take(&mut seq.followers);
                 self.emit(id, &row)?;
