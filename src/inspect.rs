@@ -237,15 +237,20 @@ pub fn bytes(n: usize) -> String {
     bytes_f64(n as f64)
 }
 
-/// [`bytes`] for sizes computed in floating point (past `usize` too).
+/// [`bytes`] for sizes computed in floating point: past `usize` too (TiB to EiB, then powers of
+/// ten).
 pub fn bytes_f64(x: f64) -> String {
-    if x >= (1u64 << 50) as f64 {
-        return crate::resources::human_bytes(x);
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = x.max(0.0);
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
     }
-    match x {
-        _ if x >= (1u64 << 30) as f64 => format!("{:.2} GiB", x / (1u64 << 30) as f64),
-        _ if x >= (1u64 << 20) as f64 => format!("{:.2} MiB", x / (1u64 << 20) as f64),
-        _ if x >= 1024.0 => format!("{:.1} KiB", x / 1024.0),
-        _ => format!("{x} B"),
+    match unit {
+        0 => format!("{v} B"),
+        1 => format!("{v:.1} KiB"),
+        _ if v.is_finite() && v < 1024.0 => format!("{v:.2} {}", UNITS[unit]),
+        _ => format!("{x:.1e} B"),
     }
 }

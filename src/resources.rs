@@ -4,7 +4,7 @@
 //! ending the process minutes later.
 
 use crate::error::{Error, Result};
-use crate::inspect::bytes;
+use crate::inspect::bytes_f64;
 
 /// Bytes this process can still allocate: `MemAvailable + SwapFree` from `/proc/meminfo`, or less
 /// where a cgroup memory limit leaves less. `None` where the system does not say.
@@ -31,27 +31,11 @@ pub fn check_fits(setting: &str, need: f64, what: &str, hint: &str) -> Result<()
     if need > available as f64 {
         return Err(Error::InvalidArgument(format!(
             "{setting}: {what} would need about {}, but this machine has {} of memory available; {hint}",
-            human_bytes(need),
-            bytes(available as usize)
+            bytes_f64(need),
+            bytes_f64(available as f64)
         )));
     }
     Ok(())
-}
-
-/// Bytes as `12.3 GiB`, for sizes too large for `usize` as well.
-pub fn human_bytes(n: f64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut x = n.max(0.0);
-    let mut unit = 0;
-    while x >= 1024.0 && unit + 1 < UNITS.len() {
-        x /= 1024.0;
-        unit += 1;
-    }
-    if x.is_finite() && n < 1024f64.powi(7) {
-        format!("{x:.1} {}", UNITS[unit])
-    } else {
-        format!("{:.1e} B", n)
-    }
 }
 
 #[cfg(test)]
@@ -66,7 +50,8 @@ mod tests {
             assert!(err.contains("--x") && err.contains("available") && err.contains("give less"), "{err}");
             check_fits("--x", 1.0, "this", "").unwrap();
         }
-        assert_eq!(human_bytes(1536.0), "1.5 KiB");
-        assert!(human_bytes(1e30).contains("e30"));
+        assert_eq!(bytes_f64(1536.0), "1.5 KiB");
+        assert_eq!(bytes_f64(3.0 * (1u64 << 40) as f64), "3.00 TiB");
+        assert!(bytes_f64(1e30).contains("e30"));
     }
 }

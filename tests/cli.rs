@@ -205,26 +205,24 @@ fn trained_tokenizer() -> (tempfile::TempDir, String, std::path::PathBuf) {
     (dir, corpus, tok)
 }
 
+/// `latent train preset:tiny-v2` on `corpus` with `tok`, 16-token sequences, writing into `out`, with
+/// `sets` as more `--set` overrides.
+fn tiny_train_args(corpus: &str, tok: &std::path::Path, out: &std::path::Path, sets: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["train".into(), "preset:tiny-v2".into()];
+    let data = [format!("data.train=[{corpus:?}]"), format!("data.tokenizer={:?}", tok.to_str().unwrap())];
+    for set in data.iter().map(String::as_str).chain(["data.seq_len=16"]).chain(sets.iter().copied()) {
+        args.extend(["--set".to_string(), set.to_string()]);
+    }
+    args.extend(["--out".to_string(), out.to_str().unwrap().to_string()]);
+    args
+}
+
 #[test]
 fn train_then_generate_from_the_checkpoint() {
     let (dir, corpus, tok) = trained_tokenizer();
     let run_out = dir.path().join("run");
-    let args = [
-        "train",
-        "preset:tiny-v2",
-        "--set",
-        &format!("data.train=[{corpus:?}]"),
-        "--set",
-        &format!("data.tokenizer={:?}", tok.to_str().unwrap()),
-        "--set",
-        "data.seq_len=16",
-        "--set",
-        "schedule.steps=4",
-        "--set",
-        "data.valid_fraction=0.2",
-        "--out",
-        run_out.to_str().unwrap(),
-    ];
+    let args = tiny_train_args(&corpus, &tok, &run_out, &["schedule.steps=4", "data.valid_fraction=0.2"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = latent(&args, None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);
@@ -484,34 +482,18 @@ fn a_tokenizer_regex_that_backtracks_past_its_limit_is_an_error_not_a_panic() {
 fn steps_with_a_non_finite_loss_are_skipped_then_the_run_stops_with_its_checkpoint_intact() {
     let (dir, corpus, tok) = trained_tokenizer();
     let run_out = dir.path().join("run");
-    let (train, tokenizer) =
-        (format!("data.train=[{corpus:?}]"), format!("data.tokenizer={:?}", tok.to_str().unwrap()));
     // A learning rate that throws the weights past f32 after the first step: every step after it
     // has a non-finite loss; three are skipped, the fourth stops the run.
-    let args = [
-        "train",
-        "preset:tiny-v2",
-        "--set",
-        &train,
-        "--set",
-        &tokenizer,
-        "--set",
-        "data.seq_len=16",
-        "--set",
+    let sets = [
         "schedule.steps=10",
-        "--set",
         "schedule.warmup_steps=0",
-        "--set",
         "optim.lr=1e38",
-        "--set",
         "optim.grad_clip=0",
-        "--set",
         "optim.max_bad_steps=3",
-        "--set",
         "run.save_every=1",
-        "--out",
-        run_out.to_str().unwrap(),
     ];
+    let args = tiny_train_args(&corpus, &tok, &run_out, &sets);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = latent(&args, None);
     let err = text(&out.stderr);
     assert!(!out.status.success() && !err.contains("panicked"), "{err}");
@@ -538,24 +520,8 @@ fn killed_training_leaves_every_checkpoint_loadable() {
     let mut newest = 0;
     for round in 0..8 {
         let resume = latent::train::checkpoint::list(&run_out).is_ok_and(|l| !l.is_empty());
-        let mut args = vec![
-            "train".to_string(),
-            "preset:tiny-v2".into(),
-            "--set".into(),
-            format!("data.train=[{corpus:?}]"),
-            "--set".into(),
-            format!("data.tokenizer={:?}", tok.to_str().unwrap()),
-            "--set".into(),
-            "data.seq_len=16".into(),
-            "--set".into(),
-            "schedule.steps=100000".into(),
-            "--set".into(),
-            "run.save_every=1".into(),
-            "--set".into(),
-            "run.eval_every=0".into(),
-            "--out".into(),
-            run_out.to_str().unwrap().into(),
-        ];
+        let sets = ["schedule.steps=100000", "run.save_every=1", "run.eval_every=0"];
+        let mut args = tiny_train_args(&corpus, &tok, &run_out, &sets);
         if resume {
             args.push("--resume".into());
         }

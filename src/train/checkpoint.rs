@@ -55,9 +55,9 @@ impl TokenizerFiles {
         Ok(TokenizerFiles { files })
     }
 
-    /// The files' names, in the order written.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.files.iter().map(|(n, _)| *n)
+    /// The contents of `name`, if the run's tokenizer has that file.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.files.iter().find(|(n, _)| *n == name).map(|(_, bytes)| bytes.as_slice())
     }
 }
 
@@ -148,18 +148,6 @@ pub fn save(out: &Path, snap: &Snapshot<'_>, keep: usize) -> Result<PathBuf> {
     write_atomic(&tmp.join("run.toml"), snap.run_toml.as_bytes())?;
     for (file, bytes) in &snap.tokenizer.files {
         write_atomic(&tmp.join(file), bytes)?;
-    }
-    for file in CHECKPOINT_FILES {
-        let path = tmp.join(file);
-        if !path.is_file() {
-            return Err(Error::io(
-                &path,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "a checkpoint needs this file and it was not written",
-                ),
-            ));
-        }
     }
     sync_dir(&tmp)?;
     if final_dir.exists() {

@@ -117,8 +117,14 @@ impl Trainer {
                 (Config::from_json(&text, run_path)?, json, tokenizer_dir)
             }
         };
-        let tokenizer = Tokenizer::load(&tokenizer_dir, Some(&cfg))?;
+        // The tokenizer trained with is built from the very bytes every checkpoint will carry.
         let tokenizer_files = TokenizerFiles::read(&tokenizer_dir)?;
+        let tokenizer = Tokenizer::from_parts(
+            tokenizer_files.get("tokenizer.json").unwrap_or_default(),
+            &tokenizer_dir.join("tokenizer.json"),
+            &tokenizer_dir.join("tokenizer_config.json"),
+            Some(&cfg),
+        )?;
         if tokenizer.vocab_size() > cfg.vocab_size {
             return Err(Error::config(
                 run_path,
@@ -525,7 +531,7 @@ fn check_memory(cfg: &Config, run: &RunFile, run_path: &Path) -> Result<()> {
     let available = available as f64;
     let (batch, seq_len) = (run.data.batch_size, run.data.seq_len);
     let est = estimate_memory(cfg, seq_len);
-    let fmt = crate::resources::human_bytes;
+    let fmt = crate::inspect::bytes_f64;
     if est.total(1.0) > available {
         return Err(Error::config(
             run_path,
