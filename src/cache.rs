@@ -24,7 +24,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kernels::latent_int8::{Int8Layout, Int8Tiles, GROUP_TILES, TILE_ROWS};
+use crate::kernels::dsa::KeyPages;
+use crate::kernels::latent_int8::{Int8Layout, Int8Rows, Int8Tiles, GROUP_TILES, TILE_ROWS};
 use crate::kernels::paged::DensePages;
 pub use crate::kernels::paged::PAGE_ROWS;
 
@@ -53,26 +54,55 @@ impl CacheKind {
 }
 
 /// What one page holds: its kind, and the model's layers and row sizes: per token and layer `d_c`
-/// latents and `d_r` RoPE values (for an expanded cache, the keys' and the values' widths).
+/// latents and `d_r` RoPE values (for an expanded cache, the keys' and the values' widths), and
+/// for sparse attention (V3.2) the lightning indexer's key, `d_i` values ([`IndexKeys`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageLayout {
     pub kind: CacheKind,
     pub layers: usize,
     pub d_c: usize,
     pub d_r: usize,
+    /// The indexer key's width; 0 without sparse attention.
+    pub d_i: usize,
 }
 
 impl PageLayout {
     /// The pages of `cfg`'s cache of the given kind.
     pub fn new(cfg: &Config, kind: CacheKind) -> Result<PageLayout> {
         let (h, d_r) = (cfg.num_attention_heads, cfg.qk_rope_head_dim);
+        let d_i = cfg.dsa.map_or(0, |d| d.index_head_dim);
         match kind {
+            CacheKind::Expanded(_) if d_i > 0 => Err(Error::InvalidArgument(
+                "an expanded cache cannot serve sparse attention (DeepSeek-V3.2): its rows are not the latents the \
+                 indexer selects; use a latent cache"
+                    .into(),
+            )),
             CacheKind::Expanded(_) => {
                 let keys = h * (cfg.qk_nope_head_dim + d_r);
                 PageLayout::of(kind, cfg.num_hidden_layers, keys, h * cfg.v_head_dim)
             }
-            _ => PageLayout::of(kind, cfg.num_hidden_layers, cfg.kv_lora_rank, d_r),
+            _ => Ok(PageLayout::of(kind, cfg.num_hidden_layers, cfg.kv_lora_rank, d_r)?.with_index_keys(d_i)),
         }
+    }
+
+    /// The same pages with room for an indexer key of `d_i` values per token and layer.
+    pub fn with_index_keys(self, d_i: usize) -> PageLayout {
+        PageLayout { d_i, ..self }
+    }
+
+    /// The format indexer keys are kept in: f32 beside f32 rows, bf16 otherwise. Not 8 bits as
+    /// DeepSeek's own inference keeps them: a key's rounding moves its score, and a score near the
+    /// top-k boundary then picks another row; bf16 is what the reference computes them in.
+    pub fn index_dtype(&self) -> DType {
+        match self.kind {
+            CacheKind::Dense(DType::F32) => DType::F32,
+            _ => DType::BF16,
+        }
+    }
+
+    /// Bytes the indexer keys take per token, all layers (part of [`PageLayout::bytes_per_token`]).
+    pub fn index_bytes_per_token(&self) -> usize {
+        self.layers * self.d_i * self.index_dtype().size_in_bytes()
     }
 
     /// Pages of `layers` layers of rows of `d_c` latents and `d_r` RoPE values.
@@ -94,7 +124,7 @@ impl PageLayout {
                 })?;
             }
         }
-        Ok(PageLayout { kind, layers, d_c, d_r })
+        Ok(PageLayout { kind, layers, d_c, d_r, d_i: 0 })
     }
 
     fn int8(&self) -> Option<Int8Layout> {
@@ -105,15 +135,16 @@ impl PageLayout {
     }
 
     /// Bytes one token takes across all layers: `layers * (d_c + d_r) * dtype size`, or the codes
-    /// and scales of an int8 row.
+    /// and scales of an int8 row; plus the indexer keys, if any.
     pub fn bytes_per_token(&self) -> usize {
-        match (self.kind, self.int8()) {
+        let rows = match (self.kind, self.int8()) {
             (CacheKind::Dense(dtype) | CacheKind::Expanded(dtype), _) => {
                 self.layers * (self.d_c + self.d_r) * dtype.size_in_bytes()
             }
             (CacheKind::Int8, Some(l)) => self.layers * l.bytes_per_row(),
             (CacheKind::Int8, None) => 0,
-        }
+        };
+        rows + self.index_bytes_per_token()
     }
 
     /// Bytes one page takes.
@@ -124,22 +155,42 @@ impl PageLayout {
     /// A fresh page's values (zeros; int8 codes of 0).
     fn new_page(&self) -> PageData {
         let (rows_c, rows_r) = (self.layers * PAGE_ROWS * self.d_c, self.layers * PAGE_ROWS * self.d_r);
-        match (self.kind.dtype(), self.int8()) {
-            (Some(DType::BF16), _) => PageData::Bf16(vec![half::bf16::ZERO; rows_c], vec![half::bf16::ZERO; rows_r]),
-            (Some(DType::F16), _) => PageData::F16(vec![half::f16::ZERO; rows_c], vec![half::f16::ZERO; rows_r]),
-            (None, Some(l)) => PageData::Int8(
+        let rows = match (self.kind.dtype(), self.int8()) {
+            (Some(DType::BF16), _) => Rows::Bf16(vec![half::bf16::ZERO; rows_c], vec![half::bf16::ZERO; rows_r]),
+            (Some(DType::F16), _) => Rows::F16(vec![half::f16::ZERO; rows_c], vec![half::f16::ZERO; rows_r]),
+            (None, Some(l)) => Rows::Int8(
                 vec![128; self.layers * GROUP_TILES * l.tile_codes()],
                 vec![0.0; self.layers * GROUP_TILES * l.tile_scales()],
             ),
-            _ => PageData::F32(vec![0.0; rows_c], vec![0.0; rows_r]),
-        }
+            _ => Rows::F32(vec![0.0; rows_c], vec![0.0; rows_r]),
+        };
+        let keys = self.layers * PAGE_ROWS * self.d_i;
+        let index = match self.index_dtype() {
+            DType::F32 => IndexKeys::F32(vec![0.0; keys]),
+            _ => IndexKeys::Bf16(vec![half::bf16::ZERO; keys]),
+        };
+        PageData { rows, index }
     }
 }
 
-/// A page's values: per layer `PAGE_ROWS` rows of latents, and as many of RoPE keys; or per
+/// A page's values: its rows, and its indexer keys (empty without sparse attention).
+#[derive(Debug, Clone)]
+struct PageData {
+    rows: Rows,
+    index: IndexKeys,
+}
+
+/// The lightning indexer's keys of a page: per layer `PAGE_ROWS` keys of `d_i` values.
+#[derive(Debug, Clone)]
+enum IndexKeys {
+    Bf16(Vec<half::bf16>),
+    F32(Vec<f32>),
+}
+
+/// A page's rows: per layer `PAGE_ROWS` rows of latents, and as many of RoPE keys; or per
 /// layer [`GROUP_TILES`] tiles of 8-bit codes and their scales.
 #[derive(Debug, Clone)]
-enum PageData {
+enum Rows {
     Bf16(Vec<half::bf16>, Vec<half::bf16>),
     F16(Vec<half::f16>, Vec<half::f16>),
     F32(Vec<f32>, Vec<f32>),
@@ -156,7 +207,8 @@ pub struct Page {
 
 impl Drop for Page {
     fn drop(&mut self) {
-        let data = std::mem::replace(&mut self.data, PageData::F32(Vec::new(), Vec::new()));
+        let empty = PageData { rows: Rows::F32(Vec::new(), Vec::new()), index: IndexKeys::F32(Vec::new()) };
+        let data = std::mem::replace(&mut self.data, empty);
         let mut state = lock(&self.pool);
         state.used -= 1;
         state.free.push(data);
@@ -169,24 +221,32 @@ fn lock(state: &Mutex<PoolState>) -> MutexGuard<'_, PoolState> {
 }
 
 impl Page {
-    /// Writes row `row` (of the page) of `layer`: `c` latents and `r` RoPE values.
-    fn write(&mut self, layout: &PageLayout, layer: usize, row: usize, c: &[f32], r: &[f32]) {
-        let (d_c, d_r) = (layout.d_c, layout.d_r);
+    /// Writes row `row` (of the page) of `layer`: `c` latents and `r` RoPE values, and `k`, the
+    /// indexer key (`d_i` values).
+    fn write(&mut self, layout: &PageLayout, layer: usize, row: usize, c: &[f32], r: &[f32], k: &[f32]) {
+        let (d_c, d_r, d_i) = (layout.d_c, layout.d_r, layout.d_i);
         let (at_c, at_r) = ((layer * PAGE_ROWS + row) * d_c, (layer * PAGE_ROWS + row) * d_r);
-        match &mut self.data {
-            PageData::Bf16(pc, pr) => {
+        let at_i = (layer * PAGE_ROWS + row) * d_i;
+        match &mut self.data.index {
+            IndexKeys::Bf16(keys) => {
+                keys[at_i..at_i + d_i].iter_mut().zip(k).for_each(|(d, &x)| *d = half::bf16::from_f32(x))
+            }
+            IndexKeys::F32(keys) => keys[at_i..at_i + d_i].copy_from_slice(k),
+        }
+        match &mut self.data.rows {
+            Rows::Bf16(pc, pr) => {
                 pc[at_c..at_c + d_c].iter_mut().zip(c).for_each(|(d, &x)| *d = half::bf16::from_f32(x));
                 pr[at_r..at_r + d_r].iter_mut().zip(r).for_each(|(d, &x)| *d = half::bf16::from_f32(x));
             }
-            PageData::F16(pc, pr) => {
+            Rows::F16(pc, pr) => {
                 pc[at_c..at_c + d_c].iter_mut().zip(c).for_each(|(d, &x)| *d = half::f16::from_f32(x));
                 pr[at_r..at_r + d_r].iter_mut().zip(r).for_each(|(d, &x)| *d = half::f16::from_f32(x));
             }
-            PageData::F32(pc, pr) => {
+            Rows::F32(pc, pr) => {
                 pc[at_c..at_c + d_c].copy_from_slice(c);
                 pr[at_r..at_r + d_r].copy_from_slice(r);
             }
-            PageData::Int8(codes, scales) => {
+            Rows::Int8(codes, scales) => {
                 let Some(l) = layout.int8() else { return };
                 let tile = layer * GROUP_TILES + row / TILE_ROWS;
                 let codes = &mut codes[tile * l.tile_codes()..(tile + 1) * l.tile_codes()];
@@ -203,20 +263,20 @@ impl Page {
             layer * PAGE_ROWS * d_c..(layer * PAGE_ROWS + n) * d_c,
             layer * PAGE_ROWS * d_r..(layer * PAGE_ROWS + n) * d_r,
         );
-        match &self.data {
-            PageData::Bf16(pc, pr) => {
+        match &self.data.rows {
+            Rows::Bf16(pc, pr) => {
                 c.extend(pc[rc].iter().map(|v| v.to_f32()));
                 r.extend(pr[rr].iter().map(|v| v.to_f32()));
             }
-            PageData::F16(pc, pr) => {
+            Rows::F16(pc, pr) => {
                 c.extend(pc[rc].iter().map(|v| v.to_f32()));
                 r.extend(pr[rr].iter().map(|v| v.to_f32()));
             }
-            PageData::F32(pc, pr) => {
+            Rows::F32(pc, pr) => {
                 c.extend_from_slice(&pc[rc]);
                 r.extend_from_slice(&pr[rr]);
             }
-            PageData::Int8(codes, scales) => {
+            Rows::Int8(codes, scales) => {
                 let Some(l) = layout.int8() else { return };
                 let (c0, r0) = (c.len(), r.len());
                 c.resize(c0 + n * d_c, 0.0);
@@ -451,15 +511,17 @@ impl LatentCache {
     }
 
     /// Writes the next row of `layer`, taking a page from the pool if it needs one.
-    fn write_row(&mut self, layer: usize, c: &[f32], r: &[f32]) -> Result<()> {
+    fn write_row(&mut self, layer: usize, c: &[f32], r: &[f32], k: &[f32]) -> Result<()> {
         let layout = self.pool.layout;
-        if c.len() != layout.d_c || r.len() != layout.d_r {
+        if c.len() != layout.d_c || r.len() != layout.d_r || k.len() != layout.d_i {
             return Err(Error::InvalidArgument(format!(
-                "a latent cache row is {} + {} values, got {} + {}",
+                "a latent cache row is {} + {} values and an indexer key of {}, got {} + {} and {}",
                 layout.d_c,
                 layout.d_r,
+                layout.d_i,
                 c.len(),
-                r.len()
+                r.len(),
+                k.len()
             )));
         }
         let Some(&row) = self.lens.get(layer) else {
@@ -467,15 +529,13 @@ impl LatentCache {
         };
         let i = row / PAGE_ROWS;
         if i >= self.pages.len() {
-            // Room for a whole page ahead, taken once.
             self.reserve((i + 1) * PAGE_ROWS)?;
         }
-        self.own(i)?.write(&layout, layer, row % PAGE_ROWS, c, r);
+        self.own(i)?.write(&layout, layer, row % PAGE_ROWS, c, r, k);
         self.lens[layer] += 1;
         Ok(())
     }
 
-    /// `layer`'s rows, every page, as f32: `(len, d_c)` and `(len, d_r)` (dequantized for int8).
     fn rows_f32(&self, layer: usize) -> (Vec<f32>, Vec<f32>) {
         let layout = &self.pool.layout;
         let len = self.lens.get(layer).copied().unwrap_or(0);
@@ -491,9 +551,9 @@ impl LatentCache {
     /// attention's operands (a copy of the pages).
     pub fn append(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor) -> Result<(Tensor, Tensor)> {
         let (kind, d_c, d_r) = (self.kind(), self.pool.layout.d_c, self.pool.layout.d_r);
-        let Some(dtype) = kind.dtype() else {
+        if kind.dtype().is_none() {
             return Err(Error::InvalidArgument("an int8 latent cache takes rows through append_int8".into()));
-        };
+        }
         let t = c_kv.dim(0)?;
         if k_rope.dims() != [t, d_r] || c_kv.dims() != [t, d_c] {
             return Err(Error::InvalidArgument(format!(
@@ -502,33 +562,63 @@ impl LatentCache {
                 k_rope.dims()
             )));
         }
-        self.append_rows(layer, c_kv, k_rope)?;
+        self.append_rows(layer, c_kv, k_rope, None)?;
+        self.layer_rows(layer)
+    }
+
+    /// Every row of `layer` of a float cache, `(S, d_c)` and `(S, d_r)` in the cache's dtype.
+    pub fn layer_rows(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        let (d_c, d_r) = (self.pool.layout.d_c, self.pool.layout.d_r);
+        let Some(dtype) = self.kind().dtype() else {
+            return Err(Error::InvalidArgument("an int8 latent cache's rows are read by dequantized".into()));
+        };
         let (c, r) = self.rows_f32(layer);
-        let s = c.len() / d_c;
+        let s = c.len() / d_c.max(1);
         let c = Tensor::from_vec(c, (s, d_c), &self.device)?.to_dtype(dtype)?;
         let r = Tensor::from_vec(r, (s, d_r), &self.device)?.to_dtype(dtype)?;
         Ok((c, r))
     }
 
-    fn append_rows(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor) -> Result<()> {
-        let (d_c, d_r) = (self.pool.layout.d_c, self.pool.layout.d_r);
-        // Through the cache's dtype first, so that rows round as a tensor cast rounds them.
+    fn append_rows(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor, keys: Option<&Tensor>) -> Result<()> {
+        let (d_c, d_r, d_i) = (self.pool.layout.d_c, self.pool.layout.d_r, self.pool.layout.d_i);
         let dtype = self.kind().dtype().unwrap_or(DType::F32);
-        let as_rows =
-            |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
-        let (c, r) = (as_rows(c_kv)?, as_rows(k_rope)?);
-        self.reserve(self.lens.get(layer).copied().unwrap_or(0) + c.len() / d_c.max(1))?;
-        for (c, r) in c.chunks_exact(d_c).zip(r.chunks_exact(d_r)) {
-            self.write_row(layer, c, r)?;
+        let as_rows = |t: &Tensor, dtype: DType| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let (c, r) = (as_rows(c_kv, dtype)?, as_rows(k_rope, dtype)?);
+        let n = c.len() / d_c.max(1);
+        let k = match keys {
+            Some(keys) => as_rows(keys, self.pool.layout.index_dtype())?,
+            None => Vec::new(),
+        };
+        if k.len() != n * d_i {
+            return Err(Error::InvalidArgument(format!(
+                "{n} latent cache rows need {} indexer key values, got {}",
+                n * d_i,
+                k.len()
+            )));
+        }
+        self.reserve(self.lens.get(layer).copied().unwrap_or(0) + n)?;
+        for (i, (c, r)) in c.chunks_exact(d_c).zip(r.chunks_exact(d_r)).enumerate() {
+            self.write_row(layer, c, r, &k[i * d_i..(i + 1) * d_i])?;
         }
         Ok(())
     }
 
-    /// Appends one token's row to `layer`: `c` (`d_c` latents; for an int8 cache, normalized
-    /// without `kv_a_layernorm`'s gain) and `r` (`d_r` rotated RoPE values), in place. Allocates
-    /// nothing within the room reserved ([`LatentCache::reserve`]).
+    /// Appends `t` rows with their indexer keys `keys (T, d_i)` to `layer` (a cache with
+    /// [`PageLayout::d_i`] > 0, float or int8 rows: int8 rows take `kv_a_layernorm`'s output
+    /// without its gain, as [`LatentCache::append_int8`] says).
+    pub fn append_indexed(&mut self, layer: usize, c_kv: &Tensor, k_rope: &Tensor, keys: &Tensor) -> Result<()> {
+        self.append_rows(layer, c_kv, k_rope, Some(keys))
+    }
+
+    /// Appends one row and its indexer key (`d_i` values) to `layer`.
+    pub fn push_row_indexed(&mut self, layer: usize, c: &[f32], r: &[f32], k: &[f32]) -> Result<()> {
+        self.write_row(layer, c, r, k)
+    }
+
     pub fn push_row(&mut self, layer: usize, c: &[f32], r: &[f32]) -> Result<()> {
-        self.write_row(layer, c, r)
+        self.write_row(layer, c, r, &[])
     }
 
     /// Runs `f` on the cached rows of a float `layer` (latent or expanded), page by page as
@@ -552,7 +642,89 @@ impl LatentCache {
         if self.kind() != CacheKind::Int8 {
             return Err(Error::InvalidArgument(format!("layer {layer} has no int8 latent cache")));
         }
-        self.append_rows(layer, c_hat, k_rope)
+        self.append_rows(layer, c_hat, k_rope, None)
+    }
+
+    /// The indexer keys of `layer` (a cache with [`PageLayout::d_i`] > 0), page by page where they
+    /// lie; `None` for a layer the cache does not have.
+    pub(crate) fn with_index_keys<R>(&self, layer: usize, f: impl FnOnce(IndexRows<'_>) -> R) -> Option<R> {
+        let len = *self.lens.get(layer)?;
+        let (pages, d_i) = (&self.pages[..], self.pool.layout.d_i);
+        match self.pool.layout.index_dtype() {
+            DType::F32 => Some(f(IndexRows::F32(&LayerKeys { pages, layer, len, d_i, get: f32_keys }))),
+            _ => Some(f(IndexRows::Bf16(&LayerKeys { pages, layer, len, d_i, get: bf16_keys }))),
+        }
+    }
+
+    /// Copies rows `indices` (each below the layer's length) of `layer` into `out`, in the cache's
+    /// format (f16 rows widened to f32): what sparse attention reads, one selection's worth.
+    pub(crate) fn gather<'g>(&self, layer: usize, indices: &[u32], out: &'g mut Gathered) -> Result<GatheredRows<'g>> {
+        let len = self.lens.get(layer).copied().unwrap_or(0);
+        if let Some(&bad) = indices.iter().find(|&&i| i as usize >= len) {
+            return Err(Error::internal(format!("row {bad} of layer {layer} is past the {len} cached")));
+        }
+        let layout = self.pool.layout;
+        let (d_c, d_r) = (layout.d_c, layout.d_r);
+        let at = |i: u32| (&self.pages[i as usize / PAGE_ROWS].data.rows, layer * PAGE_ROWS + i as usize % PAGE_ROWS);
+        let mismatch = || Error::internal("a page of the cache is not in the cache's format");
+        match layout.kind {
+            CacheKind::Dense(DType::BF16) => {
+                let (c, r) = &mut out.bf16;
+                c.clear();
+                r.clear();
+                for &i in indices {
+                    let (page, row) = at(i);
+                    let Rows::Bf16(pc, pr) = page else { return Err(mismatch()) };
+                    c.extend_from_slice(&pc[row * d_c..(row + 1) * d_c]);
+                    r.extend_from_slice(&pr[row * d_r..(row + 1) * d_r]);
+                }
+                Ok(GatheredRows::Bf16(c, r))
+            }
+            CacheKind::Int8 => {
+                let l = layout.int8().ok_or_else(mismatch)?;
+                let rows = out.int8.get_or_insert_with(|| Int8Rows::new(l.d_c, l.d_r).expect("a valid int8 layout"));
+                if rows.layout() != l {
+                    *rows = Int8Rows::new(l.d_c, l.d_r).ok_or_else(mismatch)?;
+                }
+                rows.truncate(0);
+                for &i in indices {
+                    let tile = layer * GROUP_TILES + (i as usize % PAGE_ROWS) / TILE_ROWS;
+                    match &self.pages[i as usize / PAGE_ROWS].data.rows {
+                        Rows::Int8(codes, scales) => rows.push_copy(
+                            (&codes[tile * l.tile_codes()..], &scales[tile * l.tile_scales()..]),
+                            i as usize % TILE_ROWS,
+                        ),
+                        _ => return Err(mismatch()),
+                    }
+                }
+                Ok(GatheredRows::Int8(rows))
+            }
+            CacheKind::Dense(_) | CacheKind::Expanded(_) => {
+                let (c, r) = &mut out.f32;
+                c.clear();
+                r.clear();
+                for &i in indices {
+                    let (page, row) = at(i);
+                    let (cs, rs) = (row * d_c..(row + 1) * d_c, row * d_r..(row + 1) * d_r);
+                    match page {
+                        Rows::F32(pc, pr) => {
+                            c.extend_from_slice(&pc[cs]);
+                            r.extend_from_slice(&pr[rs]);
+                        }
+                        Rows::F16(pc, pr) => {
+                            c.extend(pc[cs].iter().map(|v| v.to_f32()));
+                            r.extend(pr[rs].iter().map(|v| v.to_f32()));
+                        }
+                        Rows::Bf16(pc, pr) => {
+                            c.extend(pc[cs].iter().map(|v| v.to_f32()));
+                            r.extend(pr[rs].iter().map(|v| v.to_f32()));
+                        }
+                        Rows::Int8(..) => return Err(mismatch()),
+                    }
+                }
+                Ok(GatheredRows::F32(c, r))
+            }
+        }
     }
 
     /// An int8 cache's rows of `layer`, tile by tile where they lie.
@@ -574,6 +746,66 @@ impl LatentCache {
 }
 
 /// A dense layer's rows page by page, in the dtype they are stored in.
+/// One layer's indexer keys, in the format the cache keeps them.
+pub(crate) enum IndexRows<'a> {
+    Bf16(&'a dyn KeyPages<half::bf16>),
+    F32(&'a dyn KeyPages<f32>),
+}
+
+type KeySlice<W> = fn(&Page) -> Option<&[W]>;
+
+struct LayerKeys<'a, W> {
+    pages: &'a [Arc<Page>],
+    layer: usize,
+    len: usize,
+    d_i: usize,
+    get: KeySlice<W>,
+}
+
+fn bf16_keys(p: &Page) -> Option<&[half::bf16]> {
+    match &p.data.index {
+        IndexKeys::Bf16(k) => Some(k),
+        IndexKeys::F32(_) => None,
+    }
+}
+
+fn f32_keys(p: &Page) -> Option<&[f32]> {
+    match &p.data.index {
+        IndexKeys::F32(k) => Some(k),
+        IndexKeys::Bf16(_) => None,
+    }
+}
+
+impl<W: Sync> KeyPages<W> for LayerKeys<'_, W> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn page(&self, i: usize) -> &[W] {
+        let n = PAGE_ROWS.min(self.len - i * PAGE_ROWS);
+        let first = self.layer * PAGE_ROWS * self.d_i;
+        match (self.get)(&self.pages[i]) {
+            Some(k) => &k[first..first + n * self.d_i],
+            None => unreachable!("every page of a cache keeps its keys in the cache's index format"),
+        }
+    }
+}
+
+/// Where [`LatentCache::gather`] copies rows to, kept from step to step.
+#[derive(Default)]
+pub(crate) struct Gathered {
+    bf16: (Vec<half::bf16>, Vec<half::bf16>),
+    f32: (Vec<f32>, Vec<f32>),
+    int8: Option<Int8Rows>,
+}
+
+/// Rows [`LatentCache::gather`] copied: latents and RoPE keys, row-major, or int8 tiles.
+pub(crate) enum GatheredRows<'a> {
+    Bf16(&'a [half::bf16], &'a [half::bf16]),
+    F32(&'a [f32], &'a [f32]),
+    Int8(&'a Int8Rows),
+}
+
 pub(crate) enum DenseRows<'a> {
     Bf16(&'a dyn DensePages<half::bf16>),
     F32(&'a dyn DensePages<f32>),
@@ -594,15 +826,15 @@ struct LayerPages<'a, W> {
 }
 
 fn bf16_slices(p: &Page) -> Option<(&[half::bf16], &[half::bf16])> {
-    match &p.data {
-        PageData::Bf16(c, r) => Some((c, r)),
+    match &p.data.rows {
+        Rows::Bf16(c, r) => Some((c, r)),
         _ => None,
     }
 }
 
 fn f32_slices(p: &Page) -> Option<(&[f32], &[f32])> {
-    match &p.data {
-        PageData::F32(c, r) => Some((c, r)),
+    match &p.data.rows {
+        Rows::F32(c, r) => Some((c, r)),
         _ => None,
     }
 }
@@ -645,8 +877,8 @@ impl Int8Tiles for Int8Pages<'_> {
         let l = self.layout;
         let (page, first) = (t / GROUP_TILES, self.layer * GROUP_TILES + t % GROUP_TILES);
         let end = (self.layer + 1) * GROUP_TILES;
-        match &self.pages[page].data {
-            PageData::Int8(codes, scales) => (
+        match &self.pages[page].data.rows {
+            Rows::Int8(codes, scales) => (
                 &codes[first * l.tile_codes()..end * l.tile_codes()],
                 &scales[first * l.tile_scales()..end * l.tile_scales()],
             ),

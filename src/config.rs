@@ -19,6 +19,30 @@ pub enum ModelType {
     DeepseekV2,
     #[serde(rename = "deepseek_v3")]
     DeepseekV3,
+    /// V3 with DeepSeek Sparse Attention (V3.2-Exp, V3.2): V3's defaults plus [`DsaConfig`].
+    #[serde(rename = "deepseek_v32")]
+    DeepseekV32,
+}
+
+impl ModelType {
+    /// Whether the checkpoint takes V3's defaults (sigmoid routing, `noaux_tc`, scaling after
+    /// normalising): V3 and V3.2.
+    pub fn is_v3_family(self) -> bool {
+        matches!(self, ModelType::DeepseekV3 | ModelType::DeepseekV32)
+    }
+}
+
+/// DeepSeek Sparse Attention (V3.2): a lightning indexer per layer scores every earlier token
+/// and the attention reads only the best `index_topk` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DsaConfig {
+    /// The indexer's query heads.
+    pub index_n_heads: usize,
+    /// The width of the indexer's query heads and of its single key; the first
+    /// `qk_rope_head_dim` values are rotated.
+    pub index_head_dim: usize,
+    /// Positions each query attends to at most.
+    pub index_topk: usize,
 }
 
 /// How the router restricts the experts a token may pick.
@@ -158,6 +182,11 @@ struct RawConfig {
     #[serde(default)]
     mlp_bias: bool,
     quantization_config: Option<RawQuantization>,
+    index_n_heads: Option<usize>,
+    index_head_dim: Option<usize>,
+    index_topk: Option<usize>,
+    /// transformers 5's spelling of the dense/MoE layout (`"dense"` or `"sparse"` per layer).
+    mlp_layer_types: Option<Vec<String>>,
 }
 
 fn default_eps() -> f64 {
@@ -206,6 +235,11 @@ pub struct Config {
     pub initializer_range: f64,
     /// `quantization_config.weight_block_size` of an FP8 (e4m3) checkpoint: rows x columns per scale.
     pub fp8_block: Option<[usize; 2]>,
+    /// V3.2's sparse attention; `None`: every layer attends densely.
+    pub dsa: Option<DsaConfig>,
+    /// `mlp_layer_types` where the file gives it: whether each layer is MoE, overriding
+    /// `first_k_dense_replace` and `moe_layer_freq`.
+    pub moe_layers: Option<Vec<bool>>,
 }
 
 /// DeepSeekMoE settings; present when the config has `n_routed_experts`.
@@ -240,7 +274,7 @@ impl Config {
             let field = e.path().to_string();
             let mut reason = e.inner().to_string();
             if field == "model_type" {
-                reason.push_str(" (latent supports deepseek_v2 and deepseek_v3)");
+                reason.push_str(" (latent supports deepseek_v2, deepseek_v3 and deepseek_v32)");
             }
             Error::config(path, &field, reason)
         })?;
@@ -257,6 +291,9 @@ impl Config {
         let rope = resolve_rope(&raw, path)?;
         let fp8_block = raw.quantization_config.as_ref().map(|q| resolve_fp8(q, path)).transpose()?;
         let moe = resolve_moe(&raw, path)?;
+        let dsa = resolve_dsa(&raw, path)?;
+        let moe_layers =
+            raw.mlp_layer_types.as_ref().map(|types| resolve_layer_types(types, &raw, path)).transpose()?;
         let config = Config {
             model_type: raw.model_type,
             vocab_size: raw.vocab_size,
@@ -280,6 +317,8 @@ impl Config {
             rope,
             initializer_range: raw.initializer_range,
             fp8_block,
+            dsa,
+            moe_layers,
         };
         config.validate(path)?;
         Ok(config)
@@ -425,7 +464,7 @@ fn resolve_moe(raw: &RawConfig, path: &Path) -> Result<Option<MoeConfig>> {
     let need = |v: Option<usize>, field: &str| {
         v.ok_or_else(|| Error::config(path, field, "is required when n_routed_experts is set"))
     };
-    let v3 = raw.model_type == ModelType::DeepseekV3;
+    let v3 = raw.model_type.is_v3_family();
     let topk_method = raw.topk_method.unwrap_or(if v3 { TopkMethod::NoauxTc } else { TopkMethod::Greedy });
     let grouped = topk_method != TopkMethod::Greedy;
     let (n_group, topk_group) = if grouped {
@@ -447,6 +486,55 @@ fn resolve_moe(raw: &RawConfig, path: &Path) -> Result<Option<MoeConfig>> {
         norm_topk_prob: raw.norm_topk_prob,
         routed_scaling_factor: raw.routed_scaling_factor,
     }))
+}
+
+/// V3.2's indexer: transformers' defaults (64 heads of 128, top 2048) for a `deepseek_v32` file
+/// that leaves a field out; the fields alone in another model type are an error, not ignored.
+fn resolve_dsa(raw: &RawConfig, path: &Path) -> Result<Option<DsaConfig>> {
+    let fields =
+        [("index_n_heads", raw.index_n_heads), ("index_head_dim", raw.index_head_dim), ("index_topk", raw.index_topk)];
+    if raw.model_type != ModelType::DeepseekV32 {
+        if let Some((field, _)) = fields.iter().find(|(_, v)| v.is_some()) {
+            return Err(Error::config(
+                path,
+                field,
+                format!("belongs to sparse attention, which needs model_type deepseek_v32, not {:?}", raw.model_type),
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(DsaConfig {
+        index_n_heads: raw.index_n_heads.unwrap_or(64),
+        index_head_dim: raw.index_head_dim.unwrap_or(128),
+        index_topk: raw.index_topk.unwrap_or(2048),
+    }))
+}
+
+/// `mlp_layer_types`: one `"dense"` or `"sparse"` per layer.
+fn resolve_layer_types(types: &[String], raw: &RawConfig, path: &Path) -> Result<Vec<bool>> {
+    if types.len() != raw.num_hidden_layers {
+        return Err(Error::config(
+            path,
+            "mlp_layer_types",
+            format!("has {} entries for {} layers (num_hidden_layers)", types.len(), raw.num_hidden_layers),
+        ));
+    }
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t.as_str() {
+            "dense" => Ok(false),
+            "sparse" if raw.n_routed_experts.is_some() => Ok(true),
+            "sparse" => {
+                Err(Error::config(path, &format!("mlp_layer_types[{i}]"), "is sparse but n_routed_experts is not set"))
+            }
+            other => Err(Error::config(
+                path,
+                &format!("mlp_layer_types[{i}]"),
+                format!("`{other}`, expected `dense` or `sparse`"),
+            )),
+        })
+        .collect()
 }
 
 fn resolve_rope(raw: &RawConfig, path: &Path) -> Result<RopeConfig> {

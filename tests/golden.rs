@@ -73,15 +73,34 @@ fn bf16_compute_matches_transformers_in_bf16() {
             let logits = logits.to_dtype(DType::F32).unwrap();
             // A few bf16 steps apart at most: the f32 sums of the products run in another order.
             // (Measured 0.026 to 0.039 with the fused prefill attention.)
+            if name == "tiny-v32" {
+                // Sparse attention's selection and V3's routing are not continuous: where two
+                // indexer scores or two experts' affinities are a bf16 step apart, the orders of
+                // rounding may choose differently, that row's logits move far and later rows
+                // attend to it. Transformers' own bf16 and f32 runs part by 0.83 on row 10 here
+                // (a selection), and latent's bf16 routes row 4 otherwise than transformers' (0.93
+                // on that row, 0.1 to 0.15 on the later ones; mean 0.056 against the 0.025 between
+                // transformers' bf16 and f32). So: parity on the rows before, and a mean bound.
+                let head = |t: &Tensor| t.narrow(0, 0, 4).unwrap();
+                assert_close(
+                    &format!("{name} {path:?} bf16"),
+                    &head(&logits),
+                    &head(&want),
+                    Tol { abs: 0.1, rel: 0.0 },
+                );
+                let ours = mean_abs(&logits, &want);
+                assert!(ours < 0.1, "{name} {path:?}: {ours} from transformers' bf16");
+                continue;
+            }
             assert_close(&format!("{name} {path:?} bf16"), &logits, &want, Tol { abs: 0.1, rel: 0.0 });
             // In the V2 fixtures bf16 moves the logits well away from f32: latent's bf16 must
-            // follow transformers' bf16 there, not merely land near both. (tiny-v3's bf16 and f32
-            // logits are too close to tell apart this way.)
+            // follow transformers' bf16 there, not merely land near both. (The bf16 and f32 logits
+            // of tiny-v3 and tiny-v32 are too close to tell apart this way.)
             // Where the prefill attention runs latent's bf16 kernel (AVX-512 BF16), which rounds as
             // transformers does, closer still (measured 0.18 to 0.19 of it; 0.30 when its scores and
             // silu were rounded as candle's ops round them).
             let fused = path == AttentionPath::Expanded && latent::kernels::mla_decode::rounds_queries::<half::bf16>();
-            if name != "tiny-v3" {
+            if !name.starts_with("tiny-v3") {
                 let (ours, theirs) = (mean_abs(&logits, &want), mean_abs(&want, f32_reference));
                 let bound = if fused { 0.25 } else { 0.5 };
                 assert!(

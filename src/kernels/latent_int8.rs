@@ -201,6 +201,33 @@ impl Int8Rows {
     /// Appends one row: `c` (`d_c` latents) and `r` (`d_r` RoPE values).
     pub fn push(&mut self, c: &[f32], r: &[f32]) {
         let l = self.layout;
+        let (tile, row) = self.grow();
+        let codes = &mut self.codes[tile * l.tile_codes()..(tile + 1) * l.tile_codes()];
+        let scales = &mut self.scales[tile * l.tile_scales()..(tile + 1) * l.tile_scales()];
+        l.write_row(codes, scales, row, c, r);
+        self.len += 1;
+    }
+
+    /// Appends a copy of row `row` of a tile, `(codes, scales)` as [`Int8Tiles::tile`] hands
+    /// them out: its codes and scales as they are (sparse attention gathers the rows it selects
+    /// this way, without quantizing them again).
+    pub fn push_copy(&mut self, (codes, scales): (&[u8], &[f32]), row: usize) {
+        let l = self.layout;
+        let (tile, at) = self.grow();
+        let dst = &mut self.codes[tile * l.tile_codes()..(tile + 1) * l.tile_codes()];
+        for w in 0..l.words() {
+            dst[w * 64 + 4 * at..][..4].copy_from_slice(&codes[w * 64 + 4 * row..][..4]);
+        }
+        let dst = &mut self.scales[tile * l.tile_scales()..(tile + 1) * l.tile_scales()];
+        for b in 0..l.blocks() {
+            dst[b * TILE_ROWS + at] = scales[b * TILE_ROWS + row];
+        }
+        self.len += 1;
+    }
+
+    /// Room for the next row: its tile and its row in the tile.
+    fn grow(&mut self) -> (usize, usize) {
+        let l = self.layout;
         let (tile, row) = (self.len / TILE_ROWS, self.len % TILE_ROWS);
         // Whole groups, so that a group's tiles lie in one piece; code 0 (stored as 128) in rows
         // not written yet.
@@ -209,10 +236,7 @@ impl Int8Rows {
             self.codes.resize(groups * GROUP_TILES * l.tile_codes(), 128);
             self.scales.resize(groups * GROUP_TILES * l.tile_scales(), 0.0);
         }
-        let codes = &mut self.codes[tile * l.tile_codes()..(tile + 1) * l.tile_codes()];
-        let scales = &mut self.scales[tile * l.tile_scales()..(tile + 1) * l.tile_scales()];
-        l.write_row(codes, scales, row, c, r);
-        self.len += 1;
+        (tile, row)
     }
 }
 

@@ -5,6 +5,7 @@
 //! picks the widest the running CPU supports.
 
 pub mod attention;
+pub mod dsa;
 pub mod gemm;
 pub mod kquant;
 pub mod latent_int8;

@@ -20,15 +20,17 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use crate::cache::{CacheKind, DenseRows, LatentCache};
+use crate::cache::{CacheKind, DenseRows, Gathered, GatheredRows, IndexRows, LatentCache, PageLayout, PagePool};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{prefill_attention, AttnElem, PrefillShape};
+use crate::kernels::dsa::{index_scores, top_k};
 use crate::kernels::latent_int8::{mla_decode_int8, mla_decode_int8_into, Int8Scratch};
 use crate::kernels::matvec::{batched_matvec_into, batched_weighted_rows_into};
 use crate::kernels::mha_decode::mha_decode_paged;
-use crate::kernels::mla_decode::{mla_decode, mla_decode_paged_into, MlaScratch, MlaShape};
+use crate::kernels::mla_decode::{mla_decode, mla_decode_into, mla_decode_paged_into, MlaScratch, MlaShape};
 use crate::kernels::quant::{QuantMatrix, QuantizedRows};
+use crate::model::dsa::Indexer;
 use crate::model::layers::{
     quantize_rows, round_to, softmax_last_dim, with_stored, JobOutputs, Linear, RmsNorm, Stored, TokenInput,
 };
@@ -67,6 +69,8 @@ pub struct Mla {
     /// instead of the dense `w_uk` / `w_uv` (a quarter of their bytes or less).
     absorb_blocks: Option<Arc<(QuantMatrix, QuantMatrix)>>,
     o_proj: Linear, // (hidden, H d_v)
+    /// V3.2's lightning indexer: attention reads only the rows it selects.
+    indexer: Option<Indexer>,
     n_heads: usize,
     d_n: usize,
     d_r: usize,
@@ -134,6 +138,7 @@ impl Mla {
             w_uv,
             absorb_blocks: absorb_blocks.map(Arc::new),
             o_proj,
+            indexer: cfg.dsa.as_ref().map(|dsa| Indexer::load(w, cfg, dsa, names)).transpose()?,
             n_heads: h,
             d_n,
             d_r,
@@ -157,6 +162,12 @@ impl Mla {
             + dense(&self.w_uv)
             + self.absorb_blocks.as_ref().map_or(0, |b| b.0.bytes() + b.1.bytes())
             + self.o_proj.weight_bytes()
+            + self.indexer.as_ref().map_or(0, Indexer::weight_bytes)
+    }
+
+    /// The layer's lightning indexer (V3.2), if it has one.
+    pub fn indexer(&self) -> Option<&Indexer> {
+        self.indexer.as_ref()
     }
 
     /// The attention of a batch's rows, `x: (N, hidden)`, span after span: each span's tokens
@@ -179,9 +190,12 @@ impl Mla {
         } else {
             (self.w_uk.clone(), self.w_uv.clone())
         };
-        let q = match &self.q {
-            QProj::Full(proj) => proj.forward(x)?,
-            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        let (q, q_a) = match &self.q {
+            QProj::Full(proj) => (proj.forward(x)?, None),
+            QProj::LowRank { a, norm, b } => {
+                let q_a = norm.forward(&a.forward(x)?)?;
+                (b.forward(&q_a)?, Some(q_a))
+            }
         }; // (N, H (d_n + d_r))
         let kv = self.kv_a.forward(x)?; // (N, d_c + d_r)
         let mut outs = Vec::with_capacity(spans.len());
@@ -194,6 +208,24 @@ impl Mla {
             let q_rope = rope.apply(&q.narrow(2, d_n, d_r)?.contiguous()?, angles)?; // (H, T, d_r)
             let kv = kv.narrow(0, at, t)?;
             let k_rope = rope.apply(&kv.narrow(1, d_c, d_r)?.contiguous()?, angles)?; // (T, d_r)
+            if let (Some(ix), Some(q_a)) = (&self.indexer, &q_a) {
+                let rows = (&x.narrow(0, at, t)?, &q_a.narrow(0, at, t)?);
+                let span_cache = span.cache.as_deref_mut();
+                let out = self.attend_sparse_span(
+                    ix,
+                    rows,
+                    (&q_nope, &q_rope),
+                    (&kv, &k_rope),
+                    span_cache,
+                    layer,
+                    &span.pos,
+                    path,
+                    (&w_uk, &w_uv),
+                )?;
+                outs.push(out);
+                at += t;
+                continue;
+            }
             at += t;
             let (c_kv, k_rope) = match span.cache.as_deref_mut().map(|c| (c.kind(), c)) {
                 None => (self.kv_norm.forward(&kv.narrow(1, 0, d_c)?)?, k_rope),
@@ -411,6 +443,7 @@ impl Mla {
         };
         let stored = |t: &Tensor| !t.track_op() && with_stored(t, |_| ()).is_some();
         q && self.kv_a.takes_token_rows()
+            && self.indexer.as_ref().is_none_or(Indexer::takes_step)
             && !self.kv_norm.tracks()
             && self.o_proj.takes_token_rows()
             && (self.absorb_blocks.is_some() || (stored(&self.w_uk) && stored(&self.w_uv)))
@@ -453,8 +486,27 @@ impl Mla {
     ) -> Result<()> {
         let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
         let (b, half) = (caches.len(), d_r / 2);
-        let AttnScratch { proj, q_in, q_b, q_nope, q_rope, c, k_rope, q_lat, o_lat, xq, heads, o, mla, int8, expanded } =
-            s;
+        let AttnScratch {
+            proj,
+            q_in,
+            q_b,
+            q_nope,
+            q_rope,
+            c,
+            k_rope,
+            q_lat,
+            o_lat,
+            xq,
+            heads,
+            o,
+            mla,
+            int8,
+            expanded,
+            ix_proj,
+            ix_q,
+            ix_rows,
+            sparse,
+        } = s;
         // The query's first projection and the latents' share the input: one pass.
         let first = match &self.q {
             QProj::Full(p) => p,
@@ -478,6 +530,11 @@ impl Mla {
                 q_b.get(0)
             }
         };
+        if let Some(ix) = &self.indexer {
+            let (wk, wp, wq) = ix.projections();
+            Linear::token_rows_into(2, |j| ([wk, wp][j], input), ix_proj);
+            Linear::token_rows_into(1, |_| (wq, &*q_in), ix_q);
+        }
         let heads_x = heads.x_mut();
         heads_x.resize(b * h * d_v, 0.0);
         let scale = self.scale as f32;
@@ -506,25 +563,51 @@ impl Mla {
                 self.expanded_step((q_nope, q_rope), (c, k_rope), (cache, layer), dtype, expanded, x)?;
                 continue;
             }
-            let int8 = match cache.kind() {
+            let is_int8 = match cache.kind() {
                 CacheKind::Int8 => {
                     // Normalized without the gain, which goes into the query and the output.
                     self.kv_norm.normalize_row(&kv[..d_c], c);
-                    Some(&mut *int8)
+                    true
                 }
                 CacheKind::Dense(_) | CacheKind::Expanded(_) => {
                     self.kv_norm.forward_row(&kv[..d_c], c, dtype);
-                    None
+                    false
                 }
             };
-            cache.push_row(layer, c, k_rope)?;
+            let [ix_k, ix_w, ix_qh] = ix_rows;
+            match &self.indexer {
+                Some(ix) => {
+                    let (d_i, h_i) = (ix.dim(), ix.heads());
+                    ix_k.clear();
+                    ix_k.extend_from_slice(&ix_proj.get(0)[token * d_i..(token + 1) * d_i]);
+                    round_to(dtype, ix_k);
+                    ix.key_row(ix_k, (cos, sin), dtype);
+                    cache.push_row_indexed(layer, c, k_rope, ix_k)?;
+                    ix_w.clear();
+                    ix_w.extend_from_slice(&ix_proj.get(1)[token * h_i..(token + 1) * h_i]);
+                    ix_qh.clear();
+                    ix_qh.extend_from_slice(&ix_q.get(0)[token * h_i * d_i..(token + 1) * h_i * d_i]);
+                    round_to(dtype, ix_qh);
+                    ix.query_row(ix_qh, ix_w, (cos, sin), dtype);
+                }
+                None => cache.push_row(layer, c, k_rope)?,
+            }
 
             // q_lat = W_UKᵀ q_nope per head.
             q_lat.resize(h * d_c, 0.0);
             self.absorb_into(q_nope, xq, q_lat).ok_or_else(|| Error::internal("W_UK is not stored bf16 or f32"))?;
             round_to(dtype, q_lat);
             o_lat.resize(h * d_c, 0.0);
-            match int8 {
+            let visible = cache.len();
+            if let Some(ix) = self.indexer.as_ref().filter(|ix| visible > ix.topk()) {
+                let query = (&ix_qh[..], &ix_w[..]);
+                self.sparse_token(ix, (q_lat, q_rope), query, (cache, layer, visible), (sparse, mla, int8), o_lat)?;
+                round_to(dtype, o_lat);
+                let x = &mut heads_x[token * h * d_v..(token + 1) * h * d_v];
+                self.expand_into(o_lat, xq, x).ok_or_else(|| Error::internal("W_UV is not stored bf16 or f32"))?;
+                continue;
+            }
+            match is_int8.then_some(&mut *int8) {
                 Some(scratch) => {
                     let rows = cache
                         .int8_rows(layer)
@@ -564,6 +647,129 @@ impl Mla {
         o.round(dtype);
         out.copy_from_slice(o.get(0));
         Ok(())
+    }
+
+    /// One query's sparse attention (V3.2) into `o_lat (H d_c)`: the indexer scores the first
+    /// `visible` rows of `cache`'s `layer` for `query = (q_h (H_i d_i), w (H_i))`, keeps the best
+    /// [`Indexer::topk`] (every row when there are no more), gathers them and runs the absorbed
+    /// attention of `q_lat (H d_c)` and `q_rope (H d_r)` over them alone. For an int8 cache the
+    /// latents' gain goes into `q_lat` (which it scales in place) and into `o_lat`, as in
+    /// [`Mla::step`].
+    fn sparse_token(
+        &self,
+        ix: &Indexer,
+        (q_lat, q_rope): (&mut [f32], &[f32]),
+        (q_h, w): (&[f32], &[f32]),
+        (cache, layer, visible): (&LatentCache, usize, usize),
+        (s, mla, int8): (&mut SparseScratch, &mut MlaScratch, &mut Int8Scratch),
+        o_lat: &mut [f32],
+    ) -> Result<()> {
+        let (h, d_c, d_r) = (self.n_heads, self.d_c, self.d_r);
+        let SparseScratch { scores, order, chosen, gathered } = s;
+        if visible <= ix.topk() {
+            chosen.clear();
+            chosen.extend(0..visible as u32);
+        } else {
+            scores.resize(visible, 0.0);
+            cache
+                .with_index_keys(layer, |keys| match keys {
+                    IndexRows::Bf16(k) => index_scores(q_h, w, k, ix.dim(), scores),
+                    IndexRows::F32(k) => index_scores(q_h, w, k, ix.dim(), scores),
+                })
+                .ok_or_else(|| Error::internal(format!("the latent cache has no layer {layer}")))?;
+            top_k(scores, ix.topk(), order, chosen);
+        }
+        let (scale, shape) = (self.scale as f32, MlaShape { heads: h, d_c, d_r, len: chosen.len() });
+        match cache.gather(layer, chosen, gathered)? {
+            GatheredRows::Bf16(c, r) => mla_decode_into(q_lat, q_rope, c, r, shape, scale, mla, o_lat),
+            GatheredRows::F32(c, r) => mla_decode_into(q_lat, q_rope, c, r, shape, scale, mla, o_lat),
+            GatheredRows::Int8(rows) => {
+                let gain = self.kv_norm.gain();
+                for head in q_lat.chunks_exact_mut(d_c) {
+                    head.iter_mut().zip(gain).for_each(|(x, g)| *x *= g);
+                }
+                mla_decode_int8_into(q_lat, q_rope, rows, h, scale, int8, o_lat);
+                for head in o_lat.chunks_exact_mut(d_c) {
+                    head.iter_mut().zip(gain).for_each(|(x, g)| *x *= g);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One span's attention with sparse attention (V3.2), `(T, H d_v)`: `x (T, hidden)` the
+    /// span's normed input and `q_a (T, q_lora_rank)` its normed compressed query, `q_nope (H, T,
+    /// d_n)`, `q_rope (H, T, d_r)`, `kv (T, d_c + d_r)` the latents' projection and `k_rope (T,
+    /// d_r)` rotated. The span's rows and indexer keys are appended to `cache` (a span without
+    /// one gets a cache of its own for the pass). While no query sees more rows than it may
+    /// select, this is the dense attention on `path`; past that, each query's attention reads
+    /// only its selected rows ([`Mla::sparse_token`], absorbed, as DeepSeek's sparse kernels run
+    /// prefill too), computed as [`Mla::step`] computes a decoded token's.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_sparse_span(
+        &self,
+        ix: &Indexer,
+        (x, q_a): (&Tensor, &Tensor),
+        (q_nope, q_rope): (&Tensor, &Tensor),
+        (kv, k_rope): (&Tensor, &Tensor),
+        cache: Option<&mut LatentCache>,
+        layer: usize,
+        pos: &Positions<'_>,
+        path: AttentionPath,
+        (w_uk, w_uv): (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
+        let (t, start, dtype) = (x.dim(0)?, pos.start, x.dtype());
+        if [x, q_a, q_nope, w_uk].iter().any(|v| v.track_op()) {
+            return Err(Error::InvalidArgument(
+                "sparse attention (DeepSeek-V3.2) runs for inference only: its selection has no gradient".into(),
+            ));
+        }
+        let keys = ix.keys(x, start)?;
+        let mut own;
+        let (cache, layer) = match cache {
+            Some(cache) => (cache, layer),
+            None => {
+                let layout = PageLayout::of(CacheKind::Dense(dtype), 1, d_c, d_r)?.with_index_keys(ix.dim());
+                own = LatentCache::in_pool(&PagePool::new(layout, None), x.device());
+                (&mut own, 0)
+            }
+        };
+        let int8 = cache.kind() == CacheKind::Int8;
+        let latents = kv.narrow(1, 0, d_c)?;
+        let c_in = if int8 { self.kv_norm.normalize(&latents)? } else { self.kv_norm.forward(&latents)? };
+        cache.append_indexed(layer, &c_in, k_rope, &keys)?;
+        if start + t <= ix.topk() {
+            let (c_kv, k_rope) = if int8 {
+                let (c_hat, k_rope) = cache.dequantized(layer)?;
+                (c_hat.broadcast_mul(&self.kv_norm.gain_f32()?)?.to_dtype(dtype)?, k_rope.to_dtype(dtype)?)
+            } else {
+                cache.layer_rows(layer)?
+            };
+            return self.attend(q_nope, q_rope, &c_kv, &k_rope, (w_uk, w_uv), pos, path, dtype);
+        }
+        let (q_h, w) = ix.queries(q_a, x, start)?;
+        let rows = |v: &Tensor| -> Result<Vec<f32>> {
+            Ok(v.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1()?)
+        };
+        let (q_nope, q_rope) = (rows(q_nope)?, rows(q_rope)?); // (T, H, d_n), (T, H, d_r)
+        let (h_i, d_i) = (ix.heads(), ix.dim());
+        let (mut q_lat, mut o_lat, mut xq) = (vec![0f32; h * d_c], vec![0f32; h * d_c], Vec::new());
+        let (mut sparse, mut mla, mut int8_scratch) = Default::default();
+        let mut out = vec![0f32; t * h * d_v];
+        for (i, out) in out.chunks_exact_mut(h * d_v).enumerate() {
+            self.absorb_into(&q_nope[i * h * d_n..(i + 1) * h * d_n], &mut xq, &mut q_lat)
+                .ok_or_else(|| Error::internal("W_UK is not stored bf16 or f32"))?;
+            round_to(dtype, &mut q_lat);
+            let q_rope = &q_rope[i * h * d_r..(i + 1) * h * d_r];
+            let query = (&q_h[i * h_i * d_i..(i + 1) * h_i * d_i], &w[i * h_i..(i + 1) * h_i]);
+            let scratch = (&mut sparse, &mut mla, &mut int8_scratch);
+            self.sparse_token(ix, (&mut q_lat, q_rope), query, (cache, layer, start + i + 1), scratch, &mut o_lat)?;
+            round_to(dtype, &mut o_lat);
+            self.expand_into(&o_lat, &mut xq, out).ok_or_else(|| Error::internal("W_UV is not stored bf16 or f32"))?;
+        }
+        round_to(dtype, &mut out);
+        Ok(Tensor::from_vec(out, (t, h * d_v), x.device())?.to_dtype(dtype)?)
     }
 
     /// One token's step over an expanded cache (for study), into `out (H d_v)`: its keys
@@ -772,6 +978,22 @@ pub(crate) struct AttnScratch {
     /// The expanded cache's step: the latents repeated per head, a key row, a value row and the
     /// query.
     expanded: [Vec<f32>; 4],
+    /// The indexer's projections of the step's tokens: `wk` and `weights_proj`, then `wq_b`.
+    ix_proj: JobOutputs,
+    ix_q: JobOutputs,
+    /// One token's indexer key, head weights and query heads.
+    ix_rows: [Vec<f32>; 3],
+    sparse: SparseScratch,
+}
+
+/// What one query's sparse attention keeps from step to step: the indexer's scores, the
+/// selection and the rows it gathered.
+#[derive(Default)]
+pub(crate) struct SparseScratch {
+    scores: Vec<f32>,
+    order: Vec<u32>,
+    chosen: Vec<u32>,
+    gathered: Gathered,
 }
 
 /// `kv_b_proj (H (d_n + d_v), d_c)` -> `W_UK (H, d_n, d_c)`, `W_UV (H, d_v, d_c)`.

@@ -4,6 +4,7 @@
 //! from config fields and tensor presence. The model is stateless: the [`LatentCache`] is passed
 //! into `forward`, and the caller picks the attention path with [`AttentionPath`].
 
+pub mod dsa;
 pub mod layers;
 pub mod mla;
 pub mod moe;
@@ -367,7 +368,7 @@ impl Model {
     /// Whether every layer can fill an expanded cache ([`CacheKind::Expanded`], for study): its
     /// `kv_b_proj` is stored bf16 or f32.
     pub fn takes_expanded_cache(&self) -> bool {
-        self.layers.iter().all(|l| l.attn.has_dense_kv_b())
+        self.config.dsa.is_none() && self.layers.iter().all(|l| l.attn.has_dense_kv_b())
     }
 
     /// The default kind of cache: rows in [`Model::cache_dtype`].

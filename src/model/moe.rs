@@ -51,7 +51,7 @@ impl RouterSpec {
             topk_group: moe.topk_group,
             norm_topk_prob: moe.norm_topk_prob,
             routed_scaling_factor: moe.routed_scaling_factor as f32,
-            scale_after_norm: model_type == ModelType::DeepseekV3,
+            scale_after_norm: model_type.is_v3_family(),
         }
     }
 }

@@ -117,6 +117,14 @@ impl Trainer {
                 (Config::from_json(&text, run_path)?, json, tokenizer_dir)
             }
         };
+        if cfg.dsa.is_some() {
+            return Err(Error::config(
+                run_path,
+                "model.model_type",
+                "deepseek_v32 cannot be trained here: its sparse attention's indexer learns from its own loss, \
+                 which latent does not implement; train a deepseek_v3 model instead",
+            ));
+        }
         // The tokenizer trained with is built from the very bytes every checkpoint will carry.
         let tokenizer_files = TokenizerFiles::read(&tokenizer_dir)?;
         let tokenizer = Tokenizer::from_parts(

@@ -39,6 +39,11 @@ impl LayerNames {
     pub fn attn_norm(&self, norm: &str) -> String {
         self.name(&format!("self_attn.{norm}.weight"))
     }
+    /// The lightning indexer's (V3.2) `self_attn.indexer.{rest}`: `wq_b.weight`, `wk.weight`,
+    /// `k_norm.weight`, `k_norm.bias`, `weights_proj.weight`.
+    pub fn indexer(&self, rest: &str) -> String {
+        self.name(&format!("self_attn.indexer.{rest}"))
+    }
     /// Dense layer: `mlp.{proj}.weight` for gate_proj, up_proj, down_proj.
     pub fn mlp(&self, proj: &str) -> String {
         self.name(&format!("mlp.{proj}.weight"))

@@ -71,7 +71,7 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 /// The fixture names with a model in them.
-pub const MODELS: [&str; 3] = ["tiny-v2", "tiny-v2-lite", "tiny-v3"];
+pub const MODELS: [&str; 4] = ["tiny-v2", "tiny-v2-lite", "tiny-v3", "tiny-v32"];
 
 impl Fixture {
     pub fn load(name: &str) -> Fixture {
