@@ -147,7 +147,13 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
     let weight_bytes = model.weight_bytes();
     let bytes_per_param = weight_bytes as f64 / counts.total.max(1) as f64;
     let cache = model.new_cache_of(kind)?;
+    // Sparse attention reads every row's indexer key but at most `index_topk` rows' latents.
+    let key_bytes_per_token = cache.pool().layout().index_bytes_per_token();
     let kv_bytes_per_token = cache.bytes_per_token();
+    let latent_bytes_per_token = kv_bytes_per_token - key_bytes_per_token;
+    let topk = cfg.dsa.map_or(usize::MAX, |d| d.index_topk);
+    let indexer_macs_per_row =
+        cfg.dsa.map_or(0, |d| (cfg.num_hidden_layers * d.index_n_heads * d.index_head_dim) as u64);
     let active_bytes = (counts.active as f64 * bytes_per_param) as usize + cfg.hidden_size * dtype_bytes;
     let bandwidth = memory_bandwidth_gb_s();
 
@@ -164,16 +170,18 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
         let tok_s = median(runs);
         // The cache as it stands halfway through the timed tokens.
         let rows = depth + config.decode_tokens / 2;
-        let per_token = active_bytes + rows * kv_bytes_per_token;
+        let read = rows.min(topk);
+        let cache_bytes = read * latent_bytes_per_token + rows * key_bytes_per_token;
+        let per_token = active_bytes + cache_bytes;
         let roofline = bandwidth * 1e9 / per_token as f64;
         decode.insert(depth, tok_s);
         bytes.insert(depth, per_token);
         share.insert(depth, tok_s / roofline);
-        let attention_macs = macs_per_row * rows as u64;
+        let attention_macs = macs_per_row * read as u64 + indexer_macs_per_row * rows as u64;
         macs.insert(depth, attention_macs);
         if let Some(peak) = peak {
             let (weights_s, cache_s) =
-                (active_bytes as f64 / (bandwidth * 1e9), (rows * kv_bytes_per_token) as f64 / (bandwidth * 1e9));
+                (active_bytes as f64 / (bandwidth * 1e9), cache_bytes as f64 / (bandwidth * 1e9));
             let floor_s = weights_s + cache_s.max(attention_macs as f64 / (peak * 1e9));
             share_with_attention.insert(depth, tok_s * floor_s);
         }
@@ -196,7 +204,8 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
             None => 0.0,
         };
         let rows = config.batch_depth + config.decode_tokens / 2;
-        let step = active_bytes as f64 + routed + (b * rows * kv_bytes_per_token) as f64;
+        let cache_bytes = rows.min(topk) * latent_bytes_per_token + rows * key_bytes_per_token;
+        let step = active_bytes as f64 + routed + (b * cache_bytes) as f64;
         batch.insert(b, tok_s);
         batch_bytes.insert(b, step as usize);
         batch_share.insert(b, tok_s / (b as f64 * bandwidth * 1e9 / step));
@@ -267,10 +276,16 @@ fn filled_cache(model: &Model, kind: CacheKind, depth: usize, more: usize) -> Re
         let (d_c, d_r) = (layout.d_c, layout.d_r);
         let c_kv = Tensor::randn(0f32, 1.0, (depth, d_c), model.device())?.to_dtype(model.dtype())?;
         let k_rope = Tensor::randn(0f32, 1.0, (depth, d_r), model.device())?.to_dtype(model.dtype())?;
+        // Sparse attention: random indexer keys too (the selection then reads scattered rows).
+        let keys = match layout.d_i {
+            0 => None,
+            d_i => Some(Tensor::randn(0f32, 1.0, (depth, d_i), model.device())?),
+        };
         for layer in 0..cfg.num_hidden_layers {
-            match cache.kind() {
-                CacheKind::Int8 => cache.append_int8(layer, &c_kv, &k_rope)?,
-                CacheKind::Dense(_) | CacheKind::Expanded(_) => drop(cache.append(layer, &c_kv, &k_rope)?),
+            match (cache.kind(), &keys) {
+                (_, Some(keys)) => cache.append_indexed(layer, &c_kv, &k_rope, keys)?,
+                (CacheKind::Int8, None) => cache.append_int8(layer, &c_kv, &k_rope)?,
+                (CacheKind::Dense(_) | CacheKind::Expanded(_), None) => drop(cache.append(layer, &c_kv, &k_rope)?),
             }
         }
     }

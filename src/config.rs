@@ -371,11 +371,43 @@ impl Config {
         if let Some(moe) = &self.moe {
             moe.validate(path)?;
         }
+        if let Some(dsa) = &self.dsa {
+            self.validate_dsa(dsa, path)?;
+        }
         Ok(())
     }
 
-    /// Whether decoder layer `i` uses DeepSeekMoE (else a dense SwiGLU).
+    fn validate_dsa(&self, dsa: &DsaConfig, path: &Path) -> Result<()> {
+        let sizes = [
+            ("index_n_heads", dsa.index_n_heads, 1, MAX_SIZE),
+            ("index_head_dim", dsa.index_head_dim, self.qk_rope_head_dim, MAX_SIZE),
+            ("index_topk", dsa.index_topk, 1, MAX_LENGTH),
+        ];
+        for (field, value, smallest, largest) in sizes {
+            if value < smallest || value > largest {
+                let why = match field {
+                    "index_head_dim" => " (its first qk_rope_head_dim values are rotated)",
+                    _ => "",
+                };
+                return Err(Error::config(path, field, format!("must be in {smallest}..={largest}{why}, got {value}")));
+            }
+        }
+        if self.q_lora_rank.is_none() {
+            return Err(Error::config(
+                path,
+                "q_lora_rank",
+                "is required with sparse attention: the indexer's query is projected from the compressed query",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether decoder layer `i` uses DeepSeekMoE (else a dense SwiGLU): `mlp_layer_types` where
+    /// the file gives it, else `first_k_dense_replace` and `moe_layer_freq`.
     pub fn is_moe_layer(&self, i: usize) -> bool {
+        if let Some(layers) = &self.moe_layers {
+            return self.moe.is_some() && layers.get(i).copied().unwrap_or(false);
+        }
         self.moe.as_ref().is_some_and(|m| i >= m.first_k_dense_replace && i.is_multiple_of(m.moe_layer_freq))
     }
 

@@ -40,6 +40,14 @@ pub fn try_param_counts(cfg: &Config) -> Option<ParamCounts> {
         Some(r) => sum(&[mul(&[h, r])?, bias * r, r, mul(&[r, heads, d_n + d_r])?])?,
         None => mul(&[h, heads, d_n + d_r])?,
     };
+    // V3.2's lightning indexer: wq_b, wk, k_norm (weight and bias), weights_proj.
+    let indexer = match (&cfg.dsa, cfg.q_lora_rank) {
+        (Some(dsa), Some(r)) => {
+            let (h_i, d_i) = (n(dsa.index_n_heads), n(dsa.index_head_dim));
+            sum(&[mul(&[n(r), h_i, d_i])?, mul(&[h, d_i])?, 2 * d_i, mul(&[h, h_i])?])?
+        }
+        _ => 0,
+    };
     let attn = sum(&[
         q,
         mul(&[h, d_c + d_r])?,
@@ -48,6 +56,7 @@ pub fn try_param_counts(cfg: &Config) -> Option<ParamCounts> {
         mul(&[d_c, heads, d_n + d_v])?,
         mul(&[heads, d_v, h])?,
         bias * h,
+        indexer,
     ])?;
     let embedding = mul(&[v, h])?;
     let head = if cfg.tie_word_embeddings { 0 } else { embedding };
@@ -215,6 +224,26 @@ impl fmt::Display for Report<'_> {
                 bytes_f64(int8),
                 int8 / (kv.mla as f64 * b as f64),
                 self.dtype_name
+            )?;
+        }
+        if let Some(dsa) = &c.dsa {
+            // The indexer key is cached beside the latent: f32 in an f32 cache, else bf16.
+            let keys = dsa.index_head_dim.saturating_mul(c.num_hidden_layers);
+            let key_bytes = if b == 4 { 4 } else { 2 };
+            let size = keys as f64 * key_bytes as f64;
+            let total = size + kv.mla as f64 * b as f64;
+            writeln!(
+                f,
+                "  {:<38} {keys:>9} values {:>11}  {:>5.1}% of latent + key",
+                "+ DSA indexer key  d_i l",
+                bytes_f64(size),
+                100.0 * size / total
+            )?;
+            writeln!(
+                f,
+                "  sparse attention: each query reads at most {} rows (index_topk); the indexer scores every row with {} \
+                 heads of {}",
+                dsa.index_topk, dsa.index_n_heads, dsa.index_head_dim
             )?;
         }
         write!(f, "  MLA saves {:.1}% of the MHA cache", 100.0 * (1.0 - kv.mla as f64 / kv.mha as f64))

@@ -293,6 +293,11 @@ struct ModelArgs {
     /// values per token and layer; bf16 or f32 models only).
     #[arg(long, value_enum, default_value_t = KvCacheArg::Auto)]
     kv_cache: KvCacheArg,
+    /// Sparse-attention models (DeepSeek-V3.2) only: attend to at most this many rows per query
+    /// instead of the config's index_topk. For study and measurement: a value past the context
+    /// turns the selection off (dense MLA over every row).
+    #[arg(long)]
+    index_topk: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -591,7 +596,10 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
         bar.set_position(done as u64);
     });
     bar.finish_and_clear();
-    let (model, report) = loaded.with_context(|| format!("loading the model in {}", dir.display()))?;
+    let (mut model, report) = loaded.with_context(|| format!("loading the model in {}", dir.display()))?;
+    if let Some(topk) = args.index_topk {
+        model.set_index_topk(topk)?;
+    }
     cache_kind(args, &model)?;
     let tokenizer = if latent::weights::gguf::is_gguf(&dir) {
         let file = latent::weights::gguf::GgufFile::open(&dir)?;

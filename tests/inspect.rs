@@ -31,6 +31,27 @@ fn parameter_counts_from_the_config_equal_the_checkpoint_tensors() {
 }
 
 #[test]
+fn v32_adds_the_lightning_indexer_to_v3() {
+    // DeepSeek-V3.2-Exp is V3 plus, per layer, wq_b (1536 x 64·128), wk (7168 x 128), k_norm
+    // (2 x 128) and weights_proj (7168 x 64): 13.97 M, 852 M over 61 layers.
+    let (v3, v32) = (param_counts(&published("deepseek-v3.json")), param_counts(&published("deepseek-v3.2.json")));
+    let per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64;
+    assert_eq!(v32.total - v3.total, 61 * per_layer);
+    assert_eq!(v32.active - v3.active, 61 * per_layer);
+    let report = latent::inspect::Report {
+        config: &published("deepseek-v3.2.json"),
+        source: "config".into(),
+        weights: None,
+        dtype_bytes: 2,
+        dtype_name: "BF16".into(),
+    }
+    .to_string();
+    // 128 bf16 values per layer beside 576: 18.2% of what a token caches.
+    assert!(report.contains("+ DSA indexer key") && report.contains("18.2% of latent + key"), "{report}");
+    assert!(report.contains("at most 2048 rows"), "{report}");
+}
+
+#[test]
 fn published_shapes_give_the_papers_parameter_counts() {
     // DeepSeek-V2 paper: 236B total, 21B activated; V2-Lite 15.7B and 2.4B; V3 paper: 671B and 37B.
     for (file, total, active) in

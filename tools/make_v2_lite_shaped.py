@@ -7,7 +7,13 @@ Tensors use the published names and are written in ~2 GB shards with a model.saf
 The tokenizer is the small BPE of tests/fixtures/tokenizer (the real V2 tokenizer is not on PyPI):
 its ids are a subset of the model's vocabulary.
 
-  python3 tools/make_v2_lite_shaped.py OUT_DIR [--layers 6] [--seed 0]
+With --v32, a DeepSeek-V3.2-shaped one instead, for the sparse-attention benchmark: V3.2's attention
+exactly (hidden 7168, 128 heads, q_lora_rank 1536, kv_lora_rank 512, rope 64, nope 128, v 128, the
+lightning indexer's 64 heads of 128 and index_topk 2048, YaRN to 163840 positions) and less of the
+rest: 2 layers by default, the first with a dense MLP of 2048, the second MoE with 4 routed experts
+of 512 (top 2) and 1 shared; vocabulary 4096.
+
+  python3 tools/make_v2_lite_shaped.py OUT_DIR [--layers 6] [--seed 0] [--v32]
 """
 
 import argparse
@@ -30,7 +36,20 @@ def tensor_shapes(c):
         p = f"model.layers.{i}"
         yield f"{p}.input_layernorm.weight", (h,)
         yield f"{p}.post_attention_layernorm.weight", (h,)
-        yield f"{p}.self_attn.q_proj.weight", (heads * (dn + dr), h)
+        if c.get("q_lora_rank"):
+            r = c["q_lora_rank"]
+            yield f"{p}.self_attn.q_a_proj.weight", (r, h)
+            yield f"{p}.self_attn.q_a_layernorm.weight", (r,)
+            yield f"{p}.self_attn.q_b_proj.weight", (heads * (dn + dr), r)
+        else:
+            yield f"{p}.self_attn.q_proj.weight", (heads * (dn + dr), h)
+        if "index_topk" in c:
+            hi, di = c["index_n_heads"], c["index_head_dim"]
+            yield f"{p}.self_attn.indexer.wq_b.weight", (hi * di, c["q_lora_rank"])
+            yield f"{p}.self_attn.indexer.wk.weight", (di, h)
+            yield f"{p}.self_attn.indexer.k_norm.weight", (di,)
+            yield f"{p}.self_attn.indexer.k_norm.bias", (di,)
+            yield f"{p}.self_attn.indexer.weights_proj.weight", (hi, h)
         yield f"{p}.self_attn.kv_a_proj_with_mqa.weight", (dc + dr, h)
         yield f"{p}.self_attn.kv_a_layernorm.weight", (dc,)
         yield f"{p}.self_attn.kv_b_proj.weight", (heads * (dn + dv), dc)
@@ -58,11 +77,21 @@ def main():
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--v32", action="store_true", help="DeepSeek-V3.2's attention (see above)")
     args = ap.parse_args()
 
-    with open(os.path.join(FIXTURES, "configs", "deepseek-v2-lite.json")) as f:
-        config = json.load(f)
-    config["num_hidden_layers"] = args.layers
+    if args.v32:
+        with open(os.path.join(FIXTURES, "configs", "deepseek-v3.2.json")) as f:
+            config = json.load(f)
+        config.pop("quantization_config")
+        layers = args.layers if args.layers != 6 else 2
+        config.update(num_hidden_layers=layers, num_nextn_predict_layers=0, vocab_size=4096, intermediate_size=2048,
+                      first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=512,
+                      n_shared_experts=1, n_group=1, topk_group=1)
+    else:
+        with open(os.path.join(FIXTURES, "configs", "deepseek-v2-lite.json")) as f:
+            config = json.load(f)
+        config["num_hidden_layers"] = args.layers
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -87,6 +116,7 @@ def main():
         shard = {}
         for name, shape in group:
             std, mean = (0.1, 1.0) if name.endswith("norm.weight") else (0.02, 0.0)
+            std, mean = (0.1, 0.0) if name.endswith("norm.bias") else (std, mean)
             shard[name] = (mean + std * torch.randn(shape, generator=g)).to(torch.bfloat16)
             weight_map[name] = file
             total += shard[name].numel() * 2

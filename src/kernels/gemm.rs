@@ -314,6 +314,19 @@ pub fn gemm_bf16(x: &[half::bf16], w: &[half::bf16], t: usize, n_in: usize, n_ou
     None
 }
 
+/// [`gemm_bf16`] of one run of weight rows on the calling thread, into `out (rows, t)`: `false`
+/// (nothing written) without AVX-512 BF16.
+pub(crate) fn bf16_rows_into(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) -> bool {
+    assert!(x.len() == t * n_in && out.len() * n_in == rows.len() * t, "bf16_rows_into: shapes disagree");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: `has_avx512_bf16` checked the CPU.
+        unsafe { bf16_tiles(x, rows, t, n_in, out) };
+        return true;
+    }
+    false
+}
+
 /// Whether the CPU has AVX-512 with the BF16 dot product (checked once).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512_bf16() -> bool {

@@ -77,6 +77,11 @@ impl Indexer {
         self.topk
     }
 
+    /// Sets [`Indexer::topk`].
+    pub(crate) fn set_topk(&mut self, topk: usize) {
+        self.topk = topk;
+    }
+
     /// The key's width, `d_i`.
     pub fn dim(&self) -> usize {
         self.dim

@@ -170,6 +170,10 @@ impl Mla {
         self.indexer.as_ref()
     }
 
+    pub(crate) fn indexer_mut(&mut self) -> Option<&mut Indexer> {
+        self.indexer.as_mut()
+    }
+
     /// The attention of a batch's rows, `x: (N, hidden)`, span after span: each span's tokens
     /// attend to its own sequence only: the rows its cache holds (this layer's, to which the
     /// span's are appended) and its own, causally; a span without a cache (training) to its own
@@ -1040,4 +1044,53 @@ fn causal_mask(t: usize, s: usize, device: &candle_core::Device) -> Result<Tenso
     let mask: Vec<f32> =
         (0..t).flat_map(|i| (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (t, s), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::dsa::ContiguousKeys;
+    use crate::kernels::matvec::tests::random;
+
+    #[test]
+    fn sparse_attention_reads_only_the_rows_the_indexer_selects() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-v32");
+        let (model, _) = crate::Model::load(&dir, None, &candle_core::Device::Cpu).unwrap();
+        let mla = &model.layers[1].attn;
+        let ix = mla.indexer.as_ref().unwrap();
+        let (h, d_c, d_r, d_i, h_i) = (mla.n_heads, mla.d_c, mla.d_r, ix.dim(), ix.heads());
+        let n = 150;
+        let (c, r, keys) = (random(n * d_c, 1), random(n * d_r, 2), random(n * d_i, 3));
+        let (q_h, w, q_lat, q_rope) = (random(h_i * d_i, 4), random(h_i, 5), random(h * d_c, 6), random(h * d_r, 7));
+        // The selection, by the kernels directly.
+        let mut scores = vec![0f32; n];
+        index_scores(&q_h, &w, &ContiguousKeys { keys: &keys, d_i }, d_i, &mut scores);
+        let (mut order, mut chosen) = (Vec::new(), Vec::new());
+        top_k(&scores, ix.topk(), &mut order, &mut chosen);
+        assert_eq!(chosen.len(), ix.topk());
+        // A cache whose other rows are NaN: attention that read them, even masked, would be NaN.
+        let layout = PageLayout::of(CacheKind::Dense(DType::F32), 1, d_c, d_r).unwrap().with_index_keys(d_i);
+        let mut cache = LatentCache::in_pool(&PagePool::new(layout, None), &candle_core::Device::Cpu);
+        let nan = vec![f32::NAN; d_c.max(d_r)];
+        for s in 0..n {
+            let (row_c, row_r) = if chosen.contains(&(s as u32)) {
+                (&c[s * d_c..(s + 1) * d_c], &r[s * d_r..(s + 1) * d_r])
+            } else {
+                (&nan[..d_c], &nan[..d_r])
+            };
+            cache.push_row_indexed(0, row_c, row_r, &keys[s * d_i..(s + 1) * d_i]).unwrap();
+        }
+        let mut o_lat = vec![0f32; h * d_c];
+        let scratch = (&mut SparseScratch::default(), &mut MlaScratch::default(), &mut Int8Scratch::default());
+        let mut q = q_lat.clone();
+        mla.sparse_token(ix, (&mut q, &q_rope), (&q_h, &w), (&cache, 0, n), scratch, &mut o_lat).unwrap();
+        // The same as attention over the chosen rows alone.
+        let pick = |v: &[f32], d: usize| -> Vec<f32> {
+            chosen.iter().flat_map(|&s| v[s as usize * d..(s as usize + 1) * d].to_vec()).collect()
+        };
+        let shape = MlaShape { heads: h, d_c, d_r, len: chosen.len() };
+        let want = mla_decode(&q_lat, &q_rope, &pick(&c, d_c), &pick(&r, d_r), shape, mla.scale as f32);
+        assert!(o_lat.iter().all(|v| v.is_finite()), "a row that was not selected was read");
+        assert_eq!(o_lat, want);
+    }
 }

@@ -365,6 +365,29 @@ impl Model {
         LatentCache::with_kind(&self.config, kind, &self.device)
     }
 
+    /// Sets how many rows each query of a sparse-attention model (DeepSeek-V3.2) attends to at
+    /// most, in place of the config's `index_topk`: for study and measurement (a value past the
+    /// context turns the selection off: dense MLA over every row, with the indexer's keys still
+    /// computed and cached). An error for a model without sparse attention, or for 0.
+    pub fn set_index_topk(&mut self, topk: usize) -> Result<()> {
+        let Some(dsa) = self.config.dsa.as_mut() else {
+            return Err(Error::InvalidArgument(format!(
+                "--index-topk applies to sparse-attention models (model_type deepseek_v32); this one is {:?}",
+                self.config.model_type
+            )));
+        };
+        if topk == 0 {
+            return Err(Error::InvalidArgument("--index-topk must be at least 1".into()));
+        }
+        dsa.index_topk = topk;
+        for layer in &mut self.layers {
+            if let Some(ix) = layer.attn.indexer_mut() {
+                ix.set_topk(topk);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether every layer can fill an expanded cache ([`CacheKind::Expanded`], for study): its
     /// `kv_b_proj` is stored bf16 or f32.
     pub fn takes_expanded_cache(&self) -> bool {
