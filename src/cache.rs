@@ -436,6 +436,11 @@ impl LatentCache {
     }
 
     /// Pages held, the room past the rows included.
+    /// Rows the cache has room for without taking another page.
+    pub fn capacity(&self) -> usize {
+        self.pages.len() * PAGE_ROWS
+    }
+
     pub fn pages(&self) -> usize {
         self.pages.len()
     }

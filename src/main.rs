@@ -573,6 +573,12 @@ fn cache_kind(args: &ModelArgs, model: &Model) -> Result<CacheKind> {
         }
         KvCacheArg::Expanded => {
             let dtype = model.cache_kind().dtype().unwrap_or(DType::BF16);
+            if model.config().dsa.is_some() {
+                bail!(
+                    "--kv-cache expanded cannot serve sparse attention (DeepSeek-V3.2): the indexer selects latent rows; \
+                     use --kv-cache auto or int8"
+                );
+            }
             if !model.takes_expanded_cache() {
                 bail!("--kv-cache expanded needs kv_b_proj stored in bf16 or f32 (not a quantized model)");
             }

@@ -87,6 +87,8 @@ fn decode_steps_allocate_nothing_per_token() {
         ("tiny-v3-256 Q4_K", load("tiny-v3-256", DType::F32, Some(Quant::Q4K))),
         ("gguf Q8_0", load("gguf/tiny-v3-256-q8_0.gguf", DType::F32, None)),
         ("tiny-v2 bf16", load("tiny-v2", DType::BF16, None)),
+        // Sparse attention: the indexer's scores, the selection and the gathered rows reuse buffers.
+        ("tiny-v32 bf16", load("tiny-v32", DType::BF16, None)),
     ];
     // A bf16 cache is read by the fused kernel where the CPU has AVX-512 BF16; elsewhere by a
     // fallback that allocates. The int8 cache has an allocation-free kernel on every CPU.

@@ -65,44 +65,59 @@ pub fn index_scores<W: Load16>(q: &[f32], w: &[f32], keys: &dyn KeyPages<W>, d_i
     let exact = W::as_bf16(&[]).is_some() && q.iter().all(|&v| half::bf16::from_f32(v).to_f32() == v);
     #[cfg(target_arch = "x86_64")]
     if exact && heads.is_multiple_of(16) && d_i.is_multiple_of(2) && super::gemm::has_avx512_bf16() {
-        let pairs = head_pairs(q, heads, d_i);
-        out.par_chunks_mut(PAGE_ROWS).enumerate().for_each(|(i, out)| {
-            if let Some(page) = W::as_bf16(&keys.page(i)[..out.len() * d_i]) {
-                // SAFETY: the CPU has AVX-512 BF16 (checked above); the sizes are the kernel's.
-                unsafe { broadcast::scores(&pairs, w, page, d_i, out) }
-            }
+        PAIRS.with_borrow_mut(|pairs| {
+            head_pairs(q, heads, d_i, pairs);
+            out.par_chunks_mut(PAGE_ROWS).enumerate().for_each(|(i, out)| {
+                if let Some(page) = W::as_bf16(&keys.page(i)[..out.len() * d_i]) {
+                    // SAFETY: the CPU has AVX-512 BF16 (checked above); the sizes are the kernel's.
+                    unsafe { broadcast::scores(pairs, w, page, d_i, out) }
+                }
+            });
         });
         return;
     }
-    let q16: Option<Vec<half::bf16>> = exact.then(|| q.iter().map(|&v| half::bf16::from_f32(v)).collect());
     let simd = Simd::detect();
     // Each page on one thread, the pages in parallel: (n, H_i) products, then the weighted ReLU.
-    out.par_chunks_mut(PAGE_ROWS).enumerate().for_each_init(Vec::new, |s, (i, out)| {
+    out.par_chunks_mut(PAGE_ROWS).enumerate().for_each(|(i, out)| {
         let n = out.len();
         let page = &keys.page(i)[..n * d_i];
-        s.resize(n * heads, 0.0);
-        let done = q16.as_ref().zip(W::as_bf16(page)).is_some_and(|(q, k)| bf16_rows_into(q, k, heads, d_i, s));
-        if !done {
-            tiles(simd, q, page, heads, d_i, s);
-        }
-        for (o, row) in out.iter_mut().zip(s.chunks_exact(heads)) {
-            *o = row.iter().zip(w).map(|(&v, &w)| w * v.max(0.0)).sum();
-        }
+        PRODUCTS.with_borrow_mut(|s| {
+            s.resize(n * heads, 0.0);
+            let done = exact
+                && Q16.with_borrow_mut(|q16| {
+                    q16.clear();
+                    q16.extend(q.iter().map(|&v| half::bf16::from_f32(v)));
+                    W::as_bf16(page).is_some_and(|k| bf16_rows_into(q16, k, heads, d_i, s))
+                });
+            if !done {
+                tiles(simd, q, page, heads, d_i, s);
+            }
+            for (o, row) in out.iter_mut().zip(s.chunks_exact(heads)) {
+                *o = row.iter().zip(w).map(|(&v, &w)| w * v.max(0.0)).sum();
+            }
+        });
     });
+}
+
+thread_local! {
+    /// Each thread's buffers for [`index_scores`], kept from call to call (a decode step
+    /// allocates nothing once they have held a step's worth).
+    static PAIRS: std::cell::RefCell<Vec<half::bf16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PRODUCTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static Q16: std::cell::RefCell<Vec<half::bf16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `q (H_i, d_i)` as the broadcast kernel reads it: per pair of dimensions `p`, per head `h`,
 /// `(q[h][2p], q[h][2p + 1])` in bf16.
 #[cfg(target_arch = "x86_64")]
-fn head_pairs(q: &[f32], heads: usize, d_i: usize) -> Vec<half::bf16> {
-    let mut pairs = Vec::with_capacity(heads * d_i);
+fn head_pairs(q: &[f32], heads: usize, d_i: usize, pairs: &mut Vec<half::bf16>) {
+    pairs.clear();
     for p in 0..d_i / 2 {
         for h in 0..heads {
             pairs.push(half::bf16::from_f32(q[h * d_i + 2 * p]));
             pairs.push(half::bf16::from_f32(q[h * d_i + 2 * p + 1]));
         }
     }
-    pairs
 }
 
 /// The indexer's scores with `vdpbf16ps` and no horizontal sum in the inner loop: a key's pair of

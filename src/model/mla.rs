@@ -674,6 +674,11 @@ impl Mla {
             chosen.clear();
             chosen.extend(0..visible as u32);
         } else {
+            // Room for every row the cache has reserved: a decode step then allocates nothing.
+            for v in [&mut *order, &mut *chosen] {
+                v.reserve(cache.capacity().saturating_sub(v.len()));
+            }
+            scores.reserve(cache.capacity().saturating_sub(scores.len()));
             scores.resize(visible, 0.0);
             cache
                 .with_index_keys(layer, |keys| match keys {
