@@ -436,6 +436,11 @@ impl LatentCache {
     }
 
     /// Pages held, the room past the rows included.
+    /// Rows of `layer` (0 for a layer the cache does not have).
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.lens.get(layer).copied().unwrap_or(0)
+    }
+
     /// Rows the cache has room for without taking another page.
     pub fn capacity(&self) -> usize {
         self.pages.len() * PAGE_ROWS

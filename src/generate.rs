@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::cache::LatentCache;
 use crate::error::{Error, Result};
-use crate::model::{AttentionPath, LogitRows, Model, Workspace};
+use crate::model::{AttentionPath, LogitRows, Model, Workspace, DEFAULT_PREFILL_CHUNK};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{Message, TextStream, Tokenizer};
 
@@ -17,6 +17,18 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// Generation stops before the first occurrence of any of these; they are not printed.
     pub stop: Vec<String>,
+    /// Speculative decoding: tokens the model's multi-token-prediction module drafts per step
+    /// (chained past one module), verified by the main model in one forward. 0, or a model
+    /// without MTP modules: plain decoding. The output is the same either way (greedy: token for
+    /// token; sampled: in distribution).
+    pub draft_tokens: usize,
+}
+
+impl Request {
+    /// `max_tokens` with `sampling`, no stop strings, no speculation.
+    pub fn new(max_tokens: usize, sampling: SamplingParams) -> Request {
+        Request { max_tokens, sampling, stop: Vec::new(), draft_tokens: 0 }
+    }
 }
 
 /// Why generation ended.
@@ -28,6 +40,23 @@ pub enum StopReason {
     ContextFull,
 }
 
+/// What speculative decoding did in one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Speculation {
+    /// Verify steps (one forward of the main model each).
+    pub steps: usize,
+    /// Tokens drafted, and of them those the main model accepted.
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
+impl Speculation {
+    /// Accepted drafts over drafted ones.
+    pub fn acceptance(&self) -> f64 {
+        self.accepted as f64 / self.drafted.max(1) as f64
+    }
+}
+
 /// The result of one request.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -37,6 +66,8 @@ pub struct Generation {
     pub n_prompt: usize,
     pub prompt_secs: f64,
     pub decode_secs: f64,
+    /// What speculative decoding did, where it ran.
+    pub speculation: Option<Speculation>,
 }
 
 impl Generation {
@@ -59,6 +90,21 @@ pub fn generate(
     cache: &mut LatentCache,
     prompt: &[u32],
     request: &Request,
+    on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    generate_with_mtp(model, tokenizer, (cache, None), prompt, request, on_text)
+}
+
+/// [`generate`] with the cache of the model's multi-token-prediction modules
+/// ([`Model::new_mtp_cache`]) kept by the caller, so that a conversation's next turn drafts
+/// without recomputing the earlier ones: it holds rows for a prefix of the positions `cache`
+/// holds. Without one, speculation makes its own and prefills every prompt token.
+pub fn generate_with_mtp(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    (cache, mtp): (&mut LatentCache, Option<&mut LatentCache>),
+    prompt: &[u32],
+    request: &Request,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     let max = model.config().max_position_embeddings;
@@ -69,48 +115,139 @@ pub fn generate(
         return Err(Error::PromptTooLong { n_tokens: prompt.len(), max });
     }
     let mut sampler = Sampler::new(request.sampling).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    let reused = cache.len().min(prompt.len() - 1);
+    let speculate = if model.mtp_depth() > 0 { request.draft_tokens } else { 0 };
+    let mut own_mtp;
+    let mut mtp = match (speculate, mtp) {
+        (0, _) => None,
+        (_, Some(m)) => Some(m),
+        (_, None) => {
+            own_mtp = model.new_mtp_cache(cache.kind())?;
+            Some(&mut own_mtp)
+        }
+    };
+    let mut reused = cache.len().min(prompt.len() - 1);
+    if let Some(m) = mtp.as_deref_mut() {
+        // Drafting needs the main model's hidden state at every position without an MTP row.
+        reused = reused.min(m.len());
+        m.truncate(reused);
+        m.reserve((prompt.len() + request.max_tokens + speculate).min(max))?;
+    }
     cache.truncate(reused);
-    // Room for the whole generation up front: growing mid-way copies every cached row.
-    cache.reserve((prompt.len() + request.max_tokens).min(max))?;
+    // Room for the whole generation up front (and a verify step's drafts): growing mid-way copies
+    // every cached row.
+    cache.reserve((prompt.len() + request.max_tokens + speculate).min(max))?;
 
     let start = Instant::now();
-    let prefilled = model.forward(&prompt[reused..], cache, AttentionPath::Expanded, LogitRows::Last)?;
-    let prefilled: Vec<f32> = prefilled.flatten_all()?.to_vec1()?;
+    let hidden = model.config().hidden_size;
+    // Positions whose MTP row is not written yet: their hidden states, and the tokens after all
+    // but the last (the last one's is the token being decoded).
+    let (mut pending_h, mut pending_tok) = (Vec::new(), Vec::new());
+    let prefilled: Vec<f32> = if mtp.is_some() {
+        let (logits, h) = model.prefill_hidden(&prompt[reused..], cache, DEFAULT_PREFILL_CHUNK)?;
+        pending_h = h.flatten_all()?.to_vec1()?;
+        pending_tok.extend_from_slice(&prompt[reused + 1..]);
+        logits.flatten_all()?.to_vec1()?
+    } else {
+        let logits = model.forward(&prompt[reused..], cache, AttentionPath::Expanded, LogitRows::Last)?;
+        logits.flatten_all()?.to_vec1()?
+    };
     let prompt_secs = start.elapsed().as_secs_f64();
     // Decode steps over buffers kept from token to token.
     let mut ws = Workspace::default();
-    let mut stepped = false;
 
     let start = Instant::now();
-    let mut history = prompt.to_vec();
-    let mut tokens = Vec::new();
-    let mut stream = TextStream::new();
-    let mut text = StopScan::new(&request.stop);
-    let stop = loop {
-        if tokens.len() >= request.max_tokens {
-            break StopReason::MaxTokens;
+    let mut out = Emitter {
+        tokenizer,
+        history: prompt.to_vec(),
+        tokens: Vec::new(),
+        stream: TextStream::new(),
+        text: StopScan::new(&request.stop),
+    };
+    let mut stats = Speculation::default();
+    let vocab = model.config().vocab_size;
+    let (mut rows, mut drafts, mut run) = (Vec::new(), Vec::new(), Vec::new());
+    let stop = 'gen: {
+        if request.max_tokens == 0 {
+            break 'gen StopReason::MaxTokens;
         }
-        let logits = if stepped { ws.logits() } else { &prefilled };
-        let next = sampler.sample(logits, &history);
-        if tokenizer.eos_ids().contains(&next) {
-            break StopReason::Eos;
-        }
-        tokens.push(next);
-        history.push(next);
-        if let Some(piece) = stream.step(tokenizer, next)? {
-            if let Some(s) = text.push(&piece, &mut on_text) {
-                break StopReason::StopString(s);
+        let mut next = sampler.sample(&prefilled, &out.history);
+        loop {
+            if let Some(stop) = out.emit(next, &mut on_text)? {
+                break 'gen stop;
             }
-        }
-        if cache.len() + 1 > max {
-            break StopReason::ContextFull;
-        }
-        if tokens.len() < request.max_tokens {
-            model.decode_step(next, cache, &mut ws)?;
-            stepped = true;
+            if out.tokens.len() >= request.max_tokens {
+                break 'gen StopReason::MaxTokens;
+            }
+            if cache.len() + 1 > max {
+                break 'gen StopReason::ContextFull;
+            }
+            let room = (request.max_tokens - out.tokens.len() - 1).min(max - cache.len() - 1);
+            let k = speculate.min(room);
+            let Some(mtp) = mtp.as_deref_mut().filter(|_| k > 0) else {
+                let logits = model.decode_step(next, cache, &mut ws)?;
+                next = sampler.sample(logits, &out.history);
+                if mtp.is_some() {
+                    pending_tok.push(out.history[out.history.len() - 1]);
+                    pending_h.extend_from_slice(&ws.hidden()[..hidden]);
+                }
+                continue;
+            };
+            // Draft k tokens: the module's rows for the pending positions (the main model's hidden
+            // states are known there), then chained on its own output.
+            pending_tok.push(next);
+            let (logits, mut h) = model.mtp_forward(0, &pending_h, &pending_tok, mtp)?;
+            let verified = mtp.layer_len(0);
+            drafts.clear();
+            drafts.push(crate::sampling::argmax(&logits[logits.len() - vocab..]));
+            for _ in 1..k {
+                let last = h[h.len() - hidden..].to_vec();
+                let (logits, y) = model.mtp_forward(0, &last, &drafts[drafts.len() - 1..], mtp)?;
+                drafts.push(crate::sampling::argmax(&logits));
+                h = y;
+            }
+            mtp.truncate(verified);
+            // Verify: `next` and the drafts in one forward of the main model.
+            run.clear();
+            run.push(next);
+            run.extend_from_slice(&drafts);
+            let n_before = cache.len();
+            let logits = model.decode_runs(&run, &[run.len()], &mut [&mut *cache], &mut ws)?;
+            rows.clear();
+            rows.extend_from_slice(logits);
+            stats.steps += 1;
+            stats.drafted += k;
+            let mut emitted = 0;
+            let mut next_token = None;
+            for (j, &d) in drafts.iter().enumerate() {
+                let t = sampler.sample_given_draft(&rows[j * vocab..(j + 1) * vocab], &out.history, Some(d));
+                if t != d {
+                    next_token = Some(t);
+                    break;
+                }
+                stats.accepted += 1;
+                if let Some(stop) = out.emit(t, &mut on_text)? {
+                    cache.truncate(n_before + 1 + emitted);
+                    break 'gen stop;
+                }
+                emitted += 1;
+                if out.tokens.len() >= request.max_tokens {
+                    cache.truncate(n_before + 1 + emitted);
+                    break 'gen StopReason::MaxTokens;
+                }
+            }
+            // The rows of `next` and the accepted drafts stay; the rejected ones go.
+            cache.truncate(n_before + 1 + emitted);
+            next = match next_token {
+                Some(t) => t,
+                None => sampler.sample(&rows[k * vocab..(k + 1) * vocab], &out.history),
+            };
+            pending_h.clear();
+            pending_h.extend_from_slice(&ws.hidden()[..(emitted + 1) * hidden]);
+            pending_tok.clear();
+            pending_tok.extend_from_slice(&drafts[..emitted]);
         }
     };
+    let Emitter { tokens, mut stream, mut text, .. } = out;
     if !matches!(stop, StopReason::StopString(_)) {
         if let Some(rest) = stream.finish(tokenizer)? {
             text.push(&rest, &mut on_text);
@@ -118,7 +255,42 @@ pub fn generate(
         text.flush(&mut on_text);
     }
     let decode_secs = start.elapsed().as_secs_f64();
-    Ok(Generation { tokens, text: text.emitted, stop, n_prompt: prompt.len() - reused, prompt_secs, decode_secs })
+    let speculation = mtp.is_some().then_some(stats);
+    Ok(Generation {
+        tokens,
+        text: text.emitted,
+        stop,
+        n_prompt: prompt.len() - reused,
+        prompt_secs,
+        decode_secs,
+        speculation,
+    })
+}
+
+/// The generated tokens so far and their text.
+struct Emitter<'t> {
+    tokenizer: &'t Tokenizer,
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+    stream: TextStream,
+    text: StopScan,
+}
+
+impl Emitter<'_> {
+    /// Takes `token`: `Some` if generation ends with it (EOS, not kept; a stop string).
+    fn emit(&mut self, token: u32, on_text: &mut impl FnMut(&str)) -> Result<Option<StopReason>> {
+        if self.tokenizer.eos_ids().contains(&token) {
+            return Ok(Some(StopReason::Eos));
+        }
+        self.tokens.push(token);
+        self.history.push(token);
+        if let Some(piece) = self.stream.step(self.tokenizer, token)? {
+            if let Some(s) = self.text.push(&piece, on_text) {
+                return Ok(Some(StopReason::StopString(s)));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// A multi-turn conversation rendered with the model's chat template. The latent cache is kept
@@ -128,6 +300,8 @@ pub struct ChatSession<'m> {
     tokenizer: &'m Tokenizer,
     messages: Vec<Message>,
     cache: LatentCache,
+    /// The multi-token-prediction modules' cache, for models that have them.
+    mtp: Option<LatentCache>,
     cached: Vec<u32>,
 }
 
@@ -150,7 +324,8 @@ impl<'m> ChatSession<'m> {
             return Err(Error::Template("tokenizer_config.json has no `chat_template`; use `generate` instead".into()));
         }
         let messages = system.map(|s| vec![Message::new("system", s)]).unwrap_or_default();
-        Ok(ChatSession { model, tokenizer, messages, cache, cached: Vec::new() })
+        let mtp = (model.mtp_depth() > 0).then(|| model.new_mtp_cache(cache.kind())).transpose()?;
+        Ok(ChatSession { model, tokenizer, messages, cache, mtp, cached: Vec::new() })
     }
 
     /// The messages so far.
@@ -170,7 +345,8 @@ impl<'m> ChatSession<'m> {
         let ids = self.tokenizer.encode_chat(&self.messages, true)?;
         let common = self.cached.iter().zip(&ids).take(self.cache.len()).take_while(|(a, b)| a == b).count();
         self.cache.truncate(common);
-        let generation = generate(self.model, self.tokenizer, &mut self.cache, &ids, request, on_text);
+        let caches = (&mut self.cache, self.mtp.as_mut());
+        let generation = generate_with_mtp(self.model, self.tokenizer, caches, &ids, request, on_text);
         let generation = match generation {
             Ok(g) => g,
             Err(e) => {

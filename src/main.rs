@@ -350,6 +350,21 @@ struct SamplingArgs {
     /// Stop before this text (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Speculative decoding: `mtp` drafts tokens with the model's multi-token-prediction module
+    /// and verifies them in one forward of the main model (the default when the model has one;
+    /// the output is the same as plain decoding's), `off` decodes token by token.
+    #[arg(long, value_enum)]
+    speculative: Option<SpeculativeArg>,
+    /// Tokens drafted per step with --speculative mtp (one module drafts again from its own
+    /// output past the first).
+    #[arg(long, default_value_t = 1)]
+    draft_tokens: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SpeculativeArg {
+    Mtp,
+    Off,
 }
 
 #[derive(Args)]
@@ -626,9 +641,14 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
         model.dtype(),
         start.elapsed().as_secs_f64()
     );
-    if !report.skipped_mtp.is_empty() {
+    if model.mtp_depth() > 0 {
         eprintln!(
-            "latent: skipped {} multi-token-prediction tensors (not used for generation yet)",
+            "latent: {} multi-token-prediction module(s) loaded: they draft tokens for speculative decoding",
+            model.mtp_depth()
+        );
+    } else if !report.skipped_mtp.is_empty() {
+        eprintln!(
+            "latent: skipped {} multi-token-prediction tensors (the checkpoint holds no whole module)",
             report.skipped_mtp.len()
         );
     }
@@ -643,7 +663,7 @@ fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
     Ok((model, tokenizer))
 }
 
-fn request(args: &SamplingArgs) -> Result<Request> {
+fn request(args: &SamplingArgs, model: &Model) -> Result<Request> {
     let seed = args.seed.unwrap_or_else(|| {
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         eprintln!("latent: --seed {seed}");
@@ -658,7 +678,18 @@ fn request(args: &SamplingArgs) -> Result<Request> {
         seed,
     }
     .validate()?;
-    Ok(Request { max_tokens: args.max_tokens, sampling, stop: args.stop.clone() })
+    let draft_tokens = match args.speculative {
+        Some(SpeculativeArg::Off) => 0,
+        Some(SpeculativeArg::Mtp) if model.mtp_depth() == 0 => {
+            bail!("--speculative mtp: the model has no multi-token-prediction module (num_nextn_predict_layers)")
+        }
+        _ if args.draft_tokens == 0 => {
+            bail!("--draft-tokens must be at least 1 (--speculative off turns drafting off)")
+        }
+        _ if model.mtp_depth() > 0 => args.draft_tokens,
+        _ => 0,
+    };
+    Ok(Request { max_tokens: args.max_tokens, sampling, stop: args.stop.clone(), draft_tokens })
 }
 
 fn print_piece(piece: &str) {
@@ -683,14 +714,23 @@ fn report_speed(g: &Generation) {
         g.decode_secs,
         g.decode_tok_s()
     );
+    if let Some(s) = &g.speculation {
+        eprintln!(
+            "latent: speculative decoding (MTP): {} of {} drafted tokens accepted ({:.1}%), {} verify steps",
+            s.accepted,
+            s.drafted,
+            100.0 * s.acceptance(),
+            s.steps
+        );
+    }
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     if args.prompt.is_none() && std::io::stdin().is_terminal() {
         bail!("give the prompt with --prompt TEXT or on stdin (e.g. echo TEXT | latent generate)");
     }
-    let request = request(&args.sampling)?;
     let (model, tokenizer) = load(&args.model)?;
+    let request = request(&args.sampling, &model)?;
     let limit = model.config().max_position_embeddings.saturating_mul(INPUT_BYTES_PER_TOKEN);
     let prompt = match args.prompt {
         Some(p) => p,
@@ -709,8 +749,8 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn run_chat(args: ChatArgs) -> Result<()> {
-    let request = request(&args.sampling)?;
     let (model, tokenizer) = load(&args.model)?;
+    let request = request(&args.sampling, &model)?;
     let cache = model.new_cache_of(cache_kind(&args.model, &model)?)?;
     let mut session = ChatSession::with_cache(&model, &tokenizer, args.system.as_deref(), cache)?;
     eprintln!("latent: chat; an empty line or end of input quits");
@@ -737,8 +777,12 @@ fn run_chat(args: ChatArgs) -> Result<()> {
         }
         let generation = session.reply(line.trim(), &request, print_piece)?;
         println!();
+        let accepted = match &generation.speculation {
+            Some(s) => format!(", {:.0}% of drafts accepted", 100.0 * s.acceptance()),
+            None => String::new(),
+        };
         eprintln!(
-            "[{} tokens, {:.1} tokens/s, {} cached]",
+            "[{} tokens, {:.1} tokens/s, {} cached{accepted}]",
             generation.tokens.len(),
             generation.decode_tok_s(),
             session.cached_tokens()

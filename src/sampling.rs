@@ -76,6 +76,17 @@ impl Sampler {
 
     /// The next token given `logits` (one per vocabulary id) and the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        self.sample_given_draft(logits, history, None)
+    }
+
+    /// [`Sampler::sample`] where a draft (speculative decoding) proposed `draft` for this
+    /// position: the token returned is distributed exactly as [`Sampler::sample`]'s, and is the
+    /// draft whenever the draft is accepted. A draft chosen deterministically (the drafting
+    /// head's argmax) is accepted with the probability `p(draft)` the sampling distribution
+    /// gives it; otherwise the token is drawn from that distribution without the draft,
+    /// renormalized (the speculative-sampling rule of Leviathan et al. and Chen et al., 2023,
+    /// for a draft distribution that is a point mass). Greedy sampling returns the argmax.
+    pub fn sample_given_draft(&mut self, logits: &[f32], history: &[u32], draft: Option<u32>) -> u32 {
         let p = self.params;
         let Sampler { logits: l, seen, order, probs, .. } = self;
         l.clear();
@@ -122,14 +133,33 @@ impl Sampler {
             order.truncate(keep);
         }
         let total: f64 = probs.iter().sum();
-        let mut target = self.rng.next_f64() * total;
-        for (&id, q) in order.iter().zip(probs.iter()) {
+        let mut skip = None;
+        let mut rest = total;
+        if let Some(d) = draft {
+            let at = order.iter().position(|&i| i == d as usize);
+            let p_d = at.map_or(0.0, |j| probs[j]);
+            if self.rng.next_f64() * total < p_d {
+                return d;
+            }
+            skip = at;
+            rest = total - p_d;
+            if rest <= 0.0 {
+                return d;
+            }
+        }
+        let mut target = self.rng.next_f64() * rest;
+        let mut last = None;
+        for (j, (&id, q)) in order.iter().zip(probs.iter()).enumerate() {
+            if Some(j) == skip {
+                continue;
+            }
+            last = Some(id);
             target -= q;
             if target <= 0.0 {
                 return id as u32;
             }
         }
-        order[order.len() - 1] as u32
+        last.unwrap_or(order[order.len() - 1]) as u32
     }
 }
 

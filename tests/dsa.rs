@@ -100,6 +100,7 @@ fn an_fp8_v32_checkpoint_matches_transformers_dequantizing_it() {
         max_tokens: 20,
         sampling: latent::SamplingParams { temperature: 0.0, ..Default::default() },
         stop: vec![],
+        draft_tokens: 0,
     };
     let mut cache = model.new_cache().unwrap();
     let g =

@@ -10,7 +10,12 @@ use latent::tokenizer::Message;
 use latent::{AttentionPath, LogitRows, Model, SamplingParams};
 
 fn greedy(max_tokens: usize) -> Request {
-    Request { max_tokens, sampling: SamplingParams { temperature: 0.0, ..Default::default() }, stop: vec![] }
+    Request {
+        max_tokens,
+        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+        stop: vec![],
+        draft_tokens: 0,
+    }
 }
 
 #[test]
@@ -122,7 +127,7 @@ fn the_same_seed_gives_the_same_sampled_text() {
     let run = |seed| {
         let sampling = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed, ..Default::default() };
         let mut cache = model.new_cache().unwrap();
-        let request = Request { max_tokens: 24, sampling, stop: vec![] };
+        let request = Request { max_tokens: 24, sampling, stop: vec![], draft_tokens: 0 };
         generate(&model, &tokenizer, &mut cache, &fx.meta.prompt_tokens, &request, |_| {}).unwrap().tokens
     };
     assert_eq!(run(3), run(3));

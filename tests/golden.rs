@@ -167,6 +167,7 @@ fn an_fp8_block_quantized_checkpoint_matches_transformers_dequantizing_it() {
         max_tokens: 20,
         sampling: latent::SamplingParams { temperature: 0.0, ..Default::default() },
         stop: vec![],
+        draft_tokens: 0,
     };
     let mut cache = model.new_cache().unwrap();
     let g =

@@ -611,6 +611,9 @@ def main():
     os.makedirs(tok_dir, exist_ok=True)
     tok = make_tokenizer(tok_dir)
     make_chat_reference(tok_dir)
+    # tiny-v3-mtp (a V3 with an MTP module, trained by latent: its run.toml) trains on the corpus.
+    with open(os.path.join(ROOT, "tiny-v3-mtp", "train.txt"), "w") as f:
+        f.write(corpus())
     text = corpus()[:1200]
     with open(os.path.join(ROOT, "ppl.txt"), "w") as f:
         f.write(text)

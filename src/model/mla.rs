@@ -468,10 +468,11 @@ impl Mla {
         [q, self.kv_a.act_group()]
     }
 
-    /// A decode step's attention: one token per sequence, `input` holding their `B` normed
-    /// hidden states with codes for [`Mla::input_groups`], token `b` at the end of `caches[b]`
-    /// (its row is appended to that cache's `layer`), `angles` their cos and sin (`B` rows of
-    /// `d_r / 2`), into `out (B, hidden)`. The projections read each weight once for all `B`
+    /// A decode step's attention: `input` holding the `B` tokens' normed hidden states with
+    /// codes for [`Mla::input_groups`], token `b` of sequence `owners[b]`, at the end of
+    /// `caches[owners[b]]` (its row is appended to that cache's `layer`; a sequence's tokens come
+    /// in order, so each sees the rows of those before it), `angles` their cos and sin (`B` rows
+    /// of `d_r / 2`), into `out (B, hidden)`. The projections read each weight once for all `B`
     /// rows; each token's attention runs over its own sequence's cached rows only. Computes
     /// what [`Mla::forward`] computes for each token on the absorbed path, rounded alike in a
     /// `dtype` model, over slices that `s` keeps from step to step. Needs [`Mla::takes_step`]
@@ -481,7 +482,7 @@ impl Mla {
         &self,
         input: &TokenInput,
         layer: usize,
-        caches: &mut [&mut LatentCache],
+        (caches, owners): (&mut [&mut LatentCache], &[usize]),
         rope: &Rope,
         angles: (&[f32], &[f32]),
         dtype: DType,
@@ -489,7 +490,7 @@ impl Mla {
         out: &mut [f32],
     ) -> Result<()> {
         let (h, d_n, d_r, d_v, d_c) = (self.n_heads, self.d_n, self.d_r, self.d_v, self.d_c);
-        let (b, half) = (caches.len(), d_r / 2);
+        let (b, half) = (owners.len(), d_r / 2);
         let AttnScratch {
             proj,
             q_in,
@@ -543,7 +544,8 @@ impl Mla {
         heads_x.resize(b * h * d_v, 0.0);
         let scale = self.scale as f32;
         let per_q = h * (d_n + d_r);
-        for (token, cache) in caches.iter_mut().enumerate() {
+        for (token, &owner) in owners.iter().enumerate() {
+            let cache = &mut *caches[owner];
             let (cos, sin) = (&angles.0[token * half..(token + 1) * half], &angles.1[token * half..(token + 1) * half]);
             q_nope.clear();
             q_rope.clear();

@@ -12,6 +12,7 @@ pub mod ops;
 pub mod rope;
 pub mod step;
 
+use std::ops::Not;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -252,7 +253,17 @@ impl Model {
             (config.clone(), Weights::open(dir, dtype, device)?.with_fp8_block(config.fp8_block))
         };
         let weights = weights.with_quant(quant);
-        let model = Model::from_weights(config, &weights, progress)?;
+        // The multi-token-prediction modules load when the file has them whole (a checkpoint may
+        // carry only part of one, or none); they draft tokens for speculative decoding.
+        let mtp = (0..config.num_nextn_predict_layers).all(|k| {
+            let n = names::layer(config.num_hidden_layers + k);
+            ["eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight"]
+                .iter()
+                .all(|t| weights.contains(&n.mtp(t)))
+                && weights.contains(&n.attn("o_proj"))
+                && weights.contains(&n.input_layernorm())
+        });
+        let model = Model::build(config, &weights, mtp && crate::weights::gguf::is_gguf(dir).not(), progress)?;
         let n_layers = model.config.num_hidden_layers;
         let (skipped_mtp, unused) =
             weights.unused().into_iter().partition(|name| names::is_layer_at_or_past(name, n_layers));
@@ -468,6 +479,77 @@ impl Model {
             }
         };
         self.logits(&logits)
+    }
+
+    /// [`Model::forward_spans`] with every row's logits, and every row's final hidden state after
+    /// the model's last norm `(N, hidden)`: what multi-token prediction drafts from.
+    pub fn forward_spans_hidden(&self, spans: &mut [Span<'_>], path: AttentionPath) -> Result<(Tensor, Tensor)> {
+        let (x, _) = self.tensor_pass(spans, path, None, false)?;
+        let normed = self.norm.forward(&x)?;
+        Ok((self.lm_head.forward(&normed)?.to_dtype(DType::F32)?, normed))
+    }
+
+    /// A prefill that also returns the final hidden states: `tokens` after what `cache` holds, in
+    /// chunks of at most `chunk`; the last token's logits `(1, V)` and every token's hidden state
+    /// after the last norm, `(T, hidden)` f32.
+    pub fn prefill_hidden(&self, tokens: &[u32], cache: &mut LatentCache, chunk: usize) -> Result<(Tensor, Tensor)> {
+        self.check_tokens(tokens, cache.len())?;
+        let (mut logits, mut hidden) = (None, Vec::new());
+        for part in tokens.chunks(chunk.max(1)) {
+            let path = if part.len() > 1 { AttentionPath::Expanded } else { AttentionPath::Absorbed };
+            let (l, h) = self.forward_spans_hidden(&mut [Span::new(part, cache)], path)?;
+            logits = Some(l.narrow(0, part.len() - 1, 1)?);
+            hidden.push(h.to_dtype(DType::F32)?);
+        }
+        let logits = logits.ok_or_else(|| Error::InvalidArgument("forward needs at least one token".into()))?;
+        Ok((logits, Tensor::cat(&hidden, 0)?))
+    }
+
+    /// A cache for the multi-token-prediction modules: one layer per module, of `kind`.
+    pub fn new_mtp_cache(&self, kind: CacheKind) -> Result<LatentCache> {
+        let layout = crate::cache::PageLayout::new(&self.config, kind)?;
+        let layout = crate::cache::PageLayout { layers: self.mtp.len().max(1), ..layout };
+        Ok(LatentCache::in_pool(&crate::cache::PagePool::new(layout, None), &self.device))
+    }
+
+    /// Multi-token prediction at inference: module `k` over `m` positions that follow what
+    /// `cache`'s layer `k` holds. `hidden (m × hidden)` is the previous depth's hidden state at
+    /// each position (the main model's after its last norm for `k = 0`, module `k - 1`'s output
+    /// for deeper ones, or module `k`'s own when one module is chained), `tokens (m)` the token
+    /// after each position. Appends the module's latent rows to `cache`'s layer `k` and returns
+    /// each position's logits for the token after `tokens` (`m × V`) and the module's output
+    /// hidden states (`m × hidden`), f32.
+    pub fn mtp_forward(
+        &self,
+        k: usize,
+        hidden: &[f32],
+        tokens: &[u32],
+        cache: &mut LatentCache,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let module = self.mtp.get(k).ok_or_else(|| {
+            Error::InvalidArgument(format!("the model has {} MTP modules, not {}", self.mtp.len(), k + 1))
+        })?;
+        let (m, h) = (tokens.len(), self.config.hidden_size);
+        if m == 0 || hidden.len() != m * h {
+            return Err(Error::InvalidArgument(format!(
+                "MTP takes a hidden state of {h} values per token: {} values for {m} tokens",
+                hidden.len()
+            )));
+        }
+        let start = cache.layer_len(k);
+        self.check_tokens(tokens, start)?;
+        let emb = self.embed_tokens.forward(tokens, &self.device)?;
+        let prev = Tensor::from_vec(hidden.to_vec(), (m, h), &self.device)?.to_dtype(emb.dtype())?;
+        let cat = Tensor::cat(&[module.enorm.forward(&emb)?, module.hnorm.forward(&prev)?], 1)?;
+        let x = module.eh_proj.forward(&cat)?;
+        let pos = Positions::new(&self.rope, start, m, &self.device)?;
+        let path = if m > 1 { AttentionPath::Expanded } else { AttentionPath::Absorbed };
+        let spans = vec![SpanRows { len: m, pos, cache: Some(cache) }];
+        let mut pass = TensorPass { x, spans, path, training: None, moe: Vec::new(), trace: None };
+        module.block.run(k, &mut pass)?;
+        let y = pass.x;
+        let logits = self.lm_head.forward(&module.head_norm.forward(&y)?)?.to_dtype(DType::F32)?;
+        Ok((logits.flatten_all()?.to_vec1()?, y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
     }
 
     /// The layer loop over `spans` by candle tensors: the last hidden states `(N, hidden)` and

@@ -19,7 +19,7 @@ use candle_core::DType;
 use super::layers::{round_to, JobOutputs, Linear, Mlp, RmsNorm, TokenInput};
 use super::mla::{AttnScratch, Mla};
 use super::moe::FfnScratch;
-use super::{AttentionPath, Ffn, LogitRows, Model, Pass, Span};
+use super::{AttentionPath, Ffn, Model, Pass, Span};
 use crate::cache::{CacheKind, LatentCache};
 use crate::error::{Error, Result};
 
@@ -42,13 +42,26 @@ pub struct Workspace {
     attn: AttnScratch,
     ffn: FfnScratch,
     logits: JobOutputs,
-    /// The logits where the step falls back to [`Model::forward_spans`].
+    /// The logits and final hidden states where the step falls back to the tensor path.
     fallback: Vec<f32>,
+    fallback_hidden: Vec<f32>,
     /// Whether the last step fell back.
     fell_back: bool,
+    /// Each token's sequence (its index in the step's caches), and each sequence's token count.
+    owners: Vec<usize>,
+    runs: Vec<usize>,
 }
 
 impl Workspace {
+    /// The last step's final hidden states, after the model's last norm: `(tokens, hidden)`.
+    pub fn hidden(&self) -> &[f32] {
+        if self.fell_back {
+            &self.fallback_hidden
+        } else {
+            self.normed.x()
+        }
+    }
+
     /// The logits of the last [`Model::decode`], `(B, V)` (empty before the first).
     pub fn logits(&self) -> &[f32] {
         if self.fell_back || self.logits.is_empty() {
@@ -89,9 +102,10 @@ impl StepPass<'_, '_> {
 impl Pass for StepPass<'_, '_> {
     fn attention(&mut self, index: usize, norm: &RmsNorm, attn: &Mla) -> Result<()> {
         self.norm(norm);
-        let Workspace { normed, out, cos, sin, attn: scratch, .. } = &mut *self.ws;
+        let Workspace { normed, out, cos, sin, attn: scratch, owners, .. } = &mut *self.ws;
         normed.requantize(attn.input_groups());
-        attn.step(normed, index, self.caches, &self.model.rope, (cos, sin), self.model.dtype, scratch, out)?;
+        let rope = &self.model.rope;
+        attn.step(normed, index, (self.caches, owners), rope, (cos, sin), self.model.dtype, scratch, out)?;
         self.add();
         Ok(())
     }
@@ -161,8 +175,51 @@ impl Model {
                 caches.len()
             )));
         }
-        for (&token, cache) in tokens.iter().zip(caches.iter()) {
-            self.check_tokens(&[token], cache.len())?;
+        ws.runs.clear();
+        ws.runs.resize(tokens.len(), 1);
+        let runs = std::mem::take(&mut ws.runs);
+        let out = self.decode_runs_with(tokens, &runs, caches, ws);
+        ws.runs = runs;
+        out?;
+        Ok(ws.logits())
+    }
+
+    /// [`Model::decode`] with `runs[b]` tokens for `caches[b]` (at least one; `tokens` holds each
+    /// sequence's in order, sequence after sequence): the verify step of speculative decoding,
+    /// where a sequence brings its next token and the drafts after it. Returns every token's
+    /// logits, `(tokens.len(), vocab_size)`. A sequence's tokens attend causally: each to the rows
+    /// before it and its own, as a prefill of those tokens would; every weight is still read once
+    /// for all the step's tokens. [`Workspace::hidden`] then holds every token's final hidden
+    /// state (after the last norm), which multi-token prediction drafts from.
+    pub fn decode_runs<'w>(
+        &self,
+        tokens: &[u32],
+        runs: &[usize],
+        caches: &mut [&mut LatentCache],
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32]> {
+        self.decode_runs_with(tokens, runs, caches, ws)?;
+        Ok(ws.logits())
+    }
+
+    fn decode_runs_with(
+        &self,
+        tokens: &[u32],
+        runs: &[usize],
+        caches: &mut [&mut LatentCache],
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        if runs.len() != caches.len() || runs.contains(&0) || runs.iter().sum::<usize>() != tokens.len() {
+            return Err(Error::InvalidArgument(format!(
+                "a decode step takes one or more tokens per cache: {} tokens in runs {runs:?} for {} caches",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let mut at = 0;
+        for (&run, cache) in runs.iter().zip(caches.iter()) {
+            self.check_tokens(&tokens[at..at + run], cache.len())?;
+            at += run;
         }
         let kinds_ok = caches.iter().all(|c| c.kind() == caches[0].kind());
         let dense_ok = matches!(
@@ -172,34 +229,45 @@ impl Model {
                 | CacheKind::Expanded(DType::BF16 | DType::F32)
         );
         if !kinds_ok || !dense_ok || !self.steps {
-            let mut spans: Vec<Span<'_>> =
-                tokens.iter().zip(caches.iter_mut()).map(|(t, c)| Span::new(std::slice::from_ref(t), c)).collect();
-            let logits = self.forward_spans(&mut spans, AttentionPath::Absorbed, LogitRows::All)?;
+            let mut spans: Vec<Span<'_>> = Vec::with_capacity(caches.len());
+            let mut at = 0;
+            for (&run, c) in runs.iter().zip(caches.iter_mut()) {
+                spans.push(Span::new(&tokens[at..at + run], c));
+                at += run;
+            }
+            let (logits, hidden) = self.forward_spans_hidden(&mut spans, AttentionPath::Absorbed)?;
             ws.fallback.clear();
             ws.fallback.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+            ws.fallback_hidden.clear();
+            ws.fallback_hidden.extend(hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
             ws.fell_back = true;
-            return Ok(&ws.fallback);
+            return Ok(());
         }
         ws.fell_back = false;
+        ws.owners.clear();
+        for (b, &run) in runs.iter().enumerate() {
+            ws.owners.extend(std::iter::repeat_n(b, run));
+        }
         // The whole step as one task of the thread pool: its parallel loops then queue their
         // tasks on the pool's own deques, not on the shared queue that allocates as it goes.
-        rayon::scope(|_| self.step(tokens, caches, ws))?;
-        Ok(ws.logits.get(0))
+        rayon::scope(|_| self.step(tokens, caches, ws))
     }
 
     fn step(&self, tokens: &[u32], caches: &mut [&mut LatentCache], ws: &mut Workspace) -> Result<()> {
         let (hidden, dtype, b) = (self.config.hidden_size, self.dtype, tokens.len());
         {
-            let Workspace { x, out, cos, sin, cos1, sin1, .. } = &mut *ws;
+            let Workspace { x, out, cos, sin, cos1, sin1, owners, .. } = &mut *ws;
             x.resize(b * hidden, 0.0);
             out.resize(b * hidden, 0.0);
             cos.clear();
             sin.clear();
-            for ((&token, cache), x) in tokens.iter().zip(caches.iter()).zip(x.chunks_exact_mut(hidden)) {
+            for (i, (&token, x)) in tokens.iter().zip(x.chunks_exact_mut(hidden)).enumerate() {
                 self.embed_tokens
                     .row_into(token as usize, x)
                     .ok_or_else(|| Error::internal("the embedding is neither quantized nor bf16/f32"))?;
-                self.rope.angles_at(cache.len(), cos1, sin1);
+                // The token's position: after its cache's rows and the sequence's tokens before it.
+                let before = owners[..i].iter().rev().take_while(|&&o| o == owners[i]).count();
+                self.rope.angles_at(caches[owners[i]].len() + before, cos1, sin1);
                 cos.extend_from_slice(cos1);
                 sin.extend_from_slice(sin1);
             }
