@@ -93,7 +93,27 @@ pub struct BenchReport {
     pub batch_roofline_share: BTreeMap<usize, f64>,
     /// Cache depth of each sequence in the batch measurements.
     pub batch_depth: usize,
+    /// For a model with a multi-token-prediction module, what speculative decoding's steps cost
+    /// at depth 0 (medians, milliseconds).
+    pub speculative: Option<SpeculativeCosts>,
     pub threads: usize,
+}
+
+/// The steps of speculative decoding against a plain one-token step.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeculativeCosts {
+    pub plain_step_ms: f64,
+    /// One forward over a token and one draft (two positions of one sequence).
+    pub verify_step_ms: f64,
+    /// One token through the MTP module and the output head.
+    pub draft_step_ms: f64,
+}
+
+impl SpeculativeCosts {
+    /// Decode speed with one draft per step accepted at `rate`, over plain decoding's.
+    pub fn speedup(&self, rate: f64) -> f64 {
+        (1.0 + rate) * self.plain_step_ms / (self.verify_step_ms + self.draft_step_ms)
+    }
 }
 
 /// The measured peak of the instruction `model`'s decode attention multiplies with, over a new cache.
@@ -227,8 +247,44 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
         batch_step_bytes: batch_bytes,
         batch_roofline_share: batch_share,
         batch_depth: config.batch_depth,
+        speculative: (model.mtp_depth() > 0).then(|| time_speculative(model, kind, repeats)).transpose()?,
         threads: rayon::current_num_threads(),
     })
+}
+
+/// [`SpeculativeCosts`] over `repeats` runs of each step, after a prompt of 16 tokens.
+fn time_speculative(model: &Model, kind: CacheKind, repeats: usize) -> Result<SpeculativeCosts> {
+    let cfg = model.config();
+    let prompt = random_tokens(16, cfg.vocab_size, 0x5bec);
+    let mut cache = model.new_cache_of(kind)?;
+    cache.reserve(prompt.len() + 4)?;
+    model.forward(&prompt, &mut cache, AttentionPath::Expanded, LogitRows::Last)?;
+    let mut mtp = model.new_mtp_cache(kind)?;
+    mtp.reserve(4)?;
+    let (n, h) = (cache.len(), vec![0.1f32; cfg.hidden_size]);
+    let mut ws = Workspace::default();
+    let (mut plain, mut verify, mut draft) = (Vec::new(), Vec::new(), Vec::new());
+    // One untimed round first: the buffers reach their sizes.
+    for round in 0..repeats + 1 {
+        let start = Instant::now();
+        model.decode_step(prompt[0], &mut cache, &mut ws)?;
+        let plain_ms = start.elapsed().as_secs_f64() * 1e3;
+        cache.truncate(n);
+        let start = Instant::now();
+        model.decode_runs(&prompt[..2], &[2], &mut [&mut cache], &mut ws)?;
+        let verify_ms = start.elapsed().as_secs_f64() * 1e3;
+        cache.truncate(n);
+        let start = Instant::now();
+        model.mtp_forward(0, &h, &prompt[..1], &mut mtp)?;
+        let draft_ms = start.elapsed().as_secs_f64() * 1e3;
+        mtp.truncate(0);
+        if round > 0 {
+            plain.push(plain_ms);
+            verify.push(verify_ms);
+            draft.push(draft_ms);
+        }
+    }
+    Ok(SpeculativeCosts { plain_step_ms: median(plain), verify_step_ms: median(verify), draft_step_ms: median(draft) })
 }
 
 fn time_prefill(model: &Model, kind: CacheKind, prompt: &[u32]) -> Result<f64> {

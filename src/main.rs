@@ -1018,6 +1018,18 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             100.0 * share
         );
     }
+    if let Some(s) = &report.speculative {
+        println!(
+            "speculative (MTP) at depth 0: plain step {:.2} ms, verify step of 2 tokens {:.2} ms ({:.2}x), draft step {:.2} ms \
+             ({:.2}x); with one draft accepted 85% of the time: {:.2}x plain decoding",
+            s.plain_step_ms,
+            s.verify_step_ms,
+            s.verify_step_ms / s.plain_step_ms,
+            s.draft_step_ms,
+            s.draft_step_ms / s.plain_step_ms,
+            s.speedup(0.85)
+        );
+    }
     println!("bandwidth   {:.1} GB/s measured ({} threads)", report.memory_bandwidth_gb_s, report.threads);
     println!("cpu         {}", report.cpu);
     println!(

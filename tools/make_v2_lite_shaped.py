@@ -13,7 +13,10 @@ lightning indexer's 64 heads of 128 and index_topk 2048, YaRN to 163840 position
 rest: 2 layers by default, the first with a dense MLP of 2048, the second MoE with 4 routed experts
 of 512 (top 2) and 1 shared; vocabulary 4096.
 
-  python3 tools/make_v2_lite_shaped.py OUT_DIR [--layers 6] [--seed 0] [--v32]
+With --mtp, one multi-token-prediction module after the last layer, as DeepSeek-V3 lays it out (for the
+speculative-decoding measurements).
+
+  python3 tools/make_v2_lite_shaped.py OUT_DIR [--layers 6] [--seed 0] [--v32] [--mtp]
 """
 
 import argparse
@@ -29,46 +32,61 @@ FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
 
 
 def tensor_shapes(c):
-    h, heads = c["hidden_size"], c["num_attention_heads"]
-    dn, dr, dv, dc = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+    h = c["hidden_size"]
     yield "model.embed_tokens.weight", (c["vocab_size"], h)
     for i in range(c["num_hidden_layers"]):
+        yield from layer_shapes(c, i)
+    for k in range(c.get("num_nextn_predict_layers", 0)):
+        # A multi-token-prediction module (DeepSeek-V3's layout): a decoder layer and its input
+        # projections; it shares the embedding and the output head with the main model.
+        i = c["num_hidden_layers"] + k
         p = f"model.layers.{i}"
-        yield f"{p}.input_layernorm.weight", (h,)
-        yield f"{p}.post_attention_layernorm.weight", (h,)
-        if c.get("q_lora_rank"):
-            r = c["q_lora_rank"]
-            yield f"{p}.self_attn.q_a_proj.weight", (r, h)
-            yield f"{p}.self_attn.q_a_layernorm.weight", (r,)
-            yield f"{p}.self_attn.q_b_proj.weight", (heads * (dn + dr), r)
-        else:
-            yield f"{p}.self_attn.q_proj.weight", (heads * (dn + dr), h)
-        if "index_topk" in c:
-            hi, di = c["index_n_heads"], c["index_head_dim"]
-            yield f"{p}.self_attn.indexer.wq_b.weight", (hi * di, c["q_lora_rank"])
-            yield f"{p}.self_attn.indexer.wk.weight", (di, h)
-            yield f"{p}.self_attn.indexer.k_norm.weight", (di,)
-            yield f"{p}.self_attn.indexer.k_norm.bias", (di,)
-            yield f"{p}.self_attn.indexer.weights_proj.weight", (hi, h)
-        yield f"{p}.self_attn.kv_a_proj_with_mqa.weight", (dc + dr, h)
-        yield f"{p}.self_attn.kv_a_layernorm.weight", (dc,)
-        yield f"{p}.self_attn.kv_b_proj.weight", (heads * (dn + dv), dc)
-        yield f"{p}.self_attn.o_proj.weight", (h, heads * dv)
-        if i < c["first_k_dense_replace"]:
-            inter = c["intermediate_size"]
-            for name, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
-                yield f"{p}.mlp.{name}.weight", shape
-            continue
-        mi = c["moe_intermediate_size"]
-        yield f"{p}.mlp.gate.weight", (c["n_routed_experts"], h)
-        for e in range(c["n_routed_experts"]):
-            for name, shape in (("gate_proj", (mi, h)), ("up_proj", (mi, h)), ("down_proj", (h, mi))):
-                yield f"{p}.mlp.experts.{e}.{name}.weight", shape
-        si = mi * c["n_shared_experts"]
-        for name, shape in (("gate_proj", (si, h)), ("up_proj", (si, h)), ("down_proj", (h, si))):
-            yield f"{p}.mlp.shared_experts.{name}.weight", shape
+        yield f"{p}.enorm.weight", (h,)
+        yield f"{p}.hnorm.weight", (h,)
+        yield f"{p}.eh_proj.weight", (h, 2 * h)
+        yield f"{p}.shared_head.norm.weight", (h,)
+        yield from layer_shapes(c, i)
     yield "model.norm.weight", (h,)
     yield "lm_head.weight", (c["vocab_size"], h)
+
+
+def layer_shapes(c, i):
+    h, heads = c["hidden_size"], c["num_attention_heads"]
+    dn, dr, dv, dc = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+    p = f"model.layers.{i}"
+    yield f"{p}.input_layernorm.weight", (h,)
+    yield f"{p}.post_attention_layernorm.weight", (h,)
+    if c.get("q_lora_rank"):
+        r = c["q_lora_rank"]
+        yield f"{p}.self_attn.q_a_proj.weight", (r, h)
+        yield f"{p}.self_attn.q_a_layernorm.weight", (r,)
+        yield f"{p}.self_attn.q_b_proj.weight", (heads * (dn + dr), r)
+    else:
+        yield f"{p}.self_attn.q_proj.weight", (heads * (dn + dr), h)
+    if "index_topk" in c:
+        hi, di = c["index_n_heads"], c["index_head_dim"]
+        yield f"{p}.self_attn.indexer.wq_b.weight", (hi * di, c["q_lora_rank"])
+        yield f"{p}.self_attn.indexer.wk.weight", (di, h)
+        yield f"{p}.self_attn.indexer.k_norm.weight", (di,)
+        yield f"{p}.self_attn.indexer.k_norm.bias", (di,)
+        yield f"{p}.self_attn.indexer.weights_proj.weight", (hi, h)
+    yield f"{p}.self_attn.kv_a_proj_with_mqa.weight", (dc + dr, h)
+    yield f"{p}.self_attn.kv_a_layernorm.weight", (dc,)
+    yield f"{p}.self_attn.kv_b_proj.weight", (heads * (dn + dv), dc)
+    yield f"{p}.self_attn.o_proj.weight", (h, heads * dv)
+    if i < c["first_k_dense_replace"]:
+        inter = c["intermediate_size"]
+        for name, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
+            yield f"{p}.mlp.{name}.weight", shape
+        return
+    mi = c["moe_intermediate_size"]
+    yield f"{p}.mlp.gate.weight", (c["n_routed_experts"], h)
+    for e in range(c["n_routed_experts"]):
+        for name, shape in (("gate_proj", (mi, h)), ("up_proj", (mi, h)), ("down_proj", (h, mi))):
+            yield f"{p}.mlp.experts.{e}.{name}.weight", shape
+    si = mi * c["n_shared_experts"]
+    for name, shape in (("gate_proj", (si, h)), ("up_proj", (si, h)), ("down_proj", (h, si))):
+        yield f"{p}.mlp.shared_experts.{name}.weight", shape
 
 
 def main():
@@ -78,6 +96,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--v32", action="store_true", help="DeepSeek-V3.2's attention (see above)")
+    ap.add_argument("--mtp", action="store_true", help="add one multi-token-prediction module (layer index --layers)")
     args = ap.parse_args()
 
     if args.v32:
@@ -92,6 +111,7 @@ def main():
         with open(os.path.join(FIXTURES, "configs", "deepseek-v2-lite.json")) as f:
             config = json.load(f)
         config["num_hidden_layers"] = args.layers
+    config["num_nextn_predict_layers"] = 1 if args.mtp else 0
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
