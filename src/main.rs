@@ -197,6 +197,14 @@ struct ServeArgs {
     /// Seconds in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
+    /// Speculative decoding: `mtp` has each sequence draft with the model's multi-token-prediction
+    /// module (the default when the model has one), `off` decodes token by token. Drafting and
+    /// plain sequences share each decode step.
+    #[arg(long, value_enum)]
+    speculative: Option<SpeculativeArg>,
+    /// Tokens each sequence drafts per step with --speculative mtp.
+    #[arg(long, default_value_t = 1)]
+    draft_tokens: usize,
 }
 
 #[derive(Args)]
@@ -954,13 +962,27 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         ..EngineConfig::default()
     };
     let model_args = args.model;
+    let (speculative, draft_tokens) = (args.speculative, args.draft_tokens);
+    if draft_tokens == 0 {
+        bail!("--draft-tokens must be at least 1 (--speculative off turns drafting off)");
+    }
     let load = move || -> latent::Result<Engine> {
         let (model, tokenizer) = load(&model_args).map_err(|e| latent::Error::InvalidArgument(format!("{e:#}")))?;
         let kind = cache_kind(&model_args, &model).map_err(|e| latent::Error::InvalidArgument(format!("{e:#}")))?;
+        let draft_tokens = match (speculative, model.mtp_depth()) {
+            (Some(SpeculativeArg::Off), _) => 0,
+            (Some(SpeculativeArg::Mtp), 0) => {
+                return Err(latent::Error::InvalidArgument(
+                    "--speculative mtp: the model has no multi-token-prediction module".into(),
+                ))
+            }
+            (_, 0) => 0,
+            _ => draft_tokens,
+        };
         let engine = Engine::start(
             model,
             std::sync::Arc::new(tokenizer),
-            EngineConfig { cache_kind: Some(kind), ..engine_config },
+            EngineConfig { cache_kind: Some(kind), draft_tokens, ..engine_config },
         )?;
         eprintln!("latent: ready; serving `{name}`");
         Ok(engine)

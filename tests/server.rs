@@ -685,3 +685,53 @@ fn the_load_generator_measures_closed_and_open_loads() {
     assert!((1..=20).contains(&open[0].requests), "{:?}", open[0]);
     assert!(latent::bench_serve::run(&latent::bench_serve::LoadConfig { rates: vec![-1.0], ..cfg }, |_, _| {}).is_err());
 }
+
+/// Speculative decoding in the server: sequences that draft with the model's MTP module and
+/// sequences that decode plainly (their first step after a prefill, a request near its end)
+/// share decode steps, and every output is the plain server's. A six-page pool preempts too.
+#[test]
+fn speculative_decoding_in_the_server_gives_the_plain_outputs() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-v3-mtp");
+    let prompts = ["Beautiful is", "Errors should never", "Although practicality", "Now is better", "Flat is"];
+    let body = |i: usize| json!({"prompt": prompts[i], "max_tokens": 90 + 9 * i, "temperature": 0.0});
+    let run = |server: &Server| -> Vec<(String, Value)> {
+        let addr = server.addr.clone();
+        let clients: Vec<_> = (0..prompts.len())
+            .map(|i| {
+                let (addr, b) = (addr.clone(), body(i).to_string());
+                std::thread::spawn(move || {
+                    let (status, _, text) = http(&addr, "POST", "/v1/completions", &[], Some(&b));
+                    assert_eq!(status, 200, "{text}");
+                    let r: Value = serde_json::from_str(&text).unwrap();
+                    (r["choices"][0]["text"].as_str().unwrap().to_string(), r["usage"].clone())
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    };
+    let plain = Server::start_model(model, &["--speculative", "off"]);
+    let want = run(&plain);
+    assert!(want.iter().all(|(_, u)| u["completion_tokens_details"]["accepted_prediction_tokens"] == 0));
+    drop(plain);
+    // Five pages of 64 rows (20 KiB each here) for three running sequences of up to two pages:
+    // preemption under drafts.
+    for extra in [&["--draft-tokens", "2"][..], &["--max-seqs", "3", "--kv-memory", "100KiB"][..]] {
+        let server = Server::start_model(model, extra);
+        let got = run(&server);
+        for (i, ((text, usage), (want, _))) in got.iter().zip(&want).enumerate() {
+            assert_eq!(text, want, "request {i} with drafts ({extra:?}) differs from the plain server's");
+            assert_eq!(usage["completion_tokens"].as_u64(), Some(90 + 9 * i as u64));
+        }
+        let accepted: u64 = got
+            .iter()
+            .map(|(_, u)| u["completion_tokens_details"]["accepted_prediction_tokens"].as_u64().unwrap())
+            .sum();
+        assert!(accepted > 20, "{extra:?}: {accepted} drafts accepted");
+        assert_eq!(server.metric("latent_spec_accepted_draft_tokens_total"), accepted as f64);
+        assert!(server.metric("latent_spec_rejected_draft_tokens_total") > 0.0);
+        assert_eq!(server.metric("latent_running_sequences"), 0.0);
+        if extra.contains(&"--kv-memory") {
+            assert!(server.metric("latent_preemptions_total") > 0.0, "five pages do not hold three sequences of two");
+        }
+    }
+}

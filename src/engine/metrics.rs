@@ -75,6 +75,9 @@ pub struct Metrics {
     pub finished: AtomicU64,
     /// Sequences dropped because their client went away.
     pub cancelled: AtomicU64,
+    /// Speculative decoding: drafted tokens accepted and rejected, over finished sequences.
+    pub accepted_drafts: AtomicU64,
+    pub rejected_drafts: AtomicU64,
     /// Seconds from submission to the first token.
     pub ttft: Histogram,
     /// Seconds between a sequence's tokens.
@@ -179,6 +182,18 @@ impl Metrics {
             "Sequences whose client went away.",
             "counter",
             get64(&self.cancelled),
+        );
+        gauge(
+            "latent_spec_accepted_draft_tokens_total",
+            "Tokens drafted by the MTP module that the model accepted.",
+            "counter",
+            get64(&self.accepted_drafts),
+        );
+        gauge(
+            "latent_spec_rejected_draft_tokens_total",
+            "Tokens drafted by the MTP module that the model rejected.",
+            "counter",
+            get64(&self.rejected_drafts),
         );
         self.ttft.write(&mut out, "latent_time_to_first_token_seconds", "Seconds from a request to its first token.");
         self.itl.write(&mut out, "latent_inter_token_latency_seconds", "Seconds between a sequence's tokens.");

@@ -40,7 +40,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::cache::{CacheKind, LatentCache, PageLayout, PagePool};
 use crate::error::{Error, ErrorKind, Result};
 use crate::generate::StopScan;
-use crate::model::{AttentionPath, LogitRows, Model, Workspace};
+use crate::model::{AttentionPath, LogitRows, Model, Span, Workspace};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer};
 pub use metrics::Metrics;
@@ -62,6 +62,10 @@ pub struct EngineConfig {
     pub cache_kind: Option<CacheKind>,
     /// Most requests waiting; past it [`Engine::submit`] refuses at once.
     pub max_waiting: usize,
+    /// Tokens each sequence drafts per step with the model's multi-token-prediction module
+    /// (speculative decoding; 0 or a model without MTP: none). Sequences that draft and sequences
+    /// that do not run in the same decode steps.
+    pub draft_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +77,7 @@ impl Default for EngineConfig {
             kv_memory: 2 << 30,
             cache_kind: None,
             max_waiting: 256,
+            draft_tokens: 0,
         }
     }
 }
@@ -135,6 +140,9 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Prompt tokens whose cache rows were reused rather than computed.
     pub cached_tokens: usize,
+    /// Speculative decoding: drafted tokens the model accepted, and those it did not.
+    pub accepted_drafts: usize,
+    pub rejected_drafts: usize,
 }
 
 /// What a request's channel carries.
@@ -237,6 +245,8 @@ impl Engine {
             prefix: PrefixStore::default(),
             step_logits: Vec::new(),
             adjusted: Vec::new(),
+            step_hidden: Vec::new(),
+            draft_tokens: config.draft_tokens,
         };
         // The loop runs on a worker of a pool of its own, as the command line's commands do: a
         // parallel product started there shares its work with the other workers directly.
@@ -392,6 +402,32 @@ struct Seq {
     next: Option<u32>,
     submitted: Instant,
     last_token: Option<Instant>,
+    /// Speculative decoding's state, for a model with an MTP module and drafts asked for.
+    spec: Option<Spec>,
+}
+
+/// One sequence's drafting state: the MTP module's cache (its own, outside the page pool: one
+/// layer's rows, a small share of the main cache's), which holds rows for positions
+/// `from - mtp.len()..from`, and the main model's final hidden states at `from..`, which its
+/// rows there still need. After a preemption or a prefix hit the module starts again from where
+/// hidden states are known: RoPE is relative, so its attention over the later rows is what it
+/// would be over a sequence starting there. Drafts only propose: what the module attends to
+/// changes how many are accepted, never the output.
+struct Spec {
+    mtp: LatentCache,
+    from: usize,
+    pending: Vec<f32>,
+    accepted: usize,
+    rejected: usize,
+}
+
+impl Spec {
+    /// Forgets everything: the module starts again at position `at`.
+    fn restart(&mut self, at: usize) {
+        self.mtp.clear();
+        self.from = at;
+        self.pending.clear();
+    }
 }
 
 struct Worker {
@@ -407,6 +443,9 @@ struct Worker {
     step_logits: Vec<f32>,
     /// One sequence's logits with its penalties and biases.
     adjusted: Vec<f32>,
+    /// The last decode step's final hidden states, `(tokens, hidden)`.
+    step_hidden: Vec<f32>,
+    draft_tokens: usize,
 }
 
 impl Worker {
@@ -462,6 +501,12 @@ impl Worker {
                 }
             };
             let stop = StopScan::new(&params.stop);
+            let spec = match (self.draft_tokens, self.model.new_mtp_cache(self.pool.layout().kind)) {
+                (1.., Ok(mtp)) if self.model.mtp_depth() > 0 => {
+                    Some(Spec { mtp, from: 0, pending: Vec::new(), accepted: 0, rejected: 0 })
+                }
+                _ => None,
+            };
             let seq = Seq {
                 events,
                 history: prompt.clone(),
@@ -480,6 +525,7 @@ impl Worker {
                 next: None,
                 submitted: at,
                 last_token: None,
+                spec,
             };
             self.seqs.insert(id + i as u64, seq);
             ids.push(id + i as u64);
@@ -536,6 +582,9 @@ impl Worker {
             seq.target = seq.target.max(cache.len());
             self.prefix.insert(&seq.history, &cache);
         }
+        if let Some(spec) = &mut seq.spec {
+            spec.restart(0);
+        }
     }
 
     /// Makes room in `id`'s cache for `tokens` rows; a sequence that cannot have it is
@@ -590,12 +639,28 @@ impl Worker {
             let chunk = &seq.history[start..prompt_end];
             let logits = if chunk.is_empty() {
                 None
+            } else if let Some(spec) = seq.spec.as_mut() {
+                // The module drafts from the main model's hidden states: keep the chunk's.
+                let (logits, hidden) =
+                    self.model.forward_spans_hidden(&mut [Span::new(chunk, cache)], AttentionPath::Expanded)?;
+                let rows = spec.pending.len() / self.model.config().hidden_size;
+                if spec.from + rows != start {
+                    spec.restart(start);
+                }
+                spec.pending.extend(hidden.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+                Some(logits.narrow(0, chunk.len() - 1, 1)?)
             } else {
                 let rows = chunk.len();
                 Some(self.model.forward_chunked(chunk, cache, AttentionPath::Expanded, LogitRows::Last, rows)?)
             };
             for &token in &seq.history[prompt_end..start + n] {
                 self.model.decode(&[token], &mut [&mut *cache], &mut self.ws)?;
+            }
+            if let Some(spec) = seq.spec.as_mut().filter(|_| prompt_end < start + n) {
+                // Rows recomputed by decode steps: the module starts again after them.
+                spec.restart(cache.len());
+                spec.pending.extend_from_slice(&self.ws.hidden()[..self.model.config().hidden_size]);
+                spec.from = cache.len() - 1;
             }
             self.scheduler.prefilled(id, n);
             self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
@@ -608,41 +673,171 @@ impl Worker {
             }
         }
         let decodes: Vec<SeqId> = plan.decode.iter().copied().filter(|&id| self.scheduler.is_running(id)).collect();
-        let mut ids = Vec::with_capacity(decodes.len());
+        let (mut ids, mut ks) = (Vec::with_capacity(decodes.len()), Vec::with_capacity(decodes.len()));
         for id in decodes {
-            let len = self.seqs.get(&id).and_then(|s| s.cache.as_ref()).map_or(0, LatentCache::len);
-            if self.grow(id, len + 1) {
+            let Some(seq) = self.seqs.get(&id) else { continue };
+            let len = seq.cache.as_ref().map_or(0, LatentCache::len);
+            let k = self.planned_drafts(seq, len);
+            if self.grow(id, len + 1 + k) {
                 ids.push(id);
+                ks.push(k);
             }
         }
         // Every running decode in one step.
-        ids.retain(|id| self.seqs.get(id).is_some_and(|s| s.next.is_some()));
+        let running: Vec<bool> = ids.iter().map(|id| self.seqs.get(id).is_some_and(|s| s.next.is_some())).collect();
+        let mut keep = running.iter();
+        ids.retain(|_| keep.next().copied().unwrap_or(false));
+        let mut keep = running.iter();
+        ks.retain(|_| keep.next().copied().unwrap_or(false));
         if ids.is_empty() {
             return Ok(());
         }
+        // Drafts first: each speculating sequence's MTP module proposes its next tokens.
+        let mut drafts = Vec::new();
+        for (id, k) in ids.iter().zip(ks.iter_mut()) {
+            if *k > 0 {
+                drafts.push(self.draft(*id, *k)?);
+            } else {
+                drafts.push(Vec::new());
+            }
+        }
         let mut tokens = Vec::with_capacity(ids.len());
+        let mut runs = Vec::with_capacity(ids.len());
         let mut caches = Vec::with_capacity(ids.len());
+        let mut before = Vec::with_capacity(ids.len());
         // Disjoint borrows of the sequences' caches, in `ids` order.
         let mut by_id: HashMap<SeqId, &mut Seq> =
             self.seqs.iter_mut().filter(|(id, _)| ids.contains(id)).map(|(&id, s)| (id, s)).collect();
-        for id in &ids {
+        for (id, d) in ids.iter().zip(&drafts) {
             let seq = by_id.remove(id).ok_or_else(|| Error::internal("a decoded sequence vanished"))?;
             tokens.push(seq.next.take().unwrap_or(0));
-            caches.push(seq.cache.as_mut().ok_or_else(|| Error::internal("a decoded sequence has no cache"))?);
+            tokens.extend_from_slice(d);
+            runs.push(1 + d.len());
+            let cache = seq.cache.as_mut().ok_or_else(|| Error::internal("a decoded sequence has no cache"))?;
+            before.push(cache.len());
+            caches.push(cache);
         }
-        let vocab = self.model.config().vocab_size;
-        // The step's logits leave the workspace for a buffer kept between steps, so that sampling
-        // (which needs the engine) can read them.
+        let (vocab, hidden) = (self.model.config().vocab_size, self.model.config().hidden_size);
+        // The step's logits and hidden states leave the workspace for buffers kept between steps,
+        // so that sampling (which needs the engine) can read them.
         let mut logits = std::mem::take(&mut self.step_logits);
         logits.clear();
-        logits.extend_from_slice(self.model.decode(&tokens, &mut caches, &mut self.ws)?);
+        logits.extend_from_slice(self.model.decode_runs(&tokens, &runs, &mut caches, &mut self.ws)?);
+        let mut states = std::mem::take(&mut self.step_hidden);
+        states.clear();
         drop(caches);
-        for &id in &ids {
-            self.scheduler.decoded(id);
+        if ids.iter().any(|id| self.seqs.get(id).is_some_and(|s| s.spec.is_some())) {
+            states.extend_from_slice(self.ws.hidden());
         }
-        let emitted = ids.iter().zip(logits.chunks_exact(vocab)).try_for_each(|(id, row)| self.emit(*id, row));
+        let mut result = Ok(());
+        let mut row = 0;
+        for (i, &id) in ids.iter().enumerate() {
+            let n = runs[i];
+            let rows = &logits[row * vocab..(row + n) * vocab];
+            let h = (!states.is_empty()).then(|| &states[row * hidden..(row + n) * hidden]);
+            row += n;
+            if let Err(e) = self.settle(id, rows, h, &drafts[i], before[i]) {
+                result = Err(e);
+                break;
+            }
+        }
         self.step_logits = logits;
-        emitted
+        self.step_hidden = states;
+        result
+    }
+
+    /// How many tokens `seq` drafts this step: none without a module, without the hidden state
+    /// at its last position (after a preemption, until a plain step gives it one), or without
+    /// room before `max_tokens` or the context's end.
+    fn planned_drafts(&self, seq: &Seq, len: usize) -> usize {
+        let Some(spec) = &seq.spec else { return 0 };
+        let rows = spec.pending.len() / self.model.config().hidden_size.max(1);
+        if rows == 0 || spec.from + rows != len {
+            return 0;
+        }
+        let left = seq.params.max_tokens.saturating_sub(seq.generated + 1);
+        let room = self.model.config().max_position_embeddings.saturating_sub(len + 1);
+        self.draft_tokens.min(left).min(room)
+    }
+
+    /// `k` drafts of `id`'s MTP module: its rows for the positions whose hidden states wait,
+    /// the last one predicting the token after `next`, then chained on its own output.
+    fn draft(&mut self, id: SeqId, k: usize) -> Result<Vec<u32>> {
+        let (vocab, hidden) = (self.model.config().vocab_size, self.model.config().hidden_size);
+        let seq = self.seqs.get_mut(&id).ok_or_else(|| Error::internal("a drafting sequence vanished"))?;
+        let spec = seq.spec.as_mut().ok_or_else(|| Error::internal("a drafting sequence has no MTP state"))?;
+        let len = spec.from + spec.pending.len() / hidden;
+        // The token after each waiting position: the history holds them, `next` last.
+        let after = seq.history.get(spec.from + 1..=len).ok_or_else(|| Error::internal("the history is short"))?;
+        let (logits, mut h) = self.model.mtp_forward(0, &spec.pending, after, &mut spec.mtp)?;
+        let verified = spec.mtp.layer_len(0);
+        spec.from = len;
+        spec.pending.clear();
+        let mut drafts = vec![crate::sampling::argmax(&logits[logits.len() - vocab..])];
+        for _ in 1..k {
+            let last = h[h.len() - hidden..].to_vec();
+            let (logits, y) = self.model.mtp_forward(0, &last, &drafts[drafts.len() - 1..], &mut spec.mtp)?;
+            drafts.push(crate::sampling::argmax(&logits));
+            h = y;
+        }
+        spec.mtp.truncate(verified);
+        Ok(drafts)
+    }
+
+    /// After a decode step: `id`'s next token was verified with `drafts` behind it, `rows` their
+    /// logits and `hidden` their final hidden states (present for speculating sequences), its
+    /// cache held `before` rows. Accepts drafts by the speculative-sampling rule, drops the rows
+    /// of the rejected ones, and emits every token taken.
+    fn settle(&mut self, id: SeqId, rows: &[f32], hidden: Option<&[f32]>, drafts: &[u32], before: usize) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        let mut accepted = 0;
+        let mut token = None;
+        for (j, &d) in drafts.iter().enumerate() {
+            let row = &rows[j * vocab..(j + 1) * vocab];
+            let Some(t) = self.choose(id, row, Some(d)) else { return Ok(()) };
+            if t != d {
+                token = Some((t, j));
+                break;
+            }
+            accepted += 1;
+            self.deliver(id, row, d)?;
+            if !self.seqs.contains_key(&id) {
+                return Ok(());
+            }
+        }
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            // The rows of `next` and the accepted drafts stay; a rejected draft's go before the
+            // token that replaces it is taken (a finished sequence's pages join the prefix cache).
+            if let Some(cache) = seq.cache.as_mut() {
+                cache.truncate(before + 1 + accepted);
+            }
+            if let Some(spec) = &mut seq.spec {
+                spec.accepted += accepted;
+                spec.rejected += drafts.len() - accepted;
+                let hidden_size = self.model.config().hidden_size;
+                if let Some(h) = hidden {
+                    if spec.from != before || !spec.pending.is_empty() {
+                        // A plain step after a restart: its hidden state is the module's start.
+                        let rows = spec.pending.len() / hidden_size;
+                        if spec.from + rows != before {
+                            spec.restart(before);
+                        }
+                    }
+                    spec.pending.extend_from_slice(&h[..(accepted + 1) * hidden_size]);
+                }
+            }
+        }
+        self.scheduler.decoded_n(id, 1 + accepted);
+        match token {
+            Some((t, j)) => self.deliver(id, &rows[j * vocab..(j + 1) * vocab], t),
+            None => {
+                let row = &rows[drafts.len() * vocab..(drafts.len() + 1) * vocab];
+                match self.choose(id, row, None) {
+                    Some(t) => self.deliver(id, row, t),
+                    None => Ok(()),
+                }
+            }
+        }
     }
 
     /// Starts `leader`'s followers (the other completions of its request) on the prompt's rows it
@@ -683,8 +878,16 @@ impl Worker {
     /// Samples `id`'s next token from `logits`, sends what text is final, and ends the
     /// sequence on EOS, a stop string, `max_tokens` or a full context.
     fn emit(&mut self, id: SeqId, logits: &[f32]) -> Result<()> {
-        let max_positions = self.model.config().max_position_embeddings;
-        let Some(seq) = self.seqs.get_mut(&id) else { return Ok(()) };
+        match self.choose(id, logits, None) {
+            Some(token) => self.deliver(id, logits, token),
+            None => Ok(()),
+        }
+    }
+
+    /// `id`'s next token from `logits`, with its penalties and biases; given a draft, the draft
+    /// if accepted ([`Sampler::sample_given_draft`]). `None` for a sequence that is gone.
+    fn choose(&mut self, id: SeqId, logits: &[f32], draft: Option<u32>) -> Option<u32> {
+        let seq = self.seqs.get_mut(&id)?;
         let p = &seq.params;
         // Penalties and biases on a copy of the logits (kept between calls), only when asked.
         let penalised = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
@@ -708,7 +911,14 @@ impl Worker {
         } else {
             logits
         };
-        let token = seq.sampler.sample(adjusted, &seq.history);
+        Some(seq.sampler.sample_given_draft(adjusted, &seq.history, draft))
+    }
+
+    /// Takes `token` as `id`'s next: sends what text is final and ends the sequence on EOS, a
+    /// stop string, `max_tokens` or a full context.
+    fn deliver(&mut self, id: SeqId, logits: &[f32], token: u32) -> Result<()> {
+        let max_positions = self.model.config().max_position_embeddings;
+        let Some(seq) = self.seqs.get_mut(&id) else { return Ok(()) };
         let now = Instant::now();
         match seq.last_token {
             None => self.metrics.ttft.observe(now.duration_since(seq.submitted).as_secs_f64()),
@@ -762,8 +972,16 @@ impl Worker {
     fn finish(&mut self, id: SeqId, finish: Finish) -> Result<()> {
         let Some(mut seq) = self.seqs.remove(&id) else { return Ok(()) };
         self.scheduler.remove(id);
-        let usage =
-            Usage { prompt_tokens: seq.prompt.len(), completion_tokens: seq.generated, cached_tokens: seq.cached };
+        let (accepted_drafts, rejected_drafts) = seq.spec.as_ref().map_or((0, 0), |s| (s.accepted, s.rejected));
+        self.metrics.accepted_drafts.fetch_add(accepted_drafts as u64, Ordering::Relaxed);
+        self.metrics.rejected_drafts.fetch_add(rejected_drafts as u64, Ordering::Relaxed);
+        let usage = Usage {
+            prompt_tokens: seq.prompt.len(),
+            completion_tokens: seq.generated,
+            cached_tokens: seq.cached,
+            accepted_drafts,
+            rejected_drafts,
+        };
         self.metrics.finished.fetch_add(1, Ordering::Relaxed);
         // The full pages stay for a later request that shares the prefix (the next turn of a
         // chat); the rest go back to the pool.

@@ -193,8 +193,13 @@ impl Scheduler {
 
     /// Records that `id` decoded a token (its cache grew by a row).
     pub fn decoded(&mut self, id: SeqId) {
+        self.decoded_n(id, 1);
+    }
+
+    /// `id` decoded `n` tokens in one step (its next token and accepted drafts).
+    pub fn decoded_n(&mut self, id: SeqId, n: usize) {
         if let Some((_, c)) = self.running.iter_mut().find(|(s, _)| *s == id) {
-            c.len += 1;
+            c.len += n;
         }
     }
 

@@ -415,13 +415,19 @@ pub fn prompt(f: &Fields, vocab: usize) -> Result<Prompt, ApiError> {
     }
 }
 
-/// The usage object, with DeepSeek's cache fields.
+/// The usage object, with DeepSeek's cache fields, and speculative decoding's drafts in
+/// OpenAI's `completion_tokens_details` (`accepted_prediction_tokens`,
+/// `rejected_prediction_tokens`).
 pub fn usage_json(u: &Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": u.accepted_drafts,
+            "rejected_prediction_tokens": u.rejected_drafts,
+        },
         "prompt_cache_hit_tokens": u.cached_tokens,
         "prompt_cache_miss_tokens": u.prompt_tokens - u.cached_tokens.min(u.prompt_tokens),
     })

@@ -404,6 +404,8 @@ fn total_usage(usages: &[Usage]) -> Usage {
         prompt_tokens: first.prompt_tokens,
         completion_tokens: usages.iter().map(|u| u.completion_tokens).sum(),
         cached_tokens: first.cached_tokens,
+        accepted_drafts: usages.iter().map(|u| u.accepted_drafts).sum(),
+        rejected_drafts: usages.iter().map(|u| u.rejected_drafts).sum(),
     }
 }
 
