@@ -263,3 +263,56 @@ fn int8_latent_cache_stays_close_to_the_f32_cache() {
     let cfg = int8.config();
     assert_eq!(int8.new_cache_of(kind).unwrap().bytes_per_token(), cfg.num_hidden_layers * (256 + 32 + 3 * 4));
 }
+
+/// A GGUF file that carries DeepSeek-V3's multi-token-prediction block (llama.cpp's `nextn`
+/// convention; tools/make_gguf_mtp_fixture.py writes it from tests/fixtures/tiny-v3-mtp in f32):
+/// the module loads, drafts exactly what the safetensors checkpoint's module drafts, and
+/// speculative decoding from the file gives the plain tokens.
+#[test]
+fn a_gguf_file_with_an_mtp_block_drafts_as_the_checkpoint_does() {
+    let file = gguf("tiny-v3-mtp-f32.gguf");
+    let config = gguf_model::config(&GgufFile::open(&file).unwrap()).unwrap();
+    assert_eq!((config.num_hidden_layers, config.num_nextn_predict_layers), (2, 1));
+    let (from_gguf, hf) = (load(&file), load(&common::fixtures_dir().join("tiny-v3-mtp")));
+    assert_eq!((from_gguf.mtp_depth(), hf.mtp_depth()), (1, 1));
+    let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 300 + 2).collect();
+    let drafts = |m: &Model| {
+        let mut cache = m.new_cache_of(m.cache_kind()).unwrap();
+        let (_, hidden) = m.prefill_hidden(&tokens, &mut cache, 64).unwrap();
+        let hidden: Vec<f32> = hidden.flatten_all().unwrap().to_vec1().unwrap();
+        let mut mtp_cache = m.new_mtp_cache(m.cache_kind()).unwrap();
+        m.mtp_forward(0, &hidden[..hidden.len() - m.config().hidden_size], &tokens[1..], &mut mtp_cache).unwrap().0
+    };
+    let (a, b) = (drafts(&from_gguf), drafts(&hf));
+    assert_eq!(a.len(), (tokens.len() - 1) * 320);
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "MTP logits differ by {worst}");
+
+    let tok = gguf_model::tokenizer(&GgufFile::open(&file).unwrap()).unwrap();
+    let prompt = tok.encode("Beautiful is better than").unwrap();
+    let run = |draft_tokens| {
+        let params = latent::SamplingParams { temperature: 0.0, ..Default::default() };
+        let request = latent::generate::Request { draft_tokens, ..latent::generate::Request::new(40, params) };
+        let mut cache = from_gguf.new_cache_of(from_gguf.cache_kind()).unwrap();
+        latent::generate::generate(&from_gguf, &tok, &mut cache, &prompt, &request, |_| {}).unwrap()
+    };
+    let (plain, spec) = (run(0), run(1));
+    assert_eq!(spec.tokens, plain.tokens);
+    let s = spec.speculation.unwrap();
+    assert!(s.accepted > 0, "{s:?}");
+}
+
+#[test]
+fn nextn_layers_must_leave_the_model_a_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(gguf("tiny-v3-mtp-f32.gguf")).unwrap();
+    // `deepseek2.nextn_predict_layers` = 1 -> 3 (= block_count).
+    let key = b"deepseek2.nextn_predict_layers";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4;
+    assert_eq!(&bytes[at..at + 4], &1u32.to_le_bytes());
+    bytes[at..at + 4].copy_from_slice(&3u32.to_le_bytes());
+    let path = dir.path().join("bad.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let err = gguf_model::config(&GgufFile::open(&path).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("nextn_predict_layers") && err.contains("block_count"), "{err}");
+}

@@ -641,14 +641,15 @@ impl Worker {
                 None
             } else if let Some(spec) = seq.spec.as_mut() {
                 // The module drafts from the main model's hidden states: keep the chunk's.
+                let spans = &mut [Span::new(chunk, cache)];
                 let (logits, hidden) =
-                    self.model.forward_spans_hidden(&mut [Span::new(chunk, cache)], AttentionPath::Expanded)?;
+                    self.model.forward_spans_hidden(spans, AttentionPath::Expanded, LogitRows::Last)?;
                 let rows = spec.pending.len() / self.model.config().hidden_size;
                 if spec.from + rows != start {
                     spec.restart(start);
                 }
                 spec.pending.extend(hidden.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-                Some(logits.narrow(0, chunk.len() - 1, 1)?)
+                Some(logits)
             } else {
                 let rows = chunk.len();
                 Some(self.model.forward_chunked(chunk, cache, AttentionPath::Expanded, LogitRows::Last, rows)?)

@@ -12,7 +12,6 @@ pub mod ops;
 pub mod rope;
 pub mod step;
 
-use std::ops::Not;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -263,7 +262,7 @@ impl Model {
                 && weights.contains(&n.attn("o_proj"))
                 && weights.contains(&n.input_layernorm())
         });
-        let model = Model::build(config, &weights, mtp && crate::weights::gguf::is_gguf(dir).not(), progress)?;
+        let model = Model::build(config, &weights, mtp, progress)?;
         let n_layers = model.config.num_hidden_layers;
         let (skipped_mtp, unused) =
             weights.unused().into_iter().partition(|name| names::is_layer_at_or_past(name, n_layers));
@@ -481,12 +480,30 @@ impl Model {
         self.logits(&logits)
     }
 
-    /// [`Model::forward_spans`] with every row's logits, and every row's final hidden state after
-    /// the model's last norm `(N, hidden)`: what multi-token prediction drafts from.
-    pub fn forward_spans_hidden(&self, spans: &mut [Span<'_>], path: AttentionPath) -> Result<(Tensor, Tensor)> {
+    /// [`Model::forward_spans`], and every row's final hidden state after the model's last norm
+    /// `(N, hidden)`: what multi-token prediction drafts from. The logits of `rows` are computed
+    /// as [`Model::forward_spans`] computes them (the same products over the same rows).
+    pub fn forward_spans_hidden(
+        &self,
+        spans: &mut [Span<'_>],
+        path: AttentionPath,
+        rows: LogitRows,
+    ) -> Result<(Tensor, Tensor)> {
         let (x, _) = self.tensor_pass(spans, path, None, false)?;
         let normed = self.norm.forward(&x)?;
-        Ok((self.lm_head.forward(&normed)?.to_dtype(DType::F32)?, normed))
+        let picked = match rows {
+            LogitRows::All => normed.clone(),
+            LogitRows::Last => {
+                let mut last = Vec::with_capacity(spans.len());
+                let mut at = 0;
+                for span in spans.iter() {
+                    at += span.tokens.len();
+                    last.push(normed.narrow(0, at - 1, 1)?);
+                }
+                Tensor::cat(&last, 0)?
+            }
+        };
+        Ok((self.lm_head.forward(&picked)?.to_dtype(DType::F32)?, normed))
     }
 
     /// A prefill that also returns the final hidden states: `tokens` after what `cache` holds, in
@@ -497,8 +514,8 @@ impl Model {
         let (mut logits, mut hidden) = (None, Vec::new());
         for part in tokens.chunks(chunk.max(1)) {
             let path = if part.len() > 1 { AttentionPath::Expanded } else { AttentionPath::Absorbed };
-            let (l, h) = self.forward_spans_hidden(&mut [Span::new(part, cache)], path)?;
-            logits = Some(l.narrow(0, part.len() - 1, 1)?);
+            let (l, h) = self.forward_spans_hidden(&mut [Span::new(part, cache)], path, LogitRows::Last)?;
+            logits = Some(l);
             hidden.push(h.to_dtype(DType::F32)?);
         }
         let logits = logits.ok_or_else(|| Error::InvalidArgument("forward needs at least one token".into()))?;

@@ -19,7 +19,7 @@ use candle_core::DType;
 use super::layers::{round_to, JobOutputs, Linear, Mlp, RmsNorm, TokenInput};
 use super::mla::{AttnScratch, Mla};
 use super::moe::FfnScratch;
-use super::{AttentionPath, Ffn, Model, Pass, Span};
+use super::{AttentionPath, Ffn, LogitRows, Model, Pass, Span};
 use crate::cache::{CacheKind, LatentCache};
 use crate::error::{Error, Result};
 
@@ -235,7 +235,7 @@ impl Model {
                 spans.push(Span::new(&tokens[at..at + run], c));
                 at += run;
             }
-            let (logits, hidden) = self.forward_spans_hidden(&mut spans, AttentionPath::Absorbed)?;
+            let (logits, hidden) = self.forward_spans_hidden(&mut spans, AttentionPath::Absorbed, LogitRows::All)?;
             ws.fallback.clear();
             ws.fallback.extend(logits.flatten_all()?.to_vec1::<f32>()?);
             ws.fallback_hidden.clear();

@@ -14,6 +14,12 @@
 //! | `ffn_{gate,up,down}_exps` (one 3-d tensor) | `mlp.experts.{e}.{gate,up,down}_proj` |
 //! | `ffn_{gate,up,down}_shexp`, `ffn_gate_inp`, `exp_probs_b` | `mlp.shared_experts.*`, `mlp.gate`, `mlp.gate.e_score_correction_bias` |
 //!
+//! | `nextn.eh_proj`, `nextn.enorm`, `nextn.hnorm` | `eh_proj`, `enorm`, `hnorm` (an MTP block) |
+//! | `nextn.shared_head_norm`, `nextn.shared_head_head`, `nextn.embed_tokens` | `shared_head.norm`, `shared_head.head`, `embed_tokens` |
+//!
+//! The multi-token-prediction modules, where a file carries them, are the last
+//! `deepseek2.nextn_predict_layers` of the `block_count` blocks (llama.cpp's convention).
+//!
 //! Newer converters split `kv_b_proj` per head into `attn_k_b` `(H, kv_lora, nope)` (transposed,
 //! for absorbed attention) and `attn_v_b` `(H, v, kv_lora)`; they are joined back here, which is
 //! exact whatever their format (they are dequantized first).
@@ -101,6 +107,17 @@ fn has_tensor(g: &GgufFile, name: &str) -> bool {
 pub fn config_json(g: &GgufFile) -> Result<Json> {
     check_arch(g)?;
     let n_layers = required_u64(g, "block_count")?;
+    // Multi-token-prediction modules are the last `nextn_predict_layers` blocks of `block_count`.
+    let nextn = optional_u64(g, "nextn_predict_layers")?.unwrap_or(0);
+    if nextn >= n_layers {
+        return Err(Error::gguf(
+            &g.path,
+            format!(
+                "metadata `{ARCH}.nextn_predict_layers` is {nextn}, expected fewer than block_count ({n_layers}): \
+                 the MTP modules come after the model's own layers"
+            ),
+        ));
+    }
     let rope_dim = required_u64(g, "rope.dimension_count")?;
     // Newer files give the per-head MLA sizes under `*_mla` (the plain ones then describe the
     // absorbed, MQA-like form); older files give them in the plain keys.
@@ -140,7 +157,10 @@ pub fn config_json(g: &GgufFile) -> Result<Json> {
     c.insert("vocab_size".into(), json!(vocab));
     c.insert("hidden_size".into(), json!(required_u64(g, "embedding_length")?));
     c.insert("intermediate_size".into(), json!(required_u64(g, "feed_forward_length")?));
-    c.insert("num_hidden_layers".into(), json!(n_layers));
+    c.insert("num_hidden_layers".into(), json!(n_layers - nextn));
+    if nextn > 0 {
+        c.insert("num_nextn_predict_layers".into(), json!(nextn));
+    }
     c.insert("num_attention_heads".into(), json!(required_u64(g, "attention.head_count")?));
     c.insert("q_lora_rank".into(), json!(optional_u64(g, "attention.q_lora_rank")?.filter(|&r| r > 0)));
     c.insert("kv_lora_rank".into(), json!(required_u64(g, "attention.kv_lora_rank")?));
@@ -234,6 +254,14 @@ fn hf_layer_name(rest: &str) -> Option<&'static str> {
         "ffn_down_shexp.weight" => "mlp.shared_experts.down_proj.weight",
         "ffn_gate_inp.weight" => "mlp.gate.weight",
         "exp_probs_b.bias" => "mlp.gate.e_score_correction_bias",
+        // A multi-token-prediction block (llama.cpp's `nextn` names): its own tensors beside an
+        // ordinary decoder layer's.
+        "nextn.eh_proj.weight" => "eh_proj.weight",
+        "nextn.enorm.weight" => "enorm.weight",
+        "nextn.hnorm.weight" => "hnorm.weight",
+        "nextn.shared_head_norm.weight" => "shared_head.norm.weight",
+        "nextn.shared_head_head.weight" => "shared_head.head.weight",
+        "nextn.embed_tokens.weight" => "embed_tokens.weight",
         _ => return None,
     })
 }
