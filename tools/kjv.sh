@@ -1,7 +1,10 @@
 #!/bin/sh
-# Writes the King James Bible (Debian's bible-kjv package) as plain training text, one verse per
-# line under chapter headings: Genesis to Jude for training, the Book of Revelation held out for
-# validation.
+# Writes the King James Bible (Debian's bible-kjv package) as plain training text: Genesis to Jude
+# for training, the Book of Revelation held out for validation.
+#   train.txt, valid.txt     one verse per line under chapter headings
+#   train-both.txt           the same text twice: one verse per line, then as the `bible` command
+#                            prints it (wrapped at 80 columns, indented verse numbers)
+#   valid-printed.txt        Revelation as `bible` prints it
 #   tools/kjv.sh [OUT_DIR]     (default data/kjv)
 set -eu
 out=${1:-data/kjv}
@@ -22,4 +25,6 @@ join_verses() {
 }
 bible "Gen1:1-Jude1:25" | join_verses > "$out/train.txt"
 bible "Rev1:1-Rev22:21" | join_verses > "$out/valid.txt"
+{ cat "$out/train.txt"; bible "Gen1:1-Jude1:25"; } > "$out/train-both.txt"
+bible "Rev1:1-Rev22:21" > "$out/valid-printed.txt"
 echo "tools/kjv.sh: wrote $out/train.txt ($(wc -c < "$out/train.txt") bytes) and $out/valid.txt ($(wc -c < "$out/valid.txt") bytes)"

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 /// Built-in run files, by name.
 pub const PRESETS: &[(&str, &str)] = &[
     ("kjv", include_str!("../../presets/kjv.toml")),
+    ("kjv-v3", include_str!("../../presets/kjv-v3.toml")),
     ("sft", include_str!("../../presets/sft.toml")),
     ("tiny-v2", include_str!("../../presets/tiny-v2.toml")),
     ("tiny-v3", include_str!("../../presets/tiny-v3.toml")),
