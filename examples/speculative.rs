@@ -69,7 +69,7 @@ fn main() {
     let (model, _) =
         Model::load_quantized(&a.model, None, a.quant, &Device::Cpu, |_, _| {}).expect("loading the model");
     assert!(model.mtp_depth() > 0, "the model has no MTP module (make one with tools/make_v2_lite_shaped.py --mtp)");
-    let (hidden, vocab, k) = (model.config().hidden_size, model.config().vocab_size, a.k);
+    let (hidden, k) = (model.config().hidden_size, a.k);
     let prompt: Vec<u32> = (0..16u32).map(|i| 10 + i * 7).collect();
     let room = prompt.len() + a.tokens * (k + 2) + 64;
     let fresh = || {
@@ -80,7 +80,7 @@ fn main() {
         mtp.reserve(room).unwrap();
         (cache, mtp)
     };
-    let mut ws = Workspace::default();
+    let (mut ws, mut mtp_ws) = (Workspace::default(), Workspace::default());
     let h0 = vec![0.1f32; hidden];
 
     // The three steps, each timed alone.
@@ -99,7 +99,7 @@ fn main() {
         cache.truncate(n);
         let m = mtp.len();
         let t = Instant::now();
-        model.mtp_forward(0, &h0, &[7], &mut mtp).unwrap();
+        model.mtp_step(0, &h0, &[7], &mut mtp, &mut mtp_ws).unwrap();
         let draft_s = t.elapsed().as_secs_f64();
         mtp.truncate(m);
         if i > 0 {
@@ -142,8 +142,8 @@ fn main() {
             let mut drafts = Vec::with_capacity(k);
             let (mut last_h, mut tok) = (h.clone(), 7u32);
             for _ in 0..k {
-                let (logits, y) = model.mtp_forward(0, &last_h, &[tok], &mut mtp).unwrap();
-                tok = latent::sampling::argmax(&logits[logits.len() - vocab..]);
+                let (logits, y) = model.mtp_step(0, &last_h, &[tok], &mut mtp, &mut mtp_ws).unwrap();
+                tok = latent::sampling::argmax(logits);
                 drafts.push(tok);
                 last_h = y[y.len() - hidden..].to_vec();
             }

@@ -262,7 +262,7 @@ fn time_speculative(model: &Model, kind: CacheKind, repeats: usize) -> Result<Sp
     let mut mtp = model.new_mtp_cache(kind)?;
     mtp.reserve(4)?;
     let (n, h) = (cache.len(), vec![0.1f32; cfg.hidden_size]);
-    let mut ws = Workspace::default();
+    let (mut ws, mut mtp_ws) = (Workspace::default(), Workspace::default());
     let (mut plain, mut verify, mut draft) = (Vec::new(), Vec::new(), Vec::new());
     // One untimed round first: the buffers reach their sizes.
     for round in 0..repeats + 1 {
@@ -275,7 +275,7 @@ fn time_speculative(model: &Model, kind: CacheKind, repeats: usize) -> Result<Sp
         let verify_ms = start.elapsed().as_secs_f64() * 1e3;
         cache.truncate(n);
         let start = Instant::now();
-        model.mtp_forward(0, &h, &prompt[..1], &mut mtp)?;
+        model.mtp_step(0, &h, &prompt[..1], &mut mtp, &mut mtp_ws)?;
         let draft_ms = start.elapsed().as_secs_f64() * 1e3;
         mtp.truncate(0);
         if round > 0 {

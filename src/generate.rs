@@ -154,6 +154,8 @@ pub fn generate_with_mtp(
     let prompt_secs = start.elapsed().as_secs_f64();
     // Decode steps over buffers kept from token to token.
     let mut ws = Workspace::default();
+    // The MTP module's steps, apart: they read the main model's hidden states from `ws`.
+    let (mut mtp_ws, mut last) = (Workspace::default(), Vec::with_capacity(hidden));
 
     let start = Instant::now();
     let mut out = Emitter {
@@ -195,15 +197,18 @@ pub fn generate_with_mtp(
             // Draft k tokens: the module's rows for the pending positions (the main model's hidden
             // states are known there), then chained on its own output.
             pending_tok.push(next);
-            let (logits, mut h) = model.mtp_forward(0, &pending_h, &pending_tok, mtp)?;
+            let (logits, h) = model.mtp_step(0, &pending_h, &pending_tok, mtp, &mut mtp_ws)?;
             let verified = mtp.layer_len(0);
             drafts.clear();
-            drafts.push(crate::sampling::argmax(&logits[logits.len() - vocab..]));
+            drafts.push(crate::sampling::argmax(logits));
+            last.clear();
+            last.extend_from_slice(&h[h.len() - hidden..]);
             for _ in 1..k {
-                let last = h[h.len() - hidden..].to_vec();
-                let (logits, y) = model.mtp_forward(0, &last, &drafts[drafts.len() - 1..], mtp)?;
-                drafts.push(crate::sampling::argmax(&logits));
-                h = y;
+                let (logits, y) = model.mtp_step(0, &last, &drafts[drafts.len() - 1..], mtp, &mut mtp_ws)?;
+                let d = crate::sampling::argmax(logits);
+                last.clear();
+                last.extend_from_slice(&y[y.len() - hidden..]);
+                drafts.push(d);
             }
             mtp.truncate(verified);
             // Verify: `next` and the drafts in one forward of the main model.

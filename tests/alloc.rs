@@ -115,6 +115,39 @@ fn decode_steps_allocate_nothing_per_token() {
             }
         }
     }
+    // Speculative decoding's draft step: the MTP module on the decode step's kernels.
+    let mtp = load("tiny-v3-mtp", DType::BF16, None);
+    for kind in [CacheKind::Int8, mtp.cache_kind()] {
+        if kind == CacheKind::Int8 || fused {
+            let drafts = count_drafts(&mtp, kind);
+            assert!(
+                drafts <= MEASURED.div_ceil(63) + 1,
+                "tiny-v3-mtp ({kind:?}): {drafts} allocations in {MEASURED} drafts"
+            );
+        }
+    }
+}
+
+/// Allocations while a model's MTP module drafts `MEASURED` tokens one by one on its own
+/// workspace, after `WARM` drafts.
+fn count_drafts(model: &Model, kind: CacheKind) -> usize {
+    let tokens = tokens();
+    let mut cache = model.new_mtp_cache(kind).unwrap();
+    cache.reserve(tokens.len()).unwrap();
+    let hidden: Vec<f32> = (0..model.config().hidden_size).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut ws = Workspace::default();
+    let draft = |t: u32, cache: &mut latent::LatentCache, ws: &mut Workspace| {
+        let (logits, y) = model.mtp_step(0, &hidden, &[t], cache, ws).unwrap();
+        assert_eq!((logits.len(), y.len()), (model.config().vocab_size, hidden.len()));
+    };
+    for &t in &tokens[..WARM] {
+        draft(t, &mut cache, &mut ws);
+    }
+    let before = allocations();
+    for &t in &tokens[WARM..WARM + MEASURED] {
+        draft(t, &mut cache, &mut ws);
+    }
+    allocations() - before
 }
 
 /// Allocations while `B` sequences decode `MEASURED` steps together, after `WARM` steps.

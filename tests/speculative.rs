@@ -199,3 +199,44 @@ fn speculation_needs_an_mtp_module_and_reports_when_off() {
     assert!(g.speculation.is_none());
     assert_eq!(g.tokens, fx.meta.greedy_tokens);
 }
+
+/// The draft step on the decode step's buffers computes what the module computes over tensors:
+/// the last position's logits and every position's hidden state, over successive calls of
+/// several positions and one.
+#[test]
+fn the_draft_step_computes_what_the_tensor_path_computes() {
+    let completed = completed_tiny_v3();
+    for (dir, dtype) in
+        [(trained(), DType::F32), (trained(), DType::BF16), (completed.path().to_path_buf(), DType::F32)]
+    {
+        let (model, tok) = load(&dir, dtype);
+        let (h, vocab) = (model.config().hidden_size, model.config().vocab_size);
+        let prompt = tok.encode("Beautiful is better than ugly. Explicit is better than implicit.").unwrap();
+        for kind in [model.cache_kind(), CacheKind::Int8] {
+            let mut cache = model.new_cache_of(kind).unwrap();
+            let (_, hidden) = model.prefill_hidden(&prompt, &mut cache, 64).unwrap();
+            let hidden: Vec<f32> = hidden.flatten_all().unwrap().to_vec1().unwrap();
+            let (mut by_tensors, mut by_step) =
+                (model.new_mtp_cache(kind).unwrap(), model.new_mtp_cache(kind).unwrap());
+            let mut ws = Workspace::default();
+            for (from, to) in [(0, 3), (3, 4), (4, 6), (6, 7)] {
+                let (hs, toks) = (&hidden[from * h..to * h], &prompt[from + 1..to + 1]);
+                let (logits, y) = model.mtp_forward(0, hs, toks, &mut by_tensors).unwrap();
+                let (draft, y_step) = model.mtp_step(0, hs, toks, &mut by_step, &mut ws).unwrap();
+                let what = format!("{} {dtype:?} {kind:?} positions {from}..{to}", dir.display());
+                let last = &logits[logits.len() - vocab..];
+                let scale = last.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // The int8 rows are read by other kernels on the two paths (the step's quantizes
+                // the query too): equal within the format's error, not to f32 rounding.
+                let exact = dtype == DType::F32 && kind != CacheKind::Int8;
+                let tol = if exact { 1e-4 } else { 2e-2 * scale };
+                let worst = last.iter().zip(draft).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst <= tol, "{what}: logits differ by {worst} (largest {scale})");
+                let worst = y.iter().zip(y_step).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst <= if exact { 1e-4 } else { 5e-2 }, "{what}: hidden states differ by {worst}");
+                assert_eq!(latent::sampling::argmax(last), latent::sampling::argmax(draft), "{what}");
+                assert_eq!(by_step.layer_len(0), to, "{what}");
+            }
+        }
+    }
+}

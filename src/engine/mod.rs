@@ -241,6 +241,7 @@ impl Engine {
             scheduler,
             seqs: HashMap::new(),
             ws: Workspace::default(),
+            mtp_ws: Workspace::default(),
             metrics: metrics.clone(),
             prefix: PrefixStore::default(),
             step_logits: Vec::new(),
@@ -437,6 +438,8 @@ struct Worker {
     scheduler: Scheduler,
     seqs: HashMap<SeqId, Seq>,
     ws: Workspace,
+    /// The MTP modules' draft steps (every speculating sequence's in turn).
+    mtp_ws: Workspace,
     metrics: Arc<Metrics>,
     prefix: PrefixStore,
     /// The last decode step's logits, `(B, V)`.
@@ -764,22 +767,24 @@ impl Worker {
     /// `k` drafts of `id`'s MTP module: its rows for the positions whose hidden states wait,
     /// the last one predicting the token after `next`, then chained on its own output.
     fn draft(&mut self, id: SeqId, k: usize) -> Result<Vec<u32>> {
-        let (vocab, hidden) = (self.model.config().vocab_size, self.model.config().hidden_size);
+        let hidden = self.model.config().hidden_size;
         let seq = self.seqs.get_mut(&id).ok_or_else(|| Error::internal("a drafting sequence vanished"))?;
         let spec = seq.spec.as_mut().ok_or_else(|| Error::internal("a drafting sequence has no MTP state"))?;
         let len = spec.from + spec.pending.len() / hidden;
         // The token after each waiting position: the history holds them, `next` last.
         let after = seq.history.get(spec.from + 1..=len).ok_or_else(|| Error::internal("the history is short"))?;
-        let (logits, mut h) = self.model.mtp_forward(0, &spec.pending, after, &mut spec.mtp)?;
+        let ws = &mut self.mtp_ws;
+        let (logits, h) = self.model.mtp_step(0, &spec.pending, after, &mut spec.mtp, ws)?;
         let verified = spec.mtp.layer_len(0);
         spec.from = len;
         spec.pending.clear();
-        let mut drafts = vec![crate::sampling::argmax(&logits[logits.len() - vocab..])];
+        let mut drafts = vec![crate::sampling::argmax(logits)];
+        let mut last = h[h.len() - hidden..].to_vec();
         for _ in 1..k {
-            let last = h[h.len() - hidden..].to_vec();
-            let (logits, y) = self.model.mtp_forward(0, &last, &drafts[drafts.len() - 1..], &mut spec.mtp)?;
-            drafts.push(crate::sampling::argmax(&logits));
-            h = y;
+            let (logits, y) = self.model.mtp_step(0, &last, &drafts[drafts.len() - 1..], &mut spec.mtp, ws)?;
+            let d = crate::sampling::argmax(logits);
+            last.copy_from_slice(&y[y.len() - hidden..]);
+            drafts.push(d);
         }
         spec.mtp.truncate(verified);
         Ok(drafts)

@@ -19,7 +19,7 @@ use candle_core::DType;
 use super::layers::{round_to, JobOutputs, Linear, Mlp, RmsNorm, TokenInput};
 use super::mla::{AttnScratch, Mla};
 use super::moe::FfnScratch;
-use super::{AttentionPath, Ffn, LogitRows, Model, Pass, Span};
+use super::{AttentionPath, DecoderLayer, Ffn, LogitRows, Model, Pass, Span};
 use crate::cache::{CacheKind, LatentCache};
 use crate::error::{Error, Result};
 
@@ -128,24 +128,24 @@ impl Pass for StepPass<'_, '_> {
     }
 }
 
+/// Whether a decoder layer's weights all take the decode kernels.
+fn layer_takes_step(l: &DecoderLayer) -> bool {
+    let ffn = match &l.ffn {
+        Ffn::Dense(mlp) => mlp.takes_token(),
+        Ffn::Moe(moe) => moe.takes_step(),
+    };
+    l.attn.takes_step() && ffn && !l.input_layernorm.tracks() && !l.post_attention_layernorm.tracks()
+}
+
 impl Model {
     /// Whether [`Model::decode_step`] runs its own step on this model (else it falls back to
     /// [`Model::forward`]): every weight takes the decode kernels (no biases, no training
     /// variables) and the embedding is quantized or stored bf16 or f32.
     pub fn takes_step(&self) -> bool {
-        let ffn = |f: &Ffn| match f {
-            Ffn::Dense(mlp) => mlp.takes_token(),
-            Ffn::Moe(moe) => moe.takes_step(),
-        };
         self.embed_tokens.takes_rows()
             && self.lm_head.takes_token_rows()
             && !self.norm.tracks()
-            && self.layers.iter().all(|l| {
-                l.attn.takes_step()
-                    && ffn(&l.ffn)
-                    && !l.input_layernorm.tracks()
-                    && !l.post_attention_layernorm.tracks()
-            })
+            && self.layers.iter().all(layer_takes_step)
     }
 
     /// Decodes `token` after what `cache` holds: appends its latents and returns its logits
@@ -251,6 +251,100 @@ impl Model {
         // The whole step as one task of the thread pool: its parallel loops then queue their
         // tasks on the pool's own deques, not on the shared queue that allocates as it goes.
         rayon::scope(|_| self.step(tokens, caches, ws))
+    }
+
+    /// Multi-token prediction on a decode step's buffers: what [`Model::mtp_forward`] computes
+    /// for module `k` over the `m` positions of `tokens` (appending the module's latent rows to
+    /// `cache`'s layer `k`), but the logits of the last position only (`vocab_size`: the draft),
+    /// and every position's output hidden state (`m × hidden`). Both live in `ws` until its next
+    /// use; keep a workspace apart from the main model's, whose hidden states are the input.
+    /// Allocates nothing once `ws` has seen as many positions and `cache` has room.
+    pub fn mtp_step<'w>(
+        &self,
+        k: usize,
+        hidden: &[f32],
+        tokens: &[u32],
+        cache: &mut LatentCache,
+        ws: &'w mut Workspace,
+    ) -> Result<(&'w [f32], &'w [f32])> {
+        let (m, h, vocab) = (tokens.len(), self.config.hidden_size, self.config.vocab_size);
+        let module = self.mtp.get(k).ok_or_else(|| {
+            Error::InvalidArgument(format!("the model has {} MTP modules, not {}", self.mtp.len(), k + 1))
+        })?;
+        let dense_ok = matches!(cache.kind(), CacheKind::Int8 | CacheKind::Dense(DType::BF16 | DType::F32));
+        let steps = self.steps
+            && dense_ok
+            && layer_takes_step(&module.block)
+            && module.eh_proj.takes_token_rows()
+            && ![&module.enorm, &module.hnorm, &module.head_norm].iter().any(|n| n.tracks());
+        if !steps {
+            let (logits, y) = self.mtp_forward(k, hidden, tokens, cache)?;
+            ws.fallback.clear();
+            ws.fallback.extend_from_slice(&logits[logits.len() - vocab..]);
+            ws.fallback_hidden.clear();
+            ws.fallback_hidden.extend_from_slice(&y);
+            ws.fell_back = true;
+            return Ok((&ws.fallback, &ws.fallback_hidden));
+        }
+        if m == 0 || hidden.len() != m * h {
+            return Err(Error::InvalidArgument(format!(
+                "MTP takes a hidden state of {h} values per token: {} values for {m} tokens",
+                hidden.len()
+            )));
+        }
+        let start = cache.layer_len(k);
+        self.check_tokens(tokens, start)?;
+        let dtype = self.dtype;
+        {
+            let Workspace { x, normed, out, cos, sin, cos1, sin1, owners, logits, .. } = &mut *ws;
+            // eh_proj([enorm(embedding) ‖ hnorm(hidden)]), row by row as the tensor path rounds.
+            x.resize(m * h, 0.0);
+            out.resize(m * h, 0.0);
+            let cat = normed.x_mut();
+            cat.resize(m * 2 * h, 0.0);
+            for (i, &token) in tokens.iter().enumerate() {
+                let e = &mut x[i * h..(i + 1) * h];
+                self.embed_tokens
+                    .row_into(token as usize, e)
+                    .ok_or_else(|| Error::internal("the embedding is neither quantized nor bf16/f32"))?;
+                round_to(dtype, e);
+                let row = &mut cat[i * 2 * h..(i + 1) * 2 * h];
+                module.enorm.forward_row(e, &mut row[..h], dtype);
+                let prev = &mut out[i * h..(i + 1) * h];
+                prev.copy_from_slice(&hidden[i * h..(i + 1) * h]);
+                round_to(dtype, prev);
+                module.hnorm.forward_row(prev, &mut row[h..], dtype);
+            }
+            normed.requantize([module.eh_proj.act_group()]);
+            Linear::token_rows_into(1, |_| (&module.eh_proj, &*normed), logits);
+            logits.round(dtype);
+            x.copy_from_slice(logits.get(0));
+            owners.clear();
+            owners.resize(m, 0);
+            cos.clear();
+            sin.clear();
+            for i in 0..m {
+                self.rope.angles_at(start + i, cos1, sin1);
+                cos.extend_from_slice(cos1);
+                sin.extend_from_slice(sin1);
+            }
+        }
+        let caches = &mut [cache];
+        rayon::scope(|_| -> Result<()> {
+            let mut pass = StepPass { ws: &mut *ws, caches, model: self };
+            module.block.run(k, &mut pass)?;
+            // The draft: the last position's logits through the module's own norm.
+            let Workspace { x, normed, logits, .. } = &mut *pass.ws;
+            let input = normed.x_mut();
+            input.resize(h, 0.0);
+            module.head_norm.forward_row(&x[(m - 1) * h..], input, dtype);
+            normed.requantize([self.lm_head.act_group()]);
+            Linear::token_rows_into(1, |_| (&self.lm_head, &*normed), logits);
+            logits.round(dtype);
+            Ok(())
+        })?;
+        ws.fell_back = false;
+        Ok((ws.logits.get(0), &ws.x))
     }
 
     fn step(&self, tokens: &[u32], caches: &mut [&mut LatentCache], ws: &mut Workspace) -> Result<()> {
