@@ -17,15 +17,18 @@ With --mtp, one multi-token-prediction module after the last layer, as DeepSeek-
 speculative-decoding measurements).
 
   python3 tools/make_v2_lite_shaped.py OUT_DIR [--layers 6] [--seed 0] [--v32] [--mtp]
+
+Needs numpy only.
 """
 
 import argparse
 import json
+import math
 import os
 import shutil
+import struct
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
@@ -89,6 +92,30 @@ def layer_shapes(c, i):
         yield f"{p}.mlp.shared_experts.{name}.weight", shape
 
 
+def bf16_bytes(values):
+    """float32 values as bf16 (round to nearest even), little-endian bytes."""
+    bits = values.astype(np.float32).view(np.uint32)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return bits.astype("<u2").tobytes()
+
+
+def write_shard(path, tensors, rng):
+    """One safetensors file of bf16 tensors `(name, shape, mean, std)`, each drawn and written in
+    turn, so that no more than one tensor is held at a time."""
+    header, at = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _, _ in tensors:
+        n = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for _, shape, mean, std in tensors:
+            f.write(bf16_bytes(mean + std * rng.standard_normal(shape, dtype=np.float32)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -118,13 +145,13 @@ def main():
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(FIXTURES, "tokenizer", name), args.out)
 
-    g = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
     shapes = list(tensor_shapes(config))
     limit = int(args.shard_gb * 2**30)
     # Plan the shards first (names say "-of-N"), then write each one as soon as it is full.
     plan, size = [[]], 0
     for name, shape in shapes:
-        nbytes = 2 * torch.Size(shape).numel()
+        nbytes = 2 * math.prod(shape)
         if size + nbytes > limit and plan[-1]:
             plan.append([])
             size = 0
@@ -133,15 +160,15 @@ def main():
     weight_map, total = {}, 0
     for i, group in enumerate(plan):
         file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
-        shard = {}
+        tensors = []
         for name, shape in group:
             std, mean = (0.1, 1.0) if name.endswith("norm.weight") else (0.02, 0.0)
             std, mean = (0.1, 0.0) if name.endswith("norm.bias") else (std, mean)
-            shard[name] = (mean + std * torch.randn(shape, generator=g)).to(torch.bfloat16)
+            tensors.append((name, shape, mean, std))
             weight_map[name] = file
-            total += shard[name].numel() * 2
-        save_file(shard, os.path.join(args.out, file), metadata={"format": "pt"})
-        print(f"wrote {file}: {len(shard)} tensors", flush=True)
+            total += 2 * math.prod(shape)
+        write_shard(os.path.join(args.out, file), tensors, rng)
+        print(f"wrote {file}: {len(tensors)} tensors", flush=True)
     with open(os.path.join(args.out, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     print(f"{args.out}: {len(shapes)} tensors, {total / 1e9:.2f} GB in {len(plan)} shards")
