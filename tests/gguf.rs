@@ -265,7 +265,7 @@ fn int8_latent_cache_stays_close_to_the_f32_cache() {
 }
 
 /// A GGUF file that carries DeepSeek-V3's multi-token-prediction block (llama.cpp's `nextn`
-/// convention; tools/make_gguf_mtp_fixture.py writes it from tests/fixtures/tiny-v3-mtp in f32):
+/// convention; tools/make_mtp_fixtures.py writes it from tests/fixtures/tiny-v3-mtp in f32):
 /// the module loads, drafts exactly what the safetensors checkpoint's module drafts, and
 /// speculative decoding from the file gives the plain tokens.
 #[test]

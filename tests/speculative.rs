@@ -240,3 +240,30 @@ fn the_draft_step_computes_what_the_tensor_path_computes() {
         }
     }
 }
+
+/// DeepSeek publishes V3 and R1 in block FP8, the MTP layer included
+/// (`tests/fixtures/tiny-v3-mtp-fp8` is the trained fixture so quantized by
+/// tools/make_mtp_fixtures.py): the module loads from FP8 and drafts, the output is plain
+/// decoding's, and the weights are the f32 ones within e4m3's error.
+#[test]
+fn an_fp8_checkpoint_drafts_with_its_mtp_layer() {
+    let (fp8, tok) = load(&common::fixtures_dir().join("tiny-v3-mtp-fp8"), DType::F32);
+    assert_eq!(fp8.mtp_depth(), 1);
+    let prompt = tok.encode("Beautiful is better than").unwrap();
+    let plain = run(&fp8, &tok, fp8.cache_kind(), &prompt, &greedy(60, 0));
+    let spec = run(&fp8, &tok, fp8.cache_kind(), &prompt, &greedy(60, 1));
+    assert_eq!(spec.tokens, plain.tokens);
+    let s = spec.speculation.unwrap();
+    assert!(s.acceptance() > 0.4, "acceptance {:.2}", s.acceptance());
+
+    let (full, _) = load(&trained(), DType::F32);
+    let logits = |m: &Model| {
+        let mut cache = m.new_cache_of(m.cache_kind()).unwrap();
+        let l = m.forward(&prompt, &mut cache, AttentionPath::Expanded, LogitRows::All).unwrap();
+        l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (logits(&fp8), logits(&full));
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+    let size = b.iter().map(|y| y.abs()).sum::<f32>() / b.len() as f32;
+    assert!(diff > 0.0 && diff < 0.1 * size, "FP8 logits differ by {diff} on average (mean size {size})");
+}

@@ -1,11 +1,21 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/gguf/tiny-v3-mtp-f32.gguf: tests/fixtures/tiny-v3-mtp (a DeepSeek-V3 with
-one trained multi-token-prediction module) as a llama.cpp `deepseek2` GGUF that carries its MTP
-block, in f32 so that latent must read back exactly the safetensors values.
+"""Writes tests/fixtures/tiny-v3-mtp (a DeepSeek-V3 with one trained multi-token-prediction module)
+in the two other forms checkpoints carry MTP modules in:
+
+  tests/fixtures/gguf/tiny-v3-mtp-f32.gguf   a llama.cpp `deepseek2` GGUF with its MTP block, in f32
+                                             so that latent must read back the safetensors values
+  tests/fixtures/tiny-v3-mtp-fp8/            DeepSeek-V3's block FP8 (e4m3 with a scale per 8 x 8
+                                             block at these sizes, 128 x 128 in the real ones), the
+                                             MTP layer included, as DeepSeek publishes V3 and R1
 
     pip install gguf safetensors numpy
-    python tools/make_gguf_mtp_fixture.py
+    python tools/make_mtp_fixtures.py
 
+FP8: every linear weight of the decoder layers and the MTP layer in e4m3 with `weight_scale_inv`,
+except `kv_a_proj_with_mqa` and the router (bf16, as in DeepSeek's files); the embedding and output
+head in bf16; norms in f32.
+
+GGUF:
 llama.cpp's deepseek2 converter drops the MTP layer, so this file is written with gguf-py (llama.cpp's
 own GGUF library) following llama.cpp's convention for MTP blocks (as its GLM-4.5 and DeepSeek
 `nextn` loaders read them): `block_count` counts the MTP blocks after the model's own layers,
@@ -20,7 +30,10 @@ the YaRN ones: this model has no rope scaling). `kv_b_proj` is split per head in
 `attn_v_b` as llama.cpp's newer converters split it.
 """
 import json
+import math
 import os
+import shutil
+import struct
 
 import gguf
 import numpy as np
@@ -31,6 +44,8 @@ FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
 SOURCE = os.path.join(FIXTURES, "tiny-v3-mtp")
 TEMPLATE = os.path.join(FIXTURES, "gguf", "tiny-v3-256-q8_0.gguf")
 OUT = os.path.join(FIXTURES, "gguf", "tiny-v3-mtp-f32.gguf")
+FP8_OUT = os.path.join(FIXTURES, "tiny-v3-mtp-fp8")
+FP8_BLOCK = 8
 ARCH = "deepseek2"
 
 # Hugging Face name (after `model.layers.N.`) -> llama.cpp name (after `blk.N.`).
@@ -58,6 +73,82 @@ LAYER = {
     "shared_head.head.weight": "nextn.shared_head_head.weight",
     "embed_tokens.weight": "nextn.embed_tokens.weight",
 }
+
+
+def e4m3_table():
+    """The value of every e4m3fn byte below 0x7f (the positive ones, increasing)."""
+    values = []
+    for b in range(0x7F):
+        e, m = b >> 3, b & 7
+        values.append(m / 8 * 2.0**-6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+    return np.array(values, dtype=np.float64)
+
+
+def to_e4m3(x):
+    """The nearest e4m3fn byte of each value (ties to the even code), for values within +-448."""
+    table = e4m3_table()
+    mag = np.abs(x.astype(np.float64))
+    hi = np.clip(np.searchsorted(table, mag), 1, len(table) - 1)
+    lo = hi - 1
+    d_lo, d_hi = mag - table[lo], table[hi] - mag
+    pick = np.where((d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0)), hi, lo).astype(np.uint8)
+    return np.where(x < 0, pick | 0x80, pick).astype(np.uint8)
+
+
+def bf16_bytes(values):
+    bits = values.astype(np.float32).view(np.uint32)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return bits.astype("<u2").tobytes()
+
+
+def write_safetensors(path, tensors):
+    """`tensors`: name -> (safetensors dtype, shape, bytes), written in name order."""
+    header, at = {"__metadata__": {"format": "pt"}}, 0
+    for name in sorted(tensors):
+        dtype, shape, data = tensors[name]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + len(data)]}
+        at += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in sorted(tensors):
+            f.write(tensors[name][2])
+
+
+def write_fp8(c, w):
+    shutil.rmtree(FP8_OUT, ignore_errors=True)
+    os.makedirs(FP8_OUT)
+    out = {}
+    for name, value in w.items():
+        layer = name.startswith("model.layers.")
+        fp8 = (layer and value.ndim == 2 and name.endswith("proj.weight")
+               and "kv_a_proj_with_mqa" not in name)
+        if fp8:
+            rows, cols = value.shape
+            assert rows % FP8_BLOCK == 0 and cols % FP8_BLOCK == 0, name
+            blocks = value.reshape(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
+            scale = np.abs(blocks).max(axis=(1, 3)) / 448.0
+            scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+            q = to_e4m3(blocks / scale[:, None, :, None]).reshape(rows, cols)
+            out[name] = ("F8_E4M3", value.shape, q.tobytes())
+            out[name + "_scale_inv"] = ("F32", scale.shape, scale.astype("<f4").tobytes())
+        elif value.ndim == 2:
+            out[name] = ("BF16", value.shape, bf16_bytes(value))
+        else:
+            out[name] = ("F32", value.shape, value.astype("<f4").tobytes())
+    write_safetensors(os.path.join(FP8_OUT, "model.safetensors"), out)
+    config = dict(c, torch_dtype="bfloat16")
+    config.pop("dtype", None)
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    with open(os.path.join(FP8_OUT, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(SOURCE, name), FP8_OUT)
+    n = sum(1 for v in out.values() if v[0] == "F8_E4M3")
+    print(f"wrote {FP8_OUT}: {n} FP8 weights")
 
 
 def main():
@@ -154,6 +245,7 @@ def main():
     writer.write_tensors_to_file()
     writer.close()
     print(f"wrote {OUT} ({os.path.getsize(OUT)} bytes): {n_main} layers and {nextn} MTP block(s)")
+    write_fp8(c, w)
 
 
 if __name__ == "__main__":
