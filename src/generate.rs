@@ -146,6 +146,14 @@ pub fn generate_with_mtp(
         let (logits, h) = model.prefill_hidden(&prompt[reused..], cache, DEFAULT_PREFILL_CHUNK)?;
         pending_h = h.flatten_all()?.to_vec1()?;
         pending_tok.extend_from_slice(&prompt[reused + 1..]);
+        // The module's rows for the prompt's positions but the last (whose next token is not
+        // drawn yet), as part of the prefill.
+        if let (Some(mtp), false) = (mtp.as_deref_mut(), pending_tok.is_empty()) {
+            let rows = pending_tok.len();
+            model.mtp_prefill(0, &pending_h[..rows * hidden], &pending_tok, mtp)?;
+            pending_h.drain(..rows * hidden);
+            pending_tok.clear();
+        }
         logits.flatten_all()?.to_vec1()?
     } else {
         let logits = model.forward(&prompt[reused..], cache, AttentionPath::Expanded, LogitRows::Last)?;

@@ -543,6 +543,25 @@ impl Model {
         tokens: &[u32],
         cache: &mut LatentCache,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (module, y) = self.mtp_block(k, hidden, tokens, cache)?;
+        let logits = self.lm_head.forward(&module.head_norm.forward(&y)?)?.to_dtype(DType::F32)?;
+        Ok((logits.flatten_all()?.to_vec1()?, y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
+    }
+
+    /// [`Model::mtp_forward`] without the logits: the module's latent rows for `tokens`'
+    /// positions appended to `cache`'s layer `k` (a prompt's, before any draft is asked for).
+    pub fn mtp_prefill(&self, k: usize, hidden: &[f32], tokens: &[u32], cache: &mut LatentCache) -> Result<()> {
+        self.mtp_block(k, hidden, tokens, cache).map(drop)
+    }
+
+    /// Module `k`'s layer over `tokens`' positions: the module and its output `(m, hidden)`.
+    fn mtp_block(
+        &self,
+        k: usize,
+        hidden: &[f32],
+        tokens: &[u32],
+        cache: &mut LatentCache,
+    ) -> Result<(&MtpModule, Tensor)> {
         let module = self.mtp.get(k).ok_or_else(|| {
             Error::InvalidArgument(format!("the model has {} MTP modules, not {}", self.mtp.len(), k + 1))
         })?;
@@ -564,9 +583,7 @@ impl Model {
         let spans = vec![SpanRows { len: m, pos, cache: Some(cache) }];
         let mut pass = TensorPass { x, spans, path, training: None, moe: Vec::new(), trace: None };
         module.block.run(k, &mut pass)?;
-        let y = pass.x;
-        let logits = self.lm_head.forward(&module.head_norm.forward(&y)?)?.to_dtype(DType::F32)?;
-        Ok((logits.flatten_all()?.to_vec1()?, y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
+        Ok((module, pass.x))
     }
 
     /// The layer loop over `spans` by candle tensors: the last hidden states `(N, hidden)` and

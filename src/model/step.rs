@@ -128,6 +128,9 @@ impl Pass for StepPass<'_, '_> {
     }
 }
 
+/// The most positions [`Model::mtp_step`] runs on the decode kernels; more go the prefill's way.
+const MTP_STEP_ROWS: usize = 16;
+
 /// Whether a decoder layer's weights all take the decode kernels.
 fn layer_takes_step(l: &DecoderLayer) -> bool {
     let ffn = match &l.ffn {
@@ -267,7 +270,7 @@ impl Model {
         cache: &mut LatentCache,
         ws: &'w mut Workspace,
     ) -> Result<(&'w [f32], &'w [f32])> {
-        let (m, h, vocab) = (tokens.len(), self.config.hidden_size, self.config.vocab_size);
+        let (m, h) = (tokens.len(), self.config.hidden_size);
         let module = self.mtp.get(k).ok_or_else(|| {
             Error::InvalidArgument(format!("the model has {} MTP modules, not {}", self.mtp.len(), k + 1))
         })?;
@@ -277,12 +280,16 @@ impl Model {
             && layer_takes_step(&module.block)
             && module.eh_proj.takes_token_rows()
             && ![&module.enorm, &module.hnorm, &module.head_norm].iter().any(|n| n.tracks());
-        if !steps {
-            let (logits, y) = self.mtp_forward(k, hidden, tokens, cache)?;
+        // Many positions at once (the module catching up over a prompt) are a prefill: the
+        // tensor path's prefill attention runs them faster than the decode kernels.
+        if !steps || tokens.len() > MTP_STEP_ROWS {
+            let (module, y) = self.mtp_block(k, hidden, tokens, cache)?;
+            let last = y.narrow(0, tokens.len() - 1, 1)?;
+            let logits = self.lm_head.forward(&module.head_norm.forward(&last)?)?;
             ws.fallback.clear();
-            ws.fallback.extend_from_slice(&logits[logits.len() - vocab..]);
+            ws.fallback.extend(logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
             ws.fallback_hidden.clear();
-            ws.fallback_hidden.extend_from_slice(&y);
+            ws.fallback_hidden.extend(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
             ws.fell_back = true;
             return Ok((&ws.fallback, &ws.fallback_hidden));
         }
