@@ -160,6 +160,22 @@ pub enum LogitRows {
     Last,
 }
 
+/// The rows of `x` (the spans' rows back to back) that `rows` asks for: all, or each span's last.
+fn pick_rows(x: Tensor, spans: &[Span<'_>], rows: LogitRows) -> Result<Tensor> {
+    match rows {
+        LogitRows::All => Ok(x),
+        LogitRows::Last => {
+            let mut last = Vec::with_capacity(spans.len());
+            let mut at = 0;
+            for span in spans {
+                at += span.tokens.len();
+                last.push(x.narrow(0, at - 1, 1)?);
+            }
+            Ok(Tensor::cat(&last, 0)?)
+        }
+    }
+}
+
 /// What loading found besides the model.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
@@ -465,19 +481,7 @@ impl Model {
     /// expert runs once on the rows routed to it.
     pub fn forward_spans(&self, spans: &mut [Span<'_>], path: AttentionPath, rows: LogitRows) -> Result<Tensor> {
         let (x, _) = self.tensor_pass(spans, path, None, false)?;
-        let logits = match rows {
-            LogitRows::All => x,
-            LogitRows::Last => {
-                let mut last = Vec::with_capacity(spans.len());
-                let mut at = 0;
-                for span in spans.iter() {
-                    at += span.tokens.len();
-                    last.push(x.narrow(0, at - 1, 1)?);
-                }
-                Tensor::cat(&last, 0)?
-            }
-        };
-        self.logits(&logits)
+        self.logits(&pick_rows(x, spans, rows)?)
     }
 
     /// [`Model::forward_spans`], and every row's final hidden state after the model's last norm
@@ -491,18 +495,7 @@ impl Model {
     ) -> Result<(Tensor, Tensor)> {
         let (x, _) = self.tensor_pass(spans, path, None, false)?;
         let normed = self.norm.forward(&x)?;
-        let picked = match rows {
-            LogitRows::All => normed.clone(),
-            LogitRows::Last => {
-                let mut last = Vec::with_capacity(spans.len());
-                let mut at = 0;
-                for span in spans.iter() {
-                    at += span.tokens.len();
-                    last.push(normed.narrow(0, at - 1, 1)?);
-                }
-                Tensor::cat(&last, 0)?
-            }
-        };
+        let picked = pick_rows(normed.clone(), spans, rows)?;
         Ok((self.lm_head.forward(&picked)?.to_dtype(DType::F32)?, normed))
     }
 
@@ -554,14 +547,15 @@ impl Model {
         self.mtp_block(k, hidden, tokens, cache).map(drop)
     }
 
-    /// Module `k`'s layer over `tokens`' positions: the module and its output `(m, hidden)`.
-    fn mtp_block(
+    /// Module `k`, and the position `tokens` start at, once the inputs are checked: a hidden state
+    /// per token, tokens in the vocabulary and within the context.
+    fn mtp_checked(
         &self,
         k: usize,
         hidden: &[f32],
         tokens: &[u32],
-        cache: &mut LatentCache,
-    ) -> Result<(&MtpModule, Tensor)> {
+        cache: &LatentCache,
+    ) -> Result<(&MtpModule, usize)> {
         let module = self.mtp.get(k).ok_or_else(|| {
             Error::InvalidArgument(format!("the model has {} MTP modules, not {}", self.mtp.len(), k + 1))
         })?;
@@ -574,6 +568,19 @@ impl Model {
         }
         let start = cache.layer_len(k);
         self.check_tokens(tokens, start)?;
+        Ok((module, start))
+    }
+
+    /// Module `k`'s layer over `tokens`' positions: the module and its output `(m, hidden)`.
+    fn mtp_block(
+        &self,
+        k: usize,
+        hidden: &[f32],
+        tokens: &[u32],
+        cache: &mut LatentCache,
+    ) -> Result<(&MtpModule, Tensor)> {
+        let (module, start) = self.mtp_checked(k, hidden, tokens, cache)?;
+        let (m, h) = (tokens.len(), self.config.hidden_size);
         let emb = self.embed_tokens.forward(tokens, &self.device)?;
         let prev = Tensor::from_vec(hidden.to_vec(), (m, h), &self.device)?.to_dtype(emb.dtype())?;
         let cat = Tensor::cat(&[module.enorm.forward(&emb)?, module.hnorm.forward(&prev)?], 1)?;

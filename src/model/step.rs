@@ -271,9 +271,7 @@ impl Model {
         ws: &'w mut Workspace,
     ) -> Result<(&'w [f32], &'w [f32])> {
         let (m, h) = (tokens.len(), self.config.hidden_size);
-        let module = self.mtp.get(k).ok_or_else(|| {
-            Error::InvalidArgument(format!("the model has {} MTP modules, not {}", self.mtp.len(), k + 1))
-        })?;
+        let (module, start) = self.mtp_checked(k, hidden, tokens, cache)?;
         let dense_ok = matches!(cache.kind(), CacheKind::Int8 | CacheKind::Dense(DType::BF16 | DType::F32));
         let steps = self.steps
             && dense_ok
@@ -293,14 +291,6 @@ impl Model {
             ws.fell_back = true;
             return Ok((&ws.fallback, &ws.fallback_hidden));
         }
-        if m == 0 || hidden.len() != m * h {
-            return Err(Error::InvalidArgument(format!(
-                "MTP takes a hidden state of {h} values per token: {} values for {m} tokens",
-                hidden.len()
-            )));
-        }
-        let start = cache.layer_len(k);
-        self.check_tokens(tokens, start)?;
         let dtype = self.dtype;
         {
             let Workspace { x, normed, out, cos, sin, cos1, sin1, owners, logits, .. } = &mut *ws;
