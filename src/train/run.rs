@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 pub const PRESETS: &[(&str, &str)] = &[
     ("kjv", include_str!("../../presets/kjv.toml")),
     ("kjv-v3", include_str!("../../presets/kjv-v3.toml")),
+    ("kjv-v3-chat", include_str!("../../presets/kjv-v3-chat.toml")),
     ("sft", include_str!("../../presets/sft.toml")),
     ("tiny-v2", include_str!("../../presets/tiny-v2.toml")),
     ("tiny-v3", include_str!("../../presets/tiny-v3.toml")),
@@ -517,4 +518,17 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_is_a_valid_run_file() {
+        for (name, text) in PRESETS {
+            let run = RunFile::parse(text, Path::new(name), &[]);
+            assert!(run.is_ok(), "preset {name}: {:?}", run.err());
+        }
+    }
 }
