@@ -24,6 +24,8 @@ static ALLOC: latent::bounded::BoundedAlloc = latent::bounded::BoundedAlloc;
 
 mod default_model;
 
+use default_model::Demo;
+
 #[derive(Parser)]
 #[command(
     name = "latent",
@@ -70,7 +72,7 @@ enum Command {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// The run file (TOML); `preset:NAME` for a built-in one (kjv, sft, tiny-v2, tiny-v3, v2-lite-6m).
+    /// The run file (TOML); `preset:NAME` for a built-in one (kjv, kjv-v3, kjv-v3-chat, sft, tiny-v2, tiny-v3, v2-lite-6m).
     /// Optional with --init, where it defaults to `preset:sft`.
     run: Option<String>,
     /// Override a run-file key, e.g. --set optim.lr=1e-3 --set schedule.steps=200 (repeatable).
@@ -283,8 +285,8 @@ fn parse_bytes(text: &str) -> std::result::Result<usize, String> {
 #[derive(Args)]
 struct ModelArgs {
     /// Folder with config.json, *.safetensors and tokenizer.json, or a GGUF file of llama.cpp's deepseek2
-    /// architecture (default: the built-in demo model, a small
-    /// DeepSeek-V2 trained on the King James Bible).
+    /// architecture (default: the built-in demo model, a small DeepSeek-V3 with MTP trained on the
+    /// King James Bible; `chat` and `serve` default to its chat-tuned variant).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Compute dtype (default: the checkpoint's).
@@ -576,12 +578,13 @@ fn run_train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
+/// The model `args` names, or the built-in `demo` when none is given.
+fn model_dir(args: &ModelArgs, demo: Demo) -> Result<PathBuf> {
     match &args.model {
         Some(dir) => Ok(dir.clone()),
         None => {
-            let dir = default_model::dir()?;
-            eprintln!("latent: no --model given, using {} ({})", default_model::NAME, dir.display());
+            let dir = default_model::dir(demo)?;
+            eprintln!("latent: no --model given, using {} ({})", demo.describe(), dir.display());
             Ok(dir)
         }
     }
@@ -611,8 +614,8 @@ fn cache_kind(args: &ModelArgs, model: &Model) -> Result<CacheKind> {
     }
 }
 
-fn load(args: &ModelArgs) -> Result<(Model, Tokenizer)> {
-    let dir = model_dir(args)?;
+fn load(args: &ModelArgs, demo: Demo) -> Result<(Model, Tokenizer)> {
+    let dir = model_dir(args, demo)?;
     let start = Instant::now();
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers  {per_sec}  ETA {eta}")
@@ -737,7 +740,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     if args.prompt.is_none() && std::io::stdin().is_terminal() {
         bail!("give the prompt with --prompt TEXT or on stdin (e.g. echo TEXT | latent generate)");
     }
-    let (model, tokenizer) = load(&args.model)?;
+    let (model, tokenizer) = load(&args.model, Demo::Base)?;
     let request = request(&args.sampling, &model)?;
     let limit = model.config().max_position_embeddings.saturating_mul(INPUT_BYTES_PER_TOKEN);
     let prompt = match args.prompt {
@@ -757,7 +760,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn run_chat(args: ChatArgs) -> Result<()> {
-    let (model, tokenizer) = load(&args.model)?;
+    let (model, tokenizer) = load(&args.model, Demo::Chat)?;
     let request = request(&args.sampling, &model)?;
     let cache = model.new_cache_of(cache_kind(&args.model, &model)?)?;
     let mut session = ChatSession::with_cache(&model, &tokenizer, args.system.as_deref(), cache)?;
@@ -803,7 +806,7 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let file = std::fs::File::open(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let what = args.file.display().to_string();
     let text = read_bounded(file, args.max_file_bytes, &what, "raise --max-file-bytes to read it")?;
-    let (model, tokenizer) = load(&args.model)?;
+    let (model, tokenizer) = load(&args.model, Demo::Base)?;
     let tokens = tokenizer.encode(&text)?;
     let context = args.context.unwrap_or(model.config().max_position_embeddings);
     let bar = ProgressBar::new(0).with_style(
@@ -937,9 +940,9 @@ fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
 fn run_serve(args: ServeArgs) -> Result<()> {
     use latent::engine::{Engine, EngineConfig};
     use latent::server::{serve, ServerConfig};
-    let dir = model_dir(&args.model)?;
+    let dir = model_dir(&args.model, Demo::Chat)?;
     let name = args.served_model_name.clone().unwrap_or_else(|| match &args.model.model {
-        None => "latent-kjv".into(),
+        None => Demo::Chat.served_name().into(),
         Some(_) => dir
             .file_name()
             .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
@@ -967,7 +970,8 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         bail!("--draft-tokens must be at least 1 (--speculative off turns drafting off)");
     }
     let load = move || -> latent::Result<Engine> {
-        let (model, tokenizer) = load(&model_args).map_err(|e| latent::Error::InvalidArgument(format!("{e:#}")))?;
+        let (model, tokenizer) =
+            load(&model_args, Demo::Chat).map_err(|e| latent::Error::InvalidArgument(format!("{e:#}")))?;
         let kind = cache_kind(&model_args, &model).map_err(|e| latent::Error::InvalidArgument(format!("{e:#}")))?;
         let draft_tokens = match (speculative, model.mtp_depth()) {
             (Some(SpeculativeArg::Off), _) => 0,
@@ -991,7 +995,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
-    let (model, _) = load(&args.model)?;
+    let (model, _) = load(&args.model, Demo::Base)?;
     if let Some(budget) = args.budget {
         return run_budget_study(&model, &args, budget);
     }
@@ -1064,7 +1068,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
 }
 
 fn run_inspect(args: ModelArgs) -> Result<()> {
-    let dir = model_dir(&args)?;
+    let dir = model_dir(&args, Demo::Base)?;
     if latent::weights::gguf::is_gguf(&dir) {
         let file = latent::weights::gguf::GgufFile::open(&dir)?;
         let config = latent::weights::gguf_model::config(&file)?;

@@ -47,12 +47,36 @@ fn generate_reads_the_prompt_from_stdin_and_defaults_to_the_built_in_model() {
     let out = latent(&["generate", "--max-tokens", "4", "--temperature", "0"], Some("Simple is better"));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("no --model given"));
-    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/models/kjv");
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/models/kjv-v3");
     let same = latent(
         &["generate", "--model", demo, "--max-tokens", "4", "--temperature", "0", "--prompt", "Simple is better"],
         None,
     );
     assert_eq!(out.stdout, same.stdout);
+}
+
+/// A newcomer's first conversation: `chat` with no model runs the built-in chat-tuned variant,
+/// which answers a question on its text briefly and ends its turn (long before the token limit),
+/// and a second question gets its own short answer.
+#[test]
+fn chat_defaults_to_the_built_in_chat_model_which_answers_briefly() {
+    let questions = "Who created the heaven and the earth?\nWho called for Moses and Aaron?\n";
+    let args = ["chat", "--max-tokens", "64", "--temperature", "0"];
+    let out = latent(&args, Some(questions));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("no --model given") && err.contains("chat model"), "{err}");
+    let chat = concat!(env!("CARGO_MANIFEST_DIR"), "/models/kjv-v3-chat");
+    let same = latent(&[&args[..], &["--model", chat]].concat(), Some(questions));
+    assert_eq!(out.stdout, same.stdout);
+    let replies = text(&out.stdout);
+    let replies: Vec<&str> = replies.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert!(replies[0].contains("God"), "{replies:?}");
+    assert!(replies[1].contains("Moses"), "{replies:?}");
+    // "[N tokens, ...]" per reply: each ended by the end of its turn, not by --max-tokens.
+    let counts: Vec<usize> = err.lines().filter_map(|l| l.split_once('[')?.1.split(' ').next()?.parse().ok()).collect();
+    assert!(counts.len() == 2 && counts.iter().all(|&n| n < 40), "{err}");
 }
 
 #[test]
