@@ -95,17 +95,7 @@ fn an_fp8_v32_checkpoint_matches_transformers_dequantizing_it() {
     let mut cache = model.new_cache().unwrap();
     let logits = model.forward(&fx.meta.prompt_tokens, &mut cache, AttentionPath::Expanded, LogitRows::All).unwrap();
     assert_close("fp8 v32 logits", &logits, fx.reference("logits"), Tol::F32);
-    let tokenizer = latent::Tokenizer::load(&fx.dir, Some(model.config())).unwrap();
-    let request = latent::generate::Request {
-        max_tokens: 20,
-        sampling: latent::SamplingParams { temperature: 0.0, ..Default::default() },
-        stop: vec![],
-        draft_tokens: 0,
-    };
-    let mut cache = model.new_cache().unwrap();
-    let g =
-        latent::generate::generate(&model, &tokenizer, &mut cache, &fx.meta.prompt_tokens, &request, |_| {}).unwrap();
-    assert_eq!(g.tokens, fx.meta.greedy_tokens);
+    assert_eq!(fx.greedy_tokens(&model), fx.meta.greedy_tokens);
 }
 
 #[test]

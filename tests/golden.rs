@@ -162,17 +162,7 @@ fn an_fp8_block_quantized_checkpoint_matches_transformers_dequantizing_it() {
     let diff = (logits - unquantized.reference("logits")).unwrap().abs().unwrap().max_all().unwrap();
     assert!(diff.to_scalar::<f32>().unwrap() > 1e-3);
     // And decoding it greedily gives the reference's tokens.
-    let tokenizer = latent::Tokenizer::load(&fx.dir, Some(model.config())).unwrap();
-    let request = latent::generate::Request {
-        max_tokens: 20,
-        sampling: latent::SamplingParams { temperature: 0.0, ..Default::default() },
-        stop: vec![],
-        draft_tokens: 0,
-    };
-    let mut cache = model.new_cache().unwrap();
-    let g =
-        latent::generate::generate(&model, &tokenizer, &mut cache, &fx.meta.prompt_tokens, &request, |_| {}).unwrap();
-    assert_eq!(g.tokens, fx.meta.greedy_tokens);
+    assert_eq!(fx.greedy_tokens(&model), fx.meta.greedy_tokens);
 }
 
 #[test]

@@ -84,6 +84,16 @@ impl Fixture {
     pub fn reference(&self, name: &str) -> &Tensor {
         self.reference.get(name).unwrap_or_else(|| panic!("reference has no `{name}`"))
     }
+
+    /// `model`'s greedy continuation of the fixture's prompt, as many tokens as the reference's.
+    pub fn greedy_tokens(&self, model: &latent::Model) -> Vec<u32> {
+        let tokenizer = latent::Tokenizer::load(&self.dir, Some(model.config())).unwrap();
+        let sampling = latent::SamplingParams { temperature: 0.0, ..Default::default() };
+        let request = latent::generate::Request::new(self.meta.greedy_tokens.len(), sampling);
+        let mut cache = model.new_cache().unwrap();
+        let prompt = &self.meta.prompt_tokens;
+        latent::generate::generate(model, &tokenizer, &mut cache, prompt, &request, |_| {}).unwrap().tokens
+    }
 }
 
 /// A fixture with its model and tokenizer loaded in f32.
