@@ -59,20 +59,33 @@ impl<W: Sync> KeyPages<W> for ContiguousKeys<'_, W> {
 /// products take `vdpbf16ps` (exact products, f32 sums): twice the multiply-adds per instruction
 /// of widening the keys to f32, and the indexer is bound by them, not by the keys' bytes.
 pub fn index_scores<W: Load16>(q: &[f32], w: &[f32], keys: &dyn KeyPages<W>, d_i: usize, out: &mut [f32]) {
+    PAIRS.with_borrow_mut(|pairs| index_scores_with(q, w, keys, d_i, out, pairs));
+}
+
+/// [`index_scores`] with the query's bf16 pairs in a buffer of the caller's, which a decode step
+/// keeps from step to step (a step's calling thread changes with the pool's scheduling, so a
+/// buffer of the thread's would be made anew on each thread it lands on).
+pub fn index_scores_with<W: Load16>(
+    q: &[f32],
+    w: &[f32],
+    keys: &dyn KeyPages<W>,
+    d_i: usize,
+    out: &mut [f32],
+    pairs: &mut Vec<half::bf16>,
+) {
     let heads = w.len();
     assert_eq!(q.len(), heads * d_i, "index_scores: query size");
     assert!(out.len() <= keys.len(), "index_scores: more scores asked than keys cached");
     let exact = W::as_bf16(&[]).is_some() && q.iter().all(|&v| half::bf16::from_f32(v).to_f32() == v);
     #[cfg(target_arch = "x86_64")]
     if exact && heads.is_multiple_of(16) && d_i.is_multiple_of(2) && super::gemm::has_avx512_bf16() {
-        PAIRS.with_borrow_mut(|pairs| {
-            head_pairs(q, heads, d_i, pairs);
-            out.par_chunks_mut(PAGE_ROWS).enumerate().for_each(|(i, out)| {
-                if let Some(page) = W::as_bf16(&keys.page(i)[..out.len() * d_i]) {
-                    // SAFETY: the CPU has AVX-512 BF16 (checked above); the sizes are the kernel's.
-                    unsafe { broadcast::scores(pairs, w, page, d_i, out) }
-                }
-            });
+        head_pairs(q, heads, d_i, pairs);
+        let pairs = &pairs[..];
+        out.par_chunks_mut(PAGE_ROWS).enumerate().for_each(|(i, out)| {
+            if let Some(page) = W::as_bf16(&keys.page(i)[..out.len() * d_i]) {
+                // SAFETY: the CPU has AVX-512 BF16 (checked above); the sizes are the kernel's.
+                unsafe { broadcast::scores(pairs, w, page, d_i, out) }
+            }
         });
         return;
     }
@@ -82,6 +95,9 @@ pub fn index_scores<W: Load16>(q: &[f32], w: &[f32], keys: &dyn KeyPages<W>, d_i
         let n = out.len();
         let page = &keys.page(i)[..n * d_i];
         PRODUCTS.with_borrow_mut(|s| {
+            // Room for a whole page at once: a page fills up over a decode, and the buffer must not
+            // grow step after step with it (nor on each thread the page lands on).
+            s.reserve((PAGE_ROWS * heads).saturating_sub(s.len()));
             s.resize(n * heads, 0.0);
             let done = exact
                 && Q16.with_borrow_mut(|q16| {
@@ -112,6 +128,7 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 fn head_pairs(q: &[f32], heads: usize, d_i: usize, pairs: &mut Vec<half::bf16>) {
     pairs.clear();
+    pairs.reserve(heads * d_i);
     for p in 0..d_i / 2 {
         for h in 0..heads {
             pairs.push(half::bf16::from_f32(q[h * d_i + 2 * p]));

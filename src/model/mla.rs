@@ -24,7 +24,7 @@ use crate::cache::{CacheKind, DenseRows, Gathered, GatheredRows, IndexRows, Late
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{prefill_attention, AttnElem, PrefillShape};
-use crate::kernels::dsa::{index_scores, top_k};
+use crate::kernels::dsa::{index_scores_with, top_k};
 use crate::kernels::latent_int8::{mla_decode_int8, mla_decode_int8_into, Int8Scratch};
 use crate::kernels::matvec::{batched_matvec_into, batched_weighted_rows_into};
 use crate::kernels::mha_decode::mha_decode_paged;
@@ -671,7 +671,7 @@ impl Mla {
         o_lat: &mut [f32],
     ) -> Result<()> {
         let (h, d_c, d_r) = (self.n_heads, self.d_c, self.d_r);
-        let SparseScratch { scores, order, chosen, gathered } = s;
+        let SparseScratch { scores, pairs, order, chosen, gathered } = s;
         if visible <= ix.topk() {
             chosen.clear();
             chosen.extend(0..visible as u32);
@@ -684,8 +684,8 @@ impl Mla {
             scores.resize(visible, 0.0);
             cache
                 .with_index_keys(layer, |keys| match keys {
-                    IndexRows::Bf16(k) => index_scores(q_h, w, k, ix.dim(), scores),
-                    IndexRows::F32(k) => index_scores(q_h, w, k, ix.dim(), scores),
+                    IndexRows::Bf16(k) => index_scores_with(q_h, w, k, ix.dim(), scores, pairs),
+                    IndexRows::F32(k) => index_scores_with(q_h, w, k, ix.dim(), scores, pairs),
                 })
                 .ok_or_else(|| Error::internal(format!("the latent cache has no layer {layer}")))?;
             top_k(scores, ix.topk(), order, chosen);
@@ -1002,6 +1002,8 @@ pub(crate) struct AttnScratch {
 #[derive(Default)]
 pub(crate) struct SparseScratch {
     scores: Vec<f32>,
+    /// The indexer query's bf16 pairs ([`index_scores_with`]).
+    pairs: Vec<half::bf16>,
     order: Vec<u32>,
     chosen: Vec<u32>,
     gathered: Gathered,
@@ -1056,7 +1058,7 @@ fn causal_mask(t: usize, s: usize, device: &candle_core::Device) -> Result<Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::dsa::ContiguousKeys;
+    use crate::kernels::dsa::{index_scores, ContiguousKeys};
     use crate::kernels::matvec::tests::random;
 
     #[test]
