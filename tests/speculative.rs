@@ -42,6 +42,12 @@ fn completed_tiny_v3() -> tempfile::TempDir {
     dir
 }
 
+/// The models with an MTP module the tests run, and their dtypes: the trained fixture in f32 and
+/// bf16, and `tiny-v3` completed (in `completed`) in f32.
+fn with_mtp(completed: &tempfile::TempDir) -> [(std::path::PathBuf, DType); 3] {
+    [(trained(), DType::F32), (trained(), DType::BF16), (completed.path().to_path_buf(), DType::F32)]
+}
+
 fn run(model: &Model, tok: &Tokenizer, kind: CacheKind, prompt: &[u32], request: &Request) -> Generation {
     let mut cache = model.new_cache_of(kind).unwrap();
     generate(model, tok, &mut cache, prompt, request, |_| {}).unwrap()
@@ -54,9 +60,7 @@ fn greedy(max_tokens: usize, draft_tokens: usize) -> Request {
 #[test]
 fn greedy_speculative_decoding_gives_the_plain_tokens() {
     let completed = completed_tiny_v3();
-    for (dir, dtype) in
-        [(trained(), DType::F32), (trained(), DType::BF16), (completed.path().to_path_buf(), DType::F32)]
-    {
+    for (dir, dtype) in with_mtp(&completed) {
         let (model, tok) = load(&dir, dtype);
         assert_eq!(model.mtp_depth(), 1, "{}", dir.display());
         let prompt = tok.encode("Beautiful is better than").unwrap();
@@ -206,9 +210,7 @@ fn speculation_needs_an_mtp_module_and_reports_when_off() {
 #[test]
 fn the_draft_step_computes_what_the_tensor_path_computes() {
     let completed = completed_tiny_v3();
-    for (dir, dtype) in
-        [(trained(), DType::F32), (trained(), DType::BF16), (completed.path().to_path_buf(), DType::F32)]
-    {
+    for (dir, dtype) in with_mtp(&completed) {
         let (model, tok) = load(&dir, dtype);
         let (h, vocab) = (model.config().hidden_size, model.config().vocab_size);
         let prompt = tok.encode("Beautiful is better than ugly. Explicit is better than implicit.").unwrap();
