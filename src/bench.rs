@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::cache::{CacheKind, LatentCache};
@@ -371,19 +370,9 @@ fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Median read bandwidth over a 512 MiB buffer, split over the rayon threads, in GB/s.
+/// Read bandwidth of memory with the rayon threads, in GB/s ([`crate::kernels::peak::read_bandwidth_gb_s`]).
 pub fn memory_bandwidth_gb_s() -> f64 {
-    let n = (512usize << 20) / 4;
-    let buffer: Vec<f32> = (0..n).map(|i| (i % 1024) as f32).collect();
-    let runs = (0..5)
-        .map(|_| {
-            let start = Instant::now();
-            let sum: f32 = buffer.par_chunks(1 << 18).map(crate::kernels::rows::sum_lanes).sum();
-            std::hint::black_box(sum);
-            (n * 4) as f64 / start.elapsed().as_secs_f64() / 1e9
-        })
-        .collect();
-    median(runs)
+    crate::kernels::peak::read_bandwidth_gb_s()
 }
 
 /// The process's peak resident memory (VmHWM), or 0 where /proc is not available.

@@ -499,7 +499,7 @@ pub fn dequantize_ggml(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
 }
 
 /// MADV_HUGEPAGE on the 2 MiB-aligned part of a fresh allocation (a hint; failures are ignored).
-fn advise_huge_pages(ptr: *mut u8, len: usize) {
+pub(crate) fn advise_huge_pages(ptr: *mut u8, len: usize) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
