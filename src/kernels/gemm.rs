@@ -363,13 +363,19 @@ unsafe fn tile_bf16(x: [&[half::bf16]; TILE], w: [&[half::bf16]; TILE], n_in: us
         assert_eq!(r, n_in, "tile_bf16: row length");
     }
     let mut acc = [[_mm512_setzero_ps(); TILE]; TILE];
-    let mut c = 0;
-    while c < n_in {
-        let mask: __mmask32 = if n_in - c >= 32 { !0 } else { (1u32 << (n_in - c)) - 1 };
-        // SAFETY: the mask covers only elements c..n_in of each row; masked-off lanes are not read.
+    // Whole steps by plain loads, the last partial one by masked loads (a mask built and applied at
+    // every step cost the decode product of the same shape a third of its speed).
+    let step = |acc: &mut [[__m512; TILE]; TILE], c: usize, mask: Option<__mmask32>| {
+        // SAFETY: `c + 32 <= n_in` where there is no mask; the mask covers only elements
+        // `c..n_in` of each row, and masked-off lanes are not read.
         unsafe {
             let load = |row: &[half::bf16]| -> __m512bh {
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, row.as_ptr().add(c).cast()))
+                let p = row.as_ptr().add(c);
+                let v = match mask {
+                    None => _mm512_loadu_si512(p.cast()),
+                    Some(m) => _mm512_maskz_loadu_epi16(m, p.cast()),
+                };
+                std::mem::transmute::<__m512i, __m512bh>(v)
             };
             let wv = [load(w[0]), load(w[1]), load(w[2]), load(w[3])];
             for i in 0..TILE {
@@ -379,7 +385,13 @@ unsafe fn tile_bf16(x: [&[half::bf16]; TILE], w: [&[half::bf16]; TILE], n_in: us
                 }
             }
         }
-        c += 32;
+    };
+    let full = n_in / 32 * 32;
+    for c in (0..full).step_by(32) {
+        step(&mut acc, c, None);
+    }
+    if full < n_in {
+        step(&mut acc, full, Some((1u32 << (n_in - full)) - 1));
     }
     let mut sums = [[0f32; TILE]; TILE];
     // SAFETY: AVX-512 F is present; `sums` holds the 16 lanes.
