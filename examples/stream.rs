@@ -3,8 +3,8 @@
 //!
 //! `cargo run --release --example stream -- [GB] [ROUNDS] [--threads N]` multiplies one activation
 //! row by a `(rows, 2048)` weight of about GB gigabytes in bf16 (default 0.42, a V2-Lite output
-//! head) with latent's bf16 product, and the same values as Q8_0 and Q4_K tiles (and random Q6_K tiles) with theirs, split
-//! over the threads in runs of 32 rows as a decode step splits them. Each product reads one of six
+//! head) with latent's bf16 product, and the same values as Q8_0 and Q4_K tiles (and random Q6_K
+//! tiles) with theirs, split over the threads in runs of 32 rows as a decode step splits them. Each product reads one of six
 //! copies of its weight in turn, so that none finds the last pass's rows in L3 (260 MiB on some
 //! Xeons: a weight read over and over from one copy measures the cache, not the memory). The
 //! products and the probe take turns for ROUNDS rounds (default 11); medians are printed, as GB/s

@@ -174,7 +174,7 @@ pub fn run(model: &Model, config: &BenchConfig) -> Result<BenchReport> {
     let indexer_macs_per_row =
         cfg.dsa.map_or(0, |d| (cfg.num_hidden_layers * d.index_n_heads * d.index_head_dim) as u64);
     let active_bytes = (counts.active as f64 * bytes_per_param) as usize + cfg.hidden_size * dtype_bytes;
-    let bandwidth = memory_bandwidth_gb_s();
+    let bandwidth = crate::kernels::peak::read_bandwidth_gb_s();
 
     // (Only where a depth has a cache to attend over.)
     let peak = if deepest > 0 { attention_peak(kind) } else { None };
@@ -368,11 +368,6 @@ fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
             (x % vocab as u64) as u32
         })
         .collect()
-}
-
-/// Read bandwidth of memory with the rayon threads, in GB/s ([`crate::kernels::peak::read_bandwidth_gb_s`]).
-pub fn memory_bandwidth_gb_s() -> f64 {
-    crate::kernels::peak::read_bandwidth_gb_s()
 }
 
 /// The process's peak resident memory (VmHWM), or 0 where /proc is not available.

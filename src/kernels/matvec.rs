@@ -142,9 +142,9 @@ pub fn dot_block_bf16(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usi
 
 /// How far ahead of its loads the bf16 decode product asks for the weight's next lines: one
 /// 4 KiB row of a 2048-wide weight. Measured on a Xeon family 6 model 207 (2 threads, a 0.42 GB
-/// weight streamed from memory, `examples/bf16_stream.rs`): 14.4 GB/s with masked loads and no
-/// prefetch, 20.0 with plain loads, 22.1 with this prefetch (2 KiB: 21.4, 8 KiB: 22.1, 16 KiB:
-/// 20.8). The hardware's own prefetcher stops at each 4 KiB page and ramps up again after it.
+/// weight streamed from memory as `examples/stream.rs` streams it): 14.4 GB/s with masked loads
+/// and no prefetch, 20.0 with plain loads, 22.1 with this prefetch (2 KiB: 21.4, 8 KiB: 22.1,
+/// 16 KiB: 20.8). The hardware's own prefetcher stops at each 4 KiB page and ramps up again after it.
 pub(crate) const PREFETCH_BYTES: usize = 4096;
 
 /// # Safety

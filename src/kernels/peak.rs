@@ -57,9 +57,9 @@ fn on_every_thread<R>(macs: f64, run: impl Fn() -> R + Sync) -> f64 {
 /// split in one contiguous share per thread, each read by the loop the decode products stream
 /// their weights with (64-byte loads, a prefetch [`PREFETCH_BYTES`] ahead, independent sums).
 ///
-/// A plain summing loop without the prefetch measured 16-19 GB/s on a Xeon family 6 model 207
-/// (2 threads) in minutes where this one and the bf16 product both read 24-26: a roofline taken
-/// from it would credit the products with more than 100% of the machine.
+/// A plain summing loop without the prefetch read 16-21 GB/s on a Xeon family 6 model 207
+/// (2 threads) in minutes where this one read 24-31: a roofline taken from it credited the
+/// products with more than 100% of the machine.
 pub fn read_bandwidth_gb_s() -> f64 {
     const BYTES: usize = 512 << 20;
     let n = BYTES / 4;
