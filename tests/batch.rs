@@ -194,3 +194,59 @@ fn an_expanded_cache_gives_the_logits_of_the_latent_cache() {
         assert_eq!(bytes(model.cache_kind()), c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4);
     }
 }
+
+/// What the engine relies on to recompute a preempted sequence's generated tokens in one run:
+/// on the decode kernels a token's row and logits have the same bits whether its token was
+/// decoded alone, step by step, or in one run of the sequence's tokens beside other sequences.
+#[test]
+fn a_run_of_tokens_computes_the_bits_single_steps_compute() {
+    let cases = [
+        ("tiny-v2 f32", load("tiny-v2", DType::F32, None)),
+        ("tiny-v3 f32", load("tiny-v3", DType::F32, None)),
+        ("tiny-v2 bf16", load("tiny-v2", DType::BF16, None)),
+        ("tiny-v3-256 Q4_K", load("tiny-v3-256", DType::F32, Some(Quant::Q4K))),
+        ("tiny-v3-256 Q8_0", load("tiny-v3-256", DType::F32, Some(Quant::Q8_0))),
+        ("gguf Q4_K_M", load("gguf/tiny-v3-256-q4_k_m.gguf", DType::F32, None)),
+    ];
+    let (prompt, other) = (&prompts()[3], &prompts()[1]);
+    let run: Vec<u32> = (0..STEPS).map(|k| next_token(0, k)).collect();
+    for (name, model) in &cases {
+        let vocab = model.config().vocab_size;
+        for kind in [model.cache_kind(), CacheKind::Int8] {
+            if model.new_cache_of(kind).is_err() {
+                continue;
+            }
+            assert!(model.steps_on_kernels(kind), "{name} ({kind:?})");
+            let prefilled = |p: &[u32]| {
+                let mut cache = model.new_cache_of(kind).unwrap();
+                model.forward(p, &mut cache, AttentionPath::Expanded, LogitRows::Last).unwrap();
+                cache
+            };
+            // Step by step, alone; then one more token over those rows.
+            let mut ws = Workspace::default();
+            let mut alone = prefilled(prompt);
+            let mut last = Vec::new();
+            for &t in &run {
+                last = model.decode_step(t, &mut alone, &mut ws).unwrap().to_vec();
+            }
+            let after_alone = model.decode_step(7, &mut alone, &mut ws).unwrap().to_vec();
+            // One run, beside another sequence's single token; only the run's last logits kept.
+            let mut ws = Workspace::default();
+            let (mut ran, mut beside) = (prefilled(prompt), prefilled(other));
+            let mut tokens = vec![next_token(1, 0)];
+            tokens.extend_from_slice(&run);
+            let mut keep = vec![true];
+            keep.extend((0..STEPS).map(|k| k + 1 == STEPS));
+            let kept = model
+                .decode_runs_keeping(&tokens, &[1, STEPS], &mut [&mut beside, &mut ran], &mut ws, &keep)
+                .unwrap()
+                .to_vec();
+            assert_eq!(kept.len(), 2 * vocab, "{name}: the kept rows only");
+            assert_eq!(ws.hidden().len(), 2 * model.config().hidden_size, "{name}: the kept hidden states only");
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&kept[vocab..], &last), "{name} ({kind:?}): the run's last logits differ from the step's");
+            let after_run = model.decode_step(7, &mut ran, &mut ws).unwrap().to_vec();
+            assert!(same(&after_run, &after_alone), "{name} ({kind:?}): the rows a run wrote differ from the steps'");
+        }
+    }
+}

@@ -632,6 +632,8 @@ fn a_tiny_page_pool_preempts_and_every_output_still_equals_its_solo_run() {
         assert_eq!(text.as_deref(), Some(solo[i].as_str()), "request {i} under preemption differs from its solo run");
     }
     assert!(server.metric("latent_preemptions_total") > 0.0, "the pool was too small for all four");
+    // Generated tokens' rows were computed again in runs beside the running decodes.
+    assert!(server.metric("latent_recomputed_tokens_total") > 0.0, "the resumed sequences recomputed no tokens");
     assert_eq!(server.metric("latent_running_sequences"), 0.0);
     assert_eq!(server.metric("latent_kv_pages_used"), server.metric("latent_kv_pages_prefix_cached"));
     assert!(server.metric("latent_kv_pages_used") <= 6.0);

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub cache_rows_held: AtomicUsize,
     /// Sequences preempted for room.
     pub preemptions: AtomicU64,
+    /// Generated tokens whose rows a resumed sequence computed again, in runs of the decode step.
+    pub recomputed_tokens: AtomicU64,
     /// Pages the memory budget holds.
     pub pages_total: usize,
     /// Bytes one page takes, every layer together.
@@ -167,6 +169,12 @@ impl Metrics {
             "Sequences preempted for room (their rows computed again when they resume).",
             "counter",
             get64(&self.preemptions),
+        );
+        gauge(
+            "latent_recomputed_tokens_total",
+            "Generated tokens whose rows resumed sequences computed again (runs in the decode step).",
+            "counter",
+            get64(&self.recomputed_tokens),
         );
         gauge("latent_prompt_tokens_total", "Prompt tokens computed.", "counter", get64(&self.prompt_tokens));
         gauge(

@@ -17,7 +17,9 @@
 //! Every cache takes its pages from one [`PagePool`] sized by `kv_memory`. A sequence grows a
 //! page at a time; when the pool runs out, the sequence admitted last is preempted (its full
 //! pages go to the prefix cache, the rest back to the pool) and its rows are computed again
-//! when it resumes. The `n` completions of one prompt share the prompt's pages: one prefill,
+//! when it resumes: its prompt's by prefill chunks, its generated tokens' as one run in the
+//! decode step beside the running sequences (each weight still read once per step), which gives
+//! every row the bits it first had. The `n` completions of one prompt share the prompt's pages: one prefill,
 //! then each continues on its own (the last, partial page copied for each).
 //!
 //! A sequence's logits do not depend on what else runs: decode rows are computed one by one
@@ -578,7 +580,7 @@ impl Worker {
 
     /// Lets a preempted sequence's cache go: its full pages to the prefix cache (where it will
     /// likely find them again), the rest to the pool. It computes every row it held again: its
-    /// prompt's by prefill chunks, its generated tokens' by decode steps, as they first were.
+    /// prompt's by prefill chunks, its generated tokens' on the decode kernels, as they first were.
     fn let_go(&mut self, id: SeqId) {
         let Some(seq) = self.seqs.get_mut(&id) else { return };
         if let Some(cache) = seq.cache.take() {
@@ -627,17 +629,21 @@ impl Worker {
         }
         // The step's pages: kept prefixes give way, least recently used first.
         while self.pool.free_pages() < plan.pages && self.prefix.evict() {}
-        // Prefill chunks, each over its own cache.
+        // Prefill chunks, each over its own cache; the generated tokens a resumed sequence
+        // recomputes go into the decode step below.
+        let mut replays: Vec<(SeqId, usize, usize)> = Vec::new();
         for &(id, start, n) in &plan.prefill {
             if !self.grow(id, start + n) {
                 continue;
             }
             let Some(seq) = self.seqs.get_mut(&id) else { continue };
             let cache = seq.cache.as_mut().ok_or_else(|| Error::internal("a prefilled sequence has no cache"))?;
-            // A resumed sequence computes its generated tokens' rows as it first did, by decode
-            // steps one token at a time (a decode row has the same bits alone or batched), so
-            // that its continuation does not depend on having been preempted; its prompt's rows
-            // by prefill chunks at the same offsets as before.
+            // A resumed sequence computes its generated tokens' rows as it first did, on the
+            // decode kernels, where a row has the same bits whether its token ran alone, beside
+            // other sequences or in a run of its own: one run in this step's decode, beside the
+            // running sequences (or, where the model's steps do not run on the kernels, one
+            // token at a time here). Its continuation then does not depend on having been
+            // preempted. Its prompt's rows come from prefill chunks at the same offsets as before.
             let prompt_end = (start + n).min(seq.prompt.len().max(start));
             let chunk = &seq.history[start..prompt_end];
             let logits = if chunk.is_empty() {
@@ -657,6 +663,13 @@ impl Worker {
                 let rows = chunk.len();
                 Some(self.model.forward_chunked(chunk, cache, AttentionPath::Expanded, LogitRows::Last, rows)?)
             };
+            self.scheduler.prefilled(id, n);
+            self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+            if prompt_end < start + n && self.model.steps_on_kernels(cache.kind()) {
+                replays.push((id, prompt_end, start + n));
+                self.metrics.recomputed_tokens.fetch_add((start + n - prompt_end) as u64, Ordering::Relaxed);
+                continue;
+            }
             for &token in &seq.history[prompt_end..start + n] {
                 self.model.decode(&[token], &mut [&mut *cache], &mut self.ws)?;
             }
@@ -666,8 +679,6 @@ impl Worker {
                 spec.pending.extend_from_slice(&self.ws.hidden()[..self.model.config().hidden_size]);
                 spec.from = cache.len() - 1;
             }
-            self.scheduler.prefilled(id, n);
-            self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
             // A resumed sequence has its next token already.
             if let (true, None, Some(logits)) = (start + n == seq.target, seq.next, logits) {
                 let row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
@@ -687,13 +698,13 @@ impl Worker {
                 ks.push(k);
             }
         }
-        // Every running decode in one step.
+        // Every running decode in one step, with the resumed sequences' runs.
         let running: Vec<bool> = ids.iter().map(|id| self.seqs.get(id).is_some_and(|s| s.next.is_some())).collect();
         let mut keep = running.iter();
         ids.retain(|_| keep.next().copied().unwrap_or(false));
         let mut keep = running.iter();
         ks.retain(|_| keep.next().copied().unwrap_or(false));
-        if ids.is_empty() {
+        if ids.is_empty() && replays.is_empty() {
             return Ok(());
         }
         // Drafts first: each speculating sequence's MTP module proposes its next tokens.
@@ -705,49 +716,97 @@ impl Worker {
                 drafts.push(Vec::new());
             }
         }
-        let mut tokens = Vec::with_capacity(ids.len());
-        let mut runs = Vec::with_capacity(ids.len());
-        let mut caches = Vec::with_capacity(ids.len());
+        let n = ids.len() + replays.len();
+        let mut tokens = Vec::with_capacity(n);
+        let mut runs = Vec::with_capacity(n);
+        let mut caches = Vec::with_capacity(n);
         let mut before = Vec::with_capacity(ids.len());
-        // Disjoint borrows of the sequences' caches, in `ids` order.
-        let mut by_id: HashMap<SeqId, &mut Seq> =
-            self.seqs.iter_mut().filter(|(id, _)| ids.contains(id)).map(|(&id, s)| (id, s)).collect();
+        // Every token's logits but those of a replay's run before its last.
+        let mut kept = Vec::with_capacity(n);
+        // Disjoint borrows of the sequences' caches, in `ids` order, then the replays'.
+        let mut by_id: HashMap<SeqId, &mut Seq> = self
+            .seqs
+            .iter_mut()
+            .filter(|(id, _)| ids.contains(id) || replays.iter().any(|r| r.0 == **id))
+            .map(|(&id, s)| (id, s))
+            .collect();
         for (id, d) in ids.iter().zip(&drafts) {
             let seq = by_id.remove(id).ok_or_else(|| Error::internal("a decoded sequence vanished"))?;
             tokens.push(seq.next.take().unwrap_or(0));
             tokens.extend_from_slice(d);
             runs.push(1 + d.len());
+            kept.extend(std::iter::repeat_n(true, 1 + d.len()));
             let cache = seq.cache.as_mut().ok_or_else(|| Error::internal("a decoded sequence has no cache"))?;
             before.push(cache.len());
             caches.push(cache);
         }
-        let (vocab, hidden) = (self.model.config().vocab_size, self.model.config().hidden_size);
+        for &(id, from, to) in &replays {
+            let seq = by_id.remove(&id).ok_or_else(|| Error::internal("a resumed sequence vanished"))?;
+            let run = seq.history.get(from..to).ok_or_else(|| Error::internal("a replay past the history"))?;
+            tokens.extend_from_slice(run);
+            runs.push(run.len());
+            kept.extend((from..to).map(|i| i + 1 == to));
+            caches.push(seq.cache.as_mut().ok_or_else(|| Error::internal("a resumed sequence has no cache"))?);
+        }
         // The step's logits and hidden states leave the workspace for buffers kept between steps,
         // so that sampling (which needs the engine) can read them.
         let mut logits = std::mem::take(&mut self.step_logits);
         logits.clear();
-        logits.extend_from_slice(self.model.decode_runs(&tokens, &runs, &mut caches, &mut self.ws)?);
+        logits.extend_from_slice(self.model.decode_runs_keeping(&tokens, &runs, &mut caches, &mut self.ws, &kept)?);
         let mut states = std::mem::take(&mut self.step_hidden);
         states.clear();
         drop(caches);
-        if ids.iter().any(|id| self.seqs.get(id).is_some_and(|s| s.spec.is_some())) {
+        let speculating = |id: &SeqId| self.seqs.get(id).is_some_and(|s| s.spec.is_some());
+        if ids.iter().chain(replays.iter().map(|r| &r.0)).any(speculating) {
             states.extend_from_slice(self.ws.hidden());
         }
-        let mut result = Ok(());
+        let result = self.settle_step(&ids, &runs, &drafts, &before, &replays, (&logits, &states));
+        self.step_logits = logits;
+        self.step_hidden = states;
+        result
+    }
+
+    /// After a decode step: settles each decoded sequence (`ids`, with `runs` tokens, `drafts`
+    /// and `before` rows), then each replay; `rows` holds the step's kept logits and (where a
+    /// sequence speculates) hidden states, decoded sequences first.
+    fn settle_step(
+        &mut self,
+        ids: &[SeqId],
+        runs: &[usize],
+        drafts: &[Vec<u32>],
+        before: &[usize],
+        replays: &[(SeqId, usize, usize)],
+        (logits, states): (&[f32], &[f32]),
+    ) -> Result<()> {
+        let (vocab, hidden) = (self.model.config().vocab_size, self.model.config().hidden_size);
         let mut row = 0;
         for (i, &id) in ids.iter().enumerate() {
             let n = runs[i];
             let rows = &logits[row * vocab..(row + n) * vocab];
             let h = (!states.is_empty()).then(|| &states[row * hidden..(row + n) * hidden]);
             row += n;
-            if let Err(e) = self.settle(id, rows, h, &drafts[i], before[i]) {
-                result = Err(e);
-                break;
+            self.settle(id, rows, h, &drafts[i], before[i])?;
+        }
+        for &(id, _, to) in replays {
+            let logits = &logits[row * vocab..(row + 1) * vocab];
+            let h = (!states.is_empty()).then(|| &states[row * hidden..(row + 1) * hidden]);
+            row += 1;
+            let Some(seq) = self.seqs.get_mut(&id) else { continue };
+            let len = seq.cache.as_ref().map_or(0, LatentCache::len);
+            if let (Some(spec), Some(h)) = (seq.spec.as_mut(), h) {
+                // Rows recomputed by decode steps: the module starts again after them.
+                spec.restart(len);
+                spec.pending.extend_from_slice(h);
+                spec.from = len - 1;
+            }
+            // A resumed sequence has its next token already.
+            if to == seq.target && seq.next.is_none() {
+                let followers = std::mem::take(&mut seq.followers);
+                self.emit(id, logits)?;
+                self.share_prompt(id, followers, logits)?;
             }
         }
-        self.step_logits = logits;
-        self.step_hidden = states;
-        result
+        Ok(())
     }
 
     /// How many tokens `seq` drafts this step: none without a module, without the hidden state

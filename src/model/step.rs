@@ -181,7 +181,7 @@ impl Model {
         ws.runs.clear();
         ws.runs.resize(tokens.len(), 1);
         let runs = std::mem::take(&mut ws.runs);
-        let out = self.decode_runs_with(tokens, &runs, caches, ws);
+        let out = self.decode_runs_with(tokens, &runs, caches, ws, None);
         ws.runs = runs;
         out?;
         Ok(ws.logits())
@@ -201,8 +201,45 @@ impl Model {
         caches: &mut [&mut LatentCache],
         ws: &'w mut Workspace,
     ) -> Result<&'w [f32]> {
-        self.decode_runs_with(tokens, runs, caches, ws)?;
+        self.decode_runs_with(tokens, runs, caches, ws, None)?;
         Ok(ws.logits())
+    }
+
+    /// [`Model::decode_runs`] keeping the logits and final hidden states of the tokens that
+    /// `keep` marks only (one flag per token, at least one set), in token order: a sequence
+    /// whose rows are recomputed needs no logits but its last one's, and the output head is a
+    /// large share of a token's work.
+    pub fn decode_runs_keeping<'w>(
+        &self,
+        tokens: &[u32],
+        runs: &[usize],
+        caches: &mut [&mut LatentCache],
+        ws: &'w mut Workspace,
+        keep: &[bool],
+    ) -> Result<&'w [f32]> {
+        if keep.len() != tokens.len() || !keep.contains(&true) {
+            return Err(Error::InvalidArgument(format!(
+                "a decode step keeps the logits of at least one of its tokens, one flag each: {} flags for {} tokens",
+                keep.len(),
+                tokens.len()
+            )));
+        }
+        self.decode_runs_with(tokens, runs, caches, ws, Some(keep))?;
+        Ok(ws.logits())
+    }
+
+    /// Whether a decode step over caches of `kind` computes each row on the decode kernels,
+    /// where a token's row has the same bits however the step's tokens are grouped (alone, beside
+    /// other sequences, or in a run of its own sequence's tokens). Elsewhere a run is a prefill
+    /// span, whose rows may differ from one-token steps' in the last bits.
+    pub fn steps_on_kernels(&self, kind: CacheKind) -> bool {
+        let dense_ok = matches!(
+            kind,
+            CacheKind::Int8
+                | CacheKind::Dense(DType::BF16 | DType::F32)
+                | CacheKind::Expanded(DType::BF16 | DType::F32)
+        );
+        self.steps && dense_ok
     }
 
     fn decode_runs_with(
@@ -211,6 +248,7 @@ impl Model {
         runs: &[usize],
         caches: &mut [&mut LatentCache],
         ws: &mut Workspace,
+        keep: Option<&[bool]>,
     ) -> Result<()> {
         if runs.len() != caches.len() || runs.contains(&0) || runs.iter().sum::<usize>() != tokens.len() {
             return Err(Error::InvalidArgument(format!(
@@ -225,13 +263,7 @@ impl Model {
             at += run;
         }
         let kinds_ok = caches.iter().all(|c| c.kind() == caches[0].kind());
-        let dense_ok = matches!(
-            caches[0].kind(),
-            CacheKind::Int8
-                | CacheKind::Dense(DType::BF16 | DType::F32)
-                | CacheKind::Expanded(DType::BF16 | DType::F32)
-        );
-        if !kinds_ok || !dense_ok || !self.steps {
+        if !kinds_ok || !self.steps_on_kernels(caches[0].kind()) {
             let mut spans: Vec<Span<'_>> = Vec::with_capacity(caches.len());
             let mut at = 0;
             for (&run, c) in runs.iter().zip(caches.iter_mut()) {
@@ -243,6 +275,10 @@ impl Model {
             ws.fallback.extend(logits.flatten_all()?.to_vec1::<f32>()?);
             ws.fallback_hidden.clear();
             ws.fallback_hidden.extend(hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            if let Some(keep) = keep {
+                keep_rows(&mut ws.fallback, keep);
+                keep_rows(&mut ws.fallback_hidden, keep);
+            }
             ws.fell_back = true;
             return Ok(());
         }
@@ -253,7 +289,7 @@ impl Model {
         }
         // The whole step as one task of the thread pool: its parallel loops then queue their
         // tasks on the pool's own deques, not on the shared queue that allocates as it goes.
-        rayon::scope(|_| self.step(tokens, caches, ws))
+        rayon::scope(|_| self.step(tokens, caches, ws, keep))
     }
 
     /// Multi-token prediction on a decode step's buffers: what [`Model::mtp_forward`] computes
@@ -344,7 +380,13 @@ impl Model {
         Ok((ws.logits.get(0), &ws.x))
     }
 
-    fn step(&self, tokens: &[u32], caches: &mut [&mut LatentCache], ws: &mut Workspace) -> Result<()> {
+    fn step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut LatentCache],
+        ws: &mut Workspace,
+        keep: Option<&[bool]>,
+    ) -> Result<()> {
         let (hidden, dtype, b) = (self.config.hidden_size, self.dtype, tokens.len());
         {
             let Workspace { x, out, cos, sin, cos1, sin1, owners, .. } = &mut *ws;
@@ -368,9 +410,23 @@ impl Model {
         self.run_layers(&mut pass)?;
         pass.norm(&self.norm);
         let Workspace { normed, logits, .. } = ws;
+        if let Some(keep) = keep {
+            keep_rows(normed.x_mut(), keep);
+        }
         normed.requantize([self.lm_head.act_group()]);
         Linear::token_rows_into(1, |_| (&self.lm_head, &*normed), logits);
         logits.round(dtype);
         Ok(())
     }
+}
+
+/// Keeps the rows of `rows` (`keep.len()` rows of equal length) that `keep` marks, in order.
+fn keep_rows(rows: &mut Vec<f32>, keep: &[bool]) {
+    let width = rows.len() / keep.len().max(1);
+    let mut kept = 0;
+    for (i, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
+        rows.copy_within(i * width..(i + 1) * width, kept * width);
+        kept += 1;
+    }
+    rows.truncate(kept * width);
 }
