@@ -120,7 +120,14 @@ fn attention_peak(kind: CacheKind) -> Option<f64> {
     use crate::kernels::{mla_decode::rounds_queries, peak::dot_peaks, Simd};
     match kind {
         CacheKind::Int8 if Simd::detect() == Simd::Avx512Vnni => dot_peaks().int8_gmac_s,
-        CacheKind::Dense(candle_core::DType::BF16) if rounds_queries::<half::bf16>() => dot_peaks().bf16_gmac_s,
+        CacheKind::Dense(candle_core::DType::BF16) if rounds_queries::<half::bf16>() => {
+            let peaks = dot_peaks();
+            if crate::kernels::gemm::bf16_by_fma() {
+                peaks.f32_gmac_s
+            } else {
+                peaks.bf16_gmac_s
+            }
+        }
         _ => None,
     }
 }

@@ -112,7 +112,7 @@ fn a_tokenizer_that_adds_bos_puts_it_first_once() {
 }
 
 #[test]
-fn a_hostile_chat_template_fails_within_a_second_with_a_clear_error() {
+fn a_hostile_chat_template_fails_in_bounded_time_with_a_clear_error() {
     let src = fixtures_dir().join("tokenizer");
     for (template, says) in [
         // Loops of loops: 10^8 iterations.
@@ -149,7 +149,9 @@ fn a_hostile_chat_template_fails_within_a_second_with_a_clear_error() {
         let messages = [Message { role: "user".into(), content: "hi".into() }];
         let err = tok.apply_chat_template(&messages, true).unwrap_err().to_string();
         assert!(err.contains(says), "{template}: {err}");
-        assert!(start.elapsed() < std::time::Duration::from_secs(2), "{template}: took {:?}", start.elapsed());
+        // Well under a second alone; the bound leaves room for a loaded machine (2 s failed once
+        // beside the other tests), while a template that ran unbounded would take minutes.
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "{template}: took {:?}", start.elapsed());
     }
     // Bounded memory: the process's peak stayed far below what the templates asked for.
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -336,6 +336,42 @@ pub(crate) fn has_avx512_bf16() -> bool {
     })
 }
 
+/// Whether the bf16 kernels that multiply one operand by many (the fused decode attention)
+/// multiply bf16 pairs by two `vfmadd231ps` instead of one `vdpbf16ps`, on a CPU with AVX-512
+/// BF16.
+///
+/// A 32-bit lane holding two bf16 values is two f32 values at no cost but one instruction each
+/// (the high one masked, the low one shifted up), and `vdpbf16ps` adds the high product, then
+/// the low one, each rounded: two FMAs in that order give the same bits (bf16 products are
+/// exact in f32; only `vdpbf16ps`'s flush of subnormals differs). Where `vdpbf16ps` is slow
+/// (Intel's Sapphire and Emerald Rapids: one every two cycles, against two FMAs per cycle, so
+/// half the FMAs' multiply-adds) the FMAs win once the conversion is shared by several products.
+/// Chosen once by a 5 ms measurement ([`super::peak::bf16_against_fma`]): FMAs when they do 1.5
+/// times `vdpbf16ps`'s multiply-adds or more. `LATENT_BF16_DOT=fma` or `=vdpbf16ps` forces a way,
+/// for measurement.
+#[cfg(target_arch = "x86_64")]
+pub fn bf16_by_fma() -> bool {
+    static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FMA.get_or_init(|| {
+        if !has_avx512_bf16() {
+            return false;
+        }
+        match std::env::var("LATENT_BF16_DOT").as_deref().map(str::trim) {
+            Ok("fma") => return true,
+            Ok("vdpbf16ps") => return false,
+            Ok(other) => eprintln!("latent: LATENT_BF16_DOT={other} is neither fma nor vdpbf16ps; measuring"),
+            Err(_) => {}
+        }
+        super::peak::bf16_against_fma().is_some_and(|(bf16, f32)| f32 >= 1.5 * bf16)
+    })
+}
+
+/// No AVX-512 BF16 kernels off x86.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn bf16_by_fma() -> bool {
+    false
+}
+
 /// `out (rows, t) = rows · x (t, in)ᵀ` for a run of bf16 weight rows, tile by tile
 /// ([`tile_bf16`]).
 ///

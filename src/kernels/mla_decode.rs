@@ -50,6 +50,8 @@ pub fn mla_decode<W: Load16>(
 pub struct MlaScratch {
     q_lat: Vec<half::bf16>,
     q_rope: Vec<half::bf16>,
+    /// The queries as f32 pairs of vectors, for the FMA way ([`fused::split_queries`]).
+    q_split: Vec<f32>,
     #[cfg(target_arch = "x86_64")]
     shares: Vec<fused::Share>,
     o: Vec<f32>,
@@ -86,6 +88,23 @@ pub fn mla_decode_paged_into<W: Load16>(
     scratch: &mut MlaScratch,
     out: &mut [f32],
 ) {
+    let fma = super::gemm::bf16_by_fma();
+    paged_into_by(q_lat, q_rope, rows, shape, scale, scratch, out, fma)
+}
+
+/// [`mla_decode_paged_into`], the fused kernel multiplying bf16 pairs by FMAs (`fma`) or by
+/// `vdpbf16ps`: the same bits either way.
+#[allow(clippy::too_many_arguments)]
+fn paged_into_by<W: Load16>(
+    q_lat: &[f32],
+    q_rope: &[f32],
+    rows: &dyn DensePages<W>,
+    shape: MlaShape,
+    scale: f32,
+    scratch: &mut MlaScratch,
+    out: &mut [f32],
+    fma: bool,
+) {
     let MlaShape { heads, d_c, d_r, len } = shape;
     assert_eq!(out.len(), heads * d_c, "mla_decode: output size");
     assert_eq!(rows.len(), len, "mla_decode: the rows' length");
@@ -94,7 +113,12 @@ pub fn mla_decode_paged_into<W: Load16>(
         if let Some(rows) = AsBf16::new(rows) {
             to_bf16_into(q_lat, &mut scratch.q_lat);
             to_bf16_into(q_rope, &mut scratch.q_rope);
-            let step = fused::Step { q_lat: &scratch.q_lat, q_rope: &scratch.q_rope, rows: &rows, shape, scale };
+            if fma {
+                fused::split_queries(&scratch.q_lat, &scratch.q_rope, shape, &mut scratch.q_split);
+            }
+            let q_split = fma.then_some(&scratch.q_split[..]);
+            let step =
+                fused::Step { q_lat: &scratch.q_lat, q_rope: &scratch.q_rope, q_split, rows: &rows, shape, scale };
             return fused::mla_decode_bf16(step, &mut scratch.shares, &mut scratch.o, out);
         }
     }
@@ -207,6 +231,8 @@ mod fused {
     pub struct Step<'a> {
         pub q_lat: &'a [bf16],
         pub q_rope: &'a [bf16],
+        /// The queries split for the FMA way ([`split_queries`]); `None`: `vdpbf16ps`.
+        pub q_split: Option<&'a [f32]>,
         pub rows: &'a dyn DensePages<bf16>,
         pub shape: MlaShape,
         pub scale: f32,
@@ -216,6 +242,9 @@ mod fused {
     struct Scratch {
         p: Vec<f32>,
         pairs: Vec<u32>,
+        /// The FMA way's probabilities: rounded to bf16 as `pairs` holds them, as f32 (a zero
+        /// after an odd run's last row).
+        rounded: Vec<f32>,
     }
 
     /// The padded sizes: heads to a multiple of [`TILE`], latents to one of [`COLS`].
@@ -229,6 +258,31 @@ mod fused {
     fn dim_of(i: usize) -> usize {
         let (chunk, k, lane, e) = (i / COLS * COLS, (i % COLS) / 16, (i % 16) / 4, i % 4);
         chunk + [0, 4, 32, 36][k] + 8 * lane + e
+    }
+
+    /// The FMA way's order: register `k` of a 64-latent chunk holds the even (`k` even) or odd
+    /// latents of the chunk's first (`k < 2`) or second 32.
+    fn dim_of_fma(i: usize) -> usize {
+        let (chunk, k, e) = (i / COLS * COLS, (i % COLS) / 16, i % 16);
+        chunk + [0, 1, 32, 33][k] + 2 * e
+    }
+
+    /// The bf16 queries as the FMA way reads them: per head, per 32 values of `q_lat` then of
+    /// `q_rope` (zeros past the end), the 16 odd ones then the 16 even ones, as f32.
+    pub fn split_queries(q_lat: &[bf16], q_rope: &[bf16], shape: MlaShape, out: &mut Vec<f32>) {
+        let MlaShape { heads, d_c, d_r, .. } = shape;
+        let per_head = (d_c.div_ceil(32) + d_r.div_ceil(32)) * 32;
+        out.clear();
+        out.resize(heads * per_head, 0.0);
+        for (h, head) in out.chunks_exact_mut(per_head).enumerate() {
+            let (lat, rope) = (&q_lat[h * d_c..(h + 1) * d_c], &q_rope[h * d_r..(h + 1) * d_r]);
+            let chunks = lat.chunks(32).chain(rope.chunks(32));
+            for (dst, src) in head.chunks_exact_mut(32).zip(chunks) {
+                for (j, &v) in src.iter().enumerate() {
+                    dst[if j % 2 == 1 { j / 2 } else { 16 + j / 2 }] = v.to_f32();
+                }
+            }
+        }
     }
 
     /// One share's state and run buffers, kept from step to step.
@@ -259,7 +313,7 @@ mod fused {
         // sequence allocates nothing when it starts using another one.
         while shares.len() < most {
             let part = Partial { m: Vec::new(), l: Vec::new(), o: Vec::new() };
-            shares.push(Share { part, scratch: Scratch { p: Vec::new(), pairs: Vec::new() } });
+            shares.push(Share { part, scratch: Scratch { p: Vec::new(), pairs: Vec::new(), rounded: Vec::new() } });
         }
         for Share { part, scratch } in shares.iter_mut() {
             reserve_to(&mut part.m, hp);
@@ -267,6 +321,7 @@ mod fused {
             reserve_to(&mut part.o, hp * dp);
             reserve_to(&mut scratch.p, hp * RUN);
             reserve_to(&mut scratch.pairs, hp * RUN / 2);
+            reserve_to(&mut scratch.rounded, hp * RUN);
         }
         shares[..n].par_iter_mut().enumerate().for_each(|(k, share)| {
             let Share { part, scratch } = share;
@@ -275,6 +330,7 @@ mod fused {
             reset(&mut part.o, hp * dp, 0.0);
             scratch.p.resize(hp * RUN, 0.0);
             scratch.pairs.resize(hp * RUN / 2, 0);
+            scratch.rounded.resize(hp * RUN, 0.0);
             let mine = runs * k / n..runs * (k + 1) / n;
             for run in mine.clone() {
                 // The share's next run (page), fetched while this one is summed.
@@ -300,6 +356,7 @@ mod fused {
                 }
             }
             let inv = 1.0 / l;
+            let dim_of = if step.q_split.is_some() { dim_of_fma } else { dim_of };
             for (i, &v) in o.iter().enumerate() {
                 let dim = dim_of(i);
                 if dim < d_c {
@@ -339,7 +396,7 @@ mod fused {
         part: &mut Partial,
         scratch: &mut Scratch,
     ) {
-        let Step { q_lat, q_rope, shape, scale, .. } = *step;
+        let Step { q_lat, q_rope, q_split, shape, scale, .. } = *step;
         let MlaShape { heads, d_c, d_r, .. } = shape;
         let (hp, dp) = padded(shape);
         let (s0, n) = (0, c_kv.len() / d_c);
@@ -353,11 +410,44 @@ mod fused {
         // go to `part` and `scratch`, sized for `hp` heads, `dp` latents and `RUN` rows.
         unsafe {
             // Scores, scaled, into `scratch.p` (head h's row at h · RUN).
+            let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+            let per_head = (d_c.div_ceil(32) + d_r.div_ceil(32)) * 32;
             for r0 in (0..n).step_by(TILE) {
                 let rs: [usize; TILE] = std::array::from_fn(|r| s0 + (r0 + r).min(n - 1));
                 for h0 in (0..hp).step_by(TILE) {
                     let mut acc = [_mm512_setzero_ps(); TILE * TILE];
-                    for (q, c, d) in [(q_lat, c_kv, d_c), (q_rope, k_rope, d_r)] {
+                    if let Some(qs) = q_split {
+                        // Each row's 32 values as their odd and even halves in f32, each
+                        // multiplied by every head's halves: the high product first, as
+                        // `vdpbf16ps` adds them.
+                        let mut k = 0;
+                        for (c, d) in [(c_kv, d_c), (k_rope, d_r)] {
+                            for x in (0..d).step_by(32) {
+                                if h0 == 0 {
+                                    for &r in &rs {
+                                        _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().wrapping_add((r + TILE) * d + x).cast());
+                                    }
+                                }
+                                let q: [[__m512; 2]; TILE] = std::array::from_fn(|i| {
+                                    let q = qs.as_ptr().add((h0 + i).min(heads - 1) * per_head + 32 * k);
+                                    [_mm512_loadu_ps(q), _mm512_loadu_ps(q.add(16))]
+                                });
+                                for r in 0..TILE {
+                                    let w = load_bf16(c.as_ptr().add(rs[r] * d + x), d - x);
+                                    let hi = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+                                    let lo = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
+                                    for (i, [qh, ql]) in q.iter().enumerate() {
+                                        let a = _mm512_fmadd_ps(hi, *qh, acc[TILE * i + r]);
+                                        acc[TILE * i + r] = _mm512_fmadd_ps(lo, *ql, a);
+                                    }
+                                }
+                                k += 1;
+                            }
+                        }
+                    }
+                    for (q, c, d) in
+                        [(q_lat, c_kv, d_c), (q_rope, k_rope, d_r)].into_iter().filter(|_| q_split.is_none())
+                    {
                         for x in (0..d).step_by(32) {
                             let w: [__m512bh; TILE] =
                                 std::array::from_fn(|r| bh(load_bf16(c.as_ptr().add(rs[r] * d + x), d - x)));
@@ -386,18 +476,31 @@ mod fused {
                 }
             }
             // Online softmax: rescale what came before to the new maximum, then e^(s − m).
+            let n16 = n.next_multiple_of(16);
             for h in 0..hp {
-                let p = &mut scratch.p[h * RUN..h * RUN + n];
-                let m_new = p.iter().copied().fold(part.m[h], f32::max);
+                // Whole registers: the rows past `n` are -inf for the maximum, then zeros.
+                let p = &mut scratch.p[h * RUN..h * RUN + n16];
+                p[n..].fill(f32::NEG_INFINITY);
+                let mut top = _mm512_set1_ps(part.m[h]);
+                for chunk in p.chunks_exact(16) {
+                    top = _mm512_max_ps(top, _mm512_loadu_ps(chunk.as_ptr()));
+                }
+                let m_new = _mm512_reduce_max_ps(top);
                 if m_new > part.m[h] && part.l[h] > 0.0 {
                     let alpha = exp(part.m[h] - m_new);
                     part.l[h] *= alpha;
                     part.o[h * dp..(h + 1) * dp].iter_mut().for_each(|v| *v *= alpha);
                 }
                 part.m[h] = m_new;
-                for v in p.iter_mut() {
-                    *v = exp(*v - m_new);
+                for chunk in p.chunks_exact_mut(16) {
+                    // Fixed-size, so that the exponentials vectorize.
+                    let chunk: &mut [f32; 16] = chunk.try_into().unwrap_or_else(|_| unreachable!());
+                    for v in chunk.iter_mut() {
+                        *v = exp(*v - m_new);
+                    }
                 }
+                p[n..].fill(0.0);
+                let p = &p[..n];
                 // Their sum, and their bf16 roundings in order: consecutive pairs are the u32
                 // words of `pairs` (an odd run's last word gets a zero for its missing row).
                 let (mut total, dst) = (_mm512_setzero_ps(), scratch.pairs.as_mut_ptr().add(h * RUN / 2).cast::<u16>());
@@ -407,6 +510,11 @@ mod fused {
                     total = _mm512_add_ps(total, v);
                     let rounded = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
                     _mm256_mask_storeu_epi16(dst.add(k).cast(), ((1u32 << even) - 1) as __mmask16, rounded);
+                    if q_split.is_some() {
+                        let wide = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(rounded)));
+                        let at = scratch.rounded.as_mut_ptr().add(h * RUN + k);
+                        _mm512_mask_storeu_ps(at, ((1u32 << even) - 1) as __mmask16, wide);
+                    }
                 }
                 part.l[h] += _mm512_reduce_add_ps(total);
             }
@@ -420,7 +528,34 @@ mod fused {
                     let at = |i: usize, k: usize| base.add((h0 + i) * dp + c0 + 16 * k);
                     let mut acc: [[__m512; 4]; TILE] =
                         std::array::from_fn(|i| std::array::from_fn(|k| _mm512_loadu_ps(at(i, k))));
-                    for j in 0..n.div_ceil(2) {
+                    if q_split.is_some() {
+                        // Rows 2j and 2j + 1 as f32 halves (even latents, then odd: see
+                        // `dim_of_fma`), row 2j + 1's product first, as `vdpbf16ps` adds a pair.
+                        let halves = |v: __m512i| {
+                            [
+                                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+                                _mm512_castsi512_ps(_mm512_and_si512(v, high)),
+                            ]
+                        };
+                        for j in 0..n.div_ceil(2) {
+                            let (a, b) = (s0 + 2 * j, s0 + (2 * j + 1).min(n - 1));
+                            let (a, b) = (c_kv.as_ptr().add(a * d_c + c0), c_kv.as_ptr().add(b * d_c + c0));
+                            let rest = width.saturating_sub(32);
+                            let [a0, a1] = halves(load_bf16(a, width));
+                            let [a2, a3] = halves(load_bf16(a.add(32.min(width)), rest));
+                            let [b0, b1] = halves(load_bf16(b, width));
+                            let [b2, b3] = halves(load_bf16(b.add(32.min(width)), rest));
+                            let (av, bv) = ([a0, a1, a2, a3], [b0, b1, b2, b3]);
+                            for (i, acc) in acc.iter_mut().enumerate() {
+                                let p = scratch.rounded.as_ptr().add((h0 + i) * RUN + 2 * j);
+                                let (pa, pb) = (_mm512_set1_ps(*p), _mm512_set1_ps(*p.add(1)));
+                                for k in 0..4 {
+                                    acc[k] = _mm512_fmadd_ps(av[k], pa, _mm512_fmadd_ps(bv[k], pb, acc[k]));
+                                }
+                            }
+                        }
+                    }
+                    for j in (0..n.div_ceil(2)).filter(|_| q_split.is_none()) {
                         let (a, b) = (s0 + 2 * j, s0 + (2 * j + 1).min(n - 1));
                         let (a, b) = (c_kv.as_ptr().add(a * d_c + c0), c_kv.as_ptr().add(b * d_c + c0));
                         let (a0, b0) = (load_bf16(a, width), load_bf16(b, width));
@@ -563,6 +698,17 @@ mod tests {
                 // Zero queries: every probability before normalization is exactly 1, which
                 // bf16 holds exactly, so the output is the mean latent to f32 rounding: a row
                 // missed or counted twice, a latent out of place or a share merged wrongly shows.
+                // Both ways of multiplying bf16 pairs give the same bits.
+                if rounds_queries::<bf16>() {
+                    let rows = Contiguous { c: &c_kv[..], r: &k_rope[..], d_c, d_r };
+                    let by = |fma: bool| {
+                        let mut out = vec![0f32; heads * d_c];
+                        paged_into_by(&q_lat, &q_rope, &rows, shape, scale, &mut MlaScratch::default(), &mut out, fma);
+                        out
+                    };
+                    let (dp, fma) = (by(false), by(true));
+                    assert!(dp.iter().zip(&fma).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: FMAs differ");
+                }
                 let zeros = (vec![0f32; heads * d_c], vec![0f32; heads * d_r]);
                 let got = mla_decode(&zeros.0, &zeros.1, &c_kv, &k_rope, shape, scale);
                 assert_close(

@@ -272,7 +272,11 @@ impl CpuInfo {
             features.extend(known.iter().filter(|(_, has)| *has).map(|(name, _)| *name));
         }
         let simd = Simd::detect();
-        let bf16 = if gemm::has_avx512_bf16() { " + vdpbf16ps for bf16" } else { "" };
+        let bf16 = match (gemm::has_avx512_bf16(), gemm::bf16_by_fma()) {
+            (true, true) => " + vdpbf16ps for bf16, FMAs for the bf16 attention (vdpbf16ps is slower here)",
+            (true, false) => " + vdpbf16ps for bf16",
+            _ => "",
+        };
         CpuInfo {
             model_name: field("model name").unwrap_or_else(|| "unknown".into()),
             family: field("cpu family").and_then(|v| v.parse().ok()),

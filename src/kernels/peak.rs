@@ -1,6 +1,7 @@
 //! The arithmetic ceilings of the decode attention on this CPU: how many multiply-adds per second
-//! `vpdpbusd` (8-bit, the int8 cache's kernel) and `vdpbf16ps` (bf16, the bf16 cache's fused
-//! kernel) sustain, measured on every thread of the pool at once with 16 independent chains each.
+//! `vpdpbusd` (8-bit, the int8 cache's kernel), `vdpbf16ps` and `vfmadd231ps` (the two ways the
+//! bf16 kernels multiply bf16 pairs) sustain, measured on every thread of the pool at once with
+//! 16 independent chains each.
 //!
 //! At depth the attention costs `heads × (2 d_c + d_r)` multiply-adds per cached row and layer
 //! whatever the cache's bytes, so its time has this floor as the weights' has the bandwidth one.
@@ -17,6 +18,9 @@ pub struct DotPeaks {
     pub int8_gmac_s: Option<f64>,
     /// `vdpbf16ps` on 512-bit registers (32 each).
     pub bf16_gmac_s: Option<f64>,
+    /// `vfmadd231ps` on 512-bit registers (16 each): what the bf16 kernels' other way of
+    /// multiplying bf16 pairs runs on ([`super::gemm::bf16_by_fma`]).
+    pub f32_gmac_s: Option<f64>,
 }
 
 /// Instructions per chain per measurement: about 45 ms at one instruction per cycle.
@@ -32,12 +36,39 @@ pub fn dot_peaks() -> DotPeaks {
         });
         let bf16 = is_x86_feature_detected!("avx512bf16").then(|| {
             // SAFETY: the CPU has AVX-512 BF16.
-            on_every_thread(32.0, || unsafe { x86::bf16_chains() })
+            on_every_thread(32.0, || unsafe { x86::bf16_chains(ROUNDS) })
         });
-        DotPeaks { int8_gmac_s: int8, bf16_gmac_s: bf16 }
+        let f32 = is_x86_feature_detected!("avx512f").then(|| {
+            // SAFETY: the CPU has AVX-512 F.
+            on_every_thread(16.0, || unsafe { x86::fma_chains(ROUNDS) })
+        });
+        DotPeaks { int8_gmac_s: int8, bf16_gmac_s: bf16, f32_gmac_s: f32 }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    DotPeaks { int8_gmac_s: None, bf16_gmac_s: None }
+    DotPeaks { int8_gmac_s: None, bf16_gmac_s: None, f32_gmac_s: None }
+}
+
+/// Multiply-adds per second of `vdpbf16ps` against `vfmadd231ps` on the calling thread, in a
+/// quick measurement (about 5 ms: the best of three short runs each, in turns): `(bf16, f32)`,
+/// `None` without AVX-512 BF16.
+pub fn bf16_against_fma() -> Option<(f64, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512f") {
+        const SHORT: usize = 100_000;
+        let rate = |macs: f64, run: &dyn Fn() -> f32| {
+            let start = std::time::Instant::now();
+            std::hint::black_box(run());
+            16.0 * SHORT as f64 * macs / start.elapsed().as_secs_f64() / 1e9
+        };
+        let (mut bf16, mut f32) = (0f64, 0f64);
+        for _ in 0..3 {
+            // SAFETY: the CPU has AVX-512 F and BF16 (checked above).
+            bf16 = bf16.max(rate(32.0, &|| unsafe { x86::bf16_chains(SHORT) }));
+            f32 = f32.max(rate(16.0, &|| unsafe { x86::fma_chains(SHORT) }));
+        }
+        return Some((bf16, f32));
+    }
+    None
 }
 
 /// G multiply-adds per second of `run` (16 chains of `ROUNDS` instructions of `macs` each) on
@@ -144,14 +175,30 @@ mod x86 {
     /// # Safety
     /// AVX-512 F and BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn bf16_chains() -> f32 {
+    pub unsafe fn bf16_chains(rounds: usize) -> f32 {
         let ones = std::hint::black_box(_mm512_set1_epi16(0x3f80));
         // SAFETY: a bit-for-bit reinterpretation of 512 bits.
         let v = unsafe { std::mem::transmute::<__m512i, __m512bh>(ones) };
         let mut acc = [_mm512_setzero_ps(); 16];
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds {
             for x in acc.iter_mut() {
                 *x = _mm512_dpbf16_ps(*x, v, v);
+            }
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+
+    /// 16 chains of `vfmadd231ps`.
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma_chains(rounds: usize) -> f32 {
+        let (a, b) = (std::hint::black_box(_mm512_set1_ps(1.0)), std::hint::black_box(_mm512_set1_ps(0.5)));
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for _ in 0..rounds {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(a, b, *x);
             }
         }
         acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
