@@ -56,7 +56,7 @@ fn run(gb: f64, rounds: usize) {
     let x: Vec<f32> = (0..N_IN).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
     let x16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
     let w16: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
-    let has_bf16 = dot_block_bf16(&x16, &w16[..N_IN], 1, N_IN, &mut [0f32]);
+    let has_bf16 = dot_block_bf16(&x16, None, &w16[..N_IN], 1, N_IN, &mut [0f32]);
     let bf16_copies = vec![w16; COPIES];
     let q8 = QuantMatrix::Q8_0(quantize_q8_0(&values)).tiled(N_IN);
     let q4 = QuantMatrix::Q4K(quantize_q4_k(&values)).tiled(N_IN);
@@ -100,7 +100,7 @@ fn run(gb: f64, rounds: usize) {
             y.par_chunks_mut(TASK_ROWS).enumerate().for_each(|(task, out)| {
                 let rows = &w[task * TASK_ROWS * N_IN..(task * TASK_ROWS + out.len()) * N_IN];
                 // (Where the CPU lacks AVX-512 BF16 this does nothing, and nothing is printed.)
-                dot_block_bf16(&x16, rows, 1, N_IN, out);
+                dot_block_bf16(&x16, None, rows, 1, N_IN, out);
             })
         });
         b16.push((w.len() * 2) as f64 / secs / 1e9);

@@ -346,8 +346,8 @@ pub(crate) fn has_avx512_bf16() -> bool {
 /// exact in f32; only `vdpbf16ps`'s flush of subnormals differs). Where `vdpbf16ps` is slow
 /// (Intel's Sapphire and Emerald Rapids: one every two cycles, against two FMAs per cycle, so
 /// half the FMAs' multiply-adds) the FMAs win once the conversion is shared by several products.
-/// Chosen once by a 5 ms measurement ([`super::peak::bf16_against_fma`]): FMAs when they do 1.5
-/// times `vdpbf16ps`'s multiply-adds or more. `LATENT_BF16_DOT=fma` or `=vdpbf16ps` forces a way,
+/// Chosen once by a 15 ms measurement ([`super::peak::bf16_against_fma`]): FMAs when they do 1.25
+/// times `vdpbf16ps`'s multiply-adds or more (the halves cost about one instruction in five). `LATENT_BF16_DOT=fma` or `=vdpbf16ps` forces a way,
 /// for measurement.
 #[cfg(target_arch = "x86_64")]
 pub fn bf16_by_fma() -> bool {
@@ -362,7 +362,7 @@ pub fn bf16_by_fma() -> bool {
             Ok(other) => eprintln!("latent: LATENT_BF16_DOT={other} is neither fma nor vdpbf16ps; measuring"),
             Err(_) => {}
         }
-        super::peak::bf16_against_fma().is_some_and(|(bf16, f32)| f32 >= 1.5 * bf16)
+        super::peak::bf16_against_fma().is_some_and(|(bf16, f32)| f32 >= 1.25 * bf16)
     })
 }
 
@@ -381,19 +381,41 @@ pub fn bf16_by_fma() -> bool {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn bf16_tiles(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) {
     // SAFETY: the caller's contract.
+    unsafe { bf16_tiles_by(x, rows, t, n_in, out, bf16_by_fma()) }
+}
+
+/// [`bf16_tiles`], multiplying bf16 pairs by FMAs or by `vdpbf16ps` (the same bits).
+///
+/// # Safety
+/// AVX-512 F/BW and BF16 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn bf16_tiles_by(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32], fma: bool) {
+    // SAFETY: the caller's contract.
     tiles_body(t, rows.len() / n_in, 2 * n_in, out, |xi, wi| unsafe {
-        tile_bf16(rows4(x, xi, n_in), rows4(rows, wi, n_in), n_in)
+        let (x, w) = (rows4(x, xi, n_in), rows4(rows, wi, n_in));
+        if fma {
+            tile_bf16::<true>(x, w, n_in)
+        } else {
+            tile_bf16::<false>(x, w, n_in)
+        }
     })
 }
 
-/// [`tile_avx512`] over bf16 activations and weights with `vdpbf16ps`, 32 inputs per step (the
-/// last partial step loads with a mask: zeros beyond the row).
+/// [`tile_avx512`] over bf16 activations and weights with `vdpbf16ps` (or, with `FMA`, each
+/// line turned into its f32 halves and multiplied by two FMAs, high product first: the same
+/// bits, see [`bf16_by_fma`]), 32 inputs per step (the last partial step loads with a mask:
+/// zeros beyond the row).
 ///
 /// # Safety
 /// AVX-512 F/BW and BF16 must be present; the rows must be `n_in` long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn tile_bf16(x: [&[half::bf16]; TILE], w: [&[half::bf16]; TILE], n_in: usize) -> [[f32; TILE]; TILE] {
+unsafe fn tile_bf16<const FMA: bool>(
+    x: [&[half::bf16]; TILE],
+    w: [&[half::bf16]; TILE],
+    n_in: usize,
+) -> [[f32; TILE]; TILE] {
     use std::arch::x86_64::*;
     for r in x.iter().map(|r| r.len()).chain(w.iter().map(|r| r.len())) {
         assert_eq!(r, n_in, "tile_bf16: row length");
@@ -405,19 +427,33 @@ unsafe fn tile_bf16(x: [&[half::bf16]; TILE], w: [&[half::bf16]; TILE], n_in: us
         // SAFETY: `c + 32 <= n_in` where there is no mask; the mask covers only elements
         // `c..n_in` of each row, and masked-off lanes are not read.
         unsafe {
-            let load = |row: &[half::bf16]| -> __m512bh {
+            let load = |row: &[half::bf16]| -> __m512i {
                 let p = row.as_ptr().add(c);
-                let v = match mask {
+                match mask {
                     None => _mm512_loadu_si512(p.cast()),
                     Some(m) => _mm512_maskz_loadu_epi16(m, p.cast()),
-                };
-                std::mem::transmute::<__m512i, __m512bh>(v)
+                }
             };
-            let wv = [load(w[0]), load(w[1]), load(w[2]), load(w[3])];
-            for i in 0..TILE {
-                let xv = load(x[i]);
-                for r in 0..TILE {
-                    acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv[r], xv);
+            if FMA {
+                let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+                let halves = |v: __m512i| {
+                    [_mm512_castsi512_ps(_mm512_and_si512(v, high)), _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v))]
+                };
+                let wv = [halves(load(w[0])), halves(load(w[1])), halves(load(w[2])), halves(load(w[3]))];
+                for i in 0..TILE {
+                    let [xh, xl] = halves(load(x[i]));
+                    for r in 0..TILE {
+                        acc[r][i] = _mm512_fmadd_ps(wv[r][1], xl, _mm512_fmadd_ps(wv[r][0], xh, acc[r][i]));
+                    }
+                }
+            } else {
+                let bh = |v: __m512i| std::mem::transmute::<__m512i, __m512bh>(v);
+                let wv = [bh(load(w[0])), bh(load(w[1])), bh(load(w[2])), bh(load(w[3]))];
+                for i in 0..TILE {
+                    let xv = bh(load(x[i]));
+                    for r in 0..TILE {
+                        acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv[r], xv);
+                    }
                 }
             }
         }
@@ -510,6 +546,13 @@ mod tests {
             let want = matvec_reference(&xf, &w, t, n_in, n_out);
             if let Some(got) = gemm_bf16(&x, &w, t, n_in, n_out) {
                 assert_close(&format!("gemm_bf16 t {t} in {n_in} out {n_out}"), &got, &want);
+                // By FMAs and by `vdpbf16ps`, whichever this CPU prefers: the same bits.
+                let mut by = [vec![0f32; t * n_out], vec![0f32; t * n_out]];
+                for (fma, out) in by.iter_mut().enumerate() {
+                    // SAFETY: `gemm_bf16` ran, so the CPU has AVX-512 BF16; the shapes are the test's.
+                    unsafe { bf16_tiles_by(&x, &w, t, n_in, out, fma == 1) };
+                }
+                assert!(by[0].iter().zip(&by[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "t {t}: FMAs differ");
             }
         }
     }

@@ -125,7 +125,48 @@ fn dot_rows<W: Widen, const FUSED: bool>(x: &[f32], row: &[W], n_in: usize, y: &
 /// multiply-adds an instruction and half the activation bytes of [`dot_block`]. Each output sums
 /// its row in the same order whatever `t` is, so a row of a batch gets what it gets alone.
 /// Whether it ran (it needs AVX-512 BF16).
-pub fn dot_block_bf16(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) -> bool {
+pub fn dot_block_bf16(
+    x: &[half::bf16],
+    split: Option<&[f32]>,
+    rows: &[half::bf16],
+    t: usize,
+    n_in: usize,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let fma = t >= FMA_ROWS && n_in.is_multiple_of(32) && super::gemm::bf16_by_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    let fma = false;
+    dot_block_bf16_by(x, split.filter(|_| fma), rows, t, n_in, out)
+}
+
+/// From how many activation rows [`dot_block_bf16`] multiplies by FMAs where they are the faster
+/// way ([`super::gemm::bf16_by_fma`]): below it the product is bound by reading the weight.
+const FMA_ROWS: usize = 4;
+
+/// `x` (bf16 values, a multiple of 32) as [`dot_block_bf16`]'s FMAs read them: each 32 values
+/// as f32, the 16 odd ones then the 16 even ones. Computed once per input, for every product
+/// that multiplies it.
+pub fn split_bf16_pairs(x: &[half::bf16], out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(x.len().next_multiple_of(32), 0.0);
+    for (src, d) in x.chunks(32).zip(out.chunks_exact_mut(32)) {
+        for (j, v) in src.iter().enumerate() {
+            d[if j % 2 == 1 { j / 2 } else { 16 + j / 2 }] = v.to_f32();
+        }
+    }
+}
+
+/// [`dot_block_bf16`] by FMAs over `split` ([`split_bf16_pairs`] of `x`, rows a multiple of 32
+/// long) or, without it, by `vdpbf16ps`: the same bits.
+fn dot_block_bf16_by(
+    x: &[half::bf16],
+    split: Option<&[f32]>,
+    rows: &[half::bf16],
+    t: usize,
+    n_in: usize,
+    out: &mut [f32],
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::gemm::has_avx512_bf16() {
         assert!(
@@ -133,11 +174,105 @@ pub fn dot_block_bf16(x: &[half::bf16], rows: &[half::bf16], t: usize, n_in: usi
             "dot_block_bf16: shapes disagree"
         );
         // SAFETY: AVX-512 BF16 was checked; the sizes were checked against the slices.
-        unsafe { dot_block_bf16_avx(x, rows, t, n_in, out) };
+        unsafe {
+            match split {
+                Some(split) if n_in.is_multiple_of(32) && split.len() >= t * n_in => {
+                    dot_block_bf16_fma(split, rows, t, n_in, out)
+                }
+                _ => dot_block_bf16_avx(x, rows, t, n_in, out),
+            }
+        };
         return true;
     }
-    let _ = (x, rows, t, n_in, out);
+    let _ = (x, split, rows, t, n_in, out);
     false
+}
+
+/// [`dot_block_bf16`] by FMAs: 4 weight rows × up to 4 activation rows (`split`, see
+/// [`split_bf16_pairs`]) per register tile, each weight line turned into its two f32 halves (a
+/// mask and a shift) for 4 rows' products. Each output adds the high product, then the low one,
+/// line by line, as `vdpbf16ps` does: the same bits as [`dot_block_bf16_avx`].
+///
+/// # Safety
+/// AVX-512 F/BW; `n_in` a multiple of 32, `split` holds `t` split rows of `n_in`, `out`
+/// `rows.len() / n_in` rows of `t`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn dot_block_bf16_fma(split: &[f32], rows: &[half::bf16], t: usize, n_in: usize, out: &mut [f32]) {
+    let n_rows = rows.len() / n_in.max(1);
+    for r0 in (0..n_rows).step_by(4) {
+        // The tile's weight rows, the last repeated past the end (its outputs unused).
+        let w: [&[half::bf16]; 4] = std::array::from_fn(|r| {
+            let r = (r0 + r).min(n_rows - 1);
+            &rows[r * n_in..(r + 1) * n_in]
+        });
+        let nr = (n_rows - r0).min(4);
+        for b0 in (0..t).step_by(4) {
+            let xs = &split[b0 * n_in..];
+            let y = |r: usize, b: usize| (r0 + r) * t + b0 + b;
+            // SAFETY: the caller's contract; `xs` holds the tile's activation rows, split.
+            unsafe {
+                match (t - b0).min(4) {
+                    1 => fma_tile::<1>(xs, w, nr, &mut |r, b, v| out[y(r, b)] = v),
+                    2 => fma_tile::<2>(xs, w, nr, &mut |r, b, v| out[y(r, b)] = v),
+                    3 => fma_tile::<3>(xs, w, nr, &mut |r, b, v| out[y(r, b)] = v),
+                    _ => fma_tile::<4>(xs, w, nr, &mut |r, b, v| out[y(r, b)] = v),
+                }
+            }
+        }
+    }
+}
+
+/// One register tile of [`dot_block_bf16_fma`]: `N` split activation rows (`xs`, each
+/// `row.len().div_ceil(32) * 32` values) by 4 weight rows, the first `nr` of which are stored.
+///
+/// # Safety
+/// AVX-512 F/BW; `xs` holds `N` split rows as long as the weight rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn fma_tile<const N: usize>(
+    xs: &[f32],
+    w: [&[half::bf16]; 4],
+    nr: usize,
+    store: &mut dyn FnMut(usize, usize, f32),
+) {
+    use std::arch::x86_64::*;
+    let n_in = w[0].len();
+    let chunks = n_in.div_ceil(32);
+    debug_assert!(xs.len() >= N * chunks * 32);
+    let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+    let mut acc = [[_mm512_setzero_ps(); N]; 4];
+    for k in 0..chunks {
+        let c = 32 * k;
+        // SAFETY: `xs` holds `N` rows of `chunks` split lines; the weight loads stay inside each
+        // row (a masked load for its partial last line); a prefetch never faults.
+        unsafe {
+            let x: [[__m512; 2]; N] = std::array::from_fn(|b| {
+                let p = xs.as_ptr().add((b * chunks + k) * 32);
+                [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+            });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let p = w[r].as_ptr().add(c);
+                let line = if c + 32 <= n_in {
+                    _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(PREFETCH_BYTES));
+                    _mm512_loadu_si512(p.cast())
+                } else {
+                    _mm512_maskz_loadu_epi16((1u32 << (n_in - c)) - 1, p.cast())
+                };
+                let hi = _mm512_castsi512_ps(_mm512_and_si512(line, high));
+                let lo = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(line));
+                for (a, [xh, xl]) in acc.iter_mut().zip(&x) {
+                    *a = _mm512_fmadd_ps(lo, *xl, _mm512_fmadd_ps(hi, *xh, *a));
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate().take(nr) {
+        for (b, &a) in acc.iter().enumerate() {
+            store(r, b, _mm512_reduce_add_ps(a));
+        }
+    }
 }
 
 /// How far ahead of its loads the bf16 decode product asks for the weight's next lines: one
@@ -473,10 +608,11 @@ pub(crate) mod tests {
         // Every count of activation rows per pass (1 to 8, and 8 + 1, 8 + 5, 8 + 8 + 1), with and
         // without a partial last line.
         let shapes = [(1, 7, 3), (2, 33, 3), (3, 32, 5), (4, 64, 2), (5, 96, 2), (6, 31, 2), (7, 65, 3)];
-        for (t, n_in, n_out) in shapes.into_iter().chain([(8, 40, 2), (9, 100, 4), (13, 2048, 2), (17, 2048, 2)]) {
+        let more = [(8, 40, 2), (9, 100, 4), (13, 2048, 2), (17, 2048, 2), (6, 64, 9), (16, 96, 7)];
+        for (t, n_in, n_out) in shapes.into_iter().chain(more) {
             let (x, w) = (bf(random(t * n_in, 1)), bf(random(n_out * n_in, 2)));
             let mut out = vec![0f32; n_out * t];
-            if !dot_block_bf16(&x, &w, t, n_in, &mut out) {
+            if !dot_block_bf16(&x, None, &w, t, n_in, &mut out) {
                 return; // no AVX-512 BF16 here
             }
             let wide = |v: &[half::bf16]| v.iter().map(|b| b.to_f32()).collect::<Vec<_>>();
@@ -487,10 +623,20 @@ pub(crate) mod tests {
                     assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()) * (n_in as f32).sqrt(), "{t}x{n_in}: {g} vs {e}");
                     // Alone, each activation row gets the same bits.
                     let mut one = vec![0f32; n_out];
-                    dot_block_bf16(&x[ti * n_in..(ti + 1) * n_in], &w, 1, n_in, &mut one);
+                    dot_block_bf16(&x[ti * n_in..(ti + 1) * n_in], None, &w, 1, n_in, &mut one);
                     assert_eq!(one[r].to_bits(), g.to_bits(), "row {ti} alone");
                 }
             }
+            // By FMAs and by `vdpbf16ps`, whichever this CPU prefers: the same bits.
+            let mut by = [vec![0f32; n_out * t], vec![0f32; n_out * t]];
+            let mut split = Vec::new();
+            split_bf16_pairs(&x, &mut split);
+            let split = Some(&split[..]).filter(|_| n_in % 32 == 0);
+            for (fma, out) in by.iter_mut().enumerate() {
+                assert!(dot_block_bf16_by(&x, split.filter(|_| fma == 1), &w, t, n_in, out));
+            }
+            let same = by[0].iter().zip(&by[1]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{t}x{n_in}: FMAs differ from vdpbf16ps");
         }
     }
 

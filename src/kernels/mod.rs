@@ -273,7 +273,7 @@ impl CpuInfo {
         }
         let simd = Simd::detect();
         let bf16 = match (gemm::has_avx512_bf16(), gemm::bf16_by_fma()) {
-            (true, true) => " + vdpbf16ps for bf16, FMAs for the bf16 attention (vdpbf16ps is slower here)",
+            (true, true) => " + bf16 pairs by FMAs (vdpbf16ps measured slower here)",
             (true, false) => " + vdpbf16ps for bf16",
             _ => "",
         };

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::kernels::gemm::{gemm, gemm_bf16, gemm_quant};
 use crate::kernels::kquant::{quantize_q4_k, QK_K};
-use crate::kernels::matvec::{dot_block, dot_block_bf16, matvec, MAX_ROWS, MAX_ROWS_QUANT};
+use crate::kernels::matvec::{dot_block, dot_block_bf16, matvec, split_bf16_pairs, MAX_ROWS, MAX_ROWS_QUANT};
 use crate::kernels::quant::{quantize_q8_0, QuantMatrix, QuantizedRows, QK8_0};
 use crate::kernels::Simd;
 use crate::weights::{Quant, Weights};
@@ -181,8 +181,9 @@ impl Linear {
                     let w_rows = first * n_in..(first + n) * n_in;
                     with_stored(&l.weight, |w| match w {
                         Stored::Bf16(w) => {
-                            let done =
-                                input.bf16().is_some_and(|x| dot_block_bf16(x, &w[w_rows.clone()], t, n_in, out));
+                            let done = input
+                                .bf16()
+                                .is_some_and(|x| dot_block_bf16(x, input.split(), &w[w_rows.clone()], t, n_in, out));
                             if !done {
                                 dot_block(simd, &input.x, &w[w_rows], t, n_in, out)
                             }
@@ -665,6 +666,9 @@ pub(crate) struct TokenInput {
     /// AVX-512 BF16: bf16 weights then multiply it by `vdpbf16ps` ([`dot_block_bf16`]).
     bf16: Vec<half::bf16>,
     bf16_valid: bool,
+    /// `bf16` split for the FMA way of multiplying bf16 pairs ([`split_bf16_pairs`]), where the
+    /// CPU takes it ([`crate::kernels::gemm::bf16_by_fma`]) and `bf16` is valid.
+    split: Vec<f32>,
 }
 
 impl TokenInput {
@@ -679,6 +683,11 @@ impl TokenInput {
         self.bf16_valid.then_some(&self.bf16[..])
     }
 
+    /// The bf16 values split for the FMA way, where they are.
+    fn split(&self) -> Option<&[f32]> {
+        (self.bf16_valid && !self.split.is_empty()).then_some(&self.split[..])
+    }
+
     /// The values.
     pub(crate) fn x(&self) -> &[f32] {
         &self.x
@@ -688,6 +697,9 @@ impl TokenInput {
     /// values.
     pub(crate) fn reserve(&mut self, values: usize, groups: impl IntoIterator<Item = Option<usize>> + Clone) {
         self.bf16.reserve(values.saturating_sub(self.bf16.len()));
+        if crate::kernels::gemm::bf16_by_fma() {
+            self.split.reserve(values.next_multiple_of(32).saturating_sub(self.split.len()));
+        }
         if self.x.capacity() >= values && self.used > 0 {
             return;
         }
@@ -709,6 +721,10 @@ impl TokenInput {
                 b
             }));
             self.bf16_valid = exact;
+            self.split.clear();
+            if exact && crate::kernels::gemm::bf16_by_fma() {
+                split_bf16_pairs(&self.bf16, &mut self.split);
+            }
         }
         self.used = 0;
         for group in groups.into_iter().flatten() {
