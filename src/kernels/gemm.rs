@@ -336,9 +336,9 @@ pub(crate) fn has_avx512_bf16() -> bool {
     })
 }
 
-/// Whether the bf16 kernels that multiply one operand by many (the fused decode attention)
-/// multiply bf16 pairs by two `vfmadd231ps` instead of one `vdpbf16ps`, on a CPU with AVX-512
-/// BF16.
+/// Whether the bf16 kernels that multiply one operand by many (the fused decode attention, the
+/// GEMM, the decode products of several rows) multiply bf16 pairs by two `vfmadd231ps` instead of
+/// one `vdpbf16ps`, on a CPU with AVX-512 BF16.
 ///
 /// A 32-bit lane holding two bf16 values is two f32 values at no cost but one instruction each
 /// (the high one masked, the low one shifted up), and `vdpbf16ps` adds the high product, then
@@ -347,8 +347,8 @@ pub(crate) fn has_avx512_bf16() -> bool {
 /// (Intel's Sapphire and Emerald Rapids: one every two cycles, against two FMAs per cycle, so
 /// half the FMAs' multiply-adds) the FMAs win once the conversion is shared by several products.
 /// Chosen once by a 15 ms measurement ([`super::peak::bf16_against_fma`]): FMAs when they do 1.25
-/// times `vdpbf16ps`'s multiply-adds or more (the halves cost about one instruction in five). `LATENT_BF16_DOT=fma` or `=vdpbf16ps` forces a way,
-/// for measurement.
+/// times `vdpbf16ps`'s multiply-adds or more (the halves cost about one instruction in five).
+/// `LATENT_BF16_DOT=fma` or `=vdpbf16ps` forces a way, for measurement.
 #[cfg(target_arch = "x86_64")]
 pub fn bf16_by_fma() -> bool {
     static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -435,11 +435,8 @@ unsafe fn tile_bf16<const FMA: bool>(
                 }
             };
             if FMA {
-                let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
-                let halves = |v: __m512i| {
-                    [_mm512_castsi512_ps(_mm512_and_si512(v, high)), _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v))]
-                };
-                let wv = [halves(load(w[0])), halves(load(w[1])), halves(load(w[2])), halves(load(w[3]))];
+                let halves = |v: __m512i| super::bf16_halves(v);
+                let wv = w.map(|w| halves(load(w)));
                 for i in 0..TILE {
                     let [xh, xl] = halves(load(x[i]));
                     for r in 0..TILE {

@@ -124,42 +124,10 @@ fn dot_rows<W: Widen, const FUSED: bool>(x: &[f32], row: &[W], n_in: usize, y: &
 /// (a bf16 model's activations are bf16 values): pairs of products by `vdpbf16ps`, 32
 /// multiply-adds an instruction and half the activation bytes of [`dot_block`]. Each output sums
 /// its row in the same order whatever `t` is, so a row of a batch gets what it gets alone.
-/// Whether it ran (it needs AVX-512 BF16).
+/// Given `split`, `x` as [`super::push_bf16_halves`] lays it out (rows a multiple of 32 long),
+/// it multiplies by FMAs instead ([`dot_block_bf16_fma`]): the same bits. Whether it ran (it
+/// needs AVX-512 BF16).
 pub fn dot_block_bf16(
-    x: &[half::bf16],
-    split: Option<&[f32]>,
-    rows: &[half::bf16],
-    t: usize,
-    n_in: usize,
-    out: &mut [f32],
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    let fma = t >= FMA_ROWS && n_in.is_multiple_of(32) && super::gemm::bf16_by_fma();
-    #[cfg(not(target_arch = "x86_64"))]
-    let fma = false;
-    dot_block_bf16_by(x, split.filter(|_| fma), rows, t, n_in, out)
-}
-
-/// From how many activation rows [`dot_block_bf16`] multiplies by FMAs where they are the faster
-/// way ([`super::gemm::bf16_by_fma`]): below it the product is bound by reading the weight.
-const FMA_ROWS: usize = 4;
-
-/// `x` (bf16 values, a multiple of 32) as [`dot_block_bf16`]'s FMAs read them: each 32 values
-/// as f32, the 16 odd ones then the 16 even ones. Computed once per input, for every product
-/// that multiplies it.
-pub fn split_bf16_pairs(x: &[half::bf16], out: &mut Vec<f32>) {
-    out.clear();
-    out.resize(x.len().next_multiple_of(32), 0.0);
-    for (src, d) in x.chunks(32).zip(out.chunks_exact_mut(32)) {
-        for (j, v) in src.iter().enumerate() {
-            d[if j % 2 == 1 { j / 2 } else { 16 + j / 2 }] = v.to_f32();
-        }
-    }
-}
-
-/// [`dot_block_bf16`] by FMAs over `split` ([`split_bf16_pairs`] of `x`, rows a multiple of 32
-/// long) or, without it, by `vdpbf16ps`: the same bits.
-fn dot_block_bf16_by(
     x: &[half::bf16],
     split: Option<&[f32]>,
     rows: &[half::bf16],
@@ -188,8 +156,13 @@ fn dot_block_bf16_by(
     false
 }
 
+/// From how many activation rows the bf16 products are worth [`dot_block_bf16`]'s FMAs where
+/// they are the faster way ([`super::gemm::bf16_by_fma`]): below it a product is bound by
+/// reading its weight.
+pub(crate) const FMA_ROWS: usize = 4;
+
 /// [`dot_block_bf16`] by FMAs: 4 weight rows × up to 4 activation rows (`split`, see
-/// [`split_bf16_pairs`]) per register tile, each weight line turned into its two f32 halves (a
+/// [`super::push_bf16_halves`]) per register tile, each weight line turned into its two f32 halves (a
 /// mask and a shift) for 4 rows' products. Each output adds the high product, then the low one,
 /// line by line, as `vdpbf16ps` does: the same bits as [`dot_block_bf16_avx`].
 ///
@@ -223,11 +196,11 @@ unsafe fn dot_block_bf16_fma(split: &[f32], rows: &[half::bf16], t: usize, n_in:
     }
 }
 
-/// One register tile of [`dot_block_bf16_fma`]: `N` split activation rows (`xs`, each
-/// `row.len().div_ceil(32) * 32` values) by 4 weight rows, the first `nr` of which are stored.
+/// One register tile of [`dot_block_bf16_fma`]: `N` split activation rows (`xs`) by 4 weight
+/// rows, the first `nr` of which are stored.
 ///
 /// # Safety
-/// AVX-512 F/BW; `xs` holds `N` split rows as long as the weight rows.
+/// AVX-512 F/BW; the weight rows a multiple of 32 long, `xs` holding `N` split rows as long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
@@ -239,29 +212,20 @@ unsafe fn fma_tile<const N: usize>(
 ) {
     use std::arch::x86_64::*;
     let n_in = w[0].len();
-    let chunks = n_in.div_ceil(32);
-    debug_assert!(xs.len() >= N * chunks * 32);
-    let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+    debug_assert!(n_in.is_multiple_of(32) && xs.len() >= N * n_in);
     let mut acc = [[_mm512_setzero_ps(); N]; 4];
-    for k in 0..chunks {
-        let c = 32 * k;
-        // SAFETY: `xs` holds `N` rows of `chunks` split lines; the weight loads stay inside each
-        // row (a masked load for its partial last line); a prefetch never faults.
+    for c in (0..n_in).step_by(32) {
+        // SAFETY: `xs` holds `N` split rows of `n_in` and each weight row `n_in` values, a
+        // multiple of 32; a prefetch never faults.
         unsafe {
             let x: [[__m512; 2]; N] = std::array::from_fn(|b| {
-                let p = xs.as_ptr().add((b * chunks + k) * 32);
+                let p = xs.as_ptr().add(b * n_in + c);
                 [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
             });
             for (r, acc) in acc.iter_mut().enumerate() {
                 let p = w[r].as_ptr().add(c);
-                let line = if c + 32 <= n_in {
-                    _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(PREFETCH_BYTES));
-                    _mm512_loadu_si512(p.cast())
-                } else {
-                    _mm512_maskz_loadu_epi16((1u32 << (n_in - c)) - 1, p.cast())
-                };
-                let hi = _mm512_castsi512_ps(_mm512_and_si512(line, high));
-                let lo = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(line));
+                _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(PREFETCH_BYTES));
+                let [hi, lo] = super::bf16_halves(_mm512_loadu_si512(p.cast()));
                 for (a, [xh, xl]) in acc.iter_mut().zip(&x) {
                     *a = _mm512_fmadd_ps(lo, *xl, _mm512_fmadd_ps(hi, *xh, *a));
                 }
@@ -630,10 +594,10 @@ pub(crate) mod tests {
             // By FMAs and by `vdpbf16ps`, whichever this CPU prefers: the same bits.
             let mut by = [vec![0f32; n_out * t], vec![0f32; n_out * t]];
             let mut split = Vec::new();
-            split_bf16_pairs(&x, &mut split);
+            crate::kernels::push_bf16_halves(&x, &mut split);
             let split = Some(&split[..]).filter(|_| n_in % 32 == 0);
             for (fma, out) in by.iter_mut().enumerate() {
-                assert!(dot_block_bf16_by(&x, split.filter(|_| fma == 1), &w, t, n_in, out));
+                assert!(dot_block_bf16(&x, split.filter(|_| fma == 1), &w, t, n_in, out));
             }
             let same = by[0].iter().zip(&by[1]).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{t}x{n_in}: FMAs differ from vdpbf16ps");

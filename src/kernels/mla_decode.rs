@@ -208,7 +208,7 @@ mod fused {
     use super::MlaShape;
     use crate::kernels::paged::{DensePages, PAGE_ROWS};
     use crate::kernels::rows::exp;
-    use crate::kernels::{reduce16, reserve_to, reset, Prefetch};
+    use crate::kernels::{bf16_halves, reduce16, reserve_to, reset, Prefetch};
 
     /// Cached rows per step of the online softmax: their scores, probabilities and latents stay
     /// in the core's caches between the two products. A run is one page of the cache.
@@ -271,17 +271,10 @@ mod fused {
     /// `q_rope` (zeros past the end), the 16 odd ones then the 16 even ones, as f32.
     pub fn split_queries(q_lat: &[bf16], q_rope: &[bf16], shape: MlaShape, out: &mut Vec<f32>) {
         let MlaShape { heads, d_c, d_r, .. } = shape;
-        let per_head = (d_c.div_ceil(32) + d_r.div_ceil(32)) * 32;
         out.clear();
-        out.resize(heads * per_head, 0.0);
-        for (h, head) in out.chunks_exact_mut(per_head).enumerate() {
-            let (lat, rope) = (&q_lat[h * d_c..(h + 1) * d_c], &q_rope[h * d_r..(h + 1) * d_r]);
-            let chunks = lat.chunks(32).chain(rope.chunks(32));
-            for (dst, src) in head.chunks_exact_mut(32).zip(chunks) {
-                for (j, &v) in src.iter().enumerate() {
-                    dst[if j % 2 == 1 { j / 2 } else { 16 + j / 2 }] = v.to_f32();
-                }
-            }
+        for h in 0..heads {
+            crate::kernels::push_bf16_halves(&q_lat[h * d_c..(h + 1) * d_c], out);
+            crate::kernels::push_bf16_halves(&q_rope[h * d_r..(h + 1) * d_r], out);
         }
     }
 
@@ -410,7 +403,6 @@ mod fused {
         // go to `part` and `scratch`, sized for `hp` heads, `dp` latents and `RUN` rows.
         unsafe {
             // Scores, scaled, into `scratch.p` (head h's row at h · RUN).
-            let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
             let per_head = (d_c.div_ceil(32) + d_r.div_ceil(32)) * 32;
             for r0 in (0..n).step_by(TILE) {
                 let rs: [usize; TILE] = std::array::from_fn(|r| s0 + (r0 + r).min(n - 1));
@@ -434,8 +426,7 @@ mod fused {
                                 });
                                 for r in 0..TILE {
                                     let w = load_bf16(c.as_ptr().add(rs[r] * d + x), d - x);
-                                    let hi = _mm512_castsi512_ps(_mm512_and_si512(w, high));
-                                    let lo = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
+                                    let [hi, lo] = bf16_halves(w);
                                     for (i, [qh, ql]) in q.iter().enumerate() {
                                         let a = _mm512_fmadd_ps(hi, *qh, acc[TILE * i + r]);
                                         acc[TILE * i + r] = _mm512_fmadd_ps(lo, *ql, a);
@@ -531,11 +522,10 @@ mod fused {
                     if q_split.is_some() {
                         // Rows 2j and 2j + 1 as f32 halves (even latents, then odd: see
                         // `dim_of_fma`), row 2j + 1's product first, as `vdpbf16ps` adds a pair.
+                        // Even latents, then odd (`dim_of_fma`).
                         let halves = |v: __m512i| {
-                            [
-                                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
-                                _mm512_castsi512_ps(_mm512_and_si512(v, high)),
-                            ]
+                            let [hi, lo] = bf16_halves(v);
+                            [lo, hi]
                         };
                         for j in 0..n.div_ceil(2) {
                             let (a, b) = (s0 + 2 * j, s0 + (2 * j + 1).min(n - 1));

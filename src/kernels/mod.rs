@@ -117,6 +117,36 @@ pub(crate) fn mul_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// A register of 32 bf16 values as two of f32: the high (odd) value of each 32-bit lane, by a
+/// mask, and the low (even) one, by a shift. `vdpbf16ps` adds a lane's high product, then its low
+/// one, each rounded; two FMAs over these halves in that order give its bits (the bf16 kernels
+/// take that way where `vdpbf16ps` is slow: [`gemm::bf16_by_fma`]).
+///
+/// # Safety
+/// AVX-512 F must be present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn bf16_halves(v: std::arch::x86_64::__m512i) -> [std::arch::x86_64::__m512; 2] {
+    use std::arch::x86_64::*;
+    // SAFETY: register-only instructions of AVX-512 F, present per the caller's contract.
+    unsafe {
+        let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+        [_mm512_castsi512_ps(_mm512_and_si512(v, high)), _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v))]
+    }
+}
+
+/// Appends `x` as [`bf16_halves`] lays it out in memory, for an operand reused by many products:
+/// each 32 values (zeros past the end of `x`) as 16 f32 of the odd ones, then 16 of the even ones.
+pub fn push_bf16_halves(x: &[half::bf16], out: &mut Vec<f32>) {
+    for src in x.chunks(32) {
+        let at = out.len();
+        out.resize(at + 32, 0.0);
+        for (j, v) in src.iter().enumerate() {
+            out[at + if j % 2 == 1 { j / 2 } else { 16 + j / 2 }] = v.to_f32();
+        }
+    }
+}
+
 /// Clears `v` to `n` copies of `value`, keeping its buffer (a kernel's scratch, reused per step).
 /// One register whose lane `k` is the sum of the lanes of `v[k]`: pairs interleaved and added
 /// within 128-bit lanes, then quads, then the 128-bit lanes themselves (about 3 instructions per

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::kernels::gemm::{gemm, gemm_bf16, gemm_quant};
 use crate::kernels::kquant::{quantize_q4_k, QK_K};
-use crate::kernels::matvec::{dot_block, dot_block_bf16, matvec, split_bf16_pairs, MAX_ROWS, MAX_ROWS_QUANT};
+use crate::kernels::matvec::{dot_block, dot_block_bf16, matvec, FMA_ROWS, MAX_ROWS, MAX_ROWS_QUANT};
 use crate::kernels::quant::{quantize_q8_0, QuantMatrix, QuantizedRows, QK8_0};
 use crate::kernels::Simd;
 use crate::weights::{Quant, Weights};
@@ -181,9 +181,10 @@ impl Linear {
                     let w_rows = first * n_in..(first + n) * n_in;
                     with_stored(&l.weight, |w| match w {
                         Stored::Bf16(w) => {
+                            let split = input.split().filter(|_| t >= FMA_ROWS);
                             let done = input
                                 .bf16()
-                                .is_some_and(|x| dot_block_bf16(x, input.split(), &w[w_rows.clone()], t, n_in, out));
+                                .is_some_and(|x| dot_block_bf16(x, split, &w[w_rows.clone()], t, n_in, out));
                             if !done {
                                 dot_block(simd, &input.x, &w[w_rows], t, n_in, out)
                             }
@@ -666,7 +667,7 @@ pub(crate) struct TokenInput {
     /// AVX-512 BF16: bf16 weights then multiply it by `vdpbf16ps` ([`dot_block_bf16`]).
     bf16: Vec<half::bf16>,
     bf16_valid: bool,
-    /// `bf16` split for the FMA way of multiplying bf16 pairs ([`split_bf16_pairs`]), where the
+    /// `bf16` split for the FMA way of multiplying bf16 pairs ([`crate::kernels::push_bf16_halves`]), where the
     /// CPU takes it ([`crate::kernels::gemm::bf16_by_fma`]) and `bf16` is valid.
     split: Vec<f32>,
 }
@@ -723,7 +724,7 @@ impl TokenInput {
             self.bf16_valid = exact;
             self.split.clear();
             if exact && crate::kernels::gemm::bf16_by_fma() {
-                split_bf16_pairs(&self.bf16, &mut self.split);
+                crate::kernels::push_bf16_halves(&self.bf16, &mut self.split);
             }
         }
         self.used = 0;
