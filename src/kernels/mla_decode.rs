@@ -376,6 +376,148 @@ mod fused {
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
+    /// The FMA way's scores of one page's rows, scaled, into `p` (head h's row at h · RUN): 4 heads ×
+    /// 4 rows per register tile, each row's 32 values split into their odd and even halves once
+    /// per tile and multiplied by each head's halves, the high product first (as `vdpbf16ps` adds
+    /// them). A page whose rows are not a multiple of 4 ends with a tile that overlaps the one
+    /// before it (those rows' scores are written twice, the same values), so that a tile's 4 rows
+    /// lie at fixed distances and the loop keeps their addresses in registers.
+    ///
+    /// Its own function, with loops rather than closures around the intrinsics, so that the
+    /// compiler allocates its registers for this loop alone (inlined into [`absorb_run`] beside
+    /// the `vdpbf16ps` way it ran 10-16% slower, with row addresses reloaded from the stack).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW; `q` as [`split_queries`] lays it out for `shape`; the page's slices as
+    /// [`absorb_run`] takes them (1 to `RUN` rows); `p` holds `hp · RUN` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline(never)]
+    unsafe fn scores_fma(q: &[f32], (c_kv, k_rope): (&[bf16], &[bf16]), shape: MlaShape, scale: f32, p: &mut [f32]) {
+        let MlaShape { heads, d_c, d_r, .. } = shape;
+        let (hp, _) = padded(shape);
+        let n = c_kv.len() / d_c;
+        let per_head = (d_c.div_ceil(32) + d_r.div_ceil(32)) * 32;
+        // A tile's row r at `r0 + off[r]` (fewer than 4 rows: the last one repeated); tiles start
+        // every 4 rows, the last at `n - 4`.
+        let off = [0, 1, 2, 3].map(|r: usize| r.min(n - 1));
+        let starts = (0..n.saturating_sub(TILE - 1)).step_by(TILE).chain((n % TILE != 0 && n > TILE).then(|| n - TILE));
+        // SAFETY (whole body): rows `r0 + off[r]` are below `n`, head indices are clamped below
+        // `heads`, query offsets stay inside a head's `per_head` values; `p` as the contract says.
+        unsafe {
+            for r0 in starts.chain((n < TILE).then_some(0)) {
+                for h0 in (0..hp).step_by(TILE) {
+                    let mut qh = [q.as_ptr(); TILE];
+                    for (i, qh) in qh.iter_mut().enumerate() {
+                        *qh = q.as_ptr().add((h0 + i).min(heads - 1) * per_head);
+                    }
+                    let mut acc = [_mm512_setzero_ps(); TILE * TILE];
+                    let mut at = 0;
+                    for (c, d) in [(c_kv, d_c), (k_rope, d_r)] {
+                        let mut rows = [c.as_ptr(); TILE];
+                        for (row, off) in rows.iter_mut().zip(off) {
+                            *row = c.as_ptr().add((r0 + off) * d);
+                        }
+                        for x in (0..d).step_by(32) {
+                            let whole = d - x >= 32;
+                            if h0 == 0 {
+                                for row in rows {
+                                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(TILE * d + x).cast());
+                                }
+                            }
+                            let mut q = [[_mm512_setzero_ps(); 2]; TILE];
+                            for (q, qh) in q.iter_mut().zip(qh) {
+                                *q = [_mm512_loadu_ps(qh.add(at)), _mm512_loadu_ps(qh.add(at + 16))];
+                            }
+                            for r in 0..TILE {
+                                let w = if whole {
+                                    _mm512_loadu_si512(rows[r].add(x).cast())
+                                } else {
+                                    load_bf16(rows[r].add(x), d - x)
+                                };
+                                let [hi, lo] = bf16_halves(w);
+                                for (i, [qh, ql]) in q.iter().enumerate() {
+                                    let a = _mm512_fmadd_ps(hi, *qh, acc[TILE * i + r]);
+                                    acc[TILE * i + r] = _mm512_fmadd_ps(lo, *ql, a);
+                                }
+                            }
+                            at += 32;
+                        }
+                    }
+                    let mut sums = [0f32; TILE * TILE];
+                    _mm512_storeu_ps(sums.as_mut_ptr(), _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+                    for i in 0..TILE {
+                        for r in 0..TILE.min(n) {
+                            p[(h0 + i) * RUN + r0 + r] = sums[TILE * i + r];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The FMA way's weighted sum of one page's latents `c0..c0 + width` (at most 64, from `c`,
+    /// rows `d_c` apart, `n` of them) for 4 heads (probabilities rounded to bf16 at `p`, rows
+    /// `RUN` apart) added to their accumulators at `o` (`dp` apart, in [`dim_of_fma`]'s order):
+    /// rows 2j and 2j + 1 as f32 halves, row 2j + 1's product first, as `vdpbf16ps` adds a pair
+    /// (an odd page's last row paired with itself against a zero probability).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW; the rows, probabilities (`n` rounded up to even) and accumulators readable
+    /// and writable as described.
+    ///
+    /// Its own function for the reason [`scores_fma`] is.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline(never)]
+    unsafe fn wsum_fma(c: *const bf16, (d_c, width, n): (usize, usize, usize), p: *const f32, o: *mut f32, dp: usize) {
+        // SAFETY (whole body): the contract's.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; TILE];
+            for (i, acc) in acc.iter_mut().enumerate() {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_loadu_ps(o.add(i * dp + 16 * k));
+                }
+            }
+            // Even latents, then odd (`dim_of_fma`).
+            #[inline(always)]
+            unsafe fn halves(v: __m512i) -> [__m512; 2] {
+                // SAFETY: the caller's (AVX-512 F).
+                let [hi, lo] = unsafe { bf16_halves(v) };
+                [lo, hi]
+            }
+            // A row's 64 latents as four registers of f32.
+            #[inline(always)]
+            unsafe fn load(row: *const bf16, width: usize) -> [__m512; 4] {
+                // SAFETY: the caller's: `row..row + width` readable, AVX-512 F/BW.
+                unsafe {
+                    let (x, y) = if width == COLS {
+                        (_mm512_loadu_si512(row.cast()), _mm512_loadu_si512(row.add(32).cast()))
+                    } else {
+                        (load_bf16(row, width), load_bf16(row.add(32.min(width)), width.saturating_sub(32)))
+                    };
+                    let ([a0, a1], [a2, a3]) = (halves(x), halves(y));
+                    [a0, a1, a2, a3]
+                }
+            }
+            for j in 0..n.div_ceil(2) {
+                let a = c.add(2 * j * d_c);
+                let b = if 2 * j + 1 < n { a.add(d_c) } else { a };
+                let (av, bv) = (load(a, width), load(b, width));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let p = p.add(i * RUN + 2 * j);
+                    let (pa, pb) = (_mm512_set1_ps(*p), _mm512_set1_ps(*p.add(1)));
+                    for k in 0..4 {
+                        acc[k] = _mm512_fmadd_ps(av[k], pa, _mm512_fmadd_ps(bv[k], pb, acc[k]));
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                for (k, &v) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(i * dp + 16 * k), v);
+                }
+            }
+        }
+    }
+
     /// Adds one page's rows, `c_kv (n, d_c)` and `k_rope (n, d_r)`, to `part`: scores, online
     /// softmax, weighted sum.
     ///
@@ -402,43 +544,15 @@ mod fused {
         // `0..heads`, so loads stay inside the slices (a partial step loads with a mask); stores
         // go to `part` and `scratch`, sized for `hp` heads, `dp` latents and `RUN` rows.
         unsafe {
-            // Scores, scaled, into `scratch.p` (head h's row at h · RUN).
-            let per_head = (d_c.div_ceil(32) + d_r.div_ceil(32)) * 32;
-            for r0 in (0..n).step_by(TILE) {
+            // Scores, scaled, into `scratch.p` (head h's row at h · RUN); below, the `vdpbf16ps` way.
+            if let Some(qs) = q_split {
+                scores_fma(qs, (c_kv, k_rope), shape, scale, &mut scratch.p);
+            }
+            for r0 in (0..n).step_by(TILE).filter(|_| q_split.is_none()) {
                 let rs: [usize; TILE] = std::array::from_fn(|r| s0 + (r0 + r).min(n - 1));
                 for h0 in (0..hp).step_by(TILE) {
                     let mut acc = [_mm512_setzero_ps(); TILE * TILE];
-                    if let Some(qs) = q_split {
-                        // Each row's 32 values as their odd and even halves in f32, each
-                        // multiplied by every head's halves: the high product first, as
-                        // `vdpbf16ps` adds them.
-                        let mut k = 0;
-                        for (c, d) in [(c_kv, d_c), (k_rope, d_r)] {
-                            for x in (0..d).step_by(32) {
-                                if h0 == 0 {
-                                    for &r in &rs {
-                                        _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().wrapping_add((r + TILE) * d + x).cast());
-                                    }
-                                }
-                                let q: [[__m512; 2]; TILE] = std::array::from_fn(|i| {
-                                    let q = qs.as_ptr().add((h0 + i).min(heads - 1) * per_head + 32 * k);
-                                    [_mm512_loadu_ps(q), _mm512_loadu_ps(q.add(16))]
-                                });
-                                for r in 0..TILE {
-                                    let w = load_bf16(c.as_ptr().add(rs[r] * d + x), d - x);
-                                    let [hi, lo] = bf16_halves(w);
-                                    for (i, [qh, ql]) in q.iter().enumerate() {
-                                        let a = _mm512_fmadd_ps(hi, *qh, acc[TILE * i + r]);
-                                        acc[TILE * i + r] = _mm512_fmadd_ps(lo, *ql, a);
-                                    }
-                                }
-                                k += 1;
-                            }
-                        }
-                    }
-                    for (q, c, d) in
-                        [(q_lat, c_kv, d_c), (q_rope, k_rope, d_r)].into_iter().filter(|_| q_split.is_none())
-                    {
+                    for (q, c, d) in [(q_lat, c_kv, d_c), (q_rope, k_rope, d_r)] {
                         for x in (0..d).step_by(32) {
                             let w: [__m512bh; TILE] =
                                 std::array::from_fn(|r| bh(load_bf16(c.as_ptr().add(rs[r] * d + x), d - x)));
@@ -516,35 +630,14 @@ mod fused {
                 for h0 in (0..hp).step_by(TILE) {
                     ahead.tick();
                     let base = part.o.as_mut_ptr();
+                    if q_split.is_some() {
+                        let (c, p) = (c_kv.as_ptr().add(c0), scratch.rounded.as_ptr().add(h0 * RUN));
+                        wsum_fma(c, (d_c, width, n), p, base.add(h0 * dp + c0), dp);
+                        continue;
+                    }
                     let at = |i: usize, k: usize| base.add((h0 + i) * dp + c0 + 16 * k);
                     let mut acc: [[__m512; 4]; TILE] =
                         std::array::from_fn(|i| std::array::from_fn(|k| _mm512_loadu_ps(at(i, k))));
-                    if q_split.is_some() {
-                        // Rows 2j and 2j + 1 as f32 halves (even latents, then odd: see
-                        // `dim_of_fma`), row 2j + 1's product first, as `vdpbf16ps` adds a pair.
-                        // Even latents, then odd (`dim_of_fma`).
-                        let halves = |v: __m512i| {
-                            let [hi, lo] = bf16_halves(v);
-                            [lo, hi]
-                        };
-                        for j in 0..n.div_ceil(2) {
-                            let (a, b) = (s0 + 2 * j, s0 + (2 * j + 1).min(n - 1));
-                            let (a, b) = (c_kv.as_ptr().add(a * d_c + c0), c_kv.as_ptr().add(b * d_c + c0));
-                            let rest = width.saturating_sub(32);
-                            let [a0, a1] = halves(load_bf16(a, width));
-                            let [a2, a3] = halves(load_bf16(a.add(32.min(width)), rest));
-                            let [b0, b1] = halves(load_bf16(b, width));
-                            let [b2, b3] = halves(load_bf16(b.add(32.min(width)), rest));
-                            let (av, bv) = ([a0, a1, a2, a3], [b0, b1, b2, b3]);
-                            for (i, acc) in acc.iter_mut().enumerate() {
-                                let p = scratch.rounded.as_ptr().add((h0 + i) * RUN + 2 * j);
-                                let (pa, pb) = (_mm512_set1_ps(*p), _mm512_set1_ps(*p.add(1)));
-                                for k in 0..4 {
-                                    acc[k] = _mm512_fmadd_ps(av[k], pa, _mm512_fmadd_ps(bv[k], pb, acc[k]));
-                                }
-                            }
-                        }
-                    }
                     for j in (0..n.div_ceil(2)).filter(|_| q_split.is_none()) {
                         let (a, b) = (s0 + 2 * j, s0 + (2 * j + 1).min(n - 1));
                         let (a, b) = (c_kv.as_ptr().add(a * d_c + c0), c_kv.as_ptr().add(b * d_c + c0));

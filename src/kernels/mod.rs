@@ -147,7 +147,6 @@ pub fn push_bf16_halves(x: &[half::bf16], out: &mut Vec<f32>) {
     }
 }
 
-/// Clears `v` to `n` copies of `value`, keeping its buffer (a kernel's scratch, reused per step).
 /// One register whose lane `k` is the sum of the lanes of `v[k]`: pairs interleaved and added
 /// within 128-bit lanes, then quads, then the 128-bit lanes themselves (about 3 instructions per
 /// sum, where reducing each register alone takes 8).
@@ -160,21 +159,30 @@ pub(crate) unsafe fn reduce16(v: [std::arch::x86_64::__m512; 16]) -> std::arch::
     use std::arch::x86_64::*;
     // SAFETY: register-only instructions of AVX-512 F, present per the caller's contract.
     unsafe {
-        let s1: [__m512; 8] = std::array::from_fn(|k| {
-            _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]))
-        });
-        let s2: [__m512; 4] = std::array::from_fn(|k| {
+        // Plain loops, not closures: a closure is a function of its own, without the caller's
+        // target features, and an intrinsic that is not inlined is a call per instruction.
+        let mut s1 = [_mm512_setzero_ps(); 8];
+        for (k, s) in s1.iter_mut().enumerate() {
+            *s = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+        }
+        let mut s2 = [_mm512_setzero_ps(); 4];
+        for (k, s) in s2.iter_mut().enumerate() {
             let (a, b) = (_mm512_castps_pd(s1[2 * k]), _mm512_castps_pd(s1[2 * k + 1]));
-            _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)))
-        });
-        let fold = |a: __m512, b: __m512| {
-            _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
-        };
+            *s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+        }
+        #[inline(always)]
+        unsafe fn fold(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: as the enclosing function's.
+            unsafe {
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
+            }
+        }
         let s3 = [fold(s2[0], s2[1]), fold(s2[2], s2[3])];
         fold(s3[0], s3[1])
     }
 }
 
+/// Clears `v` to `n` copies of `value`, keeping its buffer (a kernel's scratch, reused per step).
 pub(crate) fn reset<T: Copy>(v: &mut Vec<T>, n: usize, value: T) {
     v.clear();
     v.resize(n, value);
