@@ -703,36 +703,29 @@ fn tile_rows_body<T: Tile, const ISA: u8>(x: &QuantizedRows, tiles: &[T], t: usi
         }
     };
     for (row_tiles, y) in tiles.chunks_exact(per_row).zip(out.chunks_mut(TILE_ROWS * t)) {
-        let mut ti = 0;
-        // Prefill: ACT_ROWS activation rows at a time, so each tile's codes are unpacked once for
-        // all of them (the tile row itself, 16 rows by `n_in`, stays in cache across the loop).
+        // Up to ACT_ROWS activation rows per pass over the tile row, so that each tile's codes
+        // are unpacked once for all of them: prefill's many rows in passes of 4, and a decode
+        // step's 2 or 3 tokens of one expert in one pass rather than one pass each (the tile row
+        // itself, 16 rows by `n_in`, stays in cache between passes). The first pass streams the
+        // weights from memory, fetching ahead.
         #[cfg(target_arch = "x86_64")]
         if ISA == super::quant::AVX512_VNNI {
-            while ti + ACT_ROWS <= t {
-                let mut acc = [[0f32; TILE_ROWS]; ACT_ROWS];
-                for (b, tile) in row_tiles.iter().enumerate() {
-                    tile.dot_vnni(std::array::from_fn(|n| codes(ti + n, b)), &mut acc);
-                }
-                for (n, acc) in acc.iter().enumerate() {
-                    for (r, &a) in acc.iter().enumerate() {
-                        y[r * t + ti + n] = a;
-                    }
-                }
-                ti += ACT_ROWS;
+            let mut ti = 0;
+            while ti < t {
+                let (first, y) = (ti == 0, &mut *y);
+                ti += match t - ti {
+                    1 => vnni_pass::<T, 1>(row_tiles, &codes, ti, first, y, t),
+                    2 => vnni_pass::<T, 2>(row_tiles, &codes, ti, first, y, t),
+                    3 => vnni_pass::<T, 3>(row_tiles, &codes, ti, first, y, t),
+                    _ => vnni_pass::<T, ACT_ROWS>(row_tiles, &codes, ti, first, y, t),
+                };
             }
+            continue;
         }
-        for ti in ti..t {
+        for ti in 0..t {
             let mut acc = [0f32; TILE_ROWS];
             for (b, tile) in row_tiles.iter().enumerate() {
                 let x = codes(ti, b);
-                #[cfg(target_arch = "x86_64")]
-                if ISA == super::quant::AVX512_VNNI {
-                    prefetch_ahead(tile);
-                    let mut one = [acc];
-                    tile.dot_vnni([x], &mut one);
-                    acc = one[0];
-                    continue;
-                }
                 // Other variants (tested, not used: matrices are tiled only for VNNI) take the
                 // row kernel on each unpacked block.
                 for (r, a) in acc.iter_mut().enumerate() {
@@ -746,6 +739,37 @@ fn tile_rows_body<T: Tile, const ISA: u8>(x: &QuantizedRows, tiles: &[T], t: usi
             }
         }
     }
+}
+
+/// One pass of the VNNI kernel over a tile row for activation rows `ti..ti + N` into their
+/// columns of `y (16, t)`; `first`: the pass that reads the tile row from memory. Returns `N`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn vnni_pass<'a, T: Tile, const N: usize>(
+    row_tiles: &[T],
+    codes: &impl Fn(usize, usize) -> Codes<'a>,
+    ti: usize,
+    first: bool,
+    y: &mut [f32],
+    t: usize,
+) -> usize {
+    let mut acc = [[0f32; TILE_ROWS]; N];
+    for (b, tile) in row_tiles.iter().enumerate() {
+        if first {
+            prefetch_ahead(tile);
+        }
+        let mut x = [codes(ti, b); N];
+        for (n, x) in x.iter_mut().enumerate().skip(1) {
+            *x = codes(ti + n, b);
+        }
+        tile.dot_vnni(x, &mut acc);
+    }
+    for (n, acc) in acc.iter().enumerate() {
+        for (r, &a) in acc.iter().enumerate() {
+            y[r * t + ti + n] = a;
+        }
+    }
+    N
 }
 
 /// Asks for the lines of the tile [`PREFETCH_BYTES`] past `tile` (the decode product's stream, as
@@ -787,7 +811,9 @@ mod tests {
             T::Block::NAME
         );
         let k = T::Block::VALUES;
-        for (t, n_in, n_out) in [(1, k, 16), (1, 3 * k, 48), (3, 2 * k, 32), (7, 2 * k, 16), (16, 5 * k, 64)] {
+        let sizes =
+            [(1, k, 16), (1, 3 * k, 48), (2, 2 * k, 16), (3, 2 * k, 32), (6, k, 32), (7, 2 * k, 16), (16, 5 * k, 64)];
+        for (t, n_in, n_out) in sizes {
             let blocks: Vec<T::Block> = random_blocks(&random(n_out * n_in, 3));
             let tiles = Tiles::<T>::pack(&blocks, n_in).expect("16-row multiple");
             let per_row = n_in / k;
