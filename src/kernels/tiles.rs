@@ -24,9 +24,11 @@
 //! only where the CPU has AVX-512 VNNI (and the row count is a multiple of 16); elsewhere the rows
 //! stay as they are.
 //!
-//! Prefill uses the same kernel on several activation rows at once ([`Tile::dot_vnni`] with
-//! `N = 4`): each register of codes is unpacked once and multiplied into 4 rows' accumulators, so
-//! the product becomes bound by `vpdpbusd` (64 multiply-adds each, twice `vdpbf16ps`). Lookups and
+//! Several activation rows (prefill's, or a batched decode step's tokens that chose one expert)
+//! take the same kernel up to 4 at once ([`Tile::dot_vnni`] with `N = 1..=4`): each register of
+//! codes is unpacked once and multiplied into every row's accumulators, so the product becomes
+//! bound by `vpdpbusd` (64 multiply-adds each, twice `vdpbf16ps`) and by the unpacking. A row gets
+//! the same bits whatever `N` (the sums are integers until each row's own scaling). Lookups and
 //! the reference twins read tiles back as blocks ([`Tile::unpack`]).
 
 use half::f16;
