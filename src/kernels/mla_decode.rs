@@ -376,6 +376,62 @@ mod fused {
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
+    /// The `vdpbf16ps` way's scores of one page's rows, scaled, into `p` (head h's row at h · RUN):
+    /// 4 heads × 4 rows per register tile, the latent and RoPE parts in the same accumulators.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16; the queries (rounded to bf16) and the page's slices as [`absorb_run`]
+    /// takes them (1 to `RUN` rows); `p` holds `hp · RUN` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline(never)]
+    unsafe fn scores_dp(
+        (q_lat, q_rope): (&[bf16], &[bf16]),
+        (c_kv, k_rope): (&[bf16], &[bf16]),
+        shape: MlaShape,
+        scale: f32,
+        p: &mut [f32],
+    ) {
+        let MlaShape { heads, d_c, d_r, .. } = shape;
+        let (hp, _) = padded(shape);
+        let n = c_kv.len() / d_c;
+        // SAFETY (whole body): row indices are clamped below `n`, head indices below `heads`, and
+        // a partial line loads with a mask; `p` as the contract says.
+        unsafe {
+            for r0 in (0..n).step_by(TILE) {
+                let rs: [usize; TILE] = std::array::from_fn(|r| (r0 + r).min(n - 1));
+                for h0 in (0..hp).step_by(TILE) {
+                    let mut acc = [_mm512_setzero_ps(); TILE * TILE];
+                    for (q, c, d) in [(q_lat, c_kv, d_c), (q_rope, k_rope, d_r)] {
+                        for x in (0..d).step_by(32) {
+                            let w: [__m512bh; TILE] =
+                                std::array::from_fn(|r| bh(load_bf16(c.as_ptr().add(rs[r] * d + x), d - x)));
+                            if h0 == 0 {
+                                // The next 4 rows, while these are multiplied.
+                                for &r in &rs {
+                                    _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().wrapping_add((r + TILE) * d + x).cast());
+                                }
+                            }
+                            for i in 0..TILE {
+                                let h = (h0 + i).min(heads - 1);
+                                let qv = bh(load_bf16(q.as_ptr().add(h * d + x), d - x));
+                                for r in 0..TILE {
+                                    acc[TILE * i + r] = _mm512_dpbf16_ps(acc[TILE * i + r], w[r], qv);
+                                }
+                            }
+                        }
+                    }
+                    let mut sums = [0f32; TILE * TILE];
+                    _mm512_storeu_ps(sums.as_mut_ptr(), _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+                    for i in 0..TILE {
+                        for r in 0..TILE.min(n - r0) {
+                            p[(h0 + i) * RUN + r0 + r] = sums[TILE * i + r];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The FMA way's scores of one page's rows, scaled, into `p` (head h's row at h · RUN): 4 heads ×
     /// 4 rows per register tile, each row's 32 values split into their odd and even halves once
     /// per tile and multiplied by each head's halves, the high product first (as `vdpbf16ps` adds
@@ -532,9 +588,9 @@ mod fused {
         scratch: &mut Scratch,
     ) {
         let Step { q_lat, q_rope, q_split, shape, scale, .. } = *step;
-        let MlaShape { heads, d_c, d_r, .. } = shape;
+        let d_c = shape.d_c;
         let (hp, dp) = padded(shape);
-        let (s0, n) = (0, c_kv.len() / d_c);
+        let n = c_kv.len() / d_c;
         // The share's next run, fetched into L2 while this one's weighted sum computes from
         // cache: its scores would otherwise wait on memory, since a model reads each layer's
         // cache once per token (the prefetch one tile ahead below does not cover that latency).
@@ -544,41 +600,11 @@ mod fused {
         // `0..heads`, so loads stay inside the slices (a partial step loads with a mask); stores
         // go to `part` and `scratch`, sized for `hp` heads, `dp` latents and `RUN` rows.
         unsafe {
-            // Scores, scaled, into `scratch.p` (head h's row at h · RUN); below, the `vdpbf16ps` way.
+            // Scores, scaled, into `scratch.p` (head h's row at h · RUN).
             if let Some(qs) = q_split {
                 scores_fma(qs, (c_kv, k_rope), shape, scale, &mut scratch.p);
-            }
-            for r0 in (0..n).step_by(TILE).filter(|_| q_split.is_none()) {
-                let rs: [usize; TILE] = std::array::from_fn(|r| s0 + (r0 + r).min(n - 1));
-                for h0 in (0..hp).step_by(TILE) {
-                    let mut acc = [_mm512_setzero_ps(); TILE * TILE];
-                    for (q, c, d) in [(q_lat, c_kv, d_c), (q_rope, k_rope, d_r)] {
-                        for x in (0..d).step_by(32) {
-                            let w: [__m512bh; TILE] =
-                                std::array::from_fn(|r| bh(load_bf16(c.as_ptr().add(rs[r] * d + x), d - x)));
-                            if h0 == 0 {
-                                // The next 4 rows, while these are multiplied.
-                                for &r in &rs {
-                                    _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().wrapping_add((r + TILE) * d + x).cast());
-                                }
-                            }
-                            for i in 0..TILE {
-                                let h = (h0 + i).min(heads - 1);
-                                let qv = bh(load_bf16(q.as_ptr().add(h * d + x), d - x));
-                                for r in 0..TILE {
-                                    acc[TILE * i + r] = _mm512_dpbf16_ps(acc[TILE * i + r], w[r], qv);
-                                }
-                            }
-                        }
-                    }
-                    let mut sums = [0f32; TILE * TILE];
-                    _mm512_storeu_ps(sums.as_mut_ptr(), _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
-                    for i in 0..TILE {
-                        for r in 0..TILE.min(n - r0) {
-                            scratch.p[(h0 + i) * RUN + r0 + r] = sums[TILE * i + r];
-                        }
-                    }
-                }
+            } else {
+                scores_dp((q_lat, q_rope), (c_kv, k_rope), shape, scale, &mut scratch.p);
             }
             // Online softmax: rescale what came before to the new maximum, then e^(s − m).
             let n16 = n.next_multiple_of(16);
@@ -638,8 +664,8 @@ mod fused {
                     let at = |i: usize, k: usize| base.add((h0 + i) * dp + c0 + 16 * k);
                     let mut acc: [[__m512; 4]; TILE] =
                         std::array::from_fn(|i| std::array::from_fn(|k| _mm512_loadu_ps(at(i, k))));
-                    for j in (0..n.div_ceil(2)).filter(|_| q_split.is_none()) {
-                        let (a, b) = (s0 + 2 * j, s0 + (2 * j + 1).min(n - 1));
+                    for j in 0..n.div_ceil(2) {
+                        let (a, b) = (2 * j, (2 * j + 1).min(n - 1));
                         let (a, b) = (c_kv.as_ptr().add(a * d_c + c0), c_kv.as_ptr().add(b * d_c + c0));
                         let (a0, b0) = (load_bf16(a, width), load_bf16(b, width));
                         let rest = width.saturating_sub(32);
